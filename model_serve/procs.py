@@ -1,0 +1,121 @@
+"""Process bookkeeping: our own PIDs (with start times, so a reused PID is never hit),
+process-group stops with a bounded wait, and the port checks done before starting."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ProcRef:
+    """A process we started, identified by PID and start time."""
+
+    pid: int
+    create_time: float
+
+    @classmethod
+    def of(cls, pid: int) -> ProcRef | None:
+        import psutil
+
+        try:
+            return cls(pid, psutil.Process(pid).create_time())
+        except psutil.Error:
+            return None
+
+    def process(self):  # -> psutil.Process | None
+        import psutil
+
+        try:
+            proc = psutil.Process(self.pid)
+            if abs(proc.create_time() - self.create_time) > 0.5:
+                return None  # the PID now belongs to someone else
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                return None
+            return proc
+        except psutil.Error:
+            return None
+
+    def alive(self) -> bool:
+        return self.process() is not None
+
+    def to_json(self) -> list[float]:
+        return [self.pid, self.create_time]
+
+    @classmethod
+    def from_json(cls, data: object) -> ProcRef | None:
+        try:
+            pid, created = data  # type: ignore[misc]
+            return cls(int(pid), float(created))
+        except (TypeError, ValueError):
+            return None
+
+
+def descendants(ref: ProcRef) -> list[ProcRef]:
+    """Every live descendant of `ref` (the router's per-model llama-servers)."""
+    import psutil
+
+    proc = ref.process()
+    if proc is None:
+        return []
+    found = []
+    try:
+        for child in proc.children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                found.append(ProcRef(child.pid, child.create_time()))
+    except psutil.Error:
+        pass
+    return found
+
+
+def stop_processes(refs: list[ProcRef], timeout: float = 15.0) -> tuple[int, int]:
+    """TERM each process group we lead (or the process), wait, then KILL what is left.
+
+    Returns (stopped gracefully, killed)."""
+    import psutil
+
+    live = [(ref, proc) for ref in refs if (proc := ref.process()) is not None]
+    for ref, proc in live:
+        _signal(ref, proc, signal.SIGTERM)
+    procs = [proc for _, proc in live]
+    _gone, alive = psutil.wait_procs(procs, timeout=timeout)
+    for ref, proc in live:
+        if proc in alive:
+            _signal(ref, proc, signal.SIGKILL)
+    if alive:
+        psutil.wait_procs(alive, timeout=5)
+    return len(procs) - len(alive), len(alive)
+
+
+def _signal(ref: ProcRef, proc, sig: int) -> None:
+    import psutil
+
+    try:
+        if os.getpgid(ref.pid) == ref.pid:
+            os.killpg(ref.pid, sig)  # the group leader: its children go too
+        else:
+            proc.send_signal(sig)
+    except (ProcessLookupError, PermissionError, psutil.Error):
+        pass
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """True when something already listens on host:port."""
+    target = "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host == "::" else host)
+    family = socket.AF_INET6 if ":" in target else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((target, port)) == 0
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.1) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()

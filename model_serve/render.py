@@ -1,0 +1,191 @@
+"""Everything the CLI prints: one renderer per result, as text or as JSON."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+if TYPE_CHECKING:
+    from model_serve.catalog import ScanProblem
+    from model_serve.plan import ServedModel
+    from model_serve.stack import StackStatus, StopReport
+    from model_serve.sync import SyncResult
+
+
+def _json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def human_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m {seconds % 60}s"
+    if seconds < 86400:
+        return f"{seconds // 3600}h {seconds % 3600 // 60}m"
+    return f"{seconds // 86400}d {seconds % 86400 // 3600}h"
+
+
+def started(status: StackStatus) -> None:
+    click.echo(f"model_serve is running: engine {status.engine}, pid {status.pid}")
+    click.echo(f"  API:  http://127.0.0.1:{status.port}/v1")
+    click.echo(f"  log:  {status.log_file}   (model logs -f)")
+
+
+def stopped(report: StopReport) -> None:
+    if not report.was_running and not report.orphans:
+        click.echo("model_serve is not running")
+        return
+    parts = ["model_serve stopped" if report.was_running else "cleaned up after a crashed stack"]
+    if report.orphans:
+        parts.append(f"{report.orphans} leftover process(es) ended")
+    if report.killed:
+        parts.append(f"{report.killed} had to be killed")
+    click.echo("; ".join(parts))
+
+
+def status(result: StackStatus, as_json: bool) -> None:
+    if as_json:
+        _json(result.to_json())
+        return
+    if not result.running:
+        if result.stale:
+            click.echo(f"model_serve is not running (its supervisor, pid {result.pid}, died; "
+                       "'model start' cleans up and starts again)")
+        else:
+            click.echo("model_serve is not running")
+        return
+    click.echo(f"model_serve is running (pid {result.pid}, up {human_duration(result.uptime)})")
+    click.echo(f"  engine:  {result.engine}  {'healthy' if result.healthy else 'NOT answering'}")
+    click.echo(f"  API:     http://127.0.0.1:{result.port}/v1")
+    for name, child in result.children.items():
+        line = f"  {name + ':':8} {child.get('state', '?')}"
+        if child.get("restarts"):
+            line += f", {child['restarts']} restart(s)"
+        if child.get("last_error") and child.get("state") != "running":
+            line += f" - {child['last_error']}"
+        click.echo(line)
+    click.echo(f"  config:  {result.config_path}")
+    click.echo(f"  log:     {result.log_file}")
+
+
+def logs(path: Path, lines: int, follow: bool) -> None:
+    from model_serve.stack import tail
+
+    if not path.exists():
+        click.echo(f"no log yet at {path} (the stack has not run)")
+        return
+    text = tail(path, lines)
+    if text:
+        click.echo(text)
+    if not follow:
+        return
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        handle.seek(0, 2)
+        try:
+            while True:
+                line = handle.readline()
+                if line:
+                    click.echo(line, nl=False)
+                else:
+                    time.sleep(0.3)
+        except KeyboardInterrupt:
+            pass
+
+
+def _problems(problems: list[ScanProblem]) -> None:
+    for problem in problems:
+        click.echo(f"warning: {problem.path}: {problem.reason}", err=True)
+
+
+def sync_result(result: SyncResult, as_json: bool) -> None:
+    if as_json:
+        _json({
+            "engine": result.engine, "config_path": str(result.config_path),
+            "config_changed": result.config_changed, "reloaded": result.reloaded,
+            "reload_error": result.reload_error, "models": [s.name for s in result.plan],
+            "problems": [{"path": str(p.path), "reason": p.reason} for p in result.problems],
+            "bridge": result.bridge.summary,
+        })
+        return
+    for warning in result.bridge.warnings:
+        click.echo(f"bridge: {warning}", err=True)
+    summary = result.bridge.summary
+    if result.bridge.ran and isinstance(summary, dict) and "linked" in summary:
+        click.echo(f"Ollama bridge: {len(summary.get('linked', []))} linked, "
+                   f"{len(summary.get('unchanged', []))} unchanged, "
+                   f"{len(summary.get('removed', []))} removed, "
+                   f"{len(summary.get('skipped', []))} skipped")
+    _problems(result.problems)
+    click.echo(f"{len(result.plan)} model(s) for {result.engine}: {result.config_path} "
+               + ("written" if result.config_changed else "unchanged"))
+    if result.reloaded:
+        click.echo("the running engine reloaded its config")
+    if result.reload_error:
+        click.echo(f"warning: the engine did not reload: {result.reload_error}", err=True)
+
+
+def _served_json(served: ServedModel) -> dict[str, Any]:
+    model = served.model
+    return {
+        "name": served.name, "aliases": served.aliases, "path": str(model.path),
+        "size_bytes": model.size_bytes, "ollama_names": model.ollama_names,
+        "source": model.source, "architecture": model.info.architecture,
+        "size_label": model.info.size_label, "quant": model.info.file_type,
+        "trained_context": model.info.context_length, "ctx_size": served.ctx_size,
+        "ctx_reason": served.ctx_reason, "ttl": served.ttl, "parallel": served.parallel,
+        "options": served.options, "mmproj": str(model.mmproj) if model.mmproj else None,
+        "estimated_bytes": served.estimated_bytes, "custom_settings": served.custom_line or None,
+        "incompatible": model.info.incompatibility or None,
+    }
+
+
+def model_list(plan: list[ServedModel], problems: list[ScanProblem], as_json: bool) -> None:
+    if as_json:
+        _json([_served_json(s) for s in plan])
+        return
+    _problems(problems)
+    if not plan:
+        click.echo("no models found (put GGUF files under MODELS_DIR, or pull with Ollama and "
+                   "run 'model sync')")
+        return
+    width = max(len(s.name) for s in plan)
+    click.echo(f"{'NAME':{width}}  {'SIZE':>9}  {'CTX':>7}  SOURCE")
+    for served in plan:
+        source = ", ".join(served.model.ollama_names) or str(served.model.path)
+        flag = "  [cannot load: Ollama-only format]" if served.model.info.incompatibility else ""
+        click.echo(f"{served.name:{width}}  {human_bytes(served.model.size_bytes):>9}  "
+                   f"{served.ctx_size:>7}  {source}{flag}")
+
+
+def show(served: ServedModel, as_json: bool) -> None:
+    data = _served_json(served)
+    if as_json:
+        _json(data)
+        return
+    for key, value in data.items():
+        if key == "options":
+            click.echo("options:")
+            for option, option_value in value.items():
+                click.echo(f"  --{option} {option_value}")
+            continue
+        if key in ("size_bytes", "estimated_bytes"):
+            value = f"{human_bytes(value)} ({value} bytes)"
+        click.echo(f"{key}: {value if value not in (None, [], '') else '-'}")
+
+
+def unloaded(names: list[str]) -> None:
+    click.echo("unloaded: " + ", ".join(names) if names else "no model was loaded")

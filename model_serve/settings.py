@@ -1,0 +1,236 @@
+"""The one settings object: defaults, then `.env`, then the environment, validated once.
+
+Every path the stack writes derives from these settings, so a second stack (or a test) runs
+isolated by environment variables alone. The table below also generates `.env.example`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from model_serve.errors import ConfigError
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+ENGINES = ("auto", "llama-server", "llama-swap")
+BUNDLED_BRIDGE = PROJECT_ROOT / "lm-studio-ollama-bridge" / "ollama-bridge"
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    default: str
+    help: str
+    kind: str = "str"  # str | int | path | choice | list | bool
+    minimum: int | None = None
+    maximum: int | None = None
+    choices: tuple[str, ...] = ()
+
+
+SETTINGS_TABLE: tuple[Setting, ...] = (
+    Setting("LLAMA_SWAP_PORT", "5847", "Port of the OpenAI-compatible API (whichever engine runs).",
+            "int", 1, 65535),
+    Setting("LISTEN_HOST", "127.0.0.1",
+            "Address the API binds to. Keep 127.0.0.1 unless other machines must reach it "
+            "(then set API_KEYS too)."),
+    Setting("API_KEYS", "", "Comma-separated API keys; when set, clients must send "
+            "'Authorization: Bearer <key>'. Empty = no key needed.", "list"),
+    Setting("ENGINE", "auto", "Engine: llama-server (router mode), llama-swap, or auto "
+            "(llama-swap when it is on PATH, else llama-server).", "choice", choices=ENGINES),
+    Setting("MODELS_DIR", "~/.cache/lm-studio/models",
+            "Folder scanned for GGUF models; the Ollama bridge links into MODELS_DIR/ollama.",
+            "path"),
+    Setting("MODEL_PREFIX", "ls/", "Prefix of every served model name (ls/gemma3:27.4b-q8_0)."),
+    Setting("MODEL_TTL", "1800", "Seconds a model may sit idle before it is unloaded "
+            "(0 = never). custom_models.yaml 'ttl' overrides it per model.", "int", 0),
+    Setting("DEFAULT_CTX_SIZE", "8192", "Context size of every model unless custom_models.yaml "
+            "sets ctx_size; never above the model's trained context.", "int", 256),
+    Setting("DEFAULT_PARALLEL", "1", "Parallel request slots per model (llama-server -np).",
+            "int", 1, 256),
+    Setting("MEMORY_PRESSURE_THRESHOLD", "75", "Percent of memory in use above which the pressure "
+            "unloader unloads the least recently used idle model.", "int", 1, 99),
+    Setting("PRESSURE_CHECK_INTERVAL", "30", "Seconds between memory checks of the pressure "
+            "unloader.", "int", 1),
+    Setting("MIN_MODEL_AGE_SECONDS", "60", "A model used more recently than this is never "
+            "unloaded for memory pressure.", "int", 0),
+    Setting("MAX_LOADED_MODELS", "0", "Most models loaded at once (0 = no limit; memory "
+            "pressure decides).", "int", 0),
+    Setting("BRIDGE_SCRIPT", "", "Program that links Ollama's models into MODELS_DIR/ollama; "
+            "empty = the bundled lm-studio-ollama-bridge/ollama-bridge.", "path"),
+    Setting("BRIDGE_SYNC_INTERVAL", "3600", "Seconds between background syncs of Ollama's "
+            "models while the stack runs (0 = only on 'model sync').", "int", 0),
+    Setting("OLLAMA_MODELS", "", "Ollama's model store; empty = Ollama's own default "
+            "(~/.ollama/models, then /usr/share/ollama/.ollama/models).", "path"),
+    Setting("OLLAMA_HOST", "http://127.0.0.1:11434", "Where Ollama's API answers (for pull/rm)."),
+    Setting("LLAMA_SERVER_BIN", "", "Path of llama-server; empty = PATH, then the copy "
+            "./install.sh built into .venv.", "path"),
+    Setting("LLAMA_SWAP_BIN", "", "Path of llama-swap; empty = look on PATH.", "path"),
+    Setting("STATE_DIR", "state", "Where generated engine configs, logs and pid files go "
+            "(relative paths are relative to the project folder).", "path"),
+    Setting("CUSTOM_MODELS_FILE", "custom_models.yaml", "Per-model settings file (relative "
+            "paths are relative to the project folder).", "path"),
+    Setting("LOG_MAX_BYTES", "10000000", "Size at which the stack's log file is rotated "
+            "(three old files are kept).", "int", 100000),
+)
+
+SETTINGS_BY_NAME = {s.name: s for s in SETTINGS_TABLE}
+
+
+def _expand_user(raw: str, env: dict[str, str]) -> str:
+    """`~` from the HOME of the environment being loaded (tests pass their own)."""
+    if raw == "~" or raw.startswith("~/"):
+        return env.get("HOME", os.path.expanduser("~")) + raw[1:]
+    return os.path.expanduser(raw)
+
+
+def _parse(setting: Setting, raw: str, source: str, home: Path, env: dict[str, str]) -> Any:
+    raw = raw.strip()
+    where = f"{setting.name}={raw!r} in {source}"
+    if setting.kind == "int":
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(f"{where} is not a whole number",
+                              f"set {setting.name} to a number like {setting.default}") from None
+        if setting.minimum is not None and value < setting.minimum:
+            raise ConfigError(f"{where} is below the minimum {setting.minimum}",
+                              f"set {setting.name} to at least {setting.minimum}")
+        if setting.maximum is not None and value > setting.maximum:
+            raise ConfigError(f"{where} is above the maximum {setting.maximum}",
+                              f"set {setting.name} to at most {setting.maximum}")
+        return value
+    if setting.kind == "choice":
+        if raw not in setting.choices:
+            raise ConfigError(f"{where} is not one of {', '.join(setting.choices)}",
+                              f"set {setting.name} to one of {', '.join(setting.choices)}")
+        return raw
+    if setting.kind == "list":
+        return tuple(part.strip() for part in raw.split(",") if part.strip())
+    if setting.kind == "path":
+        if not raw:
+            return None
+        path = Path(_expand_user(raw, env))
+        return path if path.is_absolute() else home / path
+    return raw
+
+
+def project_home(environ: dict[str, str] | None = None) -> Path:
+    """The folder holding `.env` and `custom_models.yaml` (MODEL_SERVE_HOME, else the checkout)."""
+    env = os.environ if environ is None else environ
+    home = env.get("MODEL_SERVE_HOME")
+    return Path(os.path.expanduser(home)).resolve() if home else PROJECT_ROOT
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path
+    env_file: Path
+    port: int
+    host: str
+    api_keys: tuple[str, ...]
+    engine: str
+    models_dir: Path
+    model_prefix: str
+    model_ttl: int
+    default_ctx_size: int
+    default_parallel: int
+    memory_pressure_threshold: int
+    pressure_check_interval: int
+    min_model_age_seconds: int
+    max_loaded_models: int
+    bridge_script: Path
+    bridge_sync_interval: int
+    ollama_models: Path | None
+    ollama_host: str
+    llama_server_bin: Path | None
+    llama_swap_bin: Path | None
+    state_dir: Path
+    custom_models_file: Path
+    log_max_bytes: int
+    sources: dict[str, str] = field(default_factory=dict, compare=False)
+
+    @property
+    def base_url(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        return f"http://{host}:{self.port}"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.state_dir / "supervisor.json"
+
+    @property
+    def log_file(self) -> Path:
+        return self.state_dir / "logs" / "model_serve.log"
+
+    @property
+    def models_ini(self) -> Path:
+        return self.state_dir / "models.ini"
+
+    @property
+    def llama_swap_config(self) -> Path:
+        return self.state_dir / "config.yaml"
+
+
+_FIELD_OF = {
+    "LLAMA_SWAP_PORT": "port", "LISTEN_HOST": "host", "API_KEYS": "api_keys", "ENGINE": "engine",
+}
+
+
+def load_settings(environ: dict[str, str] | None = None) -> Settings:
+    """Build and validate settings: environment over `.env` over defaults."""
+    from dotenv import dotenv_values
+
+    env = dict(os.environ if environ is None else environ)
+    home = project_home(env)
+    env_file = home / ".env"
+    file_values: dict[str, str | None] = {}
+    if env_file.is_file():
+        try:
+            file_values = dotenv_values(env_file)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read {env_file}: {exc}",
+                              "fix the file's permissions or encoding (UTF-8)") from exc
+    unknown = sorted(k for k in file_values if k not in SETTINGS_BY_NAME)
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for setting in SETTINGS_TABLE:
+        if setting.name in env:
+            raw, source = env[setting.name], "the environment"
+        elif file_values.get(setting.name) is not None:
+            raw, source = str(file_values[setting.name]), str(env_file)
+        else:
+            raw, source = setting.default, "the defaults"
+        key = _FIELD_OF.get(setting.name, setting.name.lower())
+        values[key] = _parse(setting, raw, source, home, env)
+        sources[setting.name] = source
+    if unknown:
+        # A misspelt name silently falling back to a default is worse than a refusal.
+        import difflib
+
+        name = unknown[0]
+        near = difflib.get_close_matches(name, SETTINGS_BY_NAME, n=1)
+        hint = f"did you mean {near[0]}?" if near else "see .env.example for every setting"
+        raise ConfigError(f"unknown setting {name} in {env_file}", hint)
+    if values["models_dir"] is None:
+        raise ConfigError("MODELS_DIR is empty", "set MODELS_DIR to the folder of your models")
+    values["state_dir"] = values["state_dir"] or home / "state"
+    values["custom_models_file"] = values["custom_models_file"] or home / "custom_models.yaml"
+    values["bridge_script"] = values["bridge_script"] or BUNDLED_BRIDGE
+    return Settings(home=home, env_file=env_file, sources=sources, **values)
+
+
+def env_example() -> str:
+    """The text of `.env.example`, generated from the table so the two never disagree."""
+    lines = [
+        "# model_serve settings. Copy to .env and change what you need;",
+        "# the environment overrides .env, and .env overrides these defaults.",
+        "",
+    ]
+    for setting in SETTINGS_TABLE:
+        lines.append(f"# {setting.help}")
+        lines.append(f"{setting.name}={setting.default}")
+        lines.append("")
+    return "\n".join(lines)
+

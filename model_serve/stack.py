@@ -1,0 +1,182 @@
+"""Start, stop and inspect the stack from the outside (what `model start/stop/status` call)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from model_serve import procs
+from model_serve.catalog import require_models_dir
+from model_serve.engines import select_engine
+from model_serve.errors import EngineError, ModelServeError
+from model_serve.settings import Settings
+from model_serve.supervisor import read_state
+
+START_TIMEOUT = 120.0
+
+
+@dataclass
+class StackStatus:
+    running: bool
+    port: int
+    engine: str
+    pid: int | None = None
+    started_at: float | None = None
+    healthy: bool = False
+    children: dict[str, Any] = field(default_factory=dict)
+    config_path: str = ""
+    log_file: str = ""
+    stale: bool = False  # a state file whose supervisor is gone (crash or SIGKILL)
+
+    @property
+    def uptime(self) -> float:
+        return time.time() - self.started_at if self.started_at else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"running": self.running, "healthy": self.healthy, "pid": self.pid,
+                "port": self.port, "engine": self.engine, "started_at": self.started_at,
+                "uptime_seconds": round(self.uptime, 1), "children": self.children,
+                "config_path": self.config_path, "log_file": self.log_file, "stale": self.stale}
+
+
+def stack_status(settings: Settings) -> StackStatus:
+    state = read_state(settings)
+    engine = select_engine(settings)
+    if state is None:
+        return StackStatus(False, settings.port, engine.name, config_path=str(engine.config_path),
+                           log_file=str(settings.log_file))
+    ref = procs.ProcRef.from_json(state.get("pid"))
+    alive = ref is not None and ref.alive()
+    status = StackStatus(
+        running=alive, port=state.get("port", settings.port), engine=state.get("engine", ""),
+        pid=ref.pid if ref else None, started_at=state.get("started_at"),
+        children=state.get("children", {}), config_path=state.get("config_path", ""),
+        log_file=state.get("log_file", str(settings.log_file)), stale=not alive,
+    )
+    status.healthy = alive and engine.healthy(timeout=1)
+    return status
+
+
+def _owned_refs(state: dict[str, Any]) -> list[procs.ProcRef]:
+    refs = [procs.ProcRef.from_json(state.get("pid"))]
+    refs.append(procs.ProcRef.from_json((state.get("children", {}).get("engine") or {}).get("pid")))
+    refs += [procs.ProcRef.from_json(item) for item in state.get("model_procs", [])]
+    return [ref for ref in refs if ref is not None]
+
+
+def cleanup_stale(settings: Settings) -> int:
+    """After a crash: end the engine and model servers the dead supervisor recorded."""
+    state = read_state(settings)
+    if state is None:
+        return 0
+    live = [ref for ref in _owned_refs(state) if ref.alive()]
+    if live:
+        procs.stop_processes(live, timeout=10)
+    settings.pid_file.unlink(missing_ok=True)
+    return len(live)
+
+
+def _who_listens(port: int) -> str:
+    import psutil
+
+    try:
+        for conn in psutil.net_connections(kind="tcp"):
+            listening = conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN
+            if listening and conn.pid:
+                return f"{psutil.Process(conn.pid).name()} (pid {conn.pid})"
+    except (psutil.Error, OSError):
+        pass
+    return "another program"
+
+
+def check_can_start(settings: Settings) -> None:
+    """Everything that would make a start fail half-way, checked before anything starts."""
+    status = stack_status(settings)
+    if status.running:
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(status.started_at or 0))
+        raise AlreadyRunning(f"model_serve is already running (pid {status.pid}, port "
+                             f"{status.port}, since {since})", "stop it first with 'model stop'")
+    if status.stale:
+        cleanup_stale(settings)
+    if procs.port_in_use(settings.host, settings.port):
+        owner = _who_listens(settings.port)
+        raise EngineError(f"port {settings.port} is already in use by {owner}",
+                          "stop that program or set LLAMA_SWAP_PORT in .env to a free port")
+    require_models_dir(settings.models_dir)
+    select_engine(settings).binary()  # raises with install advice when missing
+
+
+class AlreadyRunning(ModelServeError):
+    exit_code = 0  # not a failure: the stack the user wants is up
+
+
+def tail(path: os.PathLike[str] | str, lines: int = 20) -> str:
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            handle.seek(max(0, handle.tell() - 16384))
+            return "\n".join(handle.read().decode("utf-8", "replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def start_background(settings: Settings, timeout: float = START_TIMEOUT) -> StackStatus:
+    """Run `model serve` detached; return once the engine answers, or raise with the log tail."""
+    check_can_start(settings)
+    settings.log_file.parent.mkdir(parents=True, exist_ok=True)
+    console = settings.log_file.parent / "serve-console.log"
+    with open(console, "ab") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "model_serve", "serve"], stdin=subprocess.DEVNULL,
+            stdout=out, stderr=out, start_new_session=True, close_fds=True,
+        )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        code = process.poll()
+        if code is not None:
+            raise EngineError(f"the stack stopped while starting (exit code {code}):\n"
+                              + (tail(settings.log_file) or tail(console)),
+                              "fix the problem above, then 'model start' again")
+        status = stack_status(settings)
+        engine = status.children.get("engine", {})
+        if status.running and status.healthy and engine.get("state") == "running":
+            return status
+        if engine.get("state") == "failed":
+            break
+        time.sleep(0.2)
+    stop_stack(settings)
+    raise EngineError(f"the engine did not come up within {timeout:.0f}s:\n"
+                      + tail(settings.log_file), "see 'model logs' for the full log")
+
+
+@dataclass
+class StopReport:
+    was_running: bool
+    stopped: int = 0
+    killed: int = 0
+    orphans: int = 0
+
+
+def stop_stack(settings: Settings, timeout: float = 30.0) -> StopReport:
+    """Stop the supervisor, the engine and every model server they started."""
+    state = read_state(settings)
+    if state is None:
+        return StopReport(False)
+    refs = _owned_refs(state)
+    supervisor = procs.ProcRef.from_json(state.get("pid"))
+    report = StopReport(was_running=supervisor is not None and supervisor.alive())
+    if report.was_running and supervisor is not None:
+        # The supervisor stops its own children in order; give it the time to do so.
+        report.stopped, report.killed = procs.stop_processes([supervisor], timeout=timeout)
+    # Whatever survived (a SIGKILLed supervisor or engine leaves its children behind).
+    leftovers = [ref for ref in refs if ref.alive()]
+    if leftovers:
+        _stopped, killed = procs.stop_processes(leftovers, timeout=10)
+        report.orphans = len(leftovers)
+        report.killed += killed
+    settings.pid_file.unlink(missing_ok=True)
+    return report

