@@ -118,11 +118,13 @@ def sync_result(result: SyncResult, as_json: bool) -> None:
             "config_changed": result.config_changed, "reloaded": result.reloaded,
             "reload_error": result.reload_error, "models": [s.name for s in result.plan],
             "problems": [{"path": str(p.path), "reason": p.reason} for p in result.problems],
-            "bridge": result.bridge.summary,
+            "bridge": result.bridge.summary, "bridge_error": result.bridge.error or None,
         })
         return
     for warning in result.bridge.warnings:
         click.echo(f"bridge: {warning}", err=True)
+    if result.bridge.error:
+        click.echo(f"warning: {result.bridge.error}", err=True)
     summary = result.bridge.summary
     if result.bridge.ran and isinstance(summary, dict) and "linked" in summary:
         click.echo(f"Ollama bridge: {len(summary.get('linked', []))} linked, "

@@ -188,7 +188,7 @@ class Supervisor:
             self._set("sync", "backoff", exc.message)
             log.warning("sync (%s) failed; the last good config stays: %s", reason, exc)
             return
-        self._set("sync", "running")
+        self._set("sync", "running", result.bridge.error)
         log.info("sync (%s): %d models, config %s%s", reason, len(result.plan),
                  "changed" if result.config_changed else "unchanged",
                  ", engine reloaded" if result.reloaded else "")

@@ -28,6 +28,7 @@ class BridgeResult:
     ran: bool
     summary: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    error: str = ""  # the bridge failed: Ollama's models are not refreshed, the rest still is
 
 
 @dataclass
@@ -78,7 +79,14 @@ def run_sync(settings: Settings, *, bridge: bool = True, reload: bool = True,
              engine: Engine | None = None) -> SyncResult:
     require_models_dir(settings.models_dir)  # before the bridge, which would create it
     engine = engine or select_engine(settings)
-    bridge_result = run_bridge(settings) if bridge else BridgeResult(False)
+    bridge_result = BridgeResult(False)
+    if bridge:
+        try:
+            bridge_result = run_bridge(settings)
+        except ModelServeError as exc:
+            # Files already in MODELS_DIR are still served; the error is shown, not fatal.
+            bridge_result = BridgeResult(False, error=str(exc))
+            log.warning("%s", exc)
     catalog, plan = build_current_plan(settings)
     config_changed = engine.write_config(plan)
     result = SyncResult(engine.name, engine.config_path, plan, catalog.problems, bridge_result,
