@@ -3,6 +3,7 @@ stack the user runs on :5847 is never touched."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -110,8 +111,6 @@ def stack(env: Env, gemma_path: Path) -> Iterator[Env]:
         env.run("stop", timeout=60)
         leftovers = llama_servers_under(env.home.parent)
         for pid in leftovers:  # never leave a model server behind, even when a test failed
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, 9)
-            except ProcessLookupError:
-                pass
         assert leftovers == [], f"llama-server processes left after stop: {leftovers}"

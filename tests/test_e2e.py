@@ -28,7 +28,8 @@ def test_openai_client_lists_and_chats(stack: Env) -> None:
     chunks = client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "Count to five."}], max_tokens=16,
         stream=True)
-    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    pieces = [c.choices[0].delta.content for c in chunks
+              if c.choices and c.choices[0].delta.content]
     assert len(pieces) > 1, "a streamed reply arrives in several pieces"
 
     # The dash form older clients use reaches the same model.
