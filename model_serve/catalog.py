@@ -20,7 +20,7 @@ from model_serve.model_info import InfoCache, ModelInfo
 
 BRIDGE_RECORD = ".ollama-bridge.json"
 NAMES_FILE = "names.json"
-_SPLIT_RE = re.compile(r"^(?P<stem>.+)-(?P<part>\d{5})-of-(?P<total>\d{5})\.gguf$", re.IGNORECASE)
+SPLIT_RE = re.compile(r"^(?P<stem>.+)-(?P<part>\d{5})-of-(?P<total>\d{5})\.gguf$", re.IGNORECASE)
 _UNSAFE = re.compile(r"[^a-z0-9._-]+")
 
 
@@ -134,7 +134,7 @@ def _scan(models_dir: Path, cache: InfoCache, problems: list[ScanProblem]) -> li
         if not path.exists():
             problems.append(ScanProblem(path, "broken link: its target is gone"))
             continue
-        split = _SPLIT_RE.match(path.name)
+        split = SPLIT_RE.match(path.name)
         if split and split["part"] != "00001":
             split_parts.setdefault((path.parent, split["stem"].lower()), []).append(path)
             continue
@@ -150,7 +150,7 @@ def _scan(models_dir: Path, cache: InfoCache, problems: list[ScanProblem]) -> li
         record = records.get(str(path.absolute()))
         candidates.append(_Candidate(path, real, info, real.stat().st_size, record))
     for cand in candidates:
-        split = _SPLIT_RE.match(cand.path.name)
+        split = SPLIT_RE.match(cand.path.name)
         if split:
             for part in split_parts.get((cand.path.parent, split["stem"].lower()), []):
                 cand.size_bytes += part.stat().st_size
@@ -164,6 +164,14 @@ def _pick_projector(cand: _Candidate, folder: list[Path], models_dir: Path) -> P
         return models_dir / "ollama" / projector if projector else None
     # LM Studio layout: one repo per folder, so a lone mmproj belongs to every model in it.
     return folder[0] if len(folder) == 1 else None
+
+
+def _strip_labels(stem: str, *labels: str) -> str:
+    """'big-70b-q8_0' without its size and quant labels: 'big'."""
+    for label in labels:
+        if label:
+            stem = re.sub(rf"[-_.]{re.escape(label)}(?=$|[-_.])", "", stem)
+    return stem.strip("-._")
 
 
 def _base_candidates(cand: _Candidate, prefix: str) -> list[str]:
@@ -183,11 +191,11 @@ def _base_candidates(cand: _Candidate, prefix: str) -> list[str]:
         names.append(f"{namespace}-{model}:{tag}" if namespace != "library" else names[-1])
     else:
         stem = cand.path.name[: -len(".gguf")]
-        split = _SPLIT_RE.match(cand.path.name)
+        split = SPLIT_RE.match(cand.path.name)
         if split:
             stem = split["stem"]
-        model = slug(info.basename) or slug(stem) or "model"
         size, quant = slug(info.size_label), slug(info.file_type)
+        model = slug(info.basename) or _strip_labels(slug(stem), size, quant) or "model"
         names = [f"{model}:{'-'.join(p for p in (size, quant) if p) or 'latest'}"]
         names.append(f"{model}:{slug(stem)}")
         names.append(f"{slug(cand.path.parent.name) or 'models'}-{model}:{slug(stem)}")
@@ -195,19 +203,24 @@ def _base_candidates(cand: _Candidate, prefix: str) -> list[str]:
 
 
 def _assign_names(
-    candidates: list[_Candidate], prefix: str, previous: dict[str, str]
+    candidates: list[_Candidate], prefix: str, previous: dict[str, str],
+    pinned: dict[str, str] | None = None,
 ) -> dict[str, str]:
-    """Map each real file to a unique name; names given in earlier runs are kept."""
+    """Map each real file to a unique name; pinned names (`model add --name`) come first, then
+    names given in earlier runs, so adding a model never renames an existing one."""
     by_real: dict[str, list[_Candidate]] = {}
     for cand in candidates:
         by_real.setdefault(str(cand.real), []).append(cand)
     assigned: dict[str, str] = {}
     taken: set[str] = set()
     wanted = {real: _base_candidates(cands[0], prefix) for real, cands in by_real.items()}
-    # Keep earlier assignments first so adding a model never renames an existing one.
+    for real, name in sorted((pinned or {}).items()):
+        if real in by_real and name.lower() not in taken:
+            assigned[real] = name
+            taken.add(name.lower())
     for real in sorted(by_real):
         old = previous.get(real)
-        if old and old.lower() not in taken and old in wanted[real]:
+        if real not in assigned and old and old.lower() not in taken and old in wanted[real]:
             assigned[real] = old
             taken.add(old.lower())
     primary_counts: dict[str, int] = {}
@@ -236,14 +249,25 @@ def _assign_names(
     return assigned
 
 
-def _load_previous_names(path: Path | None) -> dict[str, str]:
+def load_names(path: Path | None) -> tuple[dict[str, str], dict[str, str]]:
+    """(names given in earlier runs, names pinned by `model add --name`), by real path."""
     if path is None:
-        return {}
+        return {}, {}
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        return {str(k): str(v) for k, v in data.get("names", {}).items()}
+        return ({str(k): str(v) for k, v in data.get("names", {}).items()},
+                {str(k): str(v) for k, v in data.get("pinned", {}).items()})
     except (OSError, ValueError, AttributeError):
-        return {}
+        return {}, {}
+
+
+def save_names(path: Path, names: dict[str, str], pinned: dict[str, str]) -> None:
+    content = json.dumps({"names": names, "pinned": pinned}, indent=1, sort_keys=True)
+    try:
+        write_if_changed(path, content)
+    except OSError as exc:
+        raise ModelServeError(f"cannot write {path}: {exc.strerror}",
+                              "make STATE_DIR writable") from exc
 
 
 def require_models_dir(models_dir: Path) -> None:
@@ -259,7 +283,8 @@ def build_catalog(models_dir: Path, prefix: str, state_dir: Path | None = None) 
     cache = InfoCache(state_dir / "model-info-cache.json" if state_dir else None)
     candidates = _scan(models_dir, cache, problems)
     names_path = state_dir / NAMES_FILE if state_dir else None
-    names = _assign_names(candidates, prefix, _load_previous_names(names_path))
+    previous, pinned = load_names(names_path)
+    names = _assign_names(candidates, prefix, previous, pinned)
     models: dict[str, CatalogModel] = {}
     for cand in candidates:
         real = str(cand.real)
@@ -277,12 +302,8 @@ def build_catalog(models_dir: Path, prefix: str, state_dir: Path | None = None) 
             model.mmproj = model.mmproj or cand.mmproj
     cache.save()
     if names_path is not None:
-        content = json.dumps({"names": names}, indent=1, sort_keys=True)
-        try:
-            write_if_changed(names_path, content)
-        except OSError as exc:
-            raise ModelServeError(f"cannot write {names_path}: {exc.strerror}",
-                                  "make STATE_DIR writable") from exc
+        # Pins of files that are gone are kept: a re-mounted disk brings its names back.
+        save_names(names_path, names, pinned)
     ordered = sorted(models.values(), key=lambda m: m.name)
     for model in ordered:
         model.ollama_names.sort()

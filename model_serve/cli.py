@@ -156,6 +156,42 @@ def show(name: str, as_json: bool) -> None:
     raise ConfigError(f"no model named '{name}'", "run 'model list' to see the names")
 
 
+@main.command()
+@click.argument("path", type=click.Path(dir_okay=False))
+@click.option("--name", help="Serve it under this name (MODEL_PREFIX is added if missing).")
+def add(path: str, name: str | None) -> None:
+    """Serve a GGUF file from anywhere (linked into MODELS_DIR/added, never copied)."""
+    from pathlib import Path
+
+    from model_serve import render
+    from model_serve.add import add_model
+    from model_serve.sync import run_sync
+
+    settings = _settings()
+    found = add_model(settings, Path(path), name)
+    result = run_sync(settings, bridge=False)
+    served = [s for s in result.plan if s.path == found]
+    render.added(found, served[0].name if served else None, result)
+
+
+@main.command()
+@click.argument("filter_text", required=False, default="")
+@json_option
+def names(filter_text: str, as_json: bool) -> None:
+    """Show which served name each Ollama model (or file) has."""
+    from model_serve import render
+    from model_serve.sync import build_current_plan
+
+    _catalog, plan = build_current_plan(_settings())
+    rows = []
+    for served in plan:
+        sources = served.model.ollama_names or [str(served.model.path)]
+        rows += [(source, served.name) for source in sources]
+    needle = filter_text.lower()
+    render.name_table([r for r in rows if needle in r[0].lower() or needle in r[1].lower()],
+                      as_json)
+
+
 def _later(command: str, advice: str) -> None:
     raise NotRunningError(f"'model {command}' is not available in this version yet", advice)
 

@@ -189,5 +189,24 @@ def show(served: ServedModel, as_json: bool) -> None:
         click.echo(f"{key}: {value if value not in (None, [], '') else '-'}")
 
 
+def added(path: Path, name: str | None, result: SyncResult) -> None:
+    click.echo(f"added {path}")
+    if name:
+        click.echo(f"served as {name}")
+    sync_result(result, as_json=False)
+
+
+def name_table(rows: list[tuple[str, str]], as_json: bool) -> None:
+    if as_json:
+        _json([{"source": source, "name": name} for source, name in rows])
+        return
+    if not rows:
+        click.echo("no models found")
+        return
+    width = max(len(source) for source, _ in rows)
+    for source, name in rows:
+        click.echo(f"{source:{width}}  ->  {name}")
+
+
 def unloaded(names: list[str]) -> None:
     click.echo("unloaded: " + ", ".join(names) if names else "no model was loaded")

@@ -1,0 +1,155 @@
+"""The catalog: from Ollama's store and MODELS_DIR to unique, stable, readable served names."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from model_serve.catalog import build_catalog
+from model_serve.custom_models import CustomModels
+from model_serve.plan import build_plan
+from model_serve.settings import load_settings
+from tests import ollama_store
+from tests.conftest import Env
+
+
+def _listed(env: Env) -> dict[str, dict]:
+    synced = env.run("sync")
+    assert synced.returncode == 0, synced.stderr
+    listed = env.run("list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    return {item["name"]: item for item in json.loads(listed.stdout)}
+
+
+def _store(env: Env) -> Path:
+    return Path(env["OLLAMA_MODELS"])
+
+
+def test_ollama_models_get_the_original_name_form(env: Env) -> None:
+    store = _store(env)
+    ollama_store.add_model(store, "gemma3:27b", model_type="27.4B", file_type="Q8_0",
+                           arch="gemma3")
+    ollama_store.add_model(store, "alice/coder:latest", model_type="7B", file_type="Q4_K_M")
+    ollama_store.add_model(store, "hf.co/bartowski/Llama-3.2-3B-Instruct-GGUF:Q8_0",
+                           model_type="3.2B", file_type="Q8_0")
+    models = _listed(env)
+    assert set(models) == {"ls/gemma3:27.4b-q8_0", "ls/coder:7b-q4_k_m",
+                           "ls/llama-3.2-3b-instruct-gguf:3.2b-q8_0"}
+    assert models["ls/gemma3:27.4b-q8_0"]["ollama_names"] == ["gemma3:27b"]
+    assert models["ls/coder:7b-q4_k_m"]["source"] == "ollama"
+    names = env.run("names", "gemma")
+    assert "gemma3:27b  ->  ls/gemma3:27.4b-q8_0" in names.stdout
+
+
+def test_two_tags_of_one_blob_are_one_model(env: Env) -> None:
+    store = _store(env)
+    weights = ollama_store.gguf_bytes(arch="gemma3", size_label="4.3B", file_type="Q4_K_M")
+    ollama_store.add_model(store, "gemma3:latest", model_type="4.3B", gguf_bytes=weights)
+    ollama_store.add_model(store, "gemma3:4b", model_type="4.3B", gguf_bytes=weights)
+    models = _listed(env)
+    assert list(models) == ["ls/gemma3:4.3b-q4_k_m"]
+    assert models["ls/gemma3:4.3b-q4_k_m"]["ollama_names"] == ["gemma3:4b", "gemma3:latest"]
+
+
+def test_same_size_and_quant_never_collide_and_names_stay_stable(env: Env) -> None:
+    store = _store(env)
+    ollama_store.add_model(store, "llama3:8b-instruct-q4_K_M", model_type="8B")
+    first = _listed(env)
+    assert list(first) == ["ls/llama3:8b-q4_k_m"]
+    # A second model with the same size and quant arrives later: the first keeps its name.
+    ollama_store.add_model(store, "llama3:8b-text-q4_K_M", model_type="8B")
+    second = _listed(env)
+    assert set(second) == {"ls/llama3:8b-q4_k_m", "ls/llama3:8b-text-q4_k_m"}
+    assert second["ls/llama3:8b-q4_k_m"]["ollama_names"] == ["llama3:8b-instruct-q4_K_M"]
+    # And a namespace twin with the very same tag still gets a name of its own.
+    ollama_store.add_model(store, "bob/llama3:8b-text-q4_K_M", model_type="8B")
+    third = _listed(env)
+    assert len(third) == 3 and "ls/bob-llama3:8b-text-q4_k_m" in third
+    assert _listed(env) == third  # a re-run changes nothing
+
+
+def test_lm_studio_layout_split_files_and_projectors(env: Env) -> None:
+    repo = env.models / "bartowski" / "Qwen2-VL-GGUF"
+    repo.mkdir(parents=True)
+    (repo / "Qwen2-VL-7B-Q4_K_M.gguf").write_bytes(ollama_store.gguf_bytes(
+        arch="qwen2vl", name="Qwen2 VL", size_label="7B", file_type="Q4_K_M",
+        extra={"general.basename": "Qwen2-VL"}))
+    (repo / "mmproj-Qwen2-VL-7B-f16.gguf").write_bytes(ollama_store.gguf_bytes(
+        arch="clip", general_type="mmproj", size_label="600M", file_type="F16", block_count=0))
+    split = env.models / "big"
+    split.mkdir()
+    for part in (1, 2):
+        data = ollama_store.gguf_bytes(arch="llama", name="Big", size_label="70B",
+                                       file_type="Q8_0", extra={"split.count": 2})
+        (split / f"Big-70B-Q8_0-0000{part}-of-00002.gguf").write_bytes(data)
+    models = _listed(env)
+    assert set(models) == {"ls/qwen2-vl:7b-q4_k_m", "ls/big:70b-q8_0"}
+    assert models["ls/qwen2-vl:7b-q4_k_m"]["mmproj"].endswith("mmproj-Qwen2-VL-7B-f16.gguf")
+    assert models["ls/qwen2-vl:7b-q4_k_m"]["options"]["mmproj"].endswith(".gguf")
+    big = models["ls/big:70b-q8_0"]
+    assert big["path"].endswith("-00001-of-00002.gguf")
+    assert big["size_bytes"] == sum(p.stat().st_size for p in split.iterdir())
+
+
+def test_ollama_projector_is_attached(env: Env) -> None:
+    ollama_store.add_model(_store(env), "llava:7b", model_type="7B", projector=True)
+    models = _listed(env)
+    assert list(models) == ["ls/llava:7b-q4_k_m"]
+    assert "mmproj-llava-7b.gguf" in models["ls/llava:7b-q4_k_m"]["mmproj"]
+
+
+def test_unicode_names_become_safe_names(env: Env) -> None:
+    folder = env.models / "modèles"
+    folder.mkdir()
+    (folder / "café-7B.gguf").write_bytes(ollama_store.gguf_bytes(
+        name="Café", size_label="7B", extra={"general.basename": "Café ☕"}))
+    models = _listed(env)
+    assert list(models) == ["ls/caf:7b-q4_k_m"]
+
+
+def test_ollama_only_files_are_marked(env: Env) -> None:
+    (env.models / "gptoss.gguf").write_bytes(ollama_store.gguf_bytes(arch="gptoss",
+                                                                     size_label="20B"))
+    models = _listed(env)
+    [item] = models.values()
+    assert "Ollama" in item["incompatible"]
+    assert "cannot load" in env.run("list").stdout
+
+
+def test_model_add_links_and_pins_a_name(env: Env, tmp_path: Path) -> None:
+    outside = tmp_path / "elsewhere" / "My Model.gguf"
+    outside.parent.mkdir()
+    outside.write_bytes(ollama_store.gguf_bytes(size_label="1B"))
+    result = env.run("add", str(outside), "--name", "mine:1b")
+    assert result.returncode == 0, result.stderr
+    assert "served as ls/mine:1b" in result.stdout
+    link = env.models / "added" / "my-model.gguf"
+    assert link.is_symlink() and Path(link.resolve()) == outside
+    assert "ls/mine:1b" in _listed(env)
+    again = env.run("add", str(outside))  # adding twice reuses the link
+    assert again.returncode == 0 and len(list(link.parent.iterdir())) == 1
+    bad = env.run("add", str(tmp_path / "missing.gguf"))
+    assert bad.returncode == 2 and "is not a file" in bad.stderr
+
+
+def test_context_size_rules(env: Env) -> None:
+    (env.models / "small.gguf").write_bytes(ollama_store.gguf_bytes(
+        size_label="1B", context_length=4096, block_count=32, embedding_length=4096,
+        head_count=32, head_count_kv=8))
+    (env.models / "wide.gguf").write_bytes(ollama_store.gguf_bytes(
+        name="wide", size_label="2B", context_length=131072, block_count=32,
+        embedding_length=4096, head_count=32, head_count_kv=8,
+        extra={"general.basename": "wide"}))
+    settings = load_settings(dict(env, DEFAULT_CTX_SIZE="65536"))
+    catalog = build_catalog(settings.models_dir, settings.model_prefix)
+    custom = CustomModels(env.home / "custom_models.yaml", {})
+    plan = {s.name: s for s in build_plan(catalog, custom, settings, budget=64 * 2**30)}
+    small = plan["ls/small:1b-q4_k_m"]
+    assert small.ctx_size == 4096 and "trained context 4096" in small.ctx_reason
+    assert plan["ls/wide:2b-q4_k_m"].ctx_size == 65536
+    # 65536 tokens x 32 layers x 8 heads x 256 dims x 2 (K,V) x 2 bytes = 8 GiB of KV cache:
+    # with a 3 GiB budget the context is cut until it fits, and `show` says why.
+    tight = {s.name: s for s in build_plan(catalog, custom, settings, budget=3 * 2**30)}
+    wide = tight["ls/wide:2b-q4_k_m"]
+    assert wide.ctx_size < 65536 and wide.estimated_bytes <= 3 * 2**30
+    assert "reduced from 65536" in wide.ctx_reason
