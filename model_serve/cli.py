@@ -218,9 +218,27 @@ def run(name: str) -> None:
 
 
 @main.command()
-def stats() -> None:
-    """Per-model memory, idle time, TTL left and requests served (coming soon)."""
-    _later("stats", "'model status' shows what runs; GET /models on the port lists states")
+@json_option
+@click.option("-w", "--watch", is_flag=True, help="Refresh every 2 seconds (Ctrl-C to quit).")
+def stats(as_json: bool, watch: bool) -> None:
+    """Per-model state, memory, idle time, TTL left and tokens served."""
+    import time
+
+    from model_serve import render
+    from model_serve.stats import collect_stats
+
+    settings = _settings()
+    while True:
+        report = collect_stats(settings)
+        if watch and not as_json:
+            click.clear()
+        render.stats(report, as_json)
+        if not watch:
+            return
+        try:
+            time.sleep(2)
+        except KeyboardInterrupt:
+            return
 
 
 @main.command()

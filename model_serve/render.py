@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from model_serve.catalog import ScanProblem
     from model_serve.plan import ServedModel
     from model_serve.stack import StackStatus, StopReport
+    from model_serve.stats import StatsReport
     from model_serve.sync import SyncResult
 
 
@@ -69,17 +70,18 @@ def status(result: StackStatus, as_json: bool) -> None:
             click.echo("model_serve is not running")
         return
     click.echo(f"model_serve is running (pid {result.pid}, up {human_duration(result.uptime)})")
-    click.echo(f"  engine:  {result.engine}  {'healthy' if result.healthy else 'NOT answering'}")
-    click.echo(f"  API:     http://127.0.0.1:{result.port}/v1")
+    click.echo(f"  API:      http://127.0.0.1:{result.port}/v1"
+               f"  ({'answering' if result.healthy else 'NOT answering'})")
     for name, child in result.children.items():
-        line = f"  {name + ':':8} {child.get('state', '?')}"
+        label = f"{name} ({result.engine})" if name == "engine" else name
+        line = f"  {label + ':':9} {child.get('state', '?')}"
         if child.get("restarts"):
             line += f", {child['restarts']} restart(s)"
         if child.get("last_error") and child.get("state") != "running":
             line += f" - {child['last_error']}"
         click.echo(line)
-    click.echo(f"  config:  {result.config_path}")
-    click.echo(f"  log:     {result.log_file}")
+    click.echo(f"  config:   {result.config_path}")
+    click.echo(f"  log:      {result.log_file}")
 
 
 def logs(path: Path, lines: int, follow: bool) -> None:
@@ -206,6 +208,30 @@ def name_table(rows: list[tuple[str, str]], as_json: bool) -> None:
     width = max(len(source) for source, _ in rows)
     for source, name in rows:
         click.echo(f"{source:{width}}  ->  {name}")
+
+
+def _cell(value: float | None, fmt) -> str:
+    return "-" if value is None else fmt(value)
+
+
+def stats(report: StatsReport, as_json: bool) -> None:
+    if as_json:
+        _json(report.to_json())
+        return
+    rows = [("MODEL", "CTX", "SLOTS", "STATE", "MEMORY", "IDLE", "TTL LEFT", "TOKENS IN/OUT")]
+    for m in report.models:
+        state = m.state + (f" ({m.in_flight} busy)" if m.in_flight else "")
+        rows.append((m.name, _cell(m.ctx_size, str), _cell(m.slots, str), state,
+                     _cell(m.rss_bytes, human_bytes), _cell(m.idle_seconds, human_duration),
+                     _cell(m.ttl_left, human_duration) if m.ttl else "never",
+                     f"{m.prompt_tokens}/{m.predicted_tokens}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        click.echo("  ".join(cells).rstrip())
+    loaded = sum(1 for m in report.models if m.rss_bytes)
+    click.echo(f"TOTAL: {loaded} model process(es), {human_bytes(report.total_rss)} resident")
+    click.echo(f"System Memory: {report.memory.describe()}")
 
 
 def unloaded(names: list[str]) -> None:

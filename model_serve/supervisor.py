@@ -1,5 +1,6 @@
-"""The supervisor behind `model serve`: runs the engine and the sync loop, restarts what dies,
-and on stop leaves no llama-server behind.
+"""The supervisor behind `model serve`: runs the engine, the pressure unloader and the sync
+loop, restarts what dies (with growing backoff, giving up after repeated failures), and on
+stop leaves no llama-server behind.
 
 Signal handlers only record what was asked; the main loop acts on it.
 """
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -30,9 +32,11 @@ log = logging.getLogger("model_serve")
 
 HEALTH_DEADLINE = 60.0  # seconds for the engine to answer /health after a start
 BACKOFF_START, BACKOFF_MAX = 1.0, 60.0
-GIVE_UP_AFTER = 5  # consecutive failed starts before the engine is marked failed
+GIVE_UP_AFTER = 5  # consecutive failed starts before a child is marked failed
 STABLE_AFTER = 30.0  # a run this long resets the failure count
 STOP_TIMEOUT = 15.0
+_LEVELS = {"DEBUG": logging.DEBUG, "INFO": logging.INFO, "WARNING": logging.WARNING,
+           "ERROR": logging.ERROR}
 
 
 @dataclass
@@ -50,24 +54,43 @@ class ChildState:
 
 
 @dataclass
-class Supervisor:
-    settings: Settings
-    engine: Engine = field(init=False)
-    children: dict[str, ChildState] = field(default_factory=dict)
-    model_procs: list[procs.ProcRef] = field(default_factory=list)
-    started_at: float = field(default_factory=time.time)
+class Child:
+    """One supervised process: how to start it and how to tell it is ready."""
 
-    def __post_init__(self) -> None:
-        self.engine = select_engine(self.settings)
-        self.children = {"engine": ChildState(), "sync": ChildState()}
+    name: str
+    argv: Callable[[], list[str]]
+    ready: Callable[[], bool] | None = None  # None: ready as soon as it runs
+    status: ChildState = field(default_factory=ChildState)
+    process: subprocess.Popen[bytes] | None = None
+    failures: int = 0
+    backoff: float = BACKOFF_START
+    next_start: float = 0.0  # monotonic time of the next start attempt
+    started: float = 0.0
+    deadline: float = 0.0
+
+
+class Supervisor:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.engine: Engine = select_engine(settings)
+        self.started_at = time.time()
+        self.model_procs: list[procs.ProcRef] = []
+        self.engine_child = Child("engine", self.engine.command,
+                                  lambda: self.engine.healthy(timeout=0.5))
+        self.unloader_child = Child(
+            "unloader", lambda: [sys.executable, "-m", "model_serve.unloader"])
+        self.children = [self.engine_child, self.unloader_child]
+        self.sync_status = ChildState()
         self._stop = threading.Event()
         self._reload = threading.Event()
-        self._process: subprocess.Popen[bytes] | None = None
         self._state_lock = threading.Lock()
+        self._last_track = 0.0
 
     # --- state file ---------------------------------------------------------------------
     def write_state(self) -> None:
         me = procs.ProcRef.of(os.getpid())
+        children = {child.name: child.status.to_json() for child in self.children}
+        children["sync"] = self.sync_status.to_json()
         data = {
             "pid": me.to_json() if me else None,
             "port": self.settings.port,
@@ -76,80 +99,111 @@ class Supervisor:
             "started_at": self.started_at,
             "log_file": str(self.settings.log_file),
             "config_path": str(self.engine.config_path),
-            "children": {name: child.to_json() for name, child in self.children.items()},
+            "children": children,
             "model_procs": [ref.to_json() for ref in self.model_procs],
         }
         with self._state_lock:
             write_if_changed(self.settings.pid_file, json.dumps(data, indent=1))
 
-    def _set(self, name: str, state: str, error: str = "") -> None:
-        child = self.children[name]
-        if child.state != state:
-            log.info("%s: %s -> %s%s", name, child.state, state, f" ({error})" if error else "")
-            child.state, child.since = state, time.time()
+    def _set(self, name: str, status: ChildState, state: str, error: str = "") -> None:
+        if status.state != state:
+            log.info("%s: %s -> %s%s", name, status.state, state, f" ({error})" if error else "")
+            status.state, status.since = state, time.time()
         if error:
-            child.last_error = error
+            status.last_error = error
         self.write_state()
 
-    # --- engine -------------------------------------------------------------------------
-    def _pump_output(self, stream: IO[bytes]) -> None:
-        engine_log = logging.getLogger("model_serve.engine")
+    # --- children -----------------------------------------------------------------------
+    def _pump_output(self, name: str, stream: IO[bytes]) -> None:
+        child_log = logging.getLogger(f"model_serve.{name}")
         for raw in iter(stream.readline, b""):
             line = raw.decode("utf-8", errors="replace").rstrip()
-            if line:
-                engine_log.info("%s", line)
+            if not line:
+                continue
+            # Our own children print "LEVEL message"; keep their level.
+            word, _, rest = line.partition(" ")
+            level = _LEVELS.get(word)
+            child_log.log(level or logging.INFO, "%s", rest if level else line)
 
-    def start_engine(self) -> bool:
-        """Start the engine and wait for /health; False (with the reason logged) on failure."""
-        self._reap_model_procs()
-        if procs.port_in_use(self.settings.host, self.settings.port):
-            self._set("engine", "backoff", f"port {self.settings.port} is in use")
-            return False
-        self._set("engine", "starting")
+    def _launch(self, child: Child) -> None:
+        if child is self.engine_child:
+            self._reap_model_procs()
+            if procs.port_in_use(self.settings.host, self.settings.port):
+                self._failed_start(child, f"port {self.settings.port} is in use")
+                return
         try:
-            argv = self.engine.command()
+            argv = child.argv()
         except ModelServeError as exc:
-            self._set("engine", "backoff", exc.message)
-            return False
-        log.info("starting engine: %s", " ".join(argv))
-        self._process = subprocess.Popen(
+            self._failed_start(child, exc.message)
+            return
+        log.info("starting %s: %s", child.name, " ".join(argv))
+        child.process = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: stop = signal the group
         )
-        assert self._process.stdout is not None
-        threading.Thread(target=self._pump_output, args=(self._process.stdout,),
+        assert child.process.stdout is not None
+        threading.Thread(target=self._pump_output, args=(child.name, child.process.stdout),
                          daemon=True).start()
-        self.children["engine"].pid = procs.ProcRef.of(self._process.pid)
-        deadline = time.monotonic() + HEALTH_DEADLINE
-        while time.monotonic() < deadline and not self._stop.is_set():
-            if self._process.poll() is not None:
-                self._set("engine", "backoff", f"exited with code {self._process.returncode} "
-                          "while starting (see the log)")
-                return False
-            if self.engine.healthy(timeout=1):
-                self._set("engine", "running")
-                return True
-            time.sleep(0.2)
-        if not self._stop.is_set():
-            self._set("engine", "backoff", f"no answer on /health within {HEALTH_DEADLINE:.0f}s")
-        self.stop_engine()
-        return False
+        child.status.pid = procs.ProcRef.of(child.process.pid)
+        child.started = time.monotonic()
+        child.deadline = child.started + HEALTH_DEADLINE
+        self._set(child.name, child.status, "starting")
 
-    def stop_engine(self) -> None:
-        refs = [ref for ref in [self.children["engine"].pid] if ref]
-        refs += self._current_model_procs()
+    def _failed_start(self, child: Child, reason: str) -> None:
+        child.failures += 1
+        if child.failures >= GIVE_UP_AFTER:
+            self._set(child.name, child.status, "failed",
+                      f"{child.failures} failed starts in a row; last: {reason}")
+            return
+        child.status.restarts += 1
+        child.next_start = time.monotonic() + child.backoff
+        child.backoff = min(child.backoff * 2, BACKOFF_MAX)
+        self._set(child.name, child.status, "backoff", reason)
+
+    def _stop_child(self, child: Child) -> None:
+        refs = [child.status.pid] if child.status.pid else []
+        if child is self.engine_child:
+            refs += self._current_model_procs()
         if refs:
             stopped, killed = procs.stop_processes(refs, timeout=STOP_TIMEOUT)
-            log.info("stopped engine and models: %d exited, %d killed", stopped, killed)
-        if self._process is not None:
+            log.info("stopped %s: %d process(es) exited, %d killed", child.name, stopped, killed)
+        if child.process is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
-                self._process.wait(timeout=1)
-        self._process = None
-        self.children["engine"].pid = None
-        self._reap_model_procs()
+                child.process.wait(timeout=1)
+        child.process = None
+        child.status.pid = None
+        if child is self.engine_child:
+            self._reap_model_procs()
+
+    def _tick(self, child: Child) -> None:
+        if child.status.state == "failed":
+            return
+        now = time.monotonic()
+        if child.process is None:
+            if now >= child.next_start:
+                self._launch(child)
+            return
+        code = child.process.poll()
+        if code is not None:
+            ran = now - child.started
+            log.error("%s exited with code %s after %.0fs", child.name, code, ran)
+            self._stop_child(child)  # ends what it left behind (the engine's model servers)
+            if ran > STABLE_AFTER:
+                child.failures, child.backoff = 0, BACKOFF_START
+            self._failed_start(child, f"exited with code {code}")
+            return
+        if child.status.state == "starting":
+            if child.ready is None or child.ready():
+                self._set(child.name, child.status, "running")
+            elif now > child.deadline:
+                self._stop_child(child)
+                self._failed_start(child, f"no answer within {HEALTH_DEADLINE:.0f}s")
+        elif child is self.engine_child and now - self._last_track > 1.0:
+            self._last_track = now
+            self._track_model_procs()
 
     def _current_model_procs(self) -> list[procs.ProcRef]:
-        engine_ref = self.children["engine"].pid
+        engine_ref = self.engine_child.status.pid
         live = procs.descendants(engine_ref) if engine_ref else []
         known = {ref.pid for ref in live}
         return live + [ref for ref in self.model_procs if ref.pid not in known and ref.alive()]
@@ -157,7 +211,7 @@ class Supervisor:
     def _reap_model_procs(self) -> None:
         """Model servers left by a dead engine hold memory and ports: end them."""
         leftovers = [ref for ref in self.model_procs if ref.alive()]
-        engine_ref = self.children["engine"].pid
+        engine_ref = self.engine_child.status.pid
         if engine_ref and engine_ref.alive():
             current = {ref.pid for ref in procs.descendants(engine_ref)}
             leftovers = [ref for ref in leftovers if ref.pid not in current]
@@ -168,7 +222,7 @@ class Supervisor:
         self.model_procs = [ref for ref in self.model_procs if ref.alive()]
 
     def _track_model_procs(self) -> None:
-        engine_ref = self.children["engine"].pid
+        engine_ref = self.engine_child.status.pid
         if engine_ref is None:
             return
         current = procs.descendants(engine_ref)
@@ -182,13 +236,13 @@ class Supervisor:
 
         try:
             result = run_sync(self.settings, engine=self.engine,
-                              reload=self.children["engine"].state == "running")
+                              reload=self.engine_child.status.state == "running")
         except ModelServeError as exc:
-            self.children["sync"].restarts += 1
-            self._set("sync", "backoff", exc.message)
+            self.sync_status.restarts += 1
+            self._set("sync", self.sync_status, "backoff", exc.message)
             log.warning("sync (%s) failed; the last good config stays: %s", reason, exc)
             return
-        self._set("sync", "running", result.bridge.error)
+        self._set("sync", self.sync_status, "running", result.bridge.error)
         log.info("sync (%s): %d models, config %s%s", reason, len(result.plan),
                  "changed" if result.config_changed else "unchanged",
                  ", engine reloaded" if result.reloaded else "")
@@ -213,59 +267,30 @@ class Supervisor:
         self.sync_once("start")
         if not self.engine.config_path.exists():
             log.error("no engine config could be written; see the sync error above")
-            self._set("engine", "failed", "no engine config (sync failed)")
             self.settings.pid_file.unlink(missing_ok=True)
             return 1
         if self.settings.bridge_sync_interval > 0:
             threading.Thread(target=self._sync_loop, name="sync", daemon=True).start()
-        self._supervise_engine()
-        log.info("supervisor stopping")
-        self._set("sync", "stopped")
-        self.stop_engine()
-        self._set("engine", "stopped")
-        self.settings.pid_file.unlink(missing_ok=True)
-        log.info("supervisor stopped")
-        return 0
-
-    def _supervise_engine(self) -> None:
-        failures, backoff = 0, BACKOFF_START
-        engine = self.children["engine"]
         while not self._stop.is_set():
             if self._reload.is_set():
                 self._reload.clear()
-                log.info("SIGHUP: syncing now")
+                log.info("SIGHUP: syncing now, retrying failed parts")
                 self.sync_once("SIGHUP")
-                if engine.state == "failed":
-                    failures, backoff = 0, BACKOFF_START
-                    self._set("engine", "backoff", "restart asked by SIGHUP")
-            if engine.state == "failed":
-                self._stop.wait(1)
-                continue
-            if not self.start_engine():
-                failures += 1
-                if failures >= GIVE_UP_AFTER:
-                    self._set("engine", "failed", f"{failures} failed starts in a row; "
-                              f"last: {engine.last_error}")
-                    continue
-                engine.restarts += 1
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, BACKOFF_MAX)
-                continue
-            started = time.monotonic()
-            while not self._stop.is_set() and self._process and self._process.poll() is None:
-                self._track_model_procs()
-                if self._reload.is_set():
-                    break
-                self._stop.wait(0.5)
-            if self._stop.is_set() or self._reload.is_set():
-                continue
-            code = self._process.returncode if self._process else None
-            log.error("engine exited unexpectedly (code %s); restarting", code)
-            self.stop_engine()
-            engine.restarts += 1
-            if time.monotonic() - started > STABLE_AFTER:
-                failures, backoff = 0, BACKOFF_START
-            self._set("engine", "backoff", f"exited with code {code}")
+                for child in self.children:
+                    if child.status.state == "failed":
+                        child.failures, child.backoff = 0, BACKOFF_START
+                        self._set(child.name, child.status, "backoff", "retry asked by SIGHUP")
+            for child in self.children:
+                self._tick(child)
+            self._stop.wait(0.2)
+        log.info("supervisor stopping")
+        for child in reversed(self.children):  # the unloader first, then the engine
+            self._stop_child(child)
+            self._set(child.name, child.status, "stopped")
+        self._set("sync", self.sync_status, "stopped")
+        self.settings.pid_file.unlink(missing_ok=True)
+        log.info("supervisor stopped")
+        return 0
 
 
 def setup_logging(settings: Settings, to_stderr: bool) -> None:

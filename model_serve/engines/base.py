@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import shutil
+import threading
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,6 +106,43 @@ class Engine(ABC):
     @abstractmethod
     def reload(self) -> None:
         """Make the running engine pick up a changed config file."""
+
+    def events(self, stop: threading.Event) -> Iterator[tuple[str, str]]:
+        """(model, status) as the engine reports changes; engines without a feed yield none."""
+        return iter(())
+
+    def model_metrics(self, model: EngineModel, timeout: float = 2) -> dict[str, float] | None:
+        """The model's own llama-server counters, read from its port directly: a probe through
+        the engine could load the model or count as use."""
+        import http.client
+
+        if model.port is None:
+            return None
+        conn = http.client.HTTPConnection("127.0.0.1", model.port, timeout=timeout)
+        try:
+            conn.request("GET", "/metrics")
+            response = conn.getresponse()
+            if response.status != 200:
+                return None
+            return parse_prometheus(response.read().decode("utf-8", "replace"))
+        except (OSError, http.client.HTTPException):
+            return None
+        finally:
+            conn.close()
+
+
+def parse_prometheus(text: str) -> dict[str, float]:
+    """`name value` lines of a Prometheus text page (no labels are used by llama-server)."""
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name, _, value = line.rpartition(" ")
+        try:
+            values[name.split(":", 1)[-1]] = float(value)
+        except ValueError:
+            continue
+    return values
 
 
 def find_on_path(program: str) -> Path | None:

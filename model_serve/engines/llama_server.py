@@ -15,6 +15,8 @@ import hashlib
 import json
 import os
 import re
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -194,6 +196,28 @@ class LlamaServerEngine(Engine):
         if response.status_code != 200:
             raise EngineError(f"the router refused the new {self.config_path.name}: HTTP "
                               f"{response.status_code} {response.text[:200]}", "see 'model logs'")
+
+
+    def events(self, stop: threading.Event) -> Iterator[tuple[str, str]]:
+        """Follow GET /models/sse: a 'loading' event arrives before the weights are read."""
+        import requests
+
+        response = requests.get(self.settings.base_url + "/models/sse", stream=True,
+                                headers=self._headers(), timeout=(5, 3600))
+        try:
+            response.raise_for_status()
+            for line in response.iter_lines(decode_unicode=True):
+                if stop.is_set():
+                    return
+                if not line or not line.startswith("data:"):
+                    continue
+                try:
+                    event = json.loads(line[5:])
+                    yield event["model"], (event.get("data") or {}).get("status", "")
+                except (ValueError, KeyError, TypeError, AttributeError):
+                    continue
+        finally:
+            response.close()
 
 
 def _engine_model(item: dict[str, Any]) -> EngineModel:

@@ -1,0 +1,90 @@
+"""When was each loaded model last USED: a request served or in flight, not merely seen.
+
+Each loaded model's own llama-server counters (tokens, decode calls) and its in-flight gauge
+are read straight from its port; a model counts as used at the moment its counters move or a
+request is in progress. Listing or probing a model never loads it and never resets its timer.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from model_serve.engines.base import LOADED_STATES, Engine
+from model_serve.fileio import write_if_changed
+
+_WORK_COUNTERS = ("n_decode_total", "prompt_tokens_total", "prompt_tokens_cached_total",
+                  "tokens_predicted_total")
+_IN_FLIGHT = ("requests_processing", "requests_deferred")
+
+
+@dataclass
+class ModelActivity:
+    name: str
+    state: str
+    port: int | None
+    loaded_at: float
+    last_used: float
+    in_flight: int = 0
+    prompt_tokens: int = 0
+    predicted_tokens: int = 0
+    work: float = -1.0  # sum of the work counters at the last probe (-1: never probed)
+
+    def idle_seconds(self, now: float) -> float:
+        return 0.0 if self.in_flight else max(0.0, now - self.last_used)
+
+
+class ActivityTracker:
+    """Keeps last-use times of the loaded models across polls."""
+
+    def __init__(self, engine: Engine, clock: Callable[[], float] = time.time) -> None:
+        self.engine = engine
+        self.clock = clock
+        self.models: dict[str, ModelActivity] = {}
+
+    def refresh(self) -> dict[str, ModelActivity]:
+        """Poll the engine and every loaded model once (raises EngineError if unreachable)."""
+        now = self.clock()
+        current: dict[str, ModelActivity] = {}
+        for model in self.engine.models():
+            if model.state not in LOADED_STATES:
+                continue
+            act = self.models.get(model.name)
+            if act is None:  # a model appears because a request asked for it
+                act = ModelActivity(model.name, model.state, model.port, now, now)
+            act.state, act.port = model.state, model.port
+            if model.state == "loading":
+                act.last_used = now
+            elif model.state == "loaded":
+                self._probe(act, model, now)
+            current[model.name] = act
+        self.models = current
+        return current
+
+    def _probe(self, act: ModelActivity, model: Any, now: float) -> None:
+        metrics = self.engine.model_metrics(model)
+        if metrics is None:
+            return
+        work = sum(metrics.get(key, 0.0) for key in _WORK_COUNTERS)
+        act.in_flight = int(sum(metrics.get(key, 0.0) for key in _IN_FLIGHT))
+        if act.in_flight or (act.work >= 0 and work != act.work):
+            act.last_used = now
+        act.work = work
+        act.prompt_tokens = int(metrics.get("prompt_tokens_total", 0))
+        act.predicted_tokens = int(metrics.get("tokens_predicted_total", 0))
+
+    def save(self, path: Path, extra: dict[str, Any] | None = None) -> None:
+        data = {"models": {name: asdict(act) for name, act in sorted(self.models.items())},
+                **(extra or {})}
+        write_if_changed(path, json.dumps(data, indent=1, sort_keys=True))
+
+
+def load_activity(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}

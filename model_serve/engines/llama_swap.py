@@ -1,0 +1,348 @@
+"""llama-swap: one proxy process that starts a llama-server per model on demand.
+
+Config is a YAML file (config.yaml). Facts that shape it (design/reference/llama-swap-contract.md):
+- models in no group swap one at a time, so every model goes into one group with
+  `swap: false, exclusive: false`, and several stay loaded together;
+- unknown keys are ignored silently, so the emitted keys are checked against the known ones;
+- `cmd` is split like a shell splits words but no shell runs it, and a line starting with `#`
+  is dropped before splitting, so every word is shlex-quoted and line breaks are refused;
+- `${PORT}` takes the next number from `startPort` (model ids in sorted order); the ports are
+  placed right above our own port (LLAMA_SWAP_PORT + 1, ...) so two stacks on different ports
+  do not collide;
+- `concurrencyLimit` defaults to 10 (queued requests included, then HTTP 429), so it is raised;
+- llama-swap runs with `--watch-config`: it picks a changed file up by itself (a stat poll every
+  2 s) and stops every running model when it does. `reload()` only waits for it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import shlex
+import sys
+import time
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+from model_serve.engines.base import Engine, EngineModel, find_on_path
+from model_serve.engines.llama_server import _OPTION_RE, _RESERVED, resolve_llama_server
+from model_serve.errors import ConfigError, EngineError
+from model_serve.plan import ServedModel
+
+HEALTH_CHECK_TIMEOUT = 300  # seconds a model may take to load (big models on slow disks)
+CONCURRENCY_LIMIT = 64  # queued + in-flight requests per model before llama-swap answers 429
+FALLBACK_START_PORT = 5800  # llama-swap's own default, used when our port is near the top
+GROUP = "model_serve"
+RELOAD_WAIT = 10.0  # llama-swap polls the file every 2 s
+MIN_UNLOAD_ONE = 161  # first release with POST /api/models/unload/<id>
+
+# Keys llama-swap reads (config-schema.json of v250). Anything else would be ignored silently.
+KNOWN_TOP_KEYS = frozenset({
+    "apiKeys", "captureBuffer", "globalTTL", "groups", "healthCheckTimeout", "hooks",
+    "includeAliasesInList", "logLevel", "logTimeFormat", "logToStdout", "macros", "matrix",
+    "metricsMaxInMemory", "models", "peers", "performance", "profiles", "routing", "selectors",
+    "sendLoadingState", "startPort", "store", "ui", "unloadTimeout", "upstream",
+})
+KNOWN_MODEL_KEYS = frozenset({
+    "aliases", "capabilities", "checkEndpoint", "cmd", "cmdStop", "compat", "concurrencyLimit",
+    "description", "env", "filters", "macros", "metadata", "name", "proxy", "sendLoadingState",
+    "timeouts", "ttl", "unlisted", "unloadTimeout", "useModelName",
+})
+KNOWN_GROUP_KEYS = frozenset({"swap", "exclusive", "persistent", "members"})
+
+_STATES = {"ready": "loaded", "starting": "loading", "stopping": "stopping"}
+_VERSION_RE = re.compile(r"version:\s*v?(\d+)")
+# llama-swap expands `${...}` as text (and `${env.X}` before YAML is even parsed); a newline
+# lets its comment-line filter eat part of a command.
+_CMD_UNSAFE = re.compile(r"\$\{|[\r\n]")
+_MACRO_RE = re.compile(r"\$\{([^}]*)\}")
+_LLAMA_SWAP_MACROS = frozenset({"PORT", "MODEL_ID"})
+
+
+class _Quoted(str):
+    """A string always written double-quoted (model ids: ':' and '/' are common in them)."""
+
+
+@lru_cache(maxsize=1)
+def _dumper() -> Any:
+    import yaml
+
+    class Dumper(yaml.SafeDumper):
+        pass
+
+    Dumper.add_representer(_Quoted, lambda dumper, value: dumper.represent_scalar(
+        "tag:yaml.org,2002:str", str(value), style='"'))
+    return Dumper
+
+
+@lru_cache(maxsize=4)
+def _option_spellings(binary: str, mtime_ns: int) -> dict[str, str]:
+    """Option name -> how this llama-server spells it on a command line ('-ngl', '--temp').
+
+    A command line needs the exact spelling (`--ngl` is refused), which the dash-less names
+    of LlamaServerEngine.known_options() do not keep."""
+    import subprocess
+
+    try:
+        out = subprocess.run([binary, "--help"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise EngineError(f"{binary} --help failed: {exc}",
+                          "check that llama-server runs: try it by hand") from exc
+    spellings: dict[str, str] = {}
+    for flag in _OPTION_RE.findall(out.stdout + out.stderr):
+        name = flag.lstrip("-")
+        if flag.startswith("--") or name not in spellings:
+            spellings[name] = flag
+    if len(spellings) < 50:
+        raise EngineError(f"{binary} --help listed no options (exit {out.returncode})",
+                          "check that llama-server runs: try it by hand")
+    return spellings
+
+
+class LlamaSwapEngine(Engine):
+    name = "llama-swap"
+
+    @property
+    def config_path(self) -> Path:
+        return self.settings.llama_swap_config
+
+    @property
+    def start_port(self) -> int:
+        """First `${PORT}`: right above our API port, so stacks on other ports do not collide."""
+        port = self.settings.port + 1
+        return port if port <= 65000 else FALLBACK_START_PORT
+
+    def binary(self) -> Path:
+        configured = self.settings.llama_swap_bin
+        if configured is not None:
+            if not configured.is_file() or not os.access(configured, os.X_OK):
+                raise EngineError(f"LLAMA_SWAP_BIN={configured} is not an executable file",
+                                  "fix LLAMA_SWAP_BIN in .env or unset it to search PATH")
+            return configured
+        found = find_on_path("llama-swap")
+        if found:
+            return found
+        if sys.platform == "darwin":
+            advice = "brew tap mostlygeek/llama-swap && brew install llama-swap"
+        else:
+            advice = ("download llama-swap_<N>_linux_<arch>.tar.gz from "
+                      "https://github.com/mostlygeek/llama-swap/releases and put llama-swap on "
+                      "PATH (or set LLAMA_SWAP_BIN)")
+        raise EngineError("llama-swap was not found (not on PATH, LLAMA_SWAP_BIN unset)",
+                          f"{advice}; or set ENGINE=llama-server to use llama.cpp's router")
+
+    def command(self) -> list[str]:
+        host = self.settings.host
+        listen = f"[{host}]:{self.settings.port}" if ":" in host else f"{host}:{self.settings.port}"
+        return [str(self.binary()), "--config", str(self.config_path), "--listen", listen,
+                "--watch-config"]
+
+    def version_number(self) -> int | None:
+        """The release number (`version: v250 (abc), built at …` -> 250); None when unknown."""
+        match = _VERSION_RE.search(self.version())
+        return int(match.group(1)) if match else None
+
+    # --- config -------------------------------------------------------------------------
+    def render_config(self, plan: list[ServedModel]) -> str:
+        import yaml
+
+        server = resolve_llama_server(self.settings.llama_server_bin).absolute()
+        spellings = _option_spellings(str(server), server.stat().st_mtime_ns)
+        for key in self.settings.api_keys:
+            if not key.strip() or re.search(r"\s", key):
+                raise ConfigError("API_KEYS holds a key with a space in it, which llama-swap "
+                                  "refuses", "remove the spaces from the keys in API_KEYS")
+        models: dict[str, Any] = {}
+        for served in plan:
+            aliases = [a for a in dict.fromkeys([served.name.replace(":", "-"), *served.aliases])
+                       if a != served.name]
+            entry: dict[str, Any] = {
+                "cmd": self._cmd(served, server, spellings),
+                "proxy": "http://127.0.0.1:${PORT}",
+                "checkEndpoint": "/health",
+                "ttl": int(served.ttl),
+                "concurrencyLimit": CONCURRENCY_LIMIT,
+            }
+            if aliases:
+                entry["aliases"] = [_Quoted(a) for a in aliases]
+            models[_Quoted(served.name)] = entry
+        config: dict[str, Any] = {
+            "healthCheckTimeout": HEALTH_CHECK_TIMEOUT,
+            "startPort": self.start_port,
+            "logLevel": "info",
+            # llama-server's own output on stdout, so `model logs` shows why a model failed.
+            "logToStdout": "both",
+        }
+        if self.settings.api_keys:
+            config["apiKeys"] = list(self.settings.api_keys)
+        config["models"] = models
+        if models:
+            # Without this group llama-swap keeps only one model loaded at a time.
+            config["groups"] = {_Quoted(GROUP): {"swap": False, "exclusive": False,
+                                                 "members": list(models)}}
+        check_known_keys(config)
+        header = ("# Generated by model_serve ('model sync'); edits here are overwritten.\n"
+                  "# Per-model settings belong in custom_models.yaml.\n")
+        return header + yaml.dump(config, Dumper=_dumper(), sort_keys=False,
+                                  allow_unicode=True, width=1 << 30)
+
+    def _cmd(self, served: ServedModel, server: Path, spellings: dict[str, str]) -> str:
+        where = served.custom_line or served.name
+        model_path = str(served.path.absolute())
+        if _CMD_UNSAFE.search(model_path):
+            raise ConfigError(f"the path of {served.name} ({model_path!r}) contains '${{' or a "
+                              "line break, which llama-swap's cmd cannot carry",
+                              "rename the file or its folder")
+        if served.cmd:
+            cmd = served.cmd.replace("${MODEL_PATH}", shlex.quote(model_path))
+            unknown = sorted({m for m in _MACRO_RE.findall(cmd)
+                              if m not in _LLAMA_SWAP_MACROS and not m.startswith("env.")})
+            if unknown:
+                raise ConfigError(f"{where}: cmd of {served.name} uses ${{{unknown[0]}}}, which "
+                                  "neither model_serve nor llama-swap fills in",
+                                  "use only ${MODEL_PATH} and ${PORT} in cmd")
+            if "${PORT}" not in cmd:
+                raise ConfigError(f"{where}: cmd of {served.name} has no ${{PORT}}",
+                                  "add '--port ${PORT}' to cmd (llama-swap picks the port)")
+            return cmd
+        argv = [str(server), "--host", "127.0.0.1", "--port", "${PORT}", "--model", model_path,
+                "--ctx-size", str(served.ctx_size), "--parallel", str(served.parallel)]
+        for option, value in served.options.items():
+            argv += _option_words(served, option, value, spellings)
+        # As the router's [*] section: context is sized by model_serve, so llama-server's
+        # trial-fit pass only adds latency; metrics feed `model stats`.
+        if "fit" in spellings and "fit" not in served.options:
+            argv += [spellings["fit"], "off"]
+        if "metrics" not in served.options:
+            argv.append("--metrics")
+        # ${PORT} must stay a bare word for llama-swap; every other word is quoted.
+        return " ".join(word if word == "${PORT}" else shlex.quote(word) for word in argv)
+
+    # --- HTTP API -----------------------------------------------------------------------
+    def _get_json(self, path: str) -> Any:
+        response = self.request("GET", path)
+        if response.status_code != 200:
+            raise EngineError(f"GET {path} answered HTTP {response.status_code}: "
+                              f"{response.text[:200]}", "see 'model logs'")
+        try:
+            return response.json()
+        except ValueError as exc:
+            raise EngineError(f"GET {path} did not answer JSON: {response.text[:200]}",
+                              "is LLAMA_SWAP_PORT taken by another program?") from exc
+
+    def models(self) -> list[EngineModel]:
+        """Every configured model (GET /v1/models) with the state of the running ones
+        (GET /running, which lists only models that are not stopped)."""
+        running = {item["model"]: item for item in self._get_json("/running").get("running", [])
+                   if isinstance(item, dict) and "model" in item}
+        listed = self._get_json("/v1/models").get("data", [])
+        configured: dict[str, list[str]] | None = None
+        result: list[EngineModel] = []
+        for item in listed:
+            name = item.get("id", "")
+            aliases = ((item.get("meta") or {}).get("llamaswap") or {}).get("aliases")
+            if aliases is None:  # builds before v241 do not list aliases
+                configured = self._configured_aliases() if configured is None else configured
+                aliases = configured.get(name, [])
+            result.append(_engine_model(name, running.pop(name, None), list(aliases), item))
+        # Running but not listed (an `unlisted` model someone configured by hand).
+        result += [_engine_model(name, item, [], {}) for name, item in running.items()]
+        return result
+
+    def _configured_aliases(self) -> dict[str, list[str]]:
+        import yaml
+
+        try:
+            models = yaml.safe_load(self.config_path.read_text(encoding="utf-8"))["models"]
+            return {str(k): list(v.get("aliases") or []) for k, v in models.items()}
+        except (OSError, yaml.YAMLError, TypeError, KeyError, AttributeError):
+            return {}
+
+    def unload(self, name: str) -> None:
+        # Blocks until the model's process has exited (TERM, then KILL after unloadTimeout).
+        response = self.request("POST", f"/api/models/unload/{quote(name, safe='/:')}",
+                                timeout=60)
+        if response.status_code == 200:
+            return
+        if response.status_code == 404:
+            number = self.version_number()
+            if number is not None and number < MIN_UNLOAD_ONE:
+                raise EngineError(f"llama-swap v{number} cannot unload a single model "
+                                  f"(v{MIN_UNLOAD_ONE} or newer can)",
+                                  "upgrade llama-swap (brew upgrade llama-swap)")
+            raise EngineError(f"llama-swap knows no model '{name}'",
+                              "run 'model list' to see the served names")
+        raise EngineError(f"unloading {name} failed: HTTP {response.status_code} "
+                          f"{response.text[:200]}", "see 'model logs'")
+
+    def reload(self) -> None:
+        """llama-swap (--watch-config) reloads the file itself; wait until it serves the new
+        model set. A config it refuses leaves the old set listed: that is reported."""
+        import yaml
+
+        try:
+            wanted = set(yaml.safe_load(self.config_path.read_text(encoding="utf-8"))["models"])
+        except (OSError, yaml.YAMLError, TypeError, KeyError) as exc:
+            raise EngineError(f"cannot read {self.config_path}: {exc}", "run 'model sync'") from exc
+        deadline = time.monotonic() + RELOAD_WAIT
+        while True:
+            listed = {item.get("id") for item in self._get_json("/v1/models").get("data", [])}
+            if listed == wanted:
+                return
+            if time.monotonic() > deadline:
+                raise EngineError(f"llama-swap did not take the new {self.config_path.name} "
+                                  f"within {RELOAD_WAIT:.0f}s (it keeps the old one when it "
+                                  "finds an error)", "see 'model logs' for its reason")
+            time.sleep(0.25)
+
+
+def check_known_keys(config: dict[str, Any]) -> None:
+    """llama-swap ignores unknown keys silently; a misspelt one must fail here instead."""
+    problems = [f"top-level '{k}'" for k in config if k not in KNOWN_TOP_KEYS]
+    for model_id, entry in (config.get("models") or {}).items():
+        problems += [f"'{k}' of model {model_id}" for k in entry if k not in KNOWN_MODEL_KEYS]
+    for group_id, group in (config.get("groups") or {}).items():
+        problems += [f"'{k}' of group {group_id}" for k in group if k not in KNOWN_GROUP_KEYS]
+    if problems:
+        raise EngineError(f"model_serve wrote keys llama-swap does not know: "
+                          f"{', '.join(problems)}", "this is a bug in model_serve; please report")
+
+
+def _option_words(served: ServedModel, option: str, value: str,
+                  spellings: dict[str, str]) -> list[str]:
+    """One plan option as command-line words, checked against this llama-server's options."""
+    where = served.custom_line or served.name
+    if option in _RESERVED:
+        raise ConfigError(f"{where}: option '--{option}' is set by model_serve itself",
+                          f"remove --{option} from sampler_args of {served.name}")
+    if option not in spellings:
+        near = difflib.get_close_matches(option, spellings, n=1)
+        hint = f"did you mean --{near[0]}?" if near else "see 'llama-server --help'"
+        raise ConfigError(f"{where}: llama-server has no option '--{option}' "
+                          f"(model {served.name})", hint)
+    if _CMD_UNSAFE.search(value):
+        raise ConfigError(f"{where}: the value of '{option}' contains '${{' or a line break, "
+                          "which llama-swap's cmd cannot carry",
+                          f"change the value of {option} for {served.name}")
+    if value == "true":
+        return [spellings[option]]
+    if value == "false":  # --no-jinja and friends; an option without a negation is left out
+        negated = spellings.get(f"no-{option}")
+        return [negated] if negated else []
+    return [spellings[option], value]
+
+
+def _engine_model(name: str, running: dict[str, Any] | None, aliases: list[str],
+                  listed: dict[str, Any]) -> EngineModel:
+    if running is None:
+        return EngineModel(name=name, state="unloaded", aliases=aliases, detail=listed)
+    port = None
+    try:
+        port = urlsplit(str(running.get("proxy", ""))).port
+    except ValueError:
+        port = None
+    return EngineModel(name=name, state=_STATES.get(str(running.get("state")), "unloaded"),
+                       port=port, aliases=aliases, detail={**listed, "running": running})

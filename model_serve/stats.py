@@ -1,0 +1,110 @@
+"""`model stats`: what each model costs and does right now, whichever engine runs."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from model_serve import procs
+from model_serve.activity import load_activity
+from model_serve.engines import select_engine
+from model_serve.engines.base import LOADED_STATES
+from model_serve.errors import ModelServeError, NotRunningError
+from model_serve.memory import MemoryReading, read_memory
+from model_serve.settings import Settings
+from model_serve.supervisor import read_state
+
+
+@dataclass
+class ModelStats:
+    name: str
+    state: str
+    ctx_size: int | None = None
+    slots: int | None = None
+    ttl: int | None = None
+    ttl_left: float | None = None
+    idle_seconds: float | None = None
+    rss_bytes: int | None = None
+    in_flight: int = 0
+    prompt_tokens: int = 0
+    predicted_tokens: int = 0
+    port: int | None = None
+
+
+@dataclass
+class StatsReport:
+    engine: str
+    memory: MemoryReading
+    models: list[ModelStats] = field(default_factory=list)
+
+    @property
+    def total_rss(self) -> int:
+        return sum(m.rss_bytes or 0 for m in self.models)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"engine": self.engine, "models": [asdict(m) for m in self.models],
+                "total_model_rss_bytes": self.total_rss,
+                "memory": {"total_bytes": self.memory.total, "used_bytes": self.memory.used,
+                           "percent": round(self.memory.percent, 1),
+                           "pressure_level": self.memory.pressure_level}}
+
+
+def _rss_by_port(settings: Settings) -> dict[int, int]:
+    """Resident memory of each model server we started, keyed by its --port."""
+    import psutil
+
+    state = read_state(settings) or {}
+    found: dict[int, int] = {}
+    for item in state.get("model_procs", []):
+        ref = procs.ProcRef.from_json(item)
+        proc = ref.process() if ref else None
+        if proc is None:
+            continue
+        try:
+            argv = proc.cmdline()
+            port = int(argv[argv.index("--port") + 1])
+            found[port] = proc.memory_info().rss
+        except (ValueError, IndexError, psutil.Error):  # gone, or not a model server
+            continue
+    return found
+
+
+def collect_stats(settings: Settings) -> StatsReport:
+    from model_serve.sync import build_current_plan
+
+    engine = select_engine(settings)
+    if not engine.healthy():
+        raise NotRunningError(f"the stack is not running on port {settings.port}",
+                              "start it with 'model start'")
+    listed = engine.models()
+    try:
+        _catalog, served_models = build_current_plan(settings)
+    except ModelServeError:
+        served_models = []  # stats still show the engine's view
+    plan = {s.name.replace(":", "-"): s for s in served_models}
+    activity = load_activity(settings.state_dir / "activity.json").get("models", {})
+    rss = _rss_by_port(settings)
+    now = time.time()
+    report = StatsReport(engine.name, read_memory())
+    for model in listed:
+        served = plan.get(model.name.replace(":", "-"))
+        stats = ModelStats(model.name, model.state, port=model.port)
+        if served is not None:
+            stats.ctx_size, stats.slots, stats.ttl = served.ctx_size, served.parallel, served.ttl
+        if model.state in LOADED_STATES:
+            act = activity.get(model.name)
+            if act is not None:
+                stats.idle_seconds = 0.0 if act.get("in_flight") else now - act["last_used"]
+                stats.in_flight = int(act.get("in_flight", 0))
+            metrics = engine.model_metrics(model) if model.state == "loaded" else None
+            if metrics:  # fresher than the unloader's last write
+                stats.in_flight = int(metrics.get("requests_processing", 0))
+                stats.prompt_tokens = int(metrics.get("prompt_tokens_total", 0))
+                stats.predicted_tokens = int(metrics.get("tokens_predicted_total", 0))
+            if stats.ttl and stats.idle_seconds is not None:
+                stats.ttl_left = max(0.0, stats.ttl - stats.idle_seconds)
+            stats.rss_bytes = rss.get(model.port) if model.port else None
+        report.models.append(stats)
+    report.models.sort(key=lambda m: (m.state not in LOADED_STATES, m.name))
+    return report

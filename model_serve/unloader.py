@@ -1,0 +1,228 @@
+"""The pressure unloader: when memory runs short, unload the least recently USED idle model.
+
+Two triggers:
+- polling: every PRESSURE_CHECK_INTERVAL seconds memory is read; above the threshold, idle
+  models are unloaded one at a time, least recently used first, re-reading memory after each;
+- events: when the engine announces that a model starts loading, its footprint (weights + KV
+  cache at its context, from the GGUF header) is added to current use, and idle models are
+  unloaded first if the load would cross the threshold.
+
+A model with a request in flight, or used within MIN_MODEL_AGE_SECONDS, is never unloaded.
+Every decision is logged with its reason. Run as `python -m model_serve.unloader` (the
+supervisor does); it logs to stdout, which the supervisor writes to the stack's log.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from model_serve.activity import ActivityTracker, ModelActivity
+from model_serve.engines import Engine, select_engine
+from model_serve.errors import ModelServeError
+from model_serve.memory import MemoryReading, read_memory
+from model_serve.settings import Settings, load_settings
+
+log = logging.getLogger("model_serve.unloader")
+
+ACTIVITY_POLL = 1.0  # seconds between last-use probes while models are loaded
+IDLE_POLL = 3.0  # ... while nothing is loaded
+UNLOAD_WAIT = 15.0  # seconds to wait for an unloaded model's memory to be returned
+REFUSED_BACKOFF = 60.0  # a model that refused to unload is not tried again for this long
+MAX_ROUNDS = 64
+
+
+class PressureUnloader:
+    def __init__(self, settings: Settings, engine: Engine | None = None) -> None:
+        self.settings = settings
+        self.engine = engine or select_engine(settings)
+        self.tracker = ActivityTracker(self.engine)
+        self.stop = threading.Event()
+        # One relief at a time (polls and events both trigger it); guards the tracker too.
+        self.lock = threading.RLock()
+        self.refused: dict[str, float] = {}
+        self.decisions: list[dict[str, Any]] = []
+        self._estimates: dict[str, int] = {}
+        self._estimates_stamp: float | None = None
+        self._last_error = ""
+
+    @property
+    def activity_file(self) -> Path:
+        return self.settings.state_dir / "activity.json"
+
+    # --- footprint estimates ------------------------------------------------------------
+    def estimate(self, name: str) -> int:
+        """Bytes the model will take once loaded (0 when unknown)."""
+        config = self.engine.config_path
+        try:
+            stamp = config.stat().st_mtime
+        except OSError:
+            stamp = None
+        if stamp != self._estimates_stamp:
+            self._estimates_stamp = stamp
+            self._estimates = self._load_estimates()
+        return self._estimates.get(name, 0)
+
+    def _load_estimates(self) -> dict[str, int]:
+        from model_serve.sync import build_current_plan
+
+        try:
+            _catalog, plan = build_current_plan(self.settings)
+        except ModelServeError as exc:
+            log.warning("footprint estimates unavailable: %s", exc.message)
+            return {}
+        estimates: dict[str, int] = {}
+        for served in plan:
+            for name in (served.name, served.name.replace(":", "-"), *served.aliases):
+                estimates[name] = served.estimated_bytes
+        return estimates
+
+    # --- decisions ----------------------------------------------------------------------
+    def candidates(self, exclude: set[str]) -> list[ModelActivity]:
+        """Loaded, idle, old enough models, least recently used first."""
+        now = time.time()
+        eligible = []
+        for act in self.tracker.models.values():
+            if act.state != "loaded" or act.name in exclude:
+                continue
+            if act.in_flight or act.idle_seconds(now) < self.settings.min_model_age_seconds:
+                continue
+            if self.refused.get(act.name, 0) > now:
+                continue
+            eligible.append(act)
+        return sorted(eligible, key=lambda a: a.last_used)
+
+    def relieve(self, reason: str, need: int = 0, exclude: set[str] | None = None) -> list[str]:
+        """Unload LRU idle models until memory (plus `need` bytes) is under the threshold."""
+        exclude = exclude or set()
+        threshold = self.settings.memory_pressure_threshold
+        unloaded: list[str] = []
+        with self.lock:
+            for _ in range(MAX_ROUNDS):
+                reading = read_memory()
+                if not reading.over(threshold, need):
+                    break
+                self.refresh()
+                candidates = self.candidates(exclude)
+                now = time.time()
+                listing = ", ".join(f"{a.name} (idle {a.idle_seconds(now):.0f}s)"
+                                    for a in candidates) or "none"
+                projected = f" + {need / 2**30:.2f} GiB for the load" if need else ""
+                if not candidates:
+                    log.warning("%s: memory %s%s is over %d%%, but no model is idle enough "
+                                "to unload (loaded: %s)", reason, reading.describe(), projected,
+                                threshold, ", ".join(self.tracker.models) or "none")
+                    break
+                victim = candidates[0]
+                log.info("%s: memory %s%s is over %d%%; candidates, least recently used first: "
+                         "%s; unloading %s", reason, reading.describe(), projected, threshold,
+                         listing, victim.name)
+                if self._unload(victim):
+                    unloaded.append(victim.name)
+                    self._record(reason, reading, victim, candidates, need)
+        return unloaded
+
+    def _unload(self, victim: ModelActivity) -> bool:
+        try:
+            self.engine.unload(victim.name)
+        except ModelServeError as exc:
+            log.error("could not unload %s (%s); not trying it again for %.0fs", victim.name,
+                      exc.message, REFUSED_BACKOFF)
+            self.refused[victim.name] = time.time() + REFUSED_BACKOFF
+            return False
+        deadline = time.monotonic() + UNLOAD_WAIT
+        while time.monotonic() < deadline:
+            try:
+                states = {m.name: m.state for m in self.engine.models()}
+            except ModelServeError:
+                break
+            if states.get(victim.name) not in ("loaded", "loading", "stopping"):
+                break
+            time.sleep(0.1)
+        self.tracker.models.pop(victim.name, None)
+        return True
+
+    def _record(self, reason: str, reading: MemoryReading, victim: ModelActivity,
+                candidates: list[ModelActivity], need: int) -> None:
+        now = time.time()
+        self.decisions = (self.decisions + [{
+            "time": now, "reason": reason, "unloaded": victim.name,
+            "memory_percent": round(reading.percent, 1), "need_bytes": need,
+            "candidates": [{"name": a.name, "idle_seconds": round(a.idle_seconds(now), 1)}
+                           for a in candidates],
+        }])[-50:]
+        self._save()
+
+    # --- loops --------------------------------------------------------------------------
+    def refresh(self) -> bool:
+        """Poll last use of every loaded model; False (logged once) if the engine is away."""
+        try:
+            with self.lock:
+                self.tracker.refresh()
+        except ModelServeError as exc:
+            if exc.message != self._last_error:  # log a lasting outage once, not every second
+                log.warning("engine not reachable: %s", exc.message)
+                self._last_error = exc.message
+            return False
+        if self._last_error:
+            log.info("engine reachable again")
+            self._last_error = ""
+        self._save()
+        return True
+
+    def _save(self) -> None:
+        try:
+            self.tracker.save(self.activity_file, {"decisions": self.decisions})
+        except OSError as exc:
+            log.warning("cannot write %s: %s", self.activity_file, exc)
+
+    def follow_events(self) -> None:
+        """React to loads as the engine announces them; reconnect when the stream drops."""
+        while not self.stop.is_set():
+            try:
+                for model, status in self.engine.events(self.stop):
+                    if status == "loading":
+                        need = self.estimate(model)
+                        self.relieve(f"load of {model}", need=need, exclude={model})
+            except Exception as exc:  # noqa: BLE001 - the stream must never kill the daemon
+                log.debug("event stream ended: %s", exc)
+            self.stop.wait(1.0)
+
+    def run(self) -> int:
+        log.info("pressure unloader started: threshold %d%%, check every %ds, min age %ds",
+                 self.settings.memory_pressure_threshold, self.settings.pressure_check_interval,
+                 self.settings.min_model_age_seconds)
+        threading.Thread(target=self.follow_events, name="events", daemon=True).start()
+        next_check = time.monotonic()
+        while not self.stop.is_set():
+            self.refresh()
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + self.settings.pressure_check_interval
+                try:
+                    self.relieve("memory check")
+                except Exception:  # noqa: BLE001 - log and keep watching
+                    log.exception("memory check failed")
+            self.stop.wait(ACTIVITY_POLL if self.tracker.models else IDLE_POLL)
+        log.info("pressure unloader stopped")
+        return 0
+
+
+def main() -> int:
+    logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        unloader = PressureUnloader(load_settings())
+    except ModelServeError as exc:
+        log.error("%s", exc)
+        return exc.exit_code
+    signal.signal(signal.SIGTERM, lambda *_: unloader.stop.set())
+    signal.signal(signal.SIGINT, lambda *_: unloader.stop.set())
+    return unloader.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

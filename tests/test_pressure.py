@@ -1,0 +1,172 @@
+"""Memory: TTL, and unloading the least recently USED idle model, with real model servers.
+
+Three served names on the real gemma file (base_model entries), so three llama-server
+processes can be loaded at once. Where the test needs to trigger pressure on demand, it runs
+the unloader's own code in-process against the running stack with a threshold of 1%.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+import requests
+from openai import OpenAI
+
+from model_serve.settings import load_settings
+from model_serve.unloader import PressureUnloader
+from tests.conftest import Env
+
+A, B, C = "ls/gemma-3-270m-q4_k_m", "ls/g2", "ls/g3"
+
+
+def _prepare(env: Env, gemma_path, **settings: str) -> Env:
+    (env.models / gemma_path.name).symlink_to(gemma_path)
+    (env.home / "custom_models.yaml").write_text(
+        "models:\n  g2:\n    base_model: gemma-3:270m-q4_k_m\n"
+        "  g3:\n    base_model: gemma-3:270m-q4_k_m\n")
+    env.update(settings)
+    started = env.run("start")
+    assert started.returncode == 0, started.stdout + started.stderr
+    return env
+
+
+@pytest.fixture
+def three(env: Env, gemma_path):
+    yield _prepare(env, gemma_path, MEMORY_PRESSURE_THRESHOLD="99")
+    env.run("stop")
+
+
+def _client(env: Env) -> OpenAI:
+    return OpenAI(base_url=f"{env.base_url}/v1", api_key="x", max_retries=0)
+
+
+def _states(env: Env) -> dict[str, str]:
+    data = requests.get(f"{env.base_url}/models", timeout=10).json()["data"]
+    return {m["id"]: m["status"]["value"] for m in data}
+
+
+def _chat(env: Env, model: str) -> None:
+    _client(env).chat.completions.create(model=model, max_tokens=2,
+                                         messages=[{"role": "user", "content": "Hi"}])
+
+
+def _wait(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def _pressing_unloader(env: Env) -> PressureUnloader:
+    settings = load_settings(dict(env, MEMORY_PRESSURE_THRESHOLD="1", MIN_MODEL_AGE_SECONDS="0"))
+    unloader = PressureUnloader(settings)
+    assert unloader.refresh()
+    return unloader
+
+
+def test_least_recently_used_goes_first_and_the_streaming_model_stays(three: Env) -> None:
+    env = three
+    unloader = _pressing_unloader(env)
+    for model in (A, B, C, A):  # last use: B oldest, then C, then A
+        _chat(env, model)
+        assert unloader.refresh()
+        time.sleep(1.1)
+    pieces: list[str] = []
+    finish: list[str] = []
+
+    def stream() -> None:
+        chunks = _client(env).chat.completions.create(
+            model=B, stream=True, max_tokens=250, extra_body={"ignore_eos": True},
+            messages=[{"role": "user", "content": "Count to one thousand."}])
+        for chunk in chunks:
+            if chunk.choices and chunk.choices[0].delta.content:
+                pieces.append(chunk.choices[0].delta.content)
+            if chunk.choices and chunk.choices[0].finish_reason:
+                finish.append(chunk.choices[0].finish_reason)
+
+    streamer = threading.Thread(target=stream)
+    streamer.start()
+    _wait(lambda: unloader.refresh() and unloader.tracker.models[B].in_flight > 0, 30,
+          "the stream to be in flight")
+    unloaded = unloader.relieve("test: threshold 1%")
+    streamer.join(120)
+    assert unloaded == [C, A], "B is the least recently used, but it is serving a stream"
+    assert finish == ["length"] and len(pieces) > 100, "the stream completed"
+    assert _states(env)[B] == "loaded"
+    # Each decision keeps its reason: memory, and the candidates with their idle times.
+    assert [d["unloaded"] for d in unloader.decisions] == [C, A]
+    first = unloader.decisions[0]
+    assert [c["name"] for c in first["candidates"]] == [C, A] and first["memory_percent"] > 1
+
+
+def test_recent_use_outranks_load_order(three: Env) -> None:
+    env = three
+    unloader = _pressing_unloader(env)
+    for model in (C, B, A, C):  # loaded C first, but C was used last
+        _chat(env, model)
+        assert unloader.refresh()
+        time.sleep(1.1)
+    assert unloader.relieve("test: threshold 1%") == [B, A, C]
+    assert set(_states(env).values()) == {"unloaded"}
+
+
+def test_daemon_unloads_idle_models_under_pressure(env: Env, gemma_path) -> None:
+    _prepare(env, gemma_path, MEMORY_PRESSURE_THRESHOLD="1", MIN_MODEL_AGE_SECONDS="2",
+             PRESSURE_CHECK_INTERVAL="1")
+    try:
+        _chat(env, A)
+        _wait(lambda: _states(env)[A] == "unloaded", 20, "the daemon to unload the idle model")
+        record = json.loads((env.state / "activity.json").read_text())
+        [decision] = record["decisions"]
+        assert decision["unloaded"] == A and decision["reason"] == "memory check"
+        assert decision["candidates"][0]["idle_seconds"] >= 2
+        log = (env.state / "logs" / "model_serve.log").read_text()
+        assert f"unloading {A}" in log and "least recently used first" in log
+    finally:
+        env.run("stop")
+
+
+def test_a_load_event_makes_room_first(env: Env, gemma_path) -> None:
+    # Polling is effectively off (an hour): only the engine's load event can trigger this.
+    _prepare(env, gemma_path, MEMORY_PRESSURE_THRESHOLD="1", MIN_MODEL_AGE_SECONDS="0",
+             PRESSURE_CHECK_INTERVAL="3600")
+    try:
+        _chat(env, A)
+        time.sleep(1.5)  # the unloader sees A loaded and idle
+        _chat(env, B)
+        _wait(lambda: _states(env)[A] == "unloaded", 20, "A to make room for B")
+        assert _states(env)[B] == "loaded"
+        record = json.loads((env.state / "activity.json").read_text())
+        decision = record["decisions"][-1]
+        assert decision["unloaded"] == A and decision["reason"] == f"load of {B}"
+        assert decision["need_bytes"] > 250_000_000  # weights + KV cache of the gemma model
+    finally:
+        env.run("stop")
+
+
+def test_ttl_expiry_puts_the_model_to_sleep_and_stats_shows_it(env: Env, gemma_path) -> None:
+    _prepare(env, gemma_path, MODEL_TTL="2", MEMORY_PRESSURE_THRESHOLD="99")
+    try:
+        _chat(env, A)
+        loaded = json.loads(env.run("stats", "--json").stdout)
+        [row] = [m for m in loaded["models"] if m["name"] == A]
+        assert row["state"] == "loaded" and row["ttl"] == 2 and row["rss_bytes"] > 100_000_000
+        assert row["predicted_tokens"] > 0
+        _wait(lambda: _states(env)[A] == "sleeping", 20, "the TTL to expire")
+        after = json.loads(env.run("stats", "--json").stdout)
+        [row] = [m for m in after["models"] if m["name"] == A]
+        assert row["state"] == "sleeping"
+        text = env.run("stats").stdout
+        assert "System Memory:" in text and "sleeping" in text
+    finally:
+        env.run("stop")
+
+
+def test_stats_without_a_stack(env: Env) -> None:
+    result = env.run("stats")
+    assert result.returncode == 3 and "not running" in result.stderr
