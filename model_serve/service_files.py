@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import plistlib
 import shlex
 import sys
 from collections.abc import Mapping
@@ -72,7 +71,7 @@ def spec_for(settings: Settings, environ: Mapping[str, str] | None = None,
     return spec
 
 
-# --- names and places -------------------------------------------------------------------------
+# --- names and places -----------------------------------------------------------------------------
 def systemd_unit_name(port: int) -> str:
     return "model-serve.service" if port == DEFAULT_PORT else f"model-serve-{port}.service"
 
@@ -104,7 +103,7 @@ def file_path(kind: str, port: int, environ: Mapping[str, str] | None = None) ->
     raise ValueError(f"{kind} has no file")
 
 
-# --- renderers --------------------------------------------------------------------------------
+# --- renderers ------------------------------------------------------------------------------------
 def _systemd_word(value: str, dollar: bool = False) -> str:
     """One quoted word for ExecStart=/Environment=: C escapes inside double quotes, and `%`
     doubled because systemd expands %-specifiers before it splits the line. Arguments after
@@ -154,6 +153,8 @@ def systemd_unit(spec: ServiceSpec) -> str:
 
 
 def launchd_plist(spec: ServiceSpec) -> str:
+    import plistlib
+
     log = str(spec.log_dir / "launchd.log")
     agent = {
         "Label": launchd_label(spec.port),
@@ -187,7 +188,7 @@ def render(kind: str, spec: ServiceSpec) -> str:
     return {"systemd": systemd_unit, "launchd": launchd_plist, "cron": cron_line}[kind](spec)
 
 
-# --- our files only ---------------------------------------------------------------------------
+# --- our files only -------------------------------------------------------------------------------
 def is_ours(path: Path) -> bool:
     try:
         with open(path, encoding="utf-8") as handle:
@@ -230,7 +231,7 @@ def remove_service_file(kind: str, port: int, environ: Mapping[str, str] | None 
     return True
 
 
-# --- command line for the setup scripts -------------------------------------------------------
+# --- command line for the setup scripts -----------------------------------------------------------
 ACTIONS = {
     "name": (KINDS, "print the unit name, launchd label or crontab marker"),
     "path": (FILE_KINDS, "print where the unit/plist goes"),

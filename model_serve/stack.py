@@ -126,7 +126,11 @@ def tail(path: os.PathLike[str] | str, lines: int = 20) -> str:
 
 def start_background(settings: Settings, timeout: float = START_TIMEOUT) -> StackStatus:
     """Run `model serve` detached; return once the engine answers, or raise with the log tail."""
+    from model_serve.sync import run_sync
+
     check_can_start(settings)
+    # A bad custom_models.yaml or .env is reported here, before anything runs.
+    run_sync(settings, reload=False)
     settings.log_file.parent.mkdir(parents=True, exist_ok=True)
     console = settings.log_file.parent / "serve-console.log"
     with open(console, "ab") as out:

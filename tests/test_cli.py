@@ -83,3 +83,12 @@ def test_not_a_gguf_is_skipped_with_a_warning(env: Env) -> None:
 def test_stop_when_not_running(env: Env) -> None:
     result = env.run("stop")
     assert result.returncode == 0 and "not running" in result.stdout
+
+
+def test_bad_custom_models_stops_start_before_anything_runs(env: Env, gemma_path) -> None:
+    (env.models / gemma_path.name).symlink_to(gemma_path)
+    (env.home / "custom_models.yaml").write_text("models:\n  nothing-like-this:\n    ttl: 1\n")
+    result = env.run("start")
+    assert result.returncode == 2
+    assert "custom_models.yaml:2" in result.stderr and "matches no model" in result.stderr
+    assert not (env.state / "supervisor.json").exists()

@@ -1,0 +1,187 @@
+"""Fault tolerance with real processes: kill things and see the stack recover, leaving nothing
+behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import psutil
+import pytest
+import requests
+from openai import OpenAI
+
+from model_serve.settings import load_settings
+from model_serve.supervisor import read_state
+from tests import ollama_store
+from tests.conftest import Env, llama_servers_under
+
+A, B = "ls/gemma-3-270m-q4_k_m", "ls/g2"
+
+
+@pytest.fixture
+def two(env: Env, gemma_path):
+    (env.models / gemma_path.name).symlink_to(gemma_path)
+    (env.home / "custom_models.yaml").write_text(
+        "models:\n  g2:\n    base_model: gemma-3:270m-q4_k_m\n")
+    yield env
+    env.run("stop", timeout=90)
+    assert llama_servers_under(env.home.parent) == []
+
+
+def _start(env: Env, **settings: str) -> None:
+    env.update(settings)
+    started = env.run("start")
+    assert started.returncode == 0, started.stdout + started.stderr
+
+
+def _client(env: Env) -> OpenAI:
+    return OpenAI(base_url=f"{env.base_url}/v1", api_key="x", max_retries=0, timeout=120)
+
+
+def _chat(env: Env, model: str, tokens: int = 2) -> str:
+    reply = _client(env).chat.completions.create(
+        model=model, max_tokens=tokens, messages=[{"role": "user", "content": "Hi"}])
+    return reply.choices[0].finish_reason
+
+
+def _model_pid(env: Env, model: str) -> int:
+    data = requests.get(f"{env.base_url}/models", timeout=10).json()["data"]
+    args = next(m for m in data if m["id"] == model)["status"]["args"]
+    port = args[args.index("--port") + 1]
+    for pid in llama_servers_under(env.home.parent):
+        if f"--port {port}" in " ".join(psutil.Process(pid).cmdline()):
+            return pid
+    raise AssertionError(f"no process for {model}")
+
+
+def _wait(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if predicate():
+                return
+        except (requests.RequestException, OSError):
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def _engine_pid(env: Env) -> int:
+    """The engine's pid, 0 while it is between restarts."""
+    state = read_state(load_settings(dict(env))) or {}
+    pid = (state.get("children", {}).get("engine") or {}).get("pid")
+    return int(pid[0]) if pid else 0
+
+
+def test_model_server_killed_mid_request(two: Env) -> None:
+    _start(two)
+    _chat(two, A)
+    errors: list[Exception] = []
+
+    def long_request() -> None:
+        try:
+            _client(two).chat.completions.create(
+                model=A, max_tokens=400, extra_body={"ignore_eos": True},
+                messages=[{"role": "user", "content": "Write a long story."}])
+        except Exception as exc:  # noqa: BLE001 - the failure is what we expect
+            errors.append(exc)
+
+    worker = threading.Thread(target=long_request)
+    worker.start()
+    time.sleep(1.5)
+    os.kill(_model_pid(two, A), signal.SIGKILL)
+    worker.join(60)
+    assert errors, "the client whose model died gets an error"
+    # The next request to that model loads it again and succeeds.
+    _wait(lambda: _chat(two, A) in ("length", "stop"), 60, "the model to serve again")
+
+
+def test_engine_killed_is_restarted_without_orphans(two: Env) -> None:
+    _start(two)
+    _chat(two, A)
+    _chat(two, B)
+    engine = _engine_pid(two)
+    model_pids = [_model_pid(two, A), _model_pid(two, B)]
+    time.sleep(1.5)  # the supervisor records the model servers about once a second
+    os.kill(engine, signal.SIGKILL)
+    _wait(lambda: _engine_pid(two) not in (0, engine) and requests.get(
+        f"{two.base_url}/health", timeout=1).status_code == 200, 20, "the engine restart")
+    _wait(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"
+                          for p in model_pids), 20, "the orphaned model servers to end")
+    status = json.loads(two.run("status", "--json").stdout)
+    assert status["children"]["engine"]["restarts"] >= 1
+    assert _chat(two, A) in ("length", "stop")
+
+
+def test_supervisor_killed_then_start_recovers(two: Env) -> None:
+    _start(two)
+    _chat(two, A)
+    state = read_state(load_settings(dict(two)))
+    os.kill(state["pid"][0], signal.SIGKILL)
+    status = two.run("status")
+    assert status.returncode == 3 and "died" in status.stdout
+    assert llama_servers_under(two.home.parent), "the engine outlives its supervisor..."
+    restarted = two.run("start")
+    assert restarted.returncode == 0, restarted.stderr
+    old = [state["children"]["engine"]["pid"][0], *(p for p, _ in state["model_procs"])]
+    assert not any(psutil.pid_exists(p) for p in old), "...until start cleans it up"
+    assert _chat(two, A) in ("length", "stop")
+
+
+def test_corrupt_engine_config_is_restored_and_serving_continues(two: Env) -> None:
+    _start(two, BRIDGE_SYNC_INTERVAL="1")
+    _chat(two, A)
+    ini = two.state / "models.ini"
+    good = ini.read_text()
+    ini.write_text("[broken\nthis is not a preset file\n")
+    _wait(lambda: ini.read_text() == good, 15, "the sync loop to restore models.ini")
+    assert _chat(two, A) in ("length", "stop")
+    assert _chat(two, B) in ("length", "stop")
+
+
+def test_fifty_concurrent_requests_while_the_config_reloads(two: Env) -> None:
+    _start(two, BRIDGE_SYNC_INTERVAL="1")
+    _chat(two, A)
+    _chat(two, B)
+    stop = threading.Event()
+    extra = two.models / "extra.gguf"
+    reloads = [0]
+
+    def churn() -> None:  # a model appears and disappears, so every sync reloads the router
+        while not stop.is_set():
+            if extra.exists():
+                extra.unlink()
+            else:
+                extra.write_bytes(ollama_store.gguf_bytes(extra={"general.basename": "extra"}))
+            reloads[0] += 1
+            stop.wait(0.7)
+
+    results: list[str] = []
+    failures: list[Exception] = []
+    lock = threading.Lock()
+
+    def request(i: int) -> None:
+        try:
+            reason = _chat(two, A if i % 2 else B, tokens=8)
+            with lock:
+                results.append(reason)
+        except Exception as exc:  # noqa: BLE001 - counted below
+            with lock:
+                failures.append(exc)
+
+    churner = threading.Thread(target=churn)
+    churner.start()
+    workers = [threading.Thread(target=request, args=(i,)) for i in range(50)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(300)
+    stop.set()
+    churner.join()
+    log = (two.state / "logs" / "model_serve.log").read_text()
+    assert log.count("engine reloaded") >= 2, "the config really changed during the burst"
+    assert failures == [] and len(results) == 50
