@@ -123,13 +123,26 @@ def sync(no_bridge: bool, as_json: bool) -> None:
 
 @main.command("list")
 @click.argument("filter_text", required=False, default="")
+@click.option("--served", is_flag=True, help="What the running engine serves, with its state.")
 @json_option
-def list_models(filter_text: str, as_json: bool) -> None:
-    """List the models that can be served (FILTER: case-insensitive text)."""
+def list_models(filter_text: str, served: bool, as_json: bool) -> None:
+    """List models: Ollama's and every GGUF in MODELS_DIR, with their served names
+    (FILTER: case-insensitive text in either name)."""
     from model_serve import render
     from model_serve.sync import build_current_plan
 
-    catalog, plan = build_current_plan(_settings())
+    settings = _settings()
+    if served:
+        from model_serve.engines import select_engine
+
+        engine = select_engine(settings)
+        if not engine.healthy():
+            raise NotRunningError("the stack is not running", "start it with 'model start'")
+        live = [m for m in engine.models() if filter_text.lower() in
+                " ".join([m.name, *m.aliases]).lower()]
+        render.served_list(live, as_json)
+        return
+    catalog, plan = build_current_plan(settings)
     needle = filter_text.lower()
     chosen = [s for s in plan if needle in s.name.lower()
               or any(needle in n.lower() for n in s.model.ollama_names)]
@@ -192,29 +205,105 @@ def names(filter_text: str, as_json: bool) -> None:
                       as_json)
 
 
-def _later(command: str, advice: str) -> None:
-    raise NotRunningError(f"'model {command}' is not available in this version yet", advice)
-
-
 @main.command()
 @click.argument("name")
 def pull(name: str) -> None:
-    """Pull a model with Ollama, then sync (coming soon)."""
-    _later("pull", f"run 'ollama pull {name}', then 'model sync'")
+    """Pull a model with Ollama (library name, user/name or hf.co/user/repo:quant), sync, and
+    print the name to use in API calls."""
+    from model_serve import ollama, render
+    from model_serve.sync import run_sync
+
+    settings = _settings()
+    ollama.pull(settings, name)
+    result = run_sync(settings)
+    wanted = ollama.normalize(name).lower()
+    served = [s for s in result.plan if wanted in (n.lower() for n in s.model.ollama_names)]
+    render.pulled(name, served, result)
 
 
 @main.command()
 @click.argument("name", required=False)
-def rm(name: str | None) -> None:
-    """Remove a model through Ollama, then sync (coming soon)."""
-    _later("rm", "run 'ollama rm NAME', then 'model sync'")
+@click.option("--filter", "filter_text", help="Remove every Ollama model whose name contains "
+              "this text (case-insensitive).")
+@click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
+def rm(name: str | None, filter_text: str | None, yes: bool) -> None:
+    """Remove Ollama models (unloading them first), then sync so their names go."""
+    from model_serve import ollama, render
+    from model_serve.engines import select_engine
+    from model_serve.engines.base import LOADED_STATES
+    from model_serve.sync import build_current_plan, run_sync
+
+    settings = _settings()
+    catalog, _plan = build_current_plan(settings)
+    targets = ollama.removal_targets(catalog, name, filter_text)
+    render.removal_list(targets)
+    if not yes and not click.confirm(f"Remove {len(targets)} model(s)?", default=False):
+        click.echo("nothing removed")
+        return
+    engine = select_engine(settings)
+    loaded = {m.name for m in engine.models() if m.state in LOADED_STATES} \
+        if engine.healthy() else set()
+    removing = {t.name for t in targets}
+    for model in catalog.models:
+        # Unload only what loses its last Ollama name (another tag may still use the blob).
+        if model.ollama_names and set(model.ollama_names) <= removing:
+            section = model.name.replace(":", "-")
+            if section in loaded or model.name in loaded:
+                engine.unload(section if section in loaded else model.name)
+                click.echo(f"unloaded {model.name}")
+    for target in targets:
+        ollama.remove(settings, target.name)
+        click.echo(f"removed {target.name}")
+    render.sync_result(run_sync(settings), as_json=False)
+
+
+@main.command()
+@click.argument("name", required=False)
+def update(name: str | None) -> None:
+    """Pull again every Ollama model (or NAME), then sync; says which ones changed."""
+    from model_serve import ollama, render
+    from model_serve.sync import build_current_plan, run_sync
+
+    settings = _settings()
+    catalog, _plan = build_current_plan(settings)
+    names = [m.name for m in (ollama.resolve(catalog, name) if name
+                              else ollama.ollama_models(catalog))]
+    if not names:
+        click.echo("no Ollama models to update" + (f" named '{name}'" if name else ""))
+        return
+    before = ollama.blobs_by_name(catalog)
+    for each in names:
+        click.echo(f"==> {each}")
+        ollama.pull(settings, each)
+    result = run_sync(settings)
+    after = ollama.blobs_by_name(build_current_plan(settings)[0])
+    changed = [n for n in names if before.get(n) != after.get(n)]
+    render.updated(names, changed, result)
 
 
 @main.command()
 @click.argument("name")
-def run(name: str) -> None:
-    """Chat with a model in the terminal through the stack's port (coming soon)."""
-    _later("run", "use any OpenAI-compatible client against the URL 'model status' prints")
+@click.option("--system", help="A system prompt for the conversation.")
+def run(name: str, system: str | None) -> None:
+    """Chat with a model in the terminal, through the stack's port (so its settings apply).
+
+    NAME is the served name or the Ollama name. Type /exit to quit, /clear to forget."""
+    from model_serve.chat import chat_loop
+
+    chat_loop(_settings(), name, system)
+
+
+@main.command()
+@json_option
+def doctor(as_json: bool) -> None:
+    """Check every prerequisite and say what to fix (exit code 1 if something is wrong)."""
+    from model_serve import render
+    from model_serve.doctor import run_checks
+
+    checks = run_checks(_settings())
+    render.doctor(checks, as_json)
+    if any(c.status == "fail" for c in checks):
+        sys.exit(1)
 
 
 @main.command()

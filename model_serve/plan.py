@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from model_serve import footprint
-from model_serve.catalog import Catalog, CatalogModel
+from model_serve.catalog import Catalog, CatalogModel, ScanProblem
 from model_serve.custom_models import CustomEntry, CustomModels, sampler_options
 from model_serve.errors import ConfigError
 from model_serve.settings import Settings
@@ -113,14 +113,19 @@ def _served(model: CatalogModel, name: str, entry: CustomEntry | None, custom: C
 
 
 def _match_entry(key: str, catalog: Catalog, custom: CustomModels,
-                 entry: CustomEntry) -> CatalogModel:
+                 entry: CustomEntry) -> CatalogModel | None:
+    """The model an entry is about. An entry for a model that is not there (removed, not
+    pulled yet, a typo) is reported, not fatal: models come and go, settings stay."""
     model = catalog.find(key)
     if model is not None:
         return model
     choices = [m.key for m in catalog.models]
     near = difflib.get_close_matches(key, choices, n=1, cutoff=0.5)
     hint = f"did you mean '{near[0]}'?" if near else "run 'model list' to see the names"
-    raise ConfigError(f"{custom.where(entry)}: model '{key}' matches no model in MODELS_DIR", hint)
+    catalog.problems.append(ScanProblem(
+        custom.path, f"line {entry.line}: model '{key}' matches no model in MODELS_DIR, so "
+        f"its settings are not used ({hint})"))
+    return None
 
 
 def build_plan(catalog: Catalog, custom: CustomModels, settings: Settings,
@@ -133,12 +138,14 @@ def build_plan(catalog: Catalog, custom: CustomModels, settings: Settings,
     for key, entry in custom.entries.items():
         if entry.get("base_model"):
             base = _match_entry(entry.get("base_model"), catalog, custom, entry)
+            if base is None:
+                continue
             if catalog.find(key) is not None:
                 raise ConfigError(f"{custom.where(entry)}: '{key}' has base_model but is already "
                                   "the name of a model", "give the new entry another name")
             extras.append((entry, base))
-        else:
-            by_model[_match_entry(key, catalog, custom, entry).name] = entry
+        elif (model := _match_entry(key, catalog, custom, entry)) is not None:
+            by_model[model.name] = entry
     plan = [
         _served(model, model.name, by_model.get(model.name), custom, settings, budget)
         for model in catalog.models

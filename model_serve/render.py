@@ -11,6 +11,9 @@ import click
 
 if TYPE_CHECKING:
     from model_serve.catalog import ScanProblem
+    from model_serve.doctor import Check
+    from model_serve.engines.base import EngineModel
+    from model_serve.ollama import OllamaModel
     from model_serve.plan import ServedModel
     from model_serve.stack import StackStatus, StopReport
     from model_serve.stats import StatsReport
@@ -167,12 +170,62 @@ def model_list(plan: list[ServedModel], problems: list[ScanProblem], as_json: bo
                    "run 'model sync')")
         return
     width = max(len(s.name) for s in plan)
-    click.echo(f"{'NAME':{width}}  {'SIZE':>9}  {'CTX':>7}  SOURCE")
+    click.echo(f"{'NAME':{width}}  {'SIZE':>9}  {'QUANT':7}  {'CTX':>7}  OLLAMA NAME / FILE")
     for served in plan:
         source = ", ".join(served.model.ollama_names) or str(served.model.path)
         flag = "  [cannot load: Ollama-only format]" if served.model.info.incompatibility else ""
         click.echo(f"{served.name:{width}}  {human_bytes(served.model.size_bytes):>9}  "
-                   f"{served.ctx_size:>7}  {source}{flag}")
+                   f"{served.model.info.file_type or '-':7}  {served.ctx_size:>7}  "
+                   f"{source}{flag}")
+
+
+def served_list(models: list[EngineModel], as_json: bool) -> None:
+    if as_json:
+        _json([{"name": m.name, "state": m.state, "aliases": m.aliases} for m in models])
+        return
+    if not models:
+        click.echo("the engine serves no models")
+        return
+    width = max(len(m.name) for m in models)
+    click.echo(f"{'NAME':{width}}  {'STATE':9}  ALIASES")
+    for m in models:
+        click.echo(f"{m.name:{width}}  {m.state:9}  {', '.join(m.aliases)}")
+
+
+def pulled(name: str, served: list[ServedModel], result: SyncResult) -> None:
+    sync_result(result, as_json=False)
+    if not served:
+        click.echo(f"warning: {name} was pulled but gives no servable GGUF model (a "
+                   "safetensors or cloud model?); Ollama itself can run it", err=True)
+        return
+    for model in served:
+        if model.model.info.incompatibility:
+            click.echo(f"warning: {model.name}: {model.model.info.incompatibility}", err=True)
+        click.echo(f"use it as: {model.name}")
+
+
+def removal_list(targets: list[OllamaModel]) -> None:
+    click.echo("to remove:")
+    for target in targets:
+        click.echo(f"  {target.name}  ({target.served}, {human_bytes(target.size_bytes)})")
+
+
+def updated(names: list[str], changed: list[str], result: SyncResult) -> None:
+    sync_result(result, as_json=False)
+    for name in names:
+        click.echo(f"{name}: {'updated' if name in changed else 'already up to date'}")
+
+
+def doctor(checks: list[Check], as_json: bool) -> None:
+    if as_json:
+        _json([{"name": c.name, "status": c.status, "detail": c.detail, "fix": c.fix}
+               for c in checks])
+        return
+    marks = {"ok": "ok  ", "warn": "WARN", "fail": "FAIL"}
+    for check in checks:
+        click.echo(f"[{marks[check.status]}] {check.name}: {check.detail}")
+        if check.fix and check.status != "ok":
+            click.echo(f"       fix: {check.fix}")
 
 
 def show(served: ServedModel, as_json: bool) -> None:

@@ -63,7 +63,10 @@ SETTINGS_TABLE: tuple[Setting, ...] = (
             "models while the stack runs (0 = only on 'model sync').", "int", 0),
     Setting("OLLAMA_MODELS", "", "Ollama's model store; empty = Ollama's own default "
             "(~/.ollama/models, then /usr/share/ollama/.ollama/models).", "path"),
-    Setting("OLLAMA_HOST", "http://127.0.0.1:11434", "Where Ollama's API answers (for pull/rm)."),
+    Setting("OLLAMA_HOST", "http://127.0.0.1:11434", "Where Ollama's API answers (checked by "
+            "'model doctor'; the ollama command reads it too)."),
+    Setting("OLLAMA_BIN", "", "Path of the ollama command (pull, rm, update); empty = look on "
+            "PATH.", "path"),
     Setting("LLAMA_SERVER_BIN", "", "Path of llama-server; empty = PATH, then the copy "
             "./install.sh built into .venv.", "path"),
     Setting("LLAMA_SWAP_BIN", "", "Path of llama-swap; empty = look on PATH.", "path"),
@@ -144,6 +147,7 @@ class Settings:
     bridge_sync_interval: int
     ollama_models: Path | None
     ollama_host: str
+    ollama_bin: Path | None
     llama_server_bin: Path | None
     llama_swap_bin: Path | None
     state_dir: Path

@@ -43,8 +43,9 @@ class SyncResult:
     reload_error: str = ""
 
 
-def run_bridge(settings: Settings) -> BridgeResult:
-    """Link Ollama's models into MODELS_DIR/ollama with BRIDGE_SCRIPT."""
+def run_bridge(settings: Settings, dry_run: bool = False) -> BridgeResult:
+    """Link Ollama's models into MODELS_DIR/ollama with BRIDGE_SCRIPT (`dry_run`: only say
+    what it would do, and which store it found)."""
     script = settings.bridge_script
     if not script.exists():
         raise ModelServeError(f"BRIDGE_SCRIPT {script} does not exist",
@@ -52,6 +53,8 @@ def run_bridge(settings: Settings) -> BridgeResult:
     argv = [str(script), "--dest", str(settings.models_dir / "ollama"), "--json"]
     if settings.ollama_models is not None:
         argv += ["--store", str(settings.ollama_models)]
+    if dry_run:
+        argv.append("--dry-run")
     try:
         out = subprocess.run(argv, capture_output=True, text=True, timeout=300)
     except (OSError, subprocess.TimeoutExpired) as exc:

@@ -1,0 +1,117 @@
+"""`model run NAME`: a terminal chat through the stack's own port, so the model's custom
+settings (samplers, context, template) apply exactly as they do for API clients."""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+from collections.abc import Iterator
+
+import click
+
+from model_serve.errors import ConfigError, NotRunningError
+from model_serve.settings import Settings
+
+
+def resolve_served_name(settings: Settings, name: str) -> str:
+    """The served name for a served name, its dash form, or an Ollama name."""
+    from model_serve import ollama
+    from model_serve.sync import build_current_plan
+
+    catalog, plan = build_current_plan(settings)
+    lowered = name.lower()
+    for served in plan:
+        if lowered in (n.lower() for n in [served.name, served.name.replace(":", "-"),
+                                           *served.aliases]):
+            return served.name
+    matches = ollama.resolve(catalog, name)
+    if matches:
+        return matches[0].served
+    raise ConfigError(f"no model named '{name}'", "run 'model list' to see the names")
+
+
+def stream_reply(settings: Settings, model: str, messages: list[dict[str, str]]) -> Iterator[str]:
+    """Yield the reply's text pieces as the server streams them."""
+    import requests
+
+    headers = {"Authorization": f"Bearer {settings.api_keys[0]}"} if settings.api_keys else {}
+    with requests.post(f"{settings.base_url}/v1/chat/completions", headers=headers, stream=True,
+                       json={"model": model, "messages": messages, "stream": True},
+                       timeout=(5, 600)) as response:
+        if response.status_code != 200:
+            raise NotRunningError(f"the server answered HTTP {response.status_code}: "
+                                  f"{response.text[:300]}", "see 'model logs'")
+        for line in response.iter_lines(decode_unicode=True):
+            if not line or not line.startswith("data:"):
+                continue
+            payload = line[5:].strip()
+            if payload == "[DONE]":
+                return
+            try:
+                choices = json.loads(payload).get("choices") or [{}]
+            except ValueError:
+                continue
+            piece = (choices[0].get("delta") or {}).get("content")
+            if piece:
+                yield piece
+
+
+def _with_spinner(pieces: Iterator[str]) -> Iterator[str]:
+    """Show a visible wait until the first token (a cold model loads first)."""
+    first = threading.Event()
+
+    def spin() -> None:
+        frames, n = "|/-\\", 0
+        while not first.wait(0.15):
+            click.echo(f"\r{frames[n % 4]} loading…", nl=False, err=True)
+            n += 1
+        click.echo("\r" + " " * 12 + "\r", nl=False, err=True)
+
+    spinner = threading.Thread(target=spin, daemon=True)
+    spinner.start()
+    try:
+        for piece in pieces:
+            if not first.is_set():
+                first.set()
+                spinner.join()
+            yield piece
+    finally:
+        first.set()
+        spinner.join()
+
+
+def chat_loop(settings: Settings, name: str, system: str | None = None) -> None:
+    from model_serve.engines import select_engine
+
+    model = resolve_served_name(settings, name)
+    if not select_engine(settings).healthy():
+        raise NotRunningError("the stack is not running", "start it with 'model start'")
+    history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+    click.echo(f"chatting with {model} — /exit to quit, /clear to start over")
+    while True:
+        try:
+            line = click.prompt(">>>", prompt_suffix=" ", default="", show_default=False)
+        except (EOFError, click.Abort):
+            click.echo()
+            return
+        text = line.strip()
+        if text in ("/exit", "/quit", "/bye"):
+            return
+        if text == "/clear":
+            history = history[:1] if system else []
+            click.echo("(conversation cleared)")
+            continue
+        if not text:
+            continue
+        history.append({"role": "user", "content": text})
+        reply: list[str] = []
+        try:
+            for piece in _with_spinner(stream_reply(settings, model, history)):
+                reply.append(piece)
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            click.echo("\n(interrupted)")
+        click.echo()
+        history.append({"role": "assistant", "content": "".join(reply)})

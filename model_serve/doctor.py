@@ -1,0 +1,153 @@
+"""`model doctor`: every prerequisite checked, each with what to do about it."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from model_serve.errors import ModelServeError
+from model_serve.settings import Settings
+
+
+@dataclass
+class Check:
+    name: str
+    status: str  # ok | warn | fail
+    detail: str
+    fix: str = ""
+
+
+def _engine(settings: Settings) -> Check:
+    from model_serve.engines import select_engine
+
+    engine = select_engine(settings)
+    try:
+        binary = engine.binary()
+    except ModelServeError as exc:
+        return Check("engine", "fail", exc.message, exc.hint)
+    return Check("engine", "ok", f"{engine.name} at {binary} ({engine.version()})")
+
+
+def _ollama(settings: Settings) -> Check:
+    from model_serve.ollama import ollama_binary
+
+    try:
+        binary = ollama_binary(settings)
+    except ModelServeError as exc:
+        return Check("ollama", "warn", exc.message + " (only needed for pull/rm/update)",
+                     exc.hint)
+    import requests
+
+    try:
+        version = requests.get(settings.ollama_host.rstrip("/") + "/api/version", timeout=2)
+        running = f", server {version.json().get('version', '?')} at {settings.ollama_host}"
+    except (requests.RequestException, ValueError):
+        return Check("ollama", "warn", f"{binary} found, but no server answers at "
+                     f"{settings.ollama_host}", "start Ollama (macOS: open the app; Linux: "
+                     "'ollama serve' or 'systemctl start ollama')")
+    return Check("ollama", "ok", f"{binary}{running}")
+
+
+def _store(settings: Settings) -> Check:
+    from model_serve.sync import run_bridge
+
+    if not settings.models_dir.is_dir():
+        return Check("ollama store", "warn", "not checked (MODELS_DIR is missing)")
+    try:  # the bridge's own dry run: the same store discovery a sync uses
+        result = run_bridge(settings, dry_run=True)
+    except ModelServeError as exc:
+        return Check("ollama store", "fail", exc.message, exc.hint)
+    store = result.summary.get("store") if isinstance(result.summary, dict) else None
+    if not store:
+        looked = next((w.split("; ", 1)[-1] for w in result.warnings if "looked in" in w), "")
+        return Check("ollama store", "warn",
+                     "no Ollama model store found" + (f" ({looked})" if looked else ""),
+                     "pull a model with Ollama, or set OLLAMA_MODELS")
+    unreadable = [w for w in result.warnings if "ermission" in w]
+    if unreadable:
+        return Check("ollama store", "fail", f"{store}: {unreadable[0]}",
+                     "add yourself to the 'ollama' group (sudo usermod -aG ollama $USER) and "
+                     "log in again")
+    pending = len(result.summary.get("linked", [])) + len(result.summary.get("removed", []))
+    detail = f"{store}" + (f" ({pending} change(s) waiting for 'model sync')" if pending else "")
+    return Check("ollama store", "ok", detail)
+
+
+def _models_dir(settings: Settings) -> Check:
+    path = settings.models_dir
+    if not path.is_dir():
+        return Check("MODELS_DIR", "fail", f"{path} does not exist",
+                     f"mkdir -p {path}  (or set MODELS_DIR in .env)")
+    if not os.access(path, os.W_OK):
+        return Check("MODELS_DIR", "fail", f"{path} is not writable (the bridge links into it)",
+                     "fix its permissions or set MODELS_DIR")
+    return Check("MODELS_DIR", "ok", str(path))
+
+
+def _catalog(settings: Settings) -> Check:
+    from model_serve.sync import build_current_plan
+
+    try:
+        catalog, plan = build_current_plan(settings)
+    except ModelServeError as exc:
+        return Check("models and custom_models.yaml", "fail", exc.message, exc.hint)
+    broken = [p for p in catalog.problems if "broken link" in p.reason]
+    other = [p for p in catalog.problems if "broken link" not in p.reason]
+    incompatible = [m.name for m in catalog.models if m.info.incompatibility]
+    notes = [f"{len(plan)} model(s) servable"]
+    if broken:
+        notes.append(f"{len(broken)} broken link(s), e.g. {broken[0].path}")
+    if other:
+        notes.append(f"{len(other)} unreadable file(s), e.g. {other[0].path}: {other[0].reason}")
+    if incompatible:
+        notes.append(f"{len(incompatible)} Ollama-only file(s): {', '.join(incompatible[:3])}")
+    status = "warn" if broken or other or incompatible else "ok"
+    fix = ("remove the broken links (they are not ours to delete) and run 'model sync'"
+           if broken else "")
+    return Check("models and custom_models.yaml", status, "; ".join(notes), fix)
+
+
+def _port(settings: Settings) -> Check:
+    from model_serve import procs
+    from model_serve.stack import stack_status
+
+    status = stack_status(settings)
+    if status.running:
+        return Check("port", "ok", f"{settings.port} is served by this stack (pid {status.pid})")
+    if procs.port_in_use(settings.host, settings.port):
+        return Check("port", "fail", f"{settings.port} is in use by another program",
+                     "stop it or set LLAMA_SWAP_PORT in .env")
+    return Check("port", "ok", f"{settings.port} is free (the stack is not running)")
+
+
+def _service(settings: Settings) -> Check:
+    home = Path.home()
+    if sys.platform == "darwin":
+        agents = list((home / "Library" / "LaunchAgents").glob("com.model-serve*.plist"))
+        found = agents[0] if agents else None
+    else:
+        units = list((home / ".config" / "systemd" / "user").glob("model-serve*.service"))
+        found = units[0] if units else None
+    if found:
+        return Check("service", "ok", f"installed: {found}")
+    return Check("service", "warn", "no login service installed (the stack will not start "
+                 "by itself after a reboot)", "./setup_service.sh install  (or ./setup_cron.sh "
+                 "start where there is no launchd/systemd)")
+
+
+CHECKS: tuple[Callable[[Settings], Check], ...] = (
+    _engine, _models_dir, _catalog, _port, _ollama, _store, _service,
+)
+
+
+def run_checks(settings: Settings) -> list[Check]:
+    results = []
+    for check in CHECKS:
+        try:
+            results.append(check(settings))
+        except Exception as exc:  # noqa: BLE001 - a broken check must not hide the others
+            results.append(Check(check.__name__.strip("_"), "fail", f"check crashed: {exc}"))
+    return results

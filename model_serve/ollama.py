@@ -1,0 +1,125 @@
+"""Model management through Ollama: pull, rm and update run the `ollama` command (so its own
+progress display is what the user sees), then a sync makes the served side follow."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from model_serve.catalog import Catalog
+from model_serve.errors import ConfigError, ModelServeError
+from model_serve.settings import Settings
+
+INSTALL_HINT = ("install Ollama from https://ollama.com/download (macOS: brew install ollama), "
+                "or set OLLAMA_BIN")
+
+
+def ollama_binary(settings: Settings) -> Path:
+    if settings.ollama_bin is not None:
+        if not os.access(settings.ollama_bin, os.X_OK):
+            raise ModelServeError(f"OLLAMA_BIN={settings.ollama_bin} is not an executable file",
+                                  "fix OLLAMA_BIN in .env or unset it to search PATH")
+        return settings.ollama_bin
+    found = shutil.which("ollama")
+    if not found:
+        raise ModelServeError("the ollama command was not found", INSTALL_HINT)
+    return Path(found)
+
+
+def normalize(name: str) -> str:
+    """An Ollama name in its display form with a tag: 'gemma3' -> 'gemma3:latest'."""
+    name = name.strip()
+    if name.startswith("registry.ollama.ai/"):
+        name = name[len("registry.ollama.ai/"):]
+    if name.startswith("library/"):
+        name = name[len("library/"):]
+    last = name.rsplit("/", 1)[-1]
+    return name if ":" in last else f"{name}:latest"
+
+
+def run_ollama(settings: Settings, *args: str,
+               capture: bool = False) -> subprocess.CompletedProcess[str]:
+    """Run `ollama ARGS` with the user's terminal (progress bars) unless `capture`."""
+    binary = ollama_binary(settings)
+    env = dict(os.environ)
+    if settings.ollama_models is not None:
+        env["OLLAMA_MODELS"] = str(settings.ollama_models)
+    try:
+        return subprocess.run([str(binary), *args], env=env, text=True,
+                              capture_output=capture, check=False)
+    except OSError as exc:
+        raise ModelServeError(f"{binary} could not run: {exc}", INSTALL_HINT) from exc
+
+
+def _failed(action: str, name: str,
+            result: subprocess.CompletedProcess[str]) -> ModelServeError:
+    detail = (result.stderr or "").strip().splitlines()[-1:] if result.stderr else []
+    text = f": {detail[0]}" if detail else f" (exit code {result.returncode}; see above)"
+    hint = "check the name on https://ollama.com/library, and that Ollama is running"
+    if "could not connect" in "".join(detail).lower():
+        hint = "start Ollama (macOS: open the app; Linux: 'ollama serve' or systemctl start ollama)"
+    return ModelServeError(f"ollama {action} {name} failed{text}", hint)
+
+
+def pull(settings: Settings, name: str) -> None:
+    result = run_ollama(settings, "pull", name)
+    if result.returncode != 0:
+        raise _failed("pull", name, result)
+
+
+def remove(settings: Settings, name: str) -> None:
+    result = run_ollama(settings, "rm", name, capture=True)
+    if result.returncode != 0:
+        raise _failed("rm", name, result)
+
+
+@dataclass
+class OllamaModel:
+    name: str  # Ollama's display name with tag
+    served: str  # the served name
+    size_bytes: int
+    quant: str
+
+
+def ollama_models(catalog: Catalog) -> list[OllamaModel]:
+    found = []
+    for model in catalog.models:
+        for name in model.ollama_names:
+            found.append(OllamaModel(name, model.name, model.size_bytes, model.info.file_type))
+    return sorted(found, key=lambda m: m.name.lower())
+
+
+def resolve(catalog: Catalog, name: str) -> list[OllamaModel]:
+    """The Ollama models meant by `name`: an Ollama name (tag optional) or a served name."""
+    wanted = normalize(name).lower()
+    models = ollama_models(catalog)
+    exact = [m for m in models if m.name.lower() == wanted]
+    if exact:
+        return exact
+    served = catalog.find(name)
+    return [m for m in models if served is not None and m.served == served.name]
+
+
+def removal_targets(catalog: Catalog, name: str | None,
+                    filter_text: str | None) -> list[OllamaModel]:
+    if filter_text:
+        needle = filter_text.lower()
+        targets = [m for m in ollama_models(catalog)
+                   if needle in m.name.lower() or needle in m.served.lower()]
+    elif name:
+        targets = resolve(catalog, name)
+    else:
+        raise ConfigError("name a model or pass --filter TEXT", "model rm gemma3:27b")
+    if not targets:
+        what = f"matching '{filter_text}'" if filter_text else f"named '{name}'"
+        raise ConfigError(f"no Ollama model {what}", "run 'model list' to see the names")
+    return targets
+
+
+def blobs_by_name(catalog: Catalog) -> dict[str, str]:
+    """Ollama name -> the blob its model layer is (changes when an update brings new weights)."""
+    return {name: os.path.realpath(model.path)
+            for model in catalog.models for name in model.ollama_names}

@@ -1,0 +1,162 @@
+"""pull / rm / update / list / run / doctor, with the stand-in `ollama` (tests/ollama, which
+writes real manifests and blobs) and everything after it real: bridge, catalog, config,
+engine, chat."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pexpect
+import pytest
+
+from tests.conftest import REPO, Env, free_port
+
+STANDIN = REPO / "tests" / "ollama"
+GEMMA = "ls/gemma3:268.10m-q4_k_m"
+
+
+@pytest.fixture
+def ollama_env(env: Env, tmp_path: Path, gemma_path: Path) -> Env:
+    registry = tmp_path / "registry.json"
+    registry.write_text(json.dumps({
+        "tiny:latest": {"model_type": "1B", "file_type": "Q4_K_M"},
+        "tiny:2b": {"model_type": "2B", "file_type": "Q8_0"},
+        "alice/coder:latest": {"model_type": "7B", "file_type": "Q4_K_M"},
+        "hf.co/bartowski/Small-GGUF:Q8_0": {"model_type": "3B", "file_type": "Q8_0"},
+        "gemma3:270m": {"model_type": "268.10M", "file_type": "Q4_K_M", "arch": "gemma3",
+                        "gguf_file": str(gemma_path)},
+    }))
+    env["OLLAMA_BIN"] = str(STANDIN)
+    env["OLLAMA_STANDIN_REGISTRY"] = str(registry)
+    env.registry = registry  # type: ignore[attr-defined]
+    return env
+
+
+def test_pull_syncs_and_prints_the_served_name(ollama_env: Env) -> None:
+    env = ollama_env
+    result = env.run("pull", "tiny")
+    assert result.returncode == 0, result.stderr
+    assert "success" in result.stderr  # Ollama's own progress is shown
+    assert "use it as: ls/tiny:1b-q4_k_m" in result.stdout
+    assert "[ls/tiny-1b-q4_k_m]" in (env.state / "models.ini").read_text()
+    for name, served in [("alice/coder", "ls/coder:7b-q4_k_m"),
+                         ("hf.co/bartowski/Small-GGUF:Q8_0", "ls/small-gguf:3b-q8_0")]:
+        pulled = env.run("pull", name)
+        assert f"use it as: {served}" in pulled.stdout, pulled.stdout + pulled.stderr
+
+
+def test_failed_pull_changes_nothing(ollama_env: Env) -> None:
+    env = ollama_env
+    assert env.run("pull", "tiny").returncode == 0
+    ini = (env.state / "models.ini").read_text()
+    links = sorted(p.name for p in (env.models / "ollama").rglob("*"))
+    result = env.run("pull", "no-such-model")
+    assert result.returncode == 1
+    assert "ollama pull no-such-model failed" in result.stderr
+    assert "file does not exist" in result.stderr
+    assert (env.state / "models.ini").read_text() == ini
+    assert sorted(p.name for p in (env.models / "ollama").rglob("*")) == links
+
+
+def test_ollama_missing_or_stopped(env: Env) -> None:
+    env["PATH"] = "/usr/bin:/bin"  # no ollama here
+    missing = env.run("pull", "tiny")
+    assert missing.returncode == 1 and "ollama command was not found" in missing.stderr
+    assert "ollama.com/download" in missing.stderr
+    env["OLLAMA_BIN"] = str(STANDIN)
+    env["OLLAMA_STANDIN_DOWN"] = "1"
+    down = env.run("pull", "tiny")
+    assert down.returncode == 1 and "could not connect" in down.stderr
+    assert "Ollama is running" in down.stderr
+
+
+def test_list_filters_and_json(ollama_env: Env) -> None:
+    env = ollama_env
+    for name in ("tiny", "tiny:2b", "alice/coder"):
+        assert env.run("pull", name).returncode == 0
+    listed = env.run("list", "TINY")
+    assert "ls/tiny:1b-q4_k_m" in listed.stdout and "ls/tiny:2b-q8_0" in listed.stdout
+    assert "coder" not in listed.stdout
+    data = json.loads(env.run("list", "--json", "coder").stdout)
+    assert [d["name"] for d in data] == ["ls/coder:7b-q4_k_m"]
+    assert data[0]["ollama_names"] == ["alice/coder:latest"] and data[0]["quant"] == "Q4_K_M"
+    served = env.run("list", "--served")
+    assert served.returncode == 3 and "not running" in served.stderr
+
+
+def test_rm_by_filter_asks_first(ollama_env: Env) -> None:
+    env = ollama_env
+    for name in ("tiny", "tiny:2b", "alice/coder"):
+        assert env.run("pull", name).returncode == 0
+    declined = env.run("rm", "--filter", "tiny", input="n\n")
+    assert "tiny:latest" in declined.stdout and "nothing removed" in declined.stdout
+    assert len(json.loads(env.run("list", "--json").stdout)) == 3
+    removed = env.run("rm", "--filter", "tiny", "--yes")
+    assert removed.returncode == 0, removed.stderr
+    assert "removed tiny:latest" in removed.stdout and "removed tiny:2b" in removed.stdout
+    names = [d["name"] for d in json.loads(env.run("list", "--json").stdout)]
+    assert names == ["ls/coder:7b-q4_k_m"]
+    unknown = env.run("rm", "nothing-like-it", "--yes")
+    assert unknown.returncode == 2 and "no Ollama model named" in unknown.stderr
+
+
+def test_update_reports_what_changed(ollama_env: Env) -> None:
+    env = ollama_env
+    for name in ("tiny", "alice/coder"):
+        assert env.run("pull", name).returncode == 0
+    registry = json.loads(env.registry.read_text())  # type: ignore[attr-defined]
+    registry["tiny:latest"]["revision"] = 2  # upstream published new weights
+    env.registry.write_text(json.dumps(registry))  # type: ignore[attr-defined]
+    result = env.run("update")
+    assert result.returncode == 0, result.stderr
+    assert "tiny:latest: updated" in result.stdout
+    assert "alice/coder:latest: already up to date" in result.stdout
+
+
+def test_run_chats_through_the_stack_and_rm_unloads_first(ollama_env: Env) -> None:
+    env = ollama_env
+    # A base model rambles on; the custom setting (applied through our port) keeps it short.
+    (env.home / "custom_models.yaml").write_text(
+        "models:\n  gemma3:268.10m-q4_k_m:\n    sampler_args: '--n-predict 24'\n")
+    assert env.run("pull", "gemma3:270m").returncode == 0
+    assert env.run("start").returncode == 0
+    try:
+        chat = pexpect.spawn(sys.executable, ["-m", "model_serve", "run", "gemma3:270m"],
+                             env=dict(env), cwd=str(env.home), encoding="utf-8", timeout=120)
+        chat.expect(f"chatting with {GEMMA}")
+        chat.expect(">>> ")
+        chat.sendline("Say hello in one word.")
+        chat.expect(">>> ")  # the reply streamed, then the prompt came back
+        reply = chat.before
+        chat.sendline("And again?")  # history is kept: a second turn works
+        chat.expect(">>> ")
+        chat.sendline("/exit")
+        chat.expect(pexpect.EOF)
+        chat.close()
+        assert chat.exitstatus == 0
+        assert len(reply.strip()) > len("Say hello in one word."), reply
+        stats = json.loads(env.run("stats", "--json").stdout)
+        assert any(m["name"] == GEMMA.replace(":", "-") and m["state"] == "loaded"
+                   for m in stats["models"])
+        removed = env.run("rm", "gemma3:270m", "--yes")
+        assert removed.returncode == 0, removed.stderr
+        assert f"unloaded {GEMMA}" in removed.stdout and "removed gemma3:270m" in removed.stdout
+        assert json.loads(env.run("list", "--json").stdout) == []
+    finally:
+        env.run("stop")
+
+
+def test_doctor(ollama_env: Env) -> None:
+    env = ollama_env
+    env["OLLAMA_HOST"] = f"http://127.0.0.1:{free_port()}"
+    result = env.run("doctor")
+    assert result.returncode == 0, result.stdout
+    assert "[ok  ] engine: llama-server" in result.stdout
+    assert "[WARN] ollama:" in result.stdout and "no server answers" in result.stdout
+    assert "[ok  ] ollama store:" in result.stdout
+    env["MODELS_DIR"] = str(env.home / "missing")
+    broken = env.run("doctor")
+    assert broken.returncode == 1 and "[FAIL] MODELS_DIR" in broken.stdout
+    assert "mkdir -p" in broken.stdout
