@@ -241,6 +241,8 @@ def show(served: ServedModel, as_json: bool) -> None:
             continue
         if key in ("size_bytes", "estimated_bytes"):
             value = f"{human_bytes(value)} ({value} bytes)"
+        elif isinstance(value, list):
+            value = ", ".join(value)
         click.echo(f"{key}: {value if value not in (None, [], '') else '-'}")
 
 

@@ -313,7 +313,11 @@ def serve(settings: Settings, to_stderr: bool) -> int:
     """Run the stack in the foreground until SIGTERM/SIGINT (what launchd/systemd run)."""
     from model_serve import stack
 
-    stack.check_can_start(settings)
+    try:
+        stack.check_can_start(settings)
+    except stack.AlreadyRunning as exc:
+        # For a service manager this is a failed start: it retries until the port is free.
+        raise EngineError(exc.message, exc.hint) from None
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     lock_path = settings.state_dir / "supervisor.lock"
     with open(lock_path, "w") as lock:

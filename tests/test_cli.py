@@ -86,3 +86,13 @@ def test_bad_custom_models_stops_start_before_anything_runs(env: Env, gemma_path
     assert result.returncode == 2
     assert "custom_models.yaml:3" in result.stderr and "must be a whole number" in result.stderr
     assert not (env.state / "supervisor.json").exists()
+
+
+def test_readme_documents_every_command() -> None:
+    from model_serve.cli import main
+
+    readme = (REPO / "README.md").read_text()
+    missing = [name for name in main.commands if f"`model {name}" not in readme]
+    assert missing == []
+    for script in ("install.sh", "setup_service.sh", "setup_cron.sh"):
+        assert f"./{script}" in readme
