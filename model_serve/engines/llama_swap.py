@@ -16,19 +16,21 @@ Config is a YAML file (config.yaml). Facts that shape it (design/reference/llama
 
 from __future__ import annotations
 
-import difflib
+import json
 import os
 import re
 import shlex
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
 from model_serve.engines.base import Engine, EngineModel, find_on_path
-from model_serve.engines.llama_server import _OPTION_RE, _RESERVED, resolve_llama_server
+from model_serve.engines.llama_server import check_option, option_spellings, resolve_llama_server
 from model_serve.errors import ConfigError, EngineError
 from model_serve.plan import ServedModel
 
@@ -76,30 +78,6 @@ def _dumper() -> Any:
     Dumper.add_representer(_Quoted, lambda dumper, value: dumper.represent_scalar(
         "tag:yaml.org,2002:str", str(value), style='"'))
     return Dumper
-
-
-@lru_cache(maxsize=4)
-def _option_spellings(binary: str, mtime_ns: int) -> dict[str, str]:
-    """Option name -> how this llama-server spells it on a command line ('-ngl', '--temp').
-
-    A command line needs the exact spelling (`--ngl` is refused), which the dash-less names
-    of LlamaServerEngine.known_options() do not keep."""
-    import subprocess
-
-    try:
-        out = subprocess.run([binary, "--help"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise EngineError(f"{binary} --help failed: {exc}",
-                          "check that llama-server runs: try it by hand") from exc
-    spellings: dict[str, str] = {}
-    for flag in _OPTION_RE.findall(out.stdout + out.stderr):
-        name = flag.lstrip("-")
-        if flag.startswith("--") or name not in spellings:
-            spellings[name] = flag
-    if len(spellings) < 50:
-        raise EngineError(f"{binary} --help listed no options (exit {out.returncode})",
-                          "check that llama-server runs: try it by hand")
-    return spellings
 
 
 class LlamaSwapEngine(Engine):
@@ -150,7 +128,7 @@ class LlamaSwapEngine(Engine):
         import yaml
 
         server = resolve_llama_server(self.settings.llama_server_bin).absolute()
-        spellings = _option_spellings(str(server), server.stat().st_mtime_ns)
+        spellings = option_spellings(server, self.settings.state_dir)
         for key in self.settings.api_keys:
             if not key.strip() or re.search(r"\s", key):
                 raise ConfigError("API_KEYS holds a key with a space in it, which llama-swap "
@@ -208,8 +186,10 @@ class LlamaSwapEngine(Engine):
                 raise ConfigError(f"{where}: cmd of {served.name} has no ${{PORT}}",
                                   "add '--port ${PORT}' to cmd (llama-swap picks the port)")
             return cmd
+        # --alias: replies name the served model, not the file.
         argv = [str(server), "--host", "127.0.0.1", "--port", "${PORT}", "--model", model_path,
-                "--ctx-size", str(served.ctx_size), "--parallel", str(served.parallel)]
+                "--alias", served.name, "--ctx-size", str(served.ctx_size),
+                "--parallel", str(served.parallel)]
         for option, value in served.options.items():
             argv += _option_words(served, option, value, spellings)
         # As the router's [*] section: context is sized by model_serve, so llama-server's
@@ -278,6 +258,39 @@ class LlamaSwapEngine(Engine):
         raise EngineError(f"unloading {name} failed: HTTP {response.status_code} "
                           f"{response.text[:200]}", "see 'model logs'")
 
+    def events(self, stop: threading.Event) -> Iterator[tuple[str, str]]:
+        """Follow GET /api/events (v135+). Each `modelStatus` frame lists every model with its
+        state, and comes on connect and on every change; yield each model's changes. The
+        stream ends on a config reload (llama-swap closes it), so callers reconnect."""
+        import requests
+
+        response = requests.get(self.settings.base_url + "/api/events", stream=True,
+                                headers=self._headers(), timeout=(5, 3600))
+        try:
+            response.raise_for_status()
+            known: dict[str, str] = {}
+            for line in response.iter_lines(decode_unicode=True):
+                if stop.is_set():
+                    return
+                if not line or not line.startswith("data:"):
+                    continue
+                try:
+                    envelope = json.loads(line[5:])
+                    if envelope.get("type") != "modelStatus":
+                        continue
+                    data = envelope.get("data")  # a JSON string inside the JSON envelope
+                    models = json.loads(data) if isinstance(data, str) else data
+                    changes = [(str(m["id"]), _STATES.get(str(m.get("state")), "unloaded"))
+                               for m in models]
+                except (ValueError, KeyError, TypeError, AttributeError):
+                    continue
+                for name, state in changes:
+                    if known.get(name) != state:
+                        known[name] = state
+                        yield name, state
+        finally:
+            response.close()
+
     def reload(self) -> None:
         """llama-swap (--watch-config) reloads the file itself; wait until it serves the new
         model set. A config it refuses leaves the old set listed: that is reported."""
@@ -315,14 +328,7 @@ def _option_words(served: ServedModel, option: str, value: str,
                   spellings: dict[str, str]) -> list[str]:
     """One plan option as command-line words, checked against this llama-server's options."""
     where = served.custom_line or served.name
-    if option in _RESERVED:
-        raise ConfigError(f"{where}: option '--{option}' is set by model_serve itself",
-                          f"remove --{option} from sampler_args of {served.name}")
-    if option not in spellings:
-        near = difflib.get_close_matches(option, spellings, n=1)
-        hint = f"did you mean --{near[0]}?" if near else "see 'llama-server --help'"
-        raise ConfigError(f"{where}: llama-server has no option '--{option}' "
-                          f"(model {served.name})", hint)
+    check_option(served, option, spellings)
     if _CMD_UNSAFE.search(value):
         raise ConfigError(f"{where}: the value of '{option}' contains '${{' or a line break, "
                           "which llama-swap's cmd cannot carry",
