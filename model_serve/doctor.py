@@ -28,7 +28,13 @@ def _engine(settings: Settings) -> Check:
         binary = engine.binary()
     except ModelServeError as exc:
         return Check("engine", "fail", exc.message, exc.hint)
-    return Check("engine", "ok", f"{engine.name} at {binary} ({engine.version()})")
+    version = engine.version()
+    number = getattr(engine, "version_number", lambda: None)()
+    if engine.name == "llama-swap" and number is not None and number < 161:
+        return Check("engine", "warn", f"llama-swap {number} at {binary} cannot unload one "
+                     "model at a time (needs v161+), so the pressure unloader cannot work",
+                     "brew upgrade llama-swap (or install a newer release)")
+    return Check("engine", "ok", f"{engine.name} at {binary} ({version})")
 
 
 def _ollama(settings: Settings) -> Check:
