@@ -65,8 +65,10 @@ def stack_status(settings: Settings) -> StackStatus:
 
 
 def _owned_refs(state: dict[str, Any]) -> list[procs.ProcRef]:
+    """The supervisor, every child it runs (engine, unloader) and the model servers."""
     refs = [procs.ProcRef.from_json(state.get("pid"))]
-    refs.append(procs.ProcRef.from_json((state.get("children", {}).get("engine") or {}).get("pid")))
+    refs += [procs.ProcRef.from_json((child or {}).get("pid"))
+             for child in state.get("children", {}).values()]
     refs += [procs.ProcRef.from_json(item) for item in state.get("model_procs", [])]
     return [ref for ref in refs if ref is not None]
 

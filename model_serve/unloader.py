@@ -15,6 +15,7 @@ supervisor does); it logs to stdout, which the supervisor writes to the stack's 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -199,7 +200,11 @@ class PressureUnloader:
                  self.settings.min_model_age_seconds)
         threading.Thread(target=self.follow_events, name="events", daemon=True).start()
         next_check = time.monotonic()
+        parent = os.getppid()
         while not self.stop.is_set():
+            if os.getppid() != parent:  # the supervisor is gone: so is our reason to run
+                log.warning("the supervisor exited; the pressure unloader stops too")
+                break
             self.refresh()
             if time.monotonic() >= next_check:
                 next_check = time.monotonic() + self.settings.pressure_check_interval

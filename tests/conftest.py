@@ -98,6 +98,22 @@ def llama_servers_under(root: Path) -> list[int]:
     return found
 
 
+def stack_processes_under(root: Path) -> list[int]:
+    """PIDs of any process of a stack whose MODEL_SERVE_HOME lies under `root` (the
+    supervisor, the unloader...), besides the llama-servers found by their command line."""
+    import psutil
+
+    found = set(llama_servers_under(root))
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            home = proc.environ().get("MODEL_SERVE_HOME", "")
+        except psutil.Error:
+            continue
+        if home.startswith(str(root)) and proc.pid != os.getpid():
+            found.add(proc.info["pid"])
+    return sorted(found)
+
+
 @pytest.fixture
 def stack(env: Env, gemma_path: Path) -> Iterator[Env]:
     """A running stack with the real gemma model; always stopped afterwards."""
@@ -109,8 +125,8 @@ def stack(env: Env, gemma_path: Path) -> Iterator[Env]:
         yield env
     finally:
         env.run("stop", timeout=60)
-        leftovers = llama_servers_under(env.home.parent)
-        for pid in leftovers:  # never leave a model server behind, even when a test failed
+        leftovers = stack_processes_under(env.home.parent)
+        for pid in leftovers:  # never leave a process behind, even when a test failed
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, 9)
-        assert leftovers == [], f"llama-server processes left after stop: {leftovers}"
+        assert leftovers == [], f"processes left after stop: {leftovers}"

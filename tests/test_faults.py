@@ -17,7 +17,7 @@ from openai import OpenAI
 from model_serve.settings import load_settings
 from model_serve.supervisor import read_state
 from tests import ollama_store
-from tests.conftest import Env, llama_servers_under
+from tests.conftest import Env, llama_servers_under, stack_processes_under
 
 A, B = "ls/gemma-3-270m-q4_k_m", "ls/g2"
 
@@ -29,7 +29,7 @@ def two(env: Env, gemma_path):
         "models:\n  g2:\n    base_model: gemma-3:270m-q4_k_m\n")
     yield env
     env.run("stop", timeout=90)
-    assert llama_servers_under(env.home.parent) == []
+    assert stack_processes_under(env.home.parent) == []
 
 
 def _start(env: Env, **settings: str) -> None:
@@ -127,7 +127,9 @@ def test_supervisor_killed_then_start_recovers(two: Env) -> None:
     assert llama_servers_under(two.home.parent), "the engine outlives its supervisor..."
     restarted = two.run("start")
     assert restarted.returncode == 0, restarted.stderr
-    old = [state["children"]["engine"]["pid"][0], *(p for p, _ in state["model_procs"])]
+    old = [child["pid"][0] for child in state["children"].values() if child["pid"]]
+    old += [p for p, _ in state["model_procs"]]
+    assert len(old) >= 3  # engine, unloader, the model's server
     assert not any(psutil.pid_exists(p) for p in old), "...until start cleans it up"
     assert _chat(two, A) in ("length", "stop")
 
