@@ -1,0 +1,176 @@
+"""Serving through the stack vs straight to llama-server: warm overhead, cold start and
+concurrency. Every pair is measured in the same run on the same model file, interleaved."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from bench.harness import (
+    MODEL_A,
+    MODEL_B,
+    Goal,
+    Outcome,
+    Reply,
+    Row,
+    chat,
+    free_port,
+    hand_started_server,
+    healthy,
+    median,
+    p95,
+    running_stack,
+    wait_until,
+)
+
+
+def _ordered(i: int, pair: tuple[str, str]) -> tuple[str, str]:
+    """ABBA order, so neither side always goes first."""
+    return pair if i % 2 == 0 else (pair[1], pair[0])
+
+
+def warm(root: Path, quick: bool) -> Outcome:
+    """1. The same request to the loaded model's own port and through the stack's port."""
+    import requests
+
+    pairs, stream_pairs = (8, 2) if quick else (40, 6)
+    latency: dict[str, list[float]] = {"stack": [], "direct": []}
+    rate: dict[str, list[float]] = {"stack": [], "direct": []}
+    drops: dict[str, list[str]] = {"stack": [], "direct": []}
+    with running_stack(root) as stack:
+        chat(stack.base_url, MODEL_A, 16)  # loads the model
+        urls = {"stack": stack.base_url,
+                "direct": f"http://127.0.0.1:{stack.port_of(MODEL_A)}"}
+        sessions = {side: requests.Session() for side in urls}  # keep-alive, like the SDK
+        for side in urls:  # one untimed request each: connections open, prompt cached
+            chat(urls[side], MODEL_A, 16, session=sessions[side])
+        for i in range(pairs + stream_pairs):
+            for side in _ordered(i, ("stack", "direct")):
+                stream = i >= pairs
+                for _attempt in range(2):
+                    try:
+                        reply = chat(urls[side], MODEL_A, 128 if stream else 16,
+                                     stream=stream, session=sessions[side])
+                    except requests.ConnectionError as exc:
+                        # A kept-alive connection the server closed without saying so: a
+                        # client without retries sees an error. Counted; retried once.
+                        drops[side].append(f"request {i}: {exc}")
+                        continue
+                    if stream:
+                        rate[side].append(reply.decode_rate)
+                    else:
+                        latency[side].append(reply.total * 1000)
+                    break
+    outcome = Outcome(raw={"latency_ms": latency, "stream_tokens_per_s": rate,
+                           "keepalive_drops": drops, "request_tokens": 16, "stream_tokens": 128})
+    outcome.rows += [
+        Row("warm latency median (ms)", median(latency["stack"]), median(latency["direct"]),
+            Goal("ratio", "<=", 1.05)),
+        Row("warm latency p95 (ms)", p95(latency["stack"]), p95(latency["direct"]),
+            Goal("ratio", "<=", 1.05)),
+        Row("stream 128 tok (tok/s)", median(rate["stack"]), median(rate["direct"]),
+            Goal("ratio", ">=", 0.98)),
+        Row("warm keep-alive drops", len(drops["stack"]), len(drops["direct"]),
+            Goal("measured", "==", 0)),
+    ]
+    return outcome
+
+
+def _cold_reference(args: list[str]) -> float:
+    """Start llama-server by hand with the router's own arguments; TTFT from the spawn."""
+    port = free_port()
+    args = list(args)
+    args[args.index("--port") + 1] = str(port)
+    url = f"http://127.0.0.1:{port}"
+    started = time.perf_counter()
+    with hand_started_server(args) as proc:
+        wait_until(lambda: proc.poll() is not None or healthy(url), 120,
+                   "the hand-started llama-server to answer /health", interval=0.01)
+        if proc.poll() is not None:
+            raise RuntimeError(f"hand-started llama-server exited with {proc.returncode}")
+        reply = chat(url, MODEL_A, 16, stream=True)
+        return reply.first_token - started
+
+
+def cold(root: Path, quick: bool) -> Outcome:
+    """2. First request to an unloaded model through the stack vs llama-server by hand."""
+    reps = 2 if quick else 5
+    via_stack: list[float] = []
+    by_hand: list[float] = []
+    with running_stack(root) as stack:
+        chat(stack.base_url, MODEL_A, 16)  # the file is in the page cache for both sides
+        args = stack.args_of(MODEL_A)[1:]
+        for i in range(reps):
+            for side in _ordered(i, ("stack", "hand")):
+                stack.unload(MODEL_A)  # and one model server in memory at a time
+                if side == "stack":
+                    via_stack.append(chat(stack.base_url, MODEL_A, 16, stream=True).ttft)
+                else:
+                    by_hand.append(_cold_reference(args))
+    outcome = Outcome(raw={"ttft_s": {"stack": via_stack, "hand": by_hand},
+                           "hand_args": args})
+    outcome.rows.append(Row("cold start TTFT median (s)", median(via_stack), median(by_hand),
+                            Goal("ratio", "<=", 1.15)))
+    return outcome
+
+
+def _batch(urls: dict[str, str], streams: int, tokens: int) -> tuple[float, int, list[str]]:
+    """`streams` concurrent streams, alternating over the models; (tok/s, tokens, errors)."""
+    models = list(urls)
+
+    def one(i: int) -> Reply | str:
+        model = models[i % len(models)]
+        try:
+            return chat(urls[model], model, tokens, stream=True)
+        except Exception as exc:  # noqa: BLE001 - every failure is counted, not raised
+            return f"{model}: {exc}"
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(streams) as pool:
+        results = list(pool.map(one, range(streams)))
+    elapsed = time.perf_counter() - started
+    done = sum(r.tokens for r in results if isinstance(r, Reply))
+    return done / elapsed, done, [r for r in results if isinstance(r, str)]
+
+
+def _concurrency(root: Path, streams: int, tokens: int, rounds: int,
+                 sampler_args: str = "") -> dict[str, dict[str, list]]:
+    rate: dict[str, list[float]] = {"stack": [], "direct": []}
+    errors: dict[str, list[str]] = {"stack": [], "direct": []}
+    with running_stack(root, two_models=True, sampler_args=sampler_args) as stack:
+        for model in (MODEL_A, MODEL_B):
+            chat(stack.base_url, model, 4)  # both loaded before timing
+        targets = {
+            "stack": {m: stack.base_url for m in (MODEL_A, MODEL_B)},
+            "direct": {m: f"http://127.0.0.1:{stack.port_of(m)}" for m in (MODEL_A, MODEL_B)},
+        }
+        for i in range(rounds):
+            for side in _ordered(i, ("stack", "direct")):
+                tok_s, _done, failed = _batch(targets[side], streams, tokens)
+                rate[side].append(tok_s)
+                errors[side] += failed
+    return {"aggregate_tokens_per_s": rate, "errors": errors}
+
+
+def concurrency(root: Path, quick: bool) -> Outcome:
+    """3. 8 concurrent streams over 2 models, through the stack vs to their own ports.
+
+    Twice: with the defaults (each model server uses every core, so two busy ones on a small
+    CPU fight over the cores and throughput swings widely), and with `--threads 1` per model
+    (sampler_args), where the cores are shared out and the figure is steady."""
+    streams, tokens, rounds = 8, (32 if quick else 64), (1 if quick else 4)
+    runs = {"default": _concurrency(root / "default", streams, tokens, rounds),
+            "threads_1": _concurrency(root / "threads-1", streams, tokens, rounds,
+                                      "--threads 1")}
+    outcome = Outcome(raw={**runs, "streams": streams, "tokens_per_stream": tokens,
+                           "models": 2, "rounds": rounds})
+    for key, label in (("default", "default threads"), ("threads_1", "--threads 1")):
+        rate = runs[key]["aggregate_tokens_per_s"]
+        outcome.rows.append(Row(f"8 streams/2 models, {label} (tok/s)", median(rate["stack"]),
+                                median(rate["direct"]), Goal("ratio", ">=", 0.95)))
+    errors = {side: sum(len(r["errors"][side]) for r in runs.values())
+              for side in ("stack", "direct")}
+    outcome.rows.append(Row("8 streams/2 models errors", errors["stack"], errors["direct"],
+                            Goal("measured", "==", 0)))
+    return outcome
