@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 from abc import ABC, abstractmethod
@@ -106,6 +107,26 @@ class Engine(ABC):
     @abstractmethod
     def reload(self) -> None:
         """Make the running engine pick up a changed config file."""
+
+    def sse_json(self, path: str, stop: threading.Event) -> Iterator[Any]:
+        """Each `data:` payload of a server-sent event stream, parsed as JSON (bad ones are
+        skipped); ends when the server closes the stream or `stop` is set."""
+        import requests
+
+        response = requests.get(self.settings.base_url + path, stream=True,
+                                headers=self._headers(), timeout=(5, 3600))
+        try:
+            response.raise_for_status()
+            for line in response.iter_lines(decode_unicode=True):
+                if stop.is_set():
+                    return
+                if line and line.startswith("data:"):
+                    try:
+                        yield json.loads(line[5:])
+                    except ValueError:
+                        continue
+        finally:
+            response.close()
 
     def events(self, stop: threading.Event) -> Iterator[tuple[str, str]]:
         """(model, status) as the engine reports changes; engines without a feed yield none."""

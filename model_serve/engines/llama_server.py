@@ -214,24 +214,11 @@ class LlamaServerEngine(Engine):
 
     def events(self, stop: threading.Event) -> Iterator[tuple[str, str]]:
         """Follow GET /models/sse: a 'loading' event arrives before the weights are read."""
-        import requests
-
-        response = requests.get(self.settings.base_url + "/models/sse", stream=True,
-                                headers=self._headers(), timeout=(5, 3600))
-        try:
-            response.raise_for_status()
-            for line in response.iter_lines(decode_unicode=True):
-                if stop.is_set():
-                    return
-                if not line or not line.startswith("data:"):
-                    continue
-                try:
-                    event = json.loads(line[5:])
-                    yield event["model"], (event.get("data") or {}).get("status", "")
-                except (ValueError, KeyError, TypeError, AttributeError):
-                    continue
-        finally:
-            response.close()
+        for event in self.sse_json("/models/sse", stop):
+            try:
+                yield event["model"], (event.get("data") or {}).get("status", "")
+            except (KeyError, TypeError, AttributeError):
+                continue
 
 
 def _engine_model(item: dict[str, Any]) -> EngineModel:

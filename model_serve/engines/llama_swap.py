@@ -262,34 +262,21 @@ class LlamaSwapEngine(Engine):
         """Follow GET /api/events (v135+). Each `modelStatus` frame lists every model with its
         state, and comes on connect and on every change; yield each model's changes. The
         stream ends on a config reload (llama-swap closes it), so callers reconnect."""
-        import requests
-
-        response = requests.get(self.settings.base_url + "/api/events", stream=True,
-                                headers=self._headers(), timeout=(5, 3600))
-        try:
-            response.raise_for_status()
-            known: dict[str, str] = {}
-            for line in response.iter_lines(decode_unicode=True):
-                if stop.is_set():
-                    return
-                if not line or not line.startswith("data:"):
+        known: dict[str, str] = {}
+        for envelope in self.sse_json("/api/events", stop):
+            try:
+                if envelope.get("type") != "modelStatus":
                     continue
-                try:
-                    envelope = json.loads(line[5:])
-                    if envelope.get("type") != "modelStatus":
-                        continue
-                    data = envelope.get("data")  # a JSON string inside the JSON envelope
-                    models = json.loads(data) if isinstance(data, str) else data
-                    changes = [(str(m["id"]), _STATES.get(str(m.get("state")), "unloaded"))
-                               for m in models]
-                except (ValueError, KeyError, TypeError, AttributeError):
-                    continue
-                for name, state in changes:
-                    if known.get(name) != state:
-                        known[name] = state
-                        yield name, state
-        finally:
-            response.close()
+                data = envelope.get("data")  # a JSON string inside the JSON envelope
+                models = json.loads(data) if isinstance(data, str) else data
+                changes = [(str(m["id"]), _STATES.get(str(m.get("state")), "unloaded"))
+                           for m in models]
+            except (ValueError, KeyError, TypeError, AttributeError):
+                continue
+            for name, state in changes:
+                if known.get(name) != state:
+                    known[name] = state
+                    yield name, state
 
     def reload(self) -> None:
         """llama-swap (--watch-config) reloads the file itself; wait until it serves the new
