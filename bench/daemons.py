@@ -92,7 +92,7 @@ def _event_path(root: Path, reps: int) -> list[float]:
     return times
 
 
-def _polling(root: Path, reps: int, interval: int = 30) -> list[float]:
+def _polling(root: Path, reps: int, interval: int = 30) -> tuple[list[float], list[str]]:
     """Polling alone: from A's reply (idle, eligible at min age 0) until a check unloads it.
 
     The reaction depends on where in the check interval memory runs short, so the phase is
@@ -117,14 +117,15 @@ def _polling(root: Path, reps: int, interval: int = 30) -> list[float]:
             if decision.get("reason") != "memory check":
                 raise RuntimeError(f"unloaded for another reason than a check: {decision}")
             times.append(checked - idle_since)
-    return times
+    return times, stack.log_lines("memory check")
 
 
 def unload_reaction(root: Path, quick: bool) -> Outcome:
     reps = 1 if quick else 3
     event = _event_path(root / "event", reps)
-    polling = [] if quick else _polling(root / "polling", reps)
-    outcome = Outcome(raw={"event_path_s": event, "polling_s": polling})
+    polling, checks = ([], []) if quick else _polling(root / "polling", reps)
+    outcome = Outcome(raw={"event_path_s": event, "polling_s": polling,
+                           "polling_check_log": checks})
     average = sum(polling) / len(polling) if polling else None
     outcome.rows.append(Row("unload reaction, load event (s)", median(event), average,
                             Goal("measured", "<", 1, "s")))

@@ -152,6 +152,11 @@ class Stack:
         requests.post(f"{self.base_url}/models/unload", json={"model": name}, timeout=timeout)
         wait_until(lambda: self.states()[name] == "unloaded", timeout, f"{name} to unload")
 
+    def log_lines(self, text: str) -> list[str]:
+        """Lines of the stack's log that contain `text`."""
+        log = self.state / "logs" / "model_serve.log"
+        return [line for line in log.read_text(errors="replace").splitlines() if text in line]
+
     def pids(self) -> dict[str, int]:
         """PIDs of the supervisor and the unloader, from state/supervisor.json."""
         state = json.loads((self.state / "supervisor.json").read_text())

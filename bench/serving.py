@@ -37,7 +37,8 @@ def warm(root: Path, quick: bool) -> Outcome:
     pairs, stream_pairs = (8, 2) if quick else (40, 6)
     latency: dict[str, list[float]] = {"stack": [], "direct": []}
     rate: dict[str, list[float]] = {"stack": [], "direct": []}
-    drops: dict[str, list[str]] = {"stack": [], "direct": []}
+    # Kept-alive connections the server closed without saying so, by the reply before.
+    drops = {side: {"after plain": [], "after stream": []} for side in ("stack", "direct")}
     with running_stack(root) as stack:
         chat(stack.base_url, MODEL_A, 16)  # loads the model
         urls = {"stack": stack.base_url,
@@ -53,9 +54,10 @@ def warm(root: Path, quick: bool) -> Outcome:
                         reply = chat(urls[side], MODEL_A, 128 if stream else 16,
                                      stream=stream, session=sessions[side])
                     except requests.ConnectionError as exc:
-                        # A kept-alive connection the server closed without saying so: a
-                        # client without retries sees an error. Counted; retried once.
-                        drops[side].append(f"request {i}: {exc}")
+                        # A client without retries would see this error. Counted; the retry
+                        # opens a new connection and only it is timed.
+                        after = "after stream" if i > pairs else "after plain"
+                        drops[side][after].append(f"request {i}: {exc}")
                         continue
                     if stream:
                         rate[side].append(reply.decode_rate)
@@ -71,9 +73,10 @@ def warm(root: Path, quick: bool) -> Outcome:
             Goal("ratio", "<=", 1.05)),
         Row("stream 128 tok (tok/s)", median(rate["stack"]), median(rate["direct"]),
             Goal("ratio", ">=", 0.98)),
-        Row("warm keep-alive drops", len(drops["stack"]), len(drops["direct"]),
-            Goal("measured", "==", 0)),
     ]
+    for after in ("after plain", "after stream"):
+        outcome.rows.append(Row(f"keep-alive drops {after} reply", len(drops["stack"][after]),
+                                len(drops["direct"][after]), Goal("measured", "==", 0)))
     return outcome
 
 
@@ -156,19 +159,24 @@ def _concurrency(root: Path, streams: int, tokens: int, rounds: int,
 def concurrency(root: Path, quick: bool) -> Outcome:
     """3. 8 concurrent streams over 2 models, through the stack vs to their own ports.
 
-    Twice: with the defaults (each model server uses every core, so two busy ones on a small
-    CPU fight over the cores and throughput swings widely), and with `--threads 1` per model
-    (sampler_args), where the cores are shared out and the figure is steady."""
-    streams, tokens, rounds = 8, (32 if quick else 64), (1 if quick else 4)
-    runs = {"default": _concurrency(root / "default", streams, tokens, rounds),
-            "threads_1": _concurrency(root / "threads-1", streams, tokens, rounds,
-                                      "--threads 1")}
+    Twice: with `--threads 1` per model (sampler_args), so the two busy model servers share
+    the cores and the figure is steady: this one carries the goal. And with the defaults,
+    where each model server starts as many threads as there are cores: on a small CPU two busy
+    ones fight over the cores, throughput swings several-fold from round to round, and the
+    ratio says more about the scheduler than about the stack (reported, no goal).
+    """
+    streams, tokens = 8, (32 if quick else 64)
+    rounds = {"threads_1": 1 if quick else 4, "default": 1 if quick else 2}
+    runs = {"threads_1": _concurrency(root / "threads-1", streams, tokens,
+                                      rounds["threads_1"], "--threads 1"),
+            "default": _concurrency(root / "default", streams, tokens, rounds["default"])}
     outcome = Outcome(raw={**runs, "streams": streams, "tokens_per_stream": tokens,
                            "models": 2, "rounds": rounds})
-    for key, label in (("default", "default threads"), ("threads_1", "--threads 1")):
+    for key, label, goal in (("threads_1", "--threads 1", Goal("ratio", ">=", 0.95)),
+                             ("default", "default threads", None)):
         rate = runs[key]["aggregate_tokens_per_s"]
         outcome.rows.append(Row(f"8 streams/2 models, {label} (tok/s)", median(rate["stack"]),
-                                median(rate["direct"]), Goal("ratio", ">=", 0.95)))
+                                median(rate["direct"]), goal))
     errors = {side: sum(len(r["errors"][side]) for r in runs.values())
               for side in ("stack", "direct")}
     outcome.rows.append(Row("8 streams/2 models errors", errors["stack"], errors["direct"],
