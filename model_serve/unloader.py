@@ -139,10 +139,13 @@ class PressureUnloader:
         deadline = time.monotonic() + UNLOAD_WAIT
         while time.monotonic() < deadline:
             try:
-                states = {m.name: m.state for m in self.engine.models()}
+                now = {m.name: m for m in self.engine.models()}
             except ModelServeError:
                 break
-            if states.get(victim.name) not in ("loaded", "loading", "stopping"):
+            current = now.get(victim.name)
+            # Gone, or already a new instance (a request loaded it again): the unload is done.
+            if current is None or current.state not in ("loaded", "loading", "stopping") \
+                    or (current.port is not None and current.port != victim.port):
                 break
             time.sleep(0.1)
         self.tracker.models.pop(victim.name, None)
