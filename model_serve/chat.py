@@ -10,25 +10,17 @@ from collections.abc import Iterator
 
 import click
 
-from model_serve.errors import ConfigError, NotRunningError
+from model_serve.errors import NotRunningError
 from model_serve.settings import Settings
 
 
 def resolve_served_name(settings: Settings, name: str) -> str:
     """The served name for a served name, its dash form, or an Ollama name."""
-    from model_serve import ollama
+    from model_serve.plan import find_served
     from model_serve.sync import build_current_plan
 
     catalog, plan = build_current_plan(settings)
-    lowered = name.lower()
-    for served in plan:
-        if lowered in (n.lower() for n in [served.name, served.name.replace(":", "-"),
-                                           *served.aliases]):
-            return served.name
-    matches = ollama.resolve(catalog, name)
-    if matches:
-        return matches[0].served
-    raise ConfigError(f"no model named '{name}'", "run 'model list' to see the names")
+    return find_served(plan, catalog, name).name
 
 
 def stream_reply(settings: Settings, model: str, messages: list[dict[str, str]]) -> Iterator[str]:
@@ -85,8 +77,7 @@ def chat_loop(settings: Settings, name: str, system: str | None = None) -> None:
     from model_serve.engines import select_engine
 
     model = resolve_served_name(settings, name)
-    if not select_engine(settings).healthy():
-        raise NotRunningError("the stack is not running", "start it with 'model start'")
+    select_engine(settings).require_running()
     history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     click.echo(f"chatting with {model} — /exit to quit, /clear to start over")
     while True:

@@ -8,7 +8,7 @@ from typing import Any, NoReturn
 
 import click
 
-from model_serve.errors import EXIT_NOT_RUNNING, ModelServeError, NotRunningError
+from model_serve.errors import EXIT_NOT_RUNNING, ModelServeError
 
 
 def _settings():
@@ -136,8 +136,7 @@ def list_models(filter_text: str, served: bool, as_json: bool) -> None:
         from model_serve.engines import select_engine
 
         engine = select_engine(settings)
-        if not engine.healthy():
-            raise NotRunningError("the stack is not running", "start it with 'model start'")
+        engine.require_running()
         live = [m for m in engine.models() if filter_text.lower() in
                 " ".join([m.name, *m.aliases]).lower()]
         render.served_list(live, as_json)
@@ -155,18 +154,11 @@ def list_models(filter_text: str, served: bool, as_json: bool) -> None:
 def show(name: str, as_json: bool) -> None:
     """Show every generated setting of one model, and why each value was chosen."""
     from model_serve import render
-    from model_serve.errors import ConfigError
+    from model_serve.plan import find_served
     from model_serve.sync import build_current_plan
 
-    _catalog, plan = build_current_plan(_settings())
-    lowered = name.lower()
-    for served in plan:
-        names = [served.name, served.name.replace(":", "-"), *served.aliases,
-                 *served.model.ollama_names]
-        if lowered in (n.lower() for n in names) or lowered == served.model.key.lower():
-            render.show(served, as_json)
-            return
-    raise ConfigError(f"no model named '{name}'", "run 'model list' to see the names")
+    catalog, plan = build_current_plan(_settings())
+    render.show(find_served(plan, catalog, name), as_json)
 
 
 @main.command()
@@ -341,8 +333,7 @@ def unload(name: str | None, unload_all: bool) -> None:
     from model_serve.errors import ConfigError
 
     engine = select_engine(_settings())
-    if not engine.healthy():
-        raise NotRunningError("the stack is not running", "start it with 'model start'")
+    engine.require_running()
     if unload_all:
         names = [m.name for m in engine.models() if m.state in LOADED_STATES]
     elif name:

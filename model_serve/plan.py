@@ -156,6 +156,23 @@ def build_plan(catalog: Catalog, custom: CustomModels, settings: Settings,
     return sorted(plan, key=lambda s: s.name)
 
 
+def find_served(plan: list[ServedModel], catalog: Catalog, name: str) -> ServedModel:
+    """The served model a user means: served name, dash form, alias, unprefixed key, or an
+    Ollama name (tag optional)."""
+    from model_serve.ollama import resolve
+
+    lowered = name.lower()
+    for served in plan:
+        names = [served.name, served.name.replace(":", "-"), *served.aliases, served.model.key]
+        if lowered in (n.lower() for n in names):
+            return served
+    for match in resolve(catalog, name):
+        for served in plan:
+            if served.name == match.served:
+                return served
+    raise ConfigError(f"no model named '{name}'", "run 'model list' to see the names")
+
+
 def _check_unique(plan: list[ServedModel]) -> None:
     seen: dict[str, str] = {}
     for served in plan:

@@ -10,7 +10,7 @@ from model_serve import procs
 from model_serve.activity import load_activity
 from model_serve.engines import select_engine
 from model_serve.engines.base import LOADED_STATES
-from model_serve.errors import ModelServeError, NotRunningError
+from model_serve.errors import ModelServeError
 from model_serve.memory import MemoryReading, read_memory
 from model_serve.settings import Settings
 from model_serve.supervisor import read_state
@@ -78,9 +78,7 @@ def collect_stats(settings: Settings) -> StatsReport:
     from model_serve.sync import build_current_plan
 
     engine = select_engine(settings)
-    if not engine.healthy():
-        raise NotRunningError(f"the stack is not running on port {settings.port}",
-                              "start it with 'model start'")
+    engine.require_running()
     listed = engine.models()
     try:
         _catalog, served_models = build_current_plan(settings)

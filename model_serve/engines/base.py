@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from model_serve.errors import EngineError
+from model_serve.errors import EngineError, NotRunningError
 from model_serve.fileio import write_if_changed
 from model_serve.plan import ServedModel
 from model_serve.settings import Settings
@@ -97,6 +97,12 @@ class Engine(ABC):
             return False
         finally:
             conn.close()
+
+    def require_running(self) -> None:
+        """Raise NotRunningError (exit code 3) unless the engine answers."""
+        if not self.healthy():
+            raise NotRunningError(f"the stack is not running on port {self.settings.port}",
+                                  "start it with 'model start'")
 
     @abstractmethod
     def models(self) -> list[EngineModel]: ...
