@@ -53,6 +53,12 @@ def _chat(env: Env, model: str) -> None:
                                          messages=[{"role": "user", "content": "Hi"}])
 
 
+def _decisions(env: Env) -> list[dict]:
+    """The unloader's recorded decisions (it writes them just after the engine shows the unload)."""
+    path = env.state / "activity.json"
+    return json.loads(path.read_text()).get("decisions", []) if path.exists() else []
+
+
 def _wait(predicate, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -120,9 +126,9 @@ def test_daemon_unloads_idle_models_under_pressure(env: Env, gemma_path) -> None
              PRESSURE_CHECK_INTERVAL="1")
     try:
         _chat(env, A)
-        _wait(lambda: _states(env)[A] == "unloaded", 20, "the daemon to unload the idle model")
-        record = json.loads((env.state / "activity.json").read_text())
-        [decision] = record["decisions"]
+        _wait(lambda: _states(env)[A] == "unloaded" and _decisions(env), 20,
+              "the daemon to unload the idle model and record why")
+        [decision] = _decisions(env)
         assert decision["unloaded"] == A and decision["reason"] == "memory check"
         assert decision["candidates"][0]["idle_seconds"] >= 2
         log = (env.state / "logs" / "model_serve.log").read_text()
@@ -139,10 +145,10 @@ def test_a_load_event_makes_room_first(env: Env, gemma_path) -> None:
         _chat(env, A)
         time.sleep(1.5)  # the unloader sees A loaded and idle
         _chat(env, B)
-        _wait(lambda: _states(env)[A] == "unloaded", 20, "A to make room for B")
+        _wait(lambda: _states(env)[A] == "unloaded" and _decisions(env), 20,
+              "A to make room for B")
         assert _states(env)[B] == "loaded"
-        record = json.loads((env.state / "activity.json").read_text())
-        decision = record["decisions"][-1]
+        decision = _decisions(env)[-1]
         assert decision["unloaded"] == A and decision["reason"] == f"load of {B}"
         assert decision["need_bytes"] > 250_000_000  # weights + KV cache of the gemma model
     finally:
