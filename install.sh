@@ -24,8 +24,8 @@ done
 [ -n "${CI:-}" ] && YES=1
 
 cd "$(dirname "$0")"
-say() { printf '==> %s\n' "$*"; }
-die() { printf 'error: %s\n' "$1" >&2; [ -n "${2:-}" ] && printf '  fix: %s\n' "$2" >&2; exit 1; }
+# shellcheck source=scripts/messages.sh
+. scripts/messages.sh
 confirm() {
     [ "$YES" = 1 ] && return 0
     printf '%s [Y/n] ' "$1"

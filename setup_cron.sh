@@ -15,12 +15,8 @@ setting exported here, such as LLAMA_SWAP_PORT); each port gets its own line.
 USAGE
 }
 
-say() { printf '==> %s\n' "$*"; }
-die() {
-    printf 'error: %s\n' "$1" >&2
-    if [ -n "${2:-}" ]; then printf '  fix: %s\n' "$2" >&2; fi
-    exit 1
-}
+# shellcheck source=scripts/messages.sh
+. "$(cd "$(dirname "$0")" && pwd)/scripts/messages.sh"
 
 if [ $# -gt 1 ]; then usage >&2; exit 2; fi
 case "${1:-status}" in

@@ -18,12 +18,8 @@ No systemd or launchd (e.g. in a container)? './setup_cron.sh start' keeps the s
 USAGE
 }
 
-say() { printf '==> %s\n' "$*"; }
-die() {
-    printf 'error: %s\n' "$1" >&2
-    if [ -n "${2:-}" ]; then printf '  fix: %s\n' "$2" >&2; fi
-    exit 1
-}
+# shellcheck source=scripts/messages.sh
+. "$(cd "$(dirname "$0")" && pwd)/scripts/messages.sh"
 
 if [ $# -ne 1 ]; then usage >&2; exit 2; fi
 case "$1" in

@@ -114,7 +114,10 @@ def test_engine_killed_is_restarted_without_orphans(two: Env) -> None:
     _chat(two, B)
     engine = _engine_pid(two)
     model_pids = [_model_pid(two, A), _model_pid(two, B)]
-    time.sleep(1.5)  # the supervisor records the model servers about once a second
+    settings = load_settings(dict(two))
+    # The supervisor records its model servers about once a second; it must know both.
+    _wait(lambda: set(model_pids) <= {p for p, _ in read_state(settings)["model_procs"]}, 15,
+          "both model servers to be recorded")
     os.kill(engine, signal.SIGKILL)
     _wait(lambda: _engine_pid(two) not in (0, engine) and requests.get(
         f"{two.base_url}/health", timeout=1).status_code == 200, 20, "the engine restart")
