@@ -104,6 +104,8 @@ def _served(model: CatalogModel, name: str, entry: CustomEntry | None, custom: C
             options.update(sampler_options(get("sampler_args")))
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc.message}", exc.hint) from exc
+    if settings.model_threads and not {"threads", "t"} & options.keys():
+        options["threads"] = str(settings.model_threads)
     aliases = [] if entry is None else list(get("aliases", []))
     return ServedModel(
         name=name, aliases=aliases, model=model, ctx_size=ctx, ctx_reason=reason,

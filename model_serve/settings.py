@@ -49,6 +49,10 @@ SETTINGS_TABLE: tuple[Setting, ...] = (
             "sets ctx_size; never above the model's trained context.", "int", 256),
     Setting("DEFAULT_PARALLEL", "1", "Parallel request slots per model (llama-server -np).",
             "int", 1, 256),
+    Setting("MODEL_THREADS", "0", "CPU threads of each model server (llama-server --threads); "
+            "0 = llama-server's choice, one per core. With several models generating at once on "
+            "few cores, 1-2 keeps them from stalling each other. sampler_args '--threads' wins.",
+            "int", 0, 1024),
     Setting("MEMORY_PRESSURE_THRESHOLD", "75", "Percent of memory in use above which the pressure "
             "unloader unloads the least recently used idle model.", "int", 1, 99),
     Setting("PRESSURE_CHECK_INTERVAL", "30", "Seconds between memory checks of the pressure "
@@ -139,6 +143,7 @@ class Settings:
     model_ttl: int
     default_ctx_size: int
     default_parallel: int
+    model_threads: int
     memory_pressure_threshold: int
     pressure_check_interval: int
     min_model_age_seconds: int

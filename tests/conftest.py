@@ -13,12 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from model_serve.settings import SETTINGS_TABLE
+
 REPO = Path(__file__).resolve().parent.parent
-# Settings a developer's shell or .env might carry; tests must not inherit them.
-_SCRUB = ("MODEL_SERVE_HOME", "MODELS_DIR", "LLAMA_SWAP_PORT", "STATE_DIR", "ENGINE",
-          "API_KEYS", "LISTEN_HOST", "OLLAMA_MODELS", "CUSTOM_MODELS_FILE", "BRIDGE_SCRIPT",
-          "MODEL_PREFIX", "MODEL_TTL", "DEFAULT_CTX_SIZE", "LLAMA_SWAP_BIN", "LLAMA_SERVER_BIN",
-          "BRIDGE_SYNC_INTERVAL", "MAX_LOADED_MODELS")
+# Every setting: a developer's shell might carry any of them; tests must not inherit them.
+_SCRUB = {setting.name for setting in SETTINGS_TABLE} | {"MODEL_SERVE_HOME"}
 
 
 def free_port() -> int:
@@ -79,6 +78,9 @@ def env(tmp_path: Path) -> Env:
         "OLLAMA_MODELS": str(tmp_path / "ollama"),
         "ENGINE": "llama-server",
         "BRIDGE_SYNC_INTERVAL": "0",
+        # Tests run several real model servers at once on small CI machines; one thread each
+        # keeps them from stalling one another (see MODEL_THREADS in the README).
+        "MODEL_THREADS": "1",
     })
     return result
 

@@ -42,14 +42,16 @@ def test_settings_reach_the_model(two_models: Env) -> None:
   alpha-1b-q4_k_m:        # the dash form of a name works too
   beta-creative:
     base_model: beta:2b-q8_0
-    sampler_args: "--temp 1.2"
+    sampler_args: "--temp 1.2 --threads 2"
 """)
-    beta = _show(env, "ls/beta:2b-q8_0")
-    assert beta["options"] == {"temp": "0.7", "top-nsigma": "1.5", "min-p": "0.05"}
+    beta = _show(env, "ls/beta:2b-q8_0")  # MODEL_THREADS=1 (conftest) fills in --threads
+    assert beta["options"] == {"temp": "0.7", "top-nsigma": "1.5", "min-p": "0.05",
+                               "threads": "1"}
     assert beta["ctx_size"] == 16384 and "custom_models.yaml:2" in beta["ctx_reason"]
     assert beta["ttl"] == 0 and beta["parallel"] == 2 and beta["aliases"] == ["beta"]
     creative = _show(env, "ls/beta-creative")
-    assert creative["path"] == beta["path"] and creative["options"] == {"temp": "1.2"}
+    assert creative["path"] == beta["path"]
+    assert creative["options"] == {"temp": "1.2", "threads": "2"}  # its own --threads wins
     synced = env.run("sync", "--no-bridge")
     assert synced.returncode == 0, synced.stderr
     ini = (env.state / "models.ini").read_text()
@@ -57,6 +59,7 @@ def test_settings_reach_the_model(two_models: Env) -> None:
     assert "alias = ls/beta:2b-q8_0,beta" in ini
     section = ini.split("[ls/beta-2b-q8_0]")[1].split("\n\n")[0]
     assert "sleep-idle-seconds" not in section  # ttl 0 = never unload on idle
+    assert "threads = 1" in section
 
 
 @pytest.mark.parametrize("text,expected,hint", [
