@@ -88,10 +88,9 @@ def llama_server_binary() -> Path:
 # --- an isolated stack ---------------------------------------------------------------------
 def isolated_env(root: Path, **settings: str) -> dict[str, str]:
     """Environment for a stack under `root`: own home, models, Ollama store and port."""
-    from model_serve.settings import SETTINGS_TABLE
+    from model_serve.settings import STACK_VARIABLES
 
-    scrub = {s.name for s in SETTINGS_TABLE} | {"MODEL_SERVE_HOME"}
-    env = {k: v for k, v in os.environ.items() if k not in scrub}
+    env = {k: v for k, v in os.environ.items() if k not in STACK_VARIABLES}
     for folder in ("home", "models", "ollama/manifests", "ollama/blobs"):
         (root / folder).mkdir(parents=True, exist_ok=True)
     env.update({

@@ -83,6 +83,8 @@ SETTINGS_TABLE: tuple[Setting, ...] = (
 )
 
 SETTINGS_BY_NAME = {s.name: s for s in SETTINGS_TABLE}
+# Every environment variable that changes which stack a command means, or how it runs.
+STACK_VARIABLES = frozenset(SETTINGS_BY_NAME) | {"MODEL_SERVE_HOME"}
 
 
 def _expand_user(raw: str, env: dict[str, str]) -> str:

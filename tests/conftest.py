@@ -13,11 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from model_serve.settings import SETTINGS_TABLE
+from model_serve.settings import STACK_VARIABLES
 
 REPO = Path(__file__).resolve().parent.parent
-# Every setting: a developer's shell might carry any of them; tests must not inherit them.
-_SCRUB = {setting.name for setting in SETTINGS_TABLE} | {"MODEL_SERVE_HOME"}
 
 
 def free_port() -> int:
@@ -62,7 +60,7 @@ class Env(dict):
 
 @pytest.fixture
 def env(tmp_path: Path) -> Env:
-    environ = {k: v for k, v in os.environ.items() if k not in _SCRUB}
+    environ = {k: v for k, v in os.environ.items() if k not in STACK_VARIABLES}  # not the shell's
     result = Env(environ)
     result.home = tmp_path / "home"
     result.models = tmp_path / "models"
