@@ -164,18 +164,14 @@ class Stack:
 
 
 @contextlib.contextmanager
-def running_stack(root: Path, *, two_models: bool = False, sampler_args: str = "",
-                  **settings: str) -> Iterator[Stack]:
+def running_stack(root: Path, *, two_models: bool = False, **settings: str) -> Iterator[Stack]:
     """A started stack serving the gemma file (and `ls/g2` on it); always stopped afterwards."""
     stack = Stack(root, isolated_env(root, **settings))
     (root / "models" / "google").mkdir(exist_ok=True)
     (root / "models" / "google" / gemma_path().name).symlink_to(gemma_path())
-    extra = f"    sampler_args: \"{sampler_args}\"\n" if sampler_args else ""
-    custom = f"  gemma-3:270m-q4_k_m:\n{extra}" if extra else ""
     if two_models:
-        custom += f"  g2:\n    base_model: gemma-3:270m-q4_k_m\n{extra}"
-    if custom:
-        (root / "home" / "custom_models.yaml").write_text(f"models:\n{custom}")
+        (root / "home" / "custom_models.yaml").write_text(
+            "models:\n  g2:\n    base_model: gemma-3:270m-q4_k_m\n")
     try:
         stack.model("start")
         yield stack

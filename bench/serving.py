@@ -138,10 +138,10 @@ def _batch(urls: dict[str, str], streams: int, tokens: int) -> tuple[float, int,
 
 
 def _concurrency(root: Path, streams: int, tokens: int, rounds: int,
-                 sampler_args: str = "") -> dict[str, dict[str, list]]:
+                 **settings: str) -> dict[str, dict[str, list]]:
     rate: dict[str, list[float]] = {"stack": [], "direct": []}
     errors: dict[str, list[str]] = {"stack": [], "direct": []}
-    with running_stack(root, two_models=True, sampler_args=sampler_args) as stack:
+    with running_stack(root, two_models=True, **settings) as stack:
         for model in (MODEL_A, MODEL_B):
             chat(stack.base_url, model, 4)  # both loaded before timing
         targets = {
@@ -159,7 +159,7 @@ def _concurrency(root: Path, streams: int, tokens: int, rounds: int,
 def concurrency(root: Path, quick: bool) -> Outcome:
     """3. 8 concurrent streams over 2 models, through the stack vs to their own ports.
 
-    Twice: with `--threads 1` per model (sampler_args), so the two busy model servers share
+    Twice: with one thread per model (MODEL_THREADS=1), so the two busy model servers share
     the cores and the figure is steady: this one carries the goal. And with the defaults,
     where each model server starts as many threads as there are cores: on a small CPU two busy
     ones fight over the cores, throughput swings several-fold from round to round, and the
@@ -168,7 +168,7 @@ def concurrency(root: Path, quick: bool) -> Outcome:
     streams, tokens = 8, (32 if quick else 64)
     rounds = {"threads_1": 1 if quick else 4, "default": 1 if quick else 2}
     runs = {"threads_1": _concurrency(root / "threads-1", streams, tokens,
-                                      rounds["threads_1"], "--threads 1"),
+                                      rounds["threads_1"], MODEL_THREADS="1"),
             "default": _concurrency(root / "default", streams, tokens, rounds["default"])}
     outcome = Outcome(raw={**runs, "streams": streams, "tokens_per_stream": tokens,
                            "models": 2, "rounds": rounds})

@@ -144,8 +144,23 @@ def _service(settings: Settings) -> Check:
                  "start where there is no launchd/systemd)")
 
 
+def _threads(settings: Settings) -> Check:
+    cores = os.cpu_count() or 1
+    if settings.model_threads:
+        return Check("threads", "ok", f"{settings.model_threads} per model server "
+                     f"(MODEL_THREADS; {cores} cores)")
+    if sys.platform != "darwin" and cores <= 4:
+        # Two servers each spinning one thread per core stall each other, far beyond 2x:
+        # on 2 cores two 32-token replies at once took 72 s instead of 1.2 s.
+        return Check("threads", "warn", f"each model server starts one thread per core; with "
+                     f"{cores} cores, two models generating at once can stall each other",
+                     "set MODEL_THREADS=1 in .env (one model alone then runs slower, "
+                     "about half speed on 2 cores)")
+    return Check("threads", "ok", f"llama-server's choice, one per core ({cores} cores)")
+
+
 CHECKS: tuple[Callable[[Settings], Check], ...] = (
-    _engine, _models_dir, _catalog, _port, _ollama, _store, _service,
+    _engine, _models_dir, _catalog, _port, _ollama, _store, _service, _threads,
 )
 
 

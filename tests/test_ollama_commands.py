@@ -5,6 +5,7 @@ engine, chat."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -156,6 +157,14 @@ def test_doctor(ollama_env: Env) -> None:
     assert "[ok  ] engine: llama-server" in result.stdout
     assert "[WARN] ollama:" in result.stdout and "no server answers" in result.stdout
     assert "[ok  ] ollama store:" in result.stdout
+    assert "[ok  ] threads: 1 per model server (MODEL_THREADS" in result.stdout
+    env["MODEL_THREADS"] = "0"  # llama-server's default: a warning on a small machine only
+    threads = env.run("doctor").stdout
+    if (os.cpu_count() or 1) <= 4:
+        assert "[WARN] threads: each model server starts one thread per core" in threads
+        assert "MODEL_THREADS=1" in threads
+    else:
+        assert "[ok  ] threads: llama-server's choice" in threads
     env["MODELS_DIR"] = str(env.home / "missing")
     broken = env.run("doctor")
     assert broken.returncode == 1 and "[FAIL] MODELS_DIR" in broken.stdout
