@@ -15,6 +15,7 @@ import pytest
 import requests
 from openai import OpenAI
 
+from model_serve.activity import load_activity
 from model_serve.settings import load_settings
 from model_serve.unloader import PressureUnloader
 from tests.conftest import Env
@@ -55,8 +56,7 @@ def _chat(env: Env, model: str) -> None:
 
 def _decisions(env: Env) -> list[dict]:
     """The unloader's recorded decisions (it writes them just after the engine shows the unload)."""
-    path = env.state / "activity.json"
-    return json.loads(path.read_text()).get("decisions", []) if path.exists() else []
+    return load_activity(env.state / "activity.json").get("decisions", [])
 
 
 def _wait(predicate, timeout: float, what: str) -> None:
