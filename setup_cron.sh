@@ -15,8 +15,9 @@ setting exported here, such as LLAMA_SWAP_PORT); each port gets its own line.
 USAGE
 }
 
+here="$(cd "$(dirname "$0")" && pwd)"
 # shellcheck source=scripts/messages.sh
-. "$(cd "$(dirname "$0")" && pwd)/scripts/messages.sh"
+. "$here/scripts/messages.sh"
 
 if [ $# -gt 1 ]; then usage >&2; exit 2; fi
 case "${1:-status}" in
@@ -25,7 +26,6 @@ case "${1:-status}" in
     *) printf 'error: unknown command %s\n' "$1" >&2; usage >&2; exit 2 ;;
 esac
 
-here="$(cd "$(dirname "$0")" && pwd)"
 model="$here/model"
 python="$here/.venv/bin/python"
 [ -x "$python" ] || die "$here/.venv is missing" "run $here/install.sh first"

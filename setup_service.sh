@@ -18,8 +18,9 @@ No systemd or launchd (e.g. in a container)? './setup_cron.sh start' keeps the s
 USAGE
 }
 
+here="$(cd "$(dirname "$0")" && pwd)"
 # shellcheck source=scripts/messages.sh
-. "$(cd "$(dirname "$0")" && pwd)/scripts/messages.sh"
+. "$here/scripts/messages.sh"
 
 if [ $# -ne 1 ]; then usage >&2; exit 2; fi
 case "$1" in
@@ -28,7 +29,6 @@ case "$1" in
     *) printf 'error: unknown command %s\n' "$1" >&2; usage >&2; exit 2 ;;
 esac
 
-here="$(cd "$(dirname "$0")" && pwd)"
 model="$here/model"
 python="$here/.venv/bin/python"
 cron_advice="use '$here/setup_cron.sh start' instead: an hourly cron job that starts the stack when it is down"
