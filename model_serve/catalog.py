@@ -12,11 +12,14 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from model_serve.errors import ConfigError, ModelServeError
 from model_serve.fileio import write_if_changed
 from model_serve.model_info import InfoCache, ModelInfo
+
+if TYPE_CHECKING:
+    from model_serve.settings import Settings
 
 BRIDGE_RECORD = ".ollama-bridge.json"
 NAMES_FILE = "names.json"
@@ -40,8 +43,7 @@ class CatalogModel:
 
     @property
     def dash_name(self) -> str:
-        """The colon-free twin of the name (older clients use it; the router needs it)."""
-        return self.name.replace(":", "-")
+        return dash_form(self.name)
 
 
 @dataclass
@@ -59,11 +61,18 @@ class Catalog:
         """Look a model up by served name, dash form, unprefixed key or Ollama name."""
         lowered = name.lower()
         for model in self.models:
-            names = {model.name, model.dash_name, model.key, model.key.replace(":", "-")}
+            names = {model.name, model.dash_name, model.key, dash_form(model.key)}
             names.update(model.ollama_names)
             if lowered in {n.lower() for n in names}:
                 return model
         return None
+
+
+def dash_form(name: str) -> str:
+    """The colon-free twin of a served name: the router's id for it (a ':' in a section name
+    is rewritten), and a name older clients use. Both forms are accepted everywhere; the
+    colon form is the one shown."""
+    return name.replace(":", "-")
 
 
 def slug(text: str) -> str:
@@ -270,10 +279,18 @@ def save_names(path: Path, names: dict[str, str], pinned: dict[str, str]) -> Non
                               "make STATE_DIR writable") from exc
 
 
+def ensure_models_dir(settings: Settings) -> None:
+    """Create the default MODELS_DIR on first use; a folder the user named must exist."""
+    if settings.sources.get("MODELS_DIR") == "the defaults":
+        settings.models_dir.mkdir(parents=True, exist_ok=True)
+    require_models_dir(settings.models_dir)
+
+
 def require_models_dir(models_dir: Path) -> None:
     if not models_dir.is_dir():
         raise ConfigError(f"MODELS_DIR {models_dir} does not exist",
-                          "create it (mkdir -p) or set MODELS_DIR in .env to your models folder")
+                          f"create it (mkdir -p {models_dir}) or set MODELS_DIR in .env to your "
+                          "models folder")
 
 
 def build_catalog(models_dir: Path, prefix: str, state_dir: Path | None = None) -> Catalog:

@@ -233,15 +233,14 @@ def rm(name: str | None, filter_text: str | None, yes: bool) -> None:
         click.echo("nothing removed")
         return
     engine = select_engine(settings)
-    loaded = {m.name for m in engine.models() if m.state in LOADED_STATES} \
-        if engine.healthy() else set()
+    loaded = [m for m in engine.models() if m.state in LOADED_STATES] \
+        if engine.healthy() else []
     removing = {t.name for t in targets}
     for model in catalog.models:
         # Unload only what loses its last Ollama name (another tag may still use the blob).
         if model.ollama_names and set(model.ollama_names) <= removing:
-            section = model.name.replace(":", "-")
-            if section in loaded or model.name in loaded:
-                engine.unload(section if section in loaded else model.name)
+            for live in (m for m in loaded if m.known_as(model.name)):
+                engine.unload(live.name)
                 click.echo(f"unloaded {model.name}")
     for target in targets:
         ollama.remove(settings, target.name)
@@ -298,6 +297,24 @@ def doctor(as_json: bool) -> None:
         sys.exit(1)
 
 
+@main.command("check-engine")
+@json_option
+def check_engine(as_json: bool) -> None:
+    """Prove that llama-server computes on this CPU: one real token from a real model.
+
+    When the defaults crash (AMX on some Xeon VMs) and --no-repack computes, every model
+    server gets --no-repack from then on. Exit code 1 when nothing computes."""
+    from model_serve import render
+    from model_serve.engine_check import check_engine as run_check
+    from model_serve.engines.llama_server import resolve_llama_server
+
+    settings = _settings()
+    result = run_check(settings, resolve_llama_server(settings.llama_server_bin))
+    render.engine_check(result, as_json)
+    if not result.ok:
+        sys.exit(1)
+
+
 @main.command()
 @json_option
 @click.option("-w", "--watch", is_flag=True, help="Refresh every 2 seconds (Ctrl-C to quit).")
@@ -334,16 +351,20 @@ def unload(name: str | None, unload_all: bool) -> None:
 
     engine = select_engine(_settings())
     engine.require_running()
+    models = engine.models()
     if unload_all:
-        names = [m.name for m in engine.models() if m.state in LOADED_STATES]
+        chosen = [m for m in models if m.state in LOADED_STATES]
     elif name:
-        names = [name]
+        chosen = [m for m in models if m.known_as(name)]
+        if not chosen:
+            raise ConfigError(f"the engine serves no model named '{name}'",
+                              "run 'model list --served' to see the names")
     else:
         raise ConfigError("name a model or pass --all",
                           "model unload ls/NAME  |  model unload --all")
-    for model_name in names:
-        engine.unload(model_name)
-    render.unloaded(names)
+    for model in chosen:
+        engine.unload(model.name)
+    render.unloaded([m.served_name for m in chosen])
 
 
 if __name__ == "__main__":

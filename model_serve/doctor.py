@@ -37,6 +37,27 @@ def _engine(settings: Settings) -> Check:
     return Check("engine", "ok", f"{engine.name} at {binary} ({version})")
 
 
+def _engine_computes(settings: Settings) -> Check:
+    """The same probe as ./install.sh and 'model check-engine', run afresh."""
+    from model_serve.engine_check import check_engine, failure_hint, option_words
+    from model_serve.engines.llama_server import resolve_llama_server
+
+    try:
+        binary = resolve_llama_server(settings.llama_server_bin)
+    except ModelServeError as exc:
+        return Check("engine computes", "fail", exc.message, exc.hint)
+    result = check_engine(settings, binary)
+    if not result.ok:
+        return Check("engine computes", "fail", result.summary(), failure_hint(result))
+    if result.options:
+        flags = " ".join(option_words(result.options))
+        return Check("engine computes", "warn", result.summary(),
+                     f"nothing to do: model_serve passes {flags}; a llama-server built without "
+                     "native CPU extensions (CMAKE_ARGS='-DGGML_NATIVE=OFF' ./install.sh) would "
+                     "not need it")
+    return Check("engine computes", "ok", result.summary())
+
+
 def _ollama(settings: Settings) -> Check:
     from model_serve.ollama import ollama_binary
 
@@ -84,6 +105,8 @@ def _store(settings: Settings) -> Check:
 
 def _models_dir(settings: Settings) -> Check:
     path = settings.models_dir
+    if not path.is_dir() and settings.sources.get("MODELS_DIR") == "the defaults":
+        return Check("MODELS_DIR", "ok", f"{path} (created on first use)")
     if not path.is_dir():
         return Check("MODELS_DIR", "fail", f"{path} does not exist",
                      f"mkdir -p {path}  (or set MODELS_DIR in .env)")
@@ -160,7 +183,7 @@ def _threads(settings: Settings) -> Check:
 
 
 CHECKS: tuple[Callable[[Settings], Check], ...] = (
-    _engine, _models_dir, _catalog, _port, _ollama, _store, _service, _threads,
+    _engine, _engine_computes, _models_dir, _catalog, _port, _ollama, _store, _service, _threads,
 )
 
 

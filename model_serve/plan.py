@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from model_serve import footprint
-from model_serve.catalog import Catalog, CatalogModel, ScanProblem
+from model_serve.catalog import Catalog, CatalogModel, ScanProblem, dash_form
 from model_serve.custom_models import CustomEntry, CustomModels, sampler_options
 from model_serve.errors import ConfigError
 from model_serve.settings import Settings
@@ -165,7 +165,7 @@ def find_served(plan: list[ServedModel], catalog: Catalog, name: str) -> ServedM
 
     lowered = name.lower()
     for served in plan:
-        names = [served.name, served.name.replace(":", "-"), *served.aliases, served.model.key]
+        names = [served.name, dash_form(served.name), *served.aliases, served.model.key]
         if lowered in (n.lower() for n in names):
             return served
     for match in resolve(catalog, name):

@@ -12,6 +12,7 @@ import click
 if TYPE_CHECKING:
     from model_serve.catalog import ScanProblem
     from model_serve.doctor import Check
+    from model_serve.engine_check import EngineCheck
     from model_serve.engines.base import EngineModel
     from model_serve.ollama import OllamaModel
     from model_serve.plan import ServedModel
@@ -47,6 +48,32 @@ def started(status: StackStatus) -> None:
     click.echo(f"model_serve is running: engine {status.engine}, pid {status.pid}")
     click.echo(f"  API:  http://127.0.0.1:{status.port}/v1")
     click.echo(f"  log:  {status.log_file}   (model logs -f)")
+    if status.served_models == 0:
+        click.echo("no models yet. Get a first one:")
+        click.echo("  model pull gemma3              with Ollama installed")
+        click.echo("  model add PATH/TO/model.gguf   any GGUF file you have")
+        click.echo("  or the README's 'A first model without Ollama' (a 253 MB model from PyPI)")
+
+
+def engine_check(check: EngineCheck, as_json: bool) -> None:
+    from model_serve.engine_check import failure_hint, option_words
+
+    if as_json:
+        _json({"ok": check.ok, "summary": check.summary(), **check.to_json(),
+               "options": check.options})
+        return
+    click.echo(f"llama-server: {check.binary}")
+    click.echo(f"model:        {check.model}")
+    for run in check.runs:
+        flags = " ".join(option_words(run.options)) or "defaults"
+        outcome = f"one token in {run.seconds:.1f}s" if run.ok else run.cause
+        click.echo(f"  [{'ok  ' if run.ok else 'FAIL'}] {flags}: {outcome}")
+    click.echo(check.summary())
+    failure = check.first_failure
+    if not check.ok and failure is not None:
+        if failure.output_tail:
+            click.echo("its last output:\n" + failure.output_tail)
+        click.echo(f"  fix: {failure_hint(check)}")
 
 
 def stopped(report: StopReport) -> None:
@@ -183,16 +210,20 @@ def model_list(plan: list[ServedModel], problems: list[ScanProblem], as_json: bo
 
 
 def served_list(models: list[EngineModel], as_json: bool) -> None:
+    def other_names(m: EngineModel) -> list[str]:
+        return [n for n in dict.fromkeys([m.name, *m.aliases]) if n != m.served_name]
+
     if as_json:
-        _json([{"name": m.name, "state": m.state, "aliases": m.aliases} for m in models])
+        _json([{"name": m.served_name, "engine_id": m.name, "state": m.state,
+                "aliases": other_names(m)} for m in models])
         return
     if not models:
         click.echo("the engine serves no models")
         return
-    width = max(len(m.name) for m in models)
-    click.echo(f"{'NAME':{width}}  {'STATE':9}  ALIASES")
+    width = max(len(m.served_name) for m in models)
+    click.echo(f"{'NAME':{width}}  {'STATE':9}  ALSO ANSWERS TO")
     for m in models:
-        click.echo(f"{m.name:{width}}  {m.state:9}  {', '.join(m.aliases)}")
+        click.echo(f"{m.served_name:{width}}  {m.state:9}  {', '.join(other_names(m))}")
 
 
 def pulled(name: str, served: list[ServedModel], result: SyncResult) -> None:

@@ -160,6 +160,8 @@ class Settings:
     state_dir: Path
     custom_models_file: Path
     log_max_bytes: int
+    user_home: Path = field(default_factory=Path.home)
+    cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "model_serve")
     sources: dict[str, str] = field(default_factory=dict, compare=False)
 
     @property
@@ -182,6 +184,12 @@ class Settings:
     @property
     def llama_swap_config(self) -> Path:
         return self.state_dir / "config.yaml"
+
+    @property
+    def engine_check_file(self) -> Path:
+        """Outcomes of the engine check per binary and CPU: facts about the machine, shared by
+        every stack of this user."""
+        return self.cache_dir / "engine-check.json"
 
 
 _FIELD_OF = {
@@ -229,7 +237,10 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
     values["state_dir"] = values["state_dir"] or home / "state"
     values["custom_models_file"] = values["custom_models_file"] or home / "custom_models.yaml"
     values["bridge_script"] = values["bridge_script"] or BUNDLED_BRIDGE
-    return Settings(home=home, env_file=env_file, sources=sources, **values)
+    user_home = Path(env.get("HOME") or Path.home())
+    cache_root = Path(env["XDG_CACHE_HOME"]) if env.get("XDG_CACHE_HOME") else user_home / ".cache"
+    return Settings(home=home, env_file=env_file, sources=sources, user_home=user_home,
+                    cache_dir=cache_root / "model_serve", **values)
 
 
 def env_example() -> str:

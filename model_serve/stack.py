@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from model_serve import procs
-from model_serve.catalog import require_models_dir
+from model_serve.catalog import ensure_models_dir
 from model_serve.engines import select_engine
 from model_serve.errors import EngineError, ModelServeError
 from model_serve.settings import Settings
@@ -32,6 +32,7 @@ class StackStatus:
     config_path: str = ""
     log_file: str = ""
     stale: bool = False  # a state file whose supervisor is gone (crash or SIGKILL)
+    served_models: int | None = None  # how many models the config serves, when known
 
     @property
     def uptime(self) -> float:
@@ -111,8 +112,13 @@ def check_can_start(settings: Settings) -> None:
         owner = _who_listens(settings.port)
         raise EngineError(f"port {settings.port} is already in use by {owner}",
                           "stop that program or set LLAMA_SWAP_PORT in .env to a free port")
-    require_models_dir(settings.models_dir)
+    ensure_models_dir(settings)
     select_engine(settings).binary()  # raises with install advice when missing
+    # Before anything runs: a llama-server that crashes on this CPU fails here, with the cause.
+    from model_serve.engine_check import ensure_engine_computes
+    from model_serve.engines.llama_server import resolve_llama_server
+
+    ensure_engine_computes(settings, resolve_llama_server(settings.llama_server_bin))
 
 
 class AlreadyRunning(ModelServeError):
@@ -135,7 +141,7 @@ def start_background(settings: Settings, timeout: float = START_TIMEOUT) -> Stac
 
     check_can_start(settings)
     # A bad custom_models.yaml or .env is reported here, before anything runs.
-    run_sync(settings, reload=False)
+    served = len(run_sync(settings, reload=False).plan)
     settings.log_file.parent.mkdir(parents=True, exist_ok=True)
     console = settings.log_file.parent / "serve-console.log"
     with open(console, "ab") as out:
@@ -153,6 +159,7 @@ def start_background(settings: Settings, timeout: float = START_TIMEOUT) -> Stac
         status = stack_status(settings)
         engine = status.children.get("engine", {})
         if status.running and status.healthy and engine.get("state") == "running":
+            status.served_models = served
             return status
         if engine.get("state") == "failed":
             break

@@ -8,6 +8,7 @@ from typing import Any
 
 from model_serve import procs
 from model_serve.activity import load_activity
+from model_serve.catalog import dash_form
 from model_serve.engines import select_engine
 from model_serve.engines.base import LOADED_STATES
 from model_serve.errors import ModelServeError
@@ -84,14 +85,14 @@ def collect_stats(settings: Settings) -> StatsReport:
         _catalog, served_models = build_current_plan(settings)
     except ModelServeError:
         served_models = []  # stats still show the engine's view
-    plan = {s.name.replace(":", "-"): s for s in served_models}
+    plan = {dash_form(s.name): s for s in served_models}
     activity = load_activity(settings.state_dir / "activity.json").get("models", {})
     rss = _rss_by_port(settings)
     now = time.time()
     report = StatsReport(engine.name, read_memory())
     for model in listed:
-        served = plan.get(model.name.replace(":", "-"))
-        stats = ModelStats(model.name, model.state, port=model.port)
+        served = plan.get(dash_form(model.name))
+        stats = ModelStats(model.served_name, model.state, port=model.port)
         if served is not None:
             stats.ctx_size, stats.slots, stats.ttl = served.ctx_size, served.parallel, served.ttl
         if model.state in LOADED_STATES:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from model_serve.catalog import Catalog, ScanProblem, build_catalog, require_models_dir
+from model_serve.catalog import Catalog, ScanProblem, build_catalog, ensure_models_dir
 from model_serve.custom_models import load_custom_models
 from model_serve.engines import Engine, select_engine
 from model_serve.errors import ModelServeError
@@ -73,6 +73,7 @@ def run_bridge(settings: Settings, dry_run: bool = False) -> BridgeResult:
 
 
 def build_current_plan(settings: Settings) -> tuple[Catalog, list[ServedModel]]:
+    ensure_models_dir(settings)
     catalog = build_catalog(settings.models_dir, settings.model_prefix, settings.state_dir)
     custom = load_custom_models(settings.custom_models_file)
     return catalog, build_plan(catalog, custom, settings)
@@ -80,7 +81,7 @@ def build_current_plan(settings: Settings) -> tuple[Catalog, list[ServedModel]]:
 
 def run_sync(settings: Settings, *, bridge: bool = True, reload: bool = True,
              engine: Engine | None = None) -> SyncResult:
-    require_models_dir(settings.models_dir)  # before the bridge, which would create it
+    ensure_models_dir(settings)  # before the bridge, which would create any folder
     engine = engine or select_engine(settings)
     bridge_result = BridgeResult(False)
     if bridge:

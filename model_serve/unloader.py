@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from model_serve.activity import ActivityTracker, ModelActivity
+from model_serve.catalog import dash_form
 from model_serve.engines import Engine, select_engine
 from model_serve.errors import ModelServeError
 from model_serve.memory import MemoryReading, read_memory
@@ -79,7 +80,7 @@ class PressureUnloader:
             return {}
         estimates: dict[str, int] = {}
         for served in plan:
-            for name in (served.name, served.name.replace(":", "-"), *served.aliases):
+            for name in (served.name, dash_form(served.name), *served.aliases):
                 estimates[name] = served.estimated_bytes
         return estimates
 

@@ -823,18 +823,34 @@ def test_no_store_and_no_previous_run_changes_nothing(env: Env, tmp_path: Path) 
 
 def test_bad_store_and_usage_exit_2(env: Env, tmp_path: Path) -> None:
     missing = env.run("--store", str(tmp_path / "nope"), store=False)
-    assert missing.returncode == 2 and "not an Ollama store" in missing.stderr
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    no_manifests = env.run("--store", str(empty), store=False)
-    assert no_manifests.returncode == 2 and str(empty) in no_manifests.stderr
+    assert missing.returncode == 2 and "no such folder" in missing.stderr
+    other = tmp_path / "other"
+    (other / "photos").mkdir(parents=True)
+    not_ollama = env.run("--store", str(other), store=False)
+    assert not_ollama.returncode == 2 and "not an Ollama store" in not_ollama.stderr
+    assert str(other) in not_ollama.stderr
     no_dest = subprocess.run([sys.executable, str(BRIDGE)], capture_output=True, text=True,
                              env={"HOME": str(env.home)}, check=False)
     assert no_dest.returncode == 2 and "--dest" in no_dest.stderr
     (tmp_path / "file").write_text("x")
     env.dest = tmp_path / "file"
     assert env.run().returncode == 2
-    assert not (tmp_path / "nope").exists() and not (empty / "manifests").exists()
+    assert not (tmp_path / "nope").exists() and not (other / "manifests").exists()
+
+
+def test_fresh_store_without_manifests_has_no_models(env: Env, tmp_path: Path) -> None:
+    """Ollama makes manifests/ only with the first pull: before that, 0 models, no error."""
+    for fresh in (tmp_path / "empty", tmp_path / "blobs-only"):
+        fresh.mkdir()
+        if fresh.name == "blobs-only":
+            (fresh / "blobs").mkdir()
+        summary = env.sync("--store", str(fresh), store=False)
+        assert summary["store"] == str(fresh) and summary["linked"] == []
+        assert not (fresh / "manifests").exists()
+    default_store = env.home / ".ollama" / "models"
+    (default_store / "blobs").mkdir(parents=True)
+    found = env.sync(store=False)  # found by the default search, not named
+    assert found["store"] == str(default_store) and found["linked"] == []
 
 
 def test_executable_is_stdlib_only_and_runnable() -> None:

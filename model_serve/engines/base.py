@@ -30,6 +30,21 @@ class EngineModel:
     aliases: list[str] = field(default_factory=list)
     detail: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def served_name(self) -> str:
+        """The name users know it by (`ls/gemma3:270m-q4_k_m`): the router's id is the dash
+        form, and the colon form is among its aliases."""
+        if ":" in self.name:
+            return self.name
+        from model_serve.catalog import dash_form
+
+        return next((a for a in self.aliases if ":" in a and dash_form(a) == self.name),
+                    self.name)
+
+    def known_as(self, name: str) -> bool:
+        lowered = name.lower()
+        return lowered in (n.lower() for n in (self.name, self.served_name, *self.aliases))
+
 
 class Engine(ABC):
     name: str = ""

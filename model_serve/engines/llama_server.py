@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from model_serve.catalog import dash_form
 from model_serve.engines.base import Engine, EngineModel, find_on_path
 from model_serve.errors import ConfigError, EngineError
 from model_serve.fileio import write_if_changed
@@ -150,7 +151,7 @@ class LlamaServerEngine(Engine):
         return str(link)
 
     def _section(self, served: ServedModel, known: dict[str, str]) -> list[str]:
-        section = served.name.replace(":", "-")
+        section = dash_form(served.name)
         aliases = [a for a in [served.name, *served.aliases] if a != section]
         values: dict[str, str] = {"model": str(served.path.absolute())}
         if aliases:
@@ -186,6 +187,11 @@ class LlamaServerEngine(Engine):
             "metrics = true",
             "",
         ]
+        from model_serve.engine_check import required_options
+
+        # What this machine's CPU needs (the engine check): inherited by every model.
+        for option, value in required_options(self.settings, self.binary()).items():
+            lines.insert(-1, f"{option} = {value}")
         for served in plan:
             lines += self._section(served, known)
             lines.append("")

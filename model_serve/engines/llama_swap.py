@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
+from model_serve.catalog import dash_form
 from model_serve.engines.base import Engine, EngineModel, find_on_path
 from model_serve.engines.llama_server import check_option, option_spellings, resolve_llama_server
 from model_serve.errors import ConfigError, EngineError
@@ -127,18 +128,21 @@ class LlamaSwapEngine(Engine):
     def render_config(self, plan: list[ServedModel]) -> str:
         import yaml
 
+        from model_serve.engine_check import required_options
+
         server = resolve_llama_server(self.settings.llama_server_bin).absolute()
         spellings = option_spellings(server, self.settings.state_dir)
+        machine_options = required_options(self.settings, server)  # what this CPU needs
         for key in self.settings.api_keys:
             if not key.strip() or re.search(r"\s", key):
                 raise ConfigError("API_KEYS holds a key with a space in it, which llama-swap "
                                   "refuses", "remove the spaces from the keys in API_KEYS")
         models: dict[str, Any] = {}
         for served in plan:
-            aliases = [a for a in dict.fromkeys([served.name.replace(":", "-"), *served.aliases])
+            aliases = [a for a in dict.fromkeys([dash_form(served.name), *served.aliases])
                        if a != served.name]
             entry: dict[str, Any] = {
-                "cmd": self._cmd(served, server, spellings),
+                "cmd": self._cmd(served, server, spellings, machine_options),
                 "proxy": "http://127.0.0.1:${PORT}",
                 "checkEndpoint": "/health",
                 "ttl": int(served.ttl),
@@ -167,7 +171,8 @@ class LlamaSwapEngine(Engine):
         return header + yaml.dump(config, Dumper=_dumper(), sort_keys=False,
                                   allow_unicode=True, width=1 << 30)
 
-    def _cmd(self, served: ServedModel, server: Path, spellings: dict[str, str]) -> str:
+    def _cmd(self, served: ServedModel, server: Path, spellings: dict[str, str],
+             machine_options: dict[str, str]) -> str:
         where = served.custom_line or served.name
         model_path = str(served.path.absolute())
         if _CMD_UNSAFE.search(model_path):
@@ -190,7 +195,7 @@ class LlamaSwapEngine(Engine):
         argv = [str(server), "--host", "127.0.0.1", "--port", "${PORT}", "--model", model_path,
                 "--alias", served.name, "--ctx-size", str(served.ctx_size),
                 "--parallel", str(served.parallel)]
-        for option, value in served.options.items():
+        for option, value in {**machine_options, **served.options}.items():
             argv += _option_words(served, option, value, spellings)
         # As the router's [*] section: context is sized by model_serve, so llama-server's
         # trial-fit pass only adds latency; metrics feed `model stats`.
