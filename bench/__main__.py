@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import cli_time, daemons, serving, sync_scale
+from bench import cli_time, cpu_kernels, daemons, serving, sync_scale
 from bench.harness import REPO, Outcome, Row, llama_server_binary
 
 BENCHMARKS: dict[str, Callable[[Path, bool], Outcome]] = {
@@ -27,6 +27,7 @@ BENCHMARKS: dict[str, Callable[[Path, bool], Outcome]] = {
     "sync": sync_scale.run,
     "daemons": daemons.footprint,
     "unload": daemons.unload_reaction,
+    "cpu": cpu_kernels.run,
 }
 DEFAULT_RESULTS = Path(__file__).resolve().parent / "results"
 BUSY_PERCENT = 20.0

@@ -189,9 +189,11 @@ def running_stack(root: Path, *, two_models: bool = False, **settings: str) -> I
 
 
 @contextlib.contextmanager
-def hand_started_server(args: list[str]) -> Iterator[subprocess.Popen[bytes]]:
+def hand_started_server(args: list[str],
+                        binary: Path | None = None) -> Iterator[subprocess.Popen[bytes]]:
     """`llama-server ARGS` in its own process group, output discarded; always stopped."""
-    proc = subprocess.Popen([str(llama_server_binary()), *args], stdin=subprocess.DEVNULL,
+    proc = subprocess.Popen([str(binary or llama_server_binary()), *args],
+                            stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:

@@ -318,6 +318,9 @@ def stats(report: StatsReport, as_json: bool) -> None:
     for row in rows:
         cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
         click.echo("  ".join(cells).rstrip())
+    for m in report.models:
+        if m.last_exit:
+            click.echo(f"{m.name}: its server last ended when not asked to: {m.last_exit}")
     loaded = sum(1 for m in report.models if m.rss_bytes)
     click.echo(f"TOTAL: {loaded} model process(es), {human_bytes(report.total_rss)} resident")
     click.echo(f"System Memory: {report.memory.describe()}")

@@ -13,6 +13,7 @@ from model_serve.engines import select_engine
 from model_serve.engines.base import LOADED_STATES
 from model_serve.errors import ModelServeError
 from model_serve.memory import MemoryReading, read_memory
+from model_serve.model_exits import load_exits
 from model_serve.settings import Settings
 from model_serve.supervisor import read_state
 
@@ -31,6 +32,7 @@ class ModelStats:
     prompt_tokens: int = 0
     predicted_tokens: int = 0
     port: int | None = None
+    last_exit: str | None = None  # why its server last ended when nobody asked it to
 
 
 @dataclass
@@ -87,6 +89,7 @@ def collect_stats(settings: Settings) -> StatsReport:
         served_models = []  # stats still show the engine's view
     plan = {dash_form(s.name): s for s in served_models}
     activity = load_activity(settings.state_dir / "activity.json").get("models", {})
+    exits = load_exits(settings)
     rss = _rss_by_port(settings)
     now = time.time()
     report = StatsReport(engine.name, read_memory())
@@ -95,6 +98,11 @@ def collect_stats(settings: Settings) -> StatsReport:
         stats = ModelStats(model.served_name, model.state, port=model.port)
         if served is not None:
             stats.ctx_size, stats.slots, stats.ttl = served.ctx_size, served.parallel, served.ttl
+        crash = exits.get(model.name)
+        if crash is not None:
+            stats.last_exit = crash.cause
+            if model.state not in LOADED_STATES:
+                stats.state = f"crashed ({crash.signal})" if crash.signal else "crashed"
         if model.state in LOADED_STATES:
             act = activity.get(model.name)
             if act is not None:

@@ -86,6 +86,9 @@ class Supervisor:
         self._reload = threading.Event()
         self._state_lock = threading.Lock()
         self._last_track = 0.0
+        from model_serve.model_exits import ExitWatcher
+
+        self.exit_watcher = ExitWatcher(settings)
 
     # --- state file ---------------------------------------------------------------------
     def write_state(self) -> None:
@@ -126,6 +129,8 @@ class Supervisor:
             word, _, rest = line.partition(" ")
             level = _LEVELS.get(word)
             child_log.log(level or logging.INFO, "%s", rest if level else line)
+            if name == "engine":
+                self.exit_watcher.feed(line)
 
     def _launch(self, child: Child) -> None:
         if child is self.engine_child:

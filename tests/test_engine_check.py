@@ -89,3 +89,50 @@ def test_start_refuses_an_engine_that_cannot_compute(checked_env: Env, gemma_pat
     assert stack_processes_under(env.home.parent) == []
     assert env.run("check-engine").returncode == 1
     assert os.path.islink(env.models / gemma_path.name)  # nothing of the user's touched
+
+
+def test_parse_exit_lines_of_both_engines() -> None:
+    from model_serve.model_exits import UNKNOWN_STATUS, parse_exit
+
+    router = "0.05.786.389 I srv           run: instance name=ls/a-1b-q8_0 exited with status 1"
+    assert parse_exit(router) == ("ls/a-1b-q8_0", 1)
+    assert parse_exit(router.replace("status 1", "status 0")) is None  # asked to stop
+    swap = "[WARN] <ls/a:1b-q8_0> upstream process exited unexpectedly"
+    assert parse_exit(swap) == ("ls/a:1b-q8_0", UNKNOWN_STATUS)
+    assert parse_exit("[INFO] <ls/a:1b-q8_0> Health check passed") is None
+
+
+def test_a_model_server_killed_by_a_signal_is_reported_in_logs_and_stats(
+        checked_env: Env, gemma_path: Path, tmp_path: Path) -> None:
+    """The router says only "exited with status 1"; the model started alone shows the signal."""
+    env = crashing(checked_env)
+    marker = tmp_path / "crash-now"
+    env["CRASH_MARKER"] = str(marker)  # the engine computes at start; the crash comes later
+    (env.models / gemma_path.name).symlink_to(gemma_path)
+    assert env.run("start").returncode == 0
+    try:
+        from openai import OpenAI
+
+        client = OpenAI(base_url=env.base_url + "/v1", api_key="unused", max_retries=0)
+        name = client.models.list().data[0].id
+        client.completions.create(model=name, prompt="Hello", max_tokens=2)
+        import psutil
+
+        server = next(pid for pid in llama_servers_under(env.home.parent)
+                      if "--alias" in psutil.Process(pid).cmdline())
+        marker.touch()
+        os.kill(server, 4)  # SIGILL, as the AMX kernels raise it
+        exits = env.state / "model-exits.json"
+        from model_serve.procs import wait_until
+
+        assert wait_until(exits.exists, timeout=60), env.run("logs").stdout
+        logs = env.run("logs", "-n", "400").stdout
+        assert "exited with status 1" in logs  # all the router knows
+        assert "killed by SIGILL (illegal instruction" in logs
+        stats = json.loads(env.run("stats", "--json", check=True).stdout)
+        model = next(m for m in stats["models"] if ":" in m["name"])
+        assert model["state"] == "crashed (SIGILL)", model
+        assert "SIGILL" in model["last_exit"]
+        assert "last ended when not asked to: killed by SIGILL" in env.run("stats").stdout
+    finally:
+        env.run("stop", timeout=60)

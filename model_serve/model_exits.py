@@ -1,0 +1,128 @@
+"""Why a model server ended when nobody asked it to, told in words.
+
+The router reaps its model servers itself and reports a death by signal as "exited with status
+1"; llama-swap, at its usual log level, says "upstream process exited unexpectedly". Either
+way the signal is lost. When a model server ends abnormally, the model is started once more
+on its own, as our child, with the engine check's probe: a crash that repeats (SIGILL on this
+CPU, a corrupt file) is then seen for what it is. One that does not repeat came from outside
+(out of memory, or another program). The outcome goes to the log and to `state/model-exits.json`,
+which `model stats` reads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from model_serve.fileio import write_if_changed
+from model_serve.settings import Settings
+
+log = logging.getLogger("model_serve.exits")
+
+# The router's line for a model server that ended: "instance name=X exited with status N".
+ROUTER_EXIT_RE = re.compile(r"instance name=(\S+) exited with status (-?\d+)")
+LLAMA_SWAP_EXIT_RE = re.compile(r"<(.+?)> upstream process exited unexpectedly")
+UNKNOWN_STATUS = -1
+EXITS_FILE = "model-exits.json"
+RECHECK_AFTER = 60.0  # seconds before the same model's exit is diagnosed again
+
+
+@dataclass
+class ModelExit:
+    model: str  # the engine's id
+    status: int
+    cause: str
+    signal: str = ""
+    at: float = 0.0
+
+
+def parse_exit(line: str) -> tuple[str, int] | None:
+    """(engine id, status) from an engine output line about a model server that ended badly."""
+    match = ROUTER_EXIT_RE.search(line)
+    if match and int(match.group(2)) != 0:
+        return match.group(1), int(match.group(2))
+    match = LLAMA_SWAP_EXIT_RE.search(line)
+    if match:
+        return match.group(1), UNKNOWN_STATUS
+    return None
+
+
+def load_exits(settings: Settings) -> dict[str, ModelExit]:
+    try:
+        data = json.loads((settings.state_dir / EXITS_FILE).read_text(encoding="utf-8"))
+        return {name: ModelExit(**item) for name, item in data.items()}
+    except (OSError, ValueError, TypeError, AttributeError):
+        return {}
+
+
+def diagnose(settings: Settings, model_id: str, status: int) -> ModelExit:
+    """Start the model alone for one token and say what ended its server."""
+    from model_serve.catalog import dash_form
+    from model_serve.engine_check import required_options, run_probe
+    from model_serve.engines.llama_server import resolve_llama_server
+    from model_serve.errors import ModelServeError
+    from model_serve.sync import build_current_plan
+
+    said = "exited unexpectedly" if status == UNKNOWN_STATUS else f"exited with status {status}"
+    try:
+        _catalog, plan = build_current_plan(settings)
+        binary = resolve_llama_server(settings.llama_server_bin)
+    except ModelServeError as exc:
+        return ModelExit(model_id, status, f"{said} (not diagnosed: {exc.message})")
+    served = next((s for s in plan if model_id in (s.name, dash_form(s.name))), None)
+    if served is None:
+        return ModelExit(model_id, status, f"{said} (the model is no longer configured)")
+    run = run_probe(binary, served.path, required_options(settings, binary))
+    if run.ok:
+        return ModelExit(model_id, status, f"{said}; started alone it computes, so the cause "
+                         "came from outside it (out of memory, or killed by another program?)")
+    last = run.output_tail.splitlines()[-1] if run.output_tail else ""
+    cause = f"{run.cause} (started alone, it ends the same way)"
+    if not run.signal and last:
+        cause += f": {last}"
+    return ModelExit(model_id, status, cause, run.signal)
+
+
+class ExitWatcher:
+    """Fed every engine output line by the supervisor; diagnoses bad exits in the background."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._lock = threading.Lock()
+        self._last: dict[str, float] = {}
+
+    def feed(self, line: str) -> None:
+        found = parse_exit(line)
+        if found is None:
+            return
+        model_id, status = found
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last.get(model_id, -RECHECK_AFTER) < RECHECK_AFTER:
+                return
+            self._last[model_id] = now
+        threading.Thread(target=self._diagnose, args=(model_id, status), daemon=True,
+                         name=f"exit-{model_id}").start()
+
+    def _diagnose(self, model_id: str, status: int) -> None:
+        try:
+            found = diagnose(self.settings, model_id, status)
+        except Exception as exc:  # noqa: BLE001 - a failed diagnosis must not end the stack
+            found = ModelExit(model_id, status, f"exited with status {status} ({exc})")
+        found.at = time.time()
+        log.error("model %s: its server %s", model_id, found.cause)
+        self.record(found)
+
+    def record(self, found: ModelExit) -> None:
+        with self._lock:
+            exits = load_exits(self.settings)
+            exits[found.model] = found
+            data: dict[str, Any] = {name: asdict(item) for name, item in exits.items()}
+            write_if_changed(Path(self.settings.state_dir) / EXITS_FILE,
+                             json.dumps(data, indent=1))
