@@ -96,9 +96,11 @@ class ExitWatcher:
         self.settings = settings
         self._lock = threading.Lock()
         self._last: dict[str, float] = {}
+        self._threads: list[threading.Thread] = []
+        self.enabled = True  # off while the supervisor itself stops the engine
 
     def feed(self, line: str) -> None:
-        found = parse_exit(line)
+        found = parse_exit(line) if self.enabled else None
         if found is None:
             return
         model_id, status = found
@@ -107,8 +109,17 @@ class ExitWatcher:
             if now - self._last.get(model_id, -RECHECK_AFTER) < RECHECK_AFTER:
                 return
             self._last[model_id] = now
-        threading.Thread(target=self._diagnose, args=(model_id, status), daemon=True,
-                         name=f"exit-{model_id}").start()
+        thread = threading.Thread(target=self._diagnose, args=(model_id, status), daemon=True,
+                                  name=f"exit-{model_id}")
+        self._threads = [t for t in self._threads if t.is_alive()] + [thread]
+        thread.start()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop taking lines; wait for running diagnoses, whose probe servers end with them."""
+        self.enabled = False
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     def _diagnose(self, model_id: str, status: int) -> None:
         try:

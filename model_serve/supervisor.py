@@ -168,6 +168,8 @@ class Supervisor:
         self._set(child.name, child.status, "backoff", reason)
 
     def _stop_child(self, child: Child) -> None:
+        if child is self.engine_child:
+            self.exit_watcher.enabled = False  # its model servers end because we asked
         refs = [child.status.pid] if child.status.pid else []
         if child is self.engine_child:
             refs += self._current_model_procs()
@@ -181,6 +183,7 @@ class Supervisor:
         child.status.pid = None
         if child is self.engine_child:
             self._reap_model_procs()
+            self.exit_watcher.enabled = not self._stop.is_set()
 
     def _tick(self, child: Child) -> None:
         if child.status.state == "failed":
@@ -292,6 +295,7 @@ class Supervisor:
                 self._tick(child)
             self._stop.wait(0.2)
         log.info("supervisor stopping")
+        self.exit_watcher.close()
         for child in reversed(self.children):  # the unloader first, then the engine
             self._stop_child(child)
             self._set(child.name, child.status, "stopped")
