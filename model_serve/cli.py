@@ -362,9 +362,11 @@ def unload(name: str | None, unload_all: bool) -> None:
     else:
         raise ConfigError("name a model or pass --all",
                           "model unload ls/NAME  |  model unload --all")
-    for model in chosen:
+    loaded = [m for m in chosen if m.state in LOADED_STATES]
+    for model in loaded:
         engine.unload(model.name)
-    render.unloaded([m.served_name for m in chosen])
+    render.unloaded([m.served_name for m in loaded],
+                    [m.served_name for m in chosen if m not in loaded])
 
 
 if __name__ == "__main__":

@@ -326,5 +326,10 @@ def stats(report: StatsReport, as_json: bool) -> None:
     click.echo(f"System Memory: {report.memory.describe()}")
 
 
-def unloaded(names: list[str]) -> None:
-    click.echo("unloaded: " + ", ".join(names) if names else "no model was loaded")
+def unloaded(names: list[str], not_loaded: list[str] | None = None) -> None:
+    if names:
+        click.echo("unloaded: " + ", ".join(names))
+    for name in not_loaded or []:
+        click.echo(f"{name} was not loaded")
+    if not names and not not_loaded:
+        click.echo("no model was loaded")

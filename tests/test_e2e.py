@@ -38,6 +38,26 @@ def test_openai_client_lists_and_chats(stack: Env) -> None:
     assert dashed.choices[0].message.content is not None
 
 
+def test_one_name_everywhere(stack: Env) -> None:
+    """Every command shows the name `list` shows (the colon form), and takes either form."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{stack.base_url}/v1", api_key="unused")
+    client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}],
+                                   max_tokens=2)
+    listed = [m["name"] for m in json.loads(stack.run("list", "--json").stdout)]
+    served = json.loads(stack.run("list", "--served", "--json").stdout)
+    stats = json.loads(stack.run("stats", "--json").stdout)["models"]
+    assert listed == [MODEL] == [m["name"] for m in served] == [m["name"] for m in stats]
+    assert served[0]["engine_id"] == MODEL.replace(":", "-")  # the router's own id
+    assert MODEL in stack.run("stats").stdout and MODEL in stack.run("list", "--served").stdout
+    assert json.loads(stack.run("show", MODEL, "--json").stdout)["name"] == MODEL
+    unloaded = stack.run("unload", MODEL)  # the colon form reaches the router's model
+    assert unloaded.returncode == 0 and f"unloaded: {MODEL}" in unloaded.stdout
+    dashed = stack.run("unload", MODEL.replace(":", "-"))  # the dash form stays accepted
+    assert dashed.returncode == 0 and f"{MODEL} was not loaded" in dashed.stdout
+
+
 def test_curl_gets_a_completion(stack: Env) -> None:
     body = json.dumps({"model": MODEL, "max_tokens": 8,
                        "messages": [{"role": "user", "content": "Hi"}]})

@@ -139,8 +139,11 @@ def test_run_chats_through_the_stack_and_rm_unloads_first(ollama_env: Env) -> No
         assert chat.exitstatus == 0
         assert len(reply.strip()) > len("Say hello in one word."), reply
         stats = json.loads(env.run("stats", "--json").stdout)
-        assert any(m["name"] == GEMMA.replace(":", "-") and m["state"] == "loaded"
-                   for m in stats["models"])
+        # The name the user pulled and chatted with, not the router's dash form.
+        assert any(m["name"] == GEMMA and m["state"] == "loaded" for m in stats["models"])
+        assert GEMMA in env.run("stats").stdout
+        served = json.loads(env.run("list", "--served", "--json").stdout)
+        assert [m["name"] for m in served] == [GEMMA]
         removed = env.run("rm", "gemma3:270m", "--yes")
         assert removed.returncode == 0, removed.stderr
         assert f"unloaded {GEMMA}" in removed.stdout and "removed gemma3:270m" in removed.stdout

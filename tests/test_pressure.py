@@ -20,7 +20,8 @@ from model_serve.settings import load_settings
 from model_serve.unloader import PressureUnloader
 from tests.conftest import Env
 
-A, B, C = "ls/gemma-3-270m-q4_k_m", "ls/g2", "ls/g3"
+A, B, C = "ls/gemma-3-270m-q4_k_m", "ls/g2", "ls/g3"  # the router's ids
+A_SHOWN = "ls/gemma-3:270m-q4_k_m"  # the name every command shows
 
 
 def _prepare(env: Env, gemma_path, **settings: str) -> Env:
@@ -160,12 +161,12 @@ def test_ttl_expiry_puts_the_model_to_sleep_and_stats_shows_it(env: Env, gemma_p
     try:
         _chat(env, A)
         loaded = json.loads(env.run("stats", "--json").stdout)
-        [row] = [m for m in loaded["models"] if m["name"] == A]
+        [row] = [m for m in loaded["models"] if m["name"] == A_SHOWN]
         assert row["state"] == "loaded" and row["ttl"] == 2 and row["rss_bytes"] > 100_000_000
         assert row["predicted_tokens"] > 0
         _wait(lambda: _states(env)[A] == "sleeping", 20, "the TTL to expire")
         after = json.loads(env.run("stats", "--json").stdout)
-        [row] = [m for m in after["models"] if m["name"] == A]
+        [row] = [m for m in after["models"] if m["name"] == A_SHOWN]
         assert row["state"] == "sleeping"
         text = env.run("stats").stdout
         assert "System Memory:" in text and "sleeping" in text
