@@ -75,6 +75,11 @@ def dash_form(name: str) -> str:
     return name.replace(":", "-")
 
 
+def identity(name: str) -> str:
+    """What makes two names the same to an engine: case, and ':' against '-', do not count."""
+    return dash_form(name).lower()
+
+
 def slug(text: str) -> str:
     """Lower-case, [a-z0-9._-] only, no leading/trailing/double separators."""
     text = _UNSAFE.sub("-", text.lower())
@@ -216,7 +221,8 @@ def _assign_names(
     pinned: dict[str, str] | None = None,
 ) -> dict[str, str]:
     """Map each real file to a unique name; pinned names (`model add --name`) come first, then
-    names given in earlier runs, so adding a model never renames an existing one."""
+    names given in earlier runs, so adding a model never renames an existing one. Two names
+    that differ only by case or by ':' against '-' are one name to the engines."""
     by_real: dict[str, list[_Candidate]] = {}
     for cand in candidates:
         by_real.setdefault(str(cand.real), []).append(cand)
@@ -224,37 +230,37 @@ def _assign_names(
     taken: set[str] = set()
     wanted = {real: _base_candidates(cands[0], prefix) for real, cands in by_real.items()}
     for real, name in sorted((pinned or {}).items()):
-        if real in by_real and name.lower() not in taken:
+        if real in by_real and identity(name) not in taken:
             assigned[real] = name
-            taken.add(name.lower())
+            taken.add(identity(name))
     for real in sorted(by_real):
         old = previous.get(real)
-        if real not in assigned and old and old.lower() not in taken and old in wanted[real]:
+        if real not in assigned and old and identity(old) not in taken and old in wanted[real]:
             assigned[real] = old
-            taken.add(old.lower())
+            taken.add(identity(old))
     primary_counts: dict[str, int] = {}
     for real in by_real:
         if real not in assigned:
-            key = wanted[real][0].lower()
+            key = identity(wanted[real][0])
             primary_counts[key] = primary_counts.get(key, 0) + 1
     for real in sorted(by_real):
         if real in assigned:
             continue
         options = wanted[real]
         # When two new files want the same name, neither gets the ambiguous one.
-        if primary_counts.get(options[0].lower(), 0) > 1:
+        if primary_counts.get(identity(options[0]), 0) > 1:
             options = options[1:]
         for option in options:
-            if option.lower() not in taken:
+            if identity(option) not in taken:
                 break
         else:
             stem, _, tag = options[-1].partition(":")
             n = 2
-            while f"{stem}:{tag}-{n}".lower() in taken:
+            while identity(f"{stem}:{tag}-{n}") in taken:
                 n += 1
             option = f"{stem}:{tag}-{n}"
         assigned[real] = option
-        taken.add(option.lower())
+        taken.add(identity(option))
     return assigned
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from model_serve import footprint
-from model_serve.catalog import Catalog, CatalogModel, ScanProblem, dash_form
+from model_serve.catalog import Catalog, CatalogModel, ScanProblem, dash_form, identity
 from model_serve.custom_models import CustomEntry, CustomModels, sampler_options
 from model_serve.errors import ConfigError
 from model_serve.settings import Settings
@@ -176,11 +176,17 @@ def find_served(plan: list[ServedModel], catalog: Catalog, name: str) -> ServedM
 
 
 def _check_unique(plan: list[ServedModel]) -> None:
-    seen: dict[str, str] = {}
+    """Every name an engine routes (served names, their dash forms, aliases) points at one
+    model: the router would merge two sections silently, llama-swap refuses the file."""
+    seen: dict[str, tuple[str, str]] = {}
     for served in plan:
         for name in [served.name, *served.aliases]:
-            owner = seen.get(name.lower())
-            if owner is not None and owner != served.name:
-                raise ConfigError(f"the name '{name}' is used by both '{owner}' and "
-                                  f"'{served.name}'", "rename one alias in custom_models.yaml")
-            seen[name.lower()] = served.name
+            owner = seen.get(identity(name))
+            if owner is not None and owner[0] != served.name:
+                same = "" if owner[1] == name else f" ('{owner[1]}' and '{name}' differ only " \
+                    "by case or ':' against '-', which engines treat as one name)"
+                where = served.custom_line or owner[0]
+                raise ConfigError(f"{where}: the name '{name}' is used by both '{owner[0]}' and "
+                                  f"'{served.name}'{same}",
+                                  "rename one alias in custom_models.yaml")
+            seen[identity(name)] = (served.name, name)

@@ -153,3 +153,30 @@ def test_context_size_rules(env: Env) -> None:
     wide = tight["ls/wide:2b-q4_k_m"]
     assert wide.ctx_size < 65536 and wide.estimated_bytes <= 3 * 2**30
     assert "reduced from 65536" in wide.ctx_reason
+
+
+def test_names_that_are_one_engine_id_never_go_to_two_models(env: Env) -> None:
+    """`qwen-7b` (no size) and `qwen` size 7B would both be `ls/qwen-7b-q4_k_m` to an engine:
+    the router merged the two sections silently, llama-swap refused the whole file."""
+    for folder, basename, size in (("a", "qwen-7b", ""), ("b", "qwen", "7B")):
+        (env.models / folder).mkdir()
+        (env.models / folder / f"{basename}.gguf").write_bytes(ollama_store.gguf_bytes(
+            size_label=size, extra={"general.basename": basename}))
+    names = sorted(_listed(env))
+    assert len(names) == 2
+    assert len({n.replace(":", "-") for n in names}) == 2, names
+    ini = (env.state / "models.ini").read_text()
+    sections = [line for line in ini.splitlines() if line.startswith("[ls/")]
+    assert len(sections) == len(set(sections)) == 2
+
+
+def test_an_alias_that_is_another_models_engine_id_is_refused(env: Env) -> None:
+    for basename in ("alpha", "beta"):
+        (env.models / f"{basename}.gguf").write_bytes(ollama_store.gguf_bytes(
+            size_label="1B", extra={"general.basename": basename}))
+    (env.home / "custom_models.yaml").write_text(
+        "models:\n  beta:1b-q4_k_m:\n    aliases: [ls/alpha-1b-q4_k_m]\n")
+    result = env.run("sync")
+    assert result.returncode == 2
+    assert "custom_models.yaml" in result.stderr and "ls/alpha-1b-q4_k_m" in result.stderr
+    assert "differ only by case or ':' against '-'" in result.stderr
