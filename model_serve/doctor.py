@@ -139,6 +139,19 @@ def _catalog(settings: Settings) -> Check:
     return Check("models and custom_models.yaml", status, "; ".join(notes), fix)
 
 
+def _exposure(settings: Settings) -> Check:
+    loopback = settings.host in ("127.0.0.1", "localhost", "::1") or \
+        settings.host.startswith("127.")
+    if loopback:
+        return Check("exposure", "ok", f"the API listens on {settings.host} only")
+    if not settings.api_keys:
+        return Check("exposure", "warn", f"LISTEN_HOST={settings.host} lets other machines "
+                     "reach every model, and API_KEYS is empty: anyone who can reach this "
+                     "machine can use it", "set API_KEYS in .env, or LISTEN_HOST=127.0.0.1")
+    return Check("exposure", "ok", f"the API listens on {settings.host}; clients need one of "
+                 f"{len(settings.api_keys)} API key(s)")
+
+
 def _port(settings: Settings) -> Check:
     from model_serve import procs
     from model_serve.stack import stack_status
@@ -183,7 +196,8 @@ def _threads(settings: Settings) -> Check:
 
 
 CHECKS: tuple[Callable[[Settings], Check], ...] = (
-    _engine, _engine_computes, _models_dir, _catalog, _port, _ollama, _store, _service, _threads,
+    _engine, _engine_computes, _models_dir, _catalog, _port, _exposure, _ollama, _store,
+    _service, _threads,
 )
 
 

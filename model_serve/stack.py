@@ -162,11 +162,18 @@ def start_background(settings: Settings, timeout: float = START_TIMEOUT) -> Stac
             status.served_models = served
             return status
         if engine.get("state") == "failed":
-            break
+            stop_stack(settings)
+            raise EngineError(f"the engine failed to start: {engine.get('last_error') or '?'}\n"
+                              + tail(settings.log_file),
+                              "fix the problem above (the log's last lines), then 'model start' "
+                              "again")
         time.sleep(0.2)
+    engine = (stack_status(settings).children or {}).get("engine", {})
     stop_stack(settings)
-    raise EngineError(f"the engine did not come up within {timeout:.0f}s:\n"
-                      + tail(settings.log_file), "see 'model logs' for the full log")
+    last = engine.get("last_error")
+    raise EngineError(f"the engine did not come up within {timeout:.0f}s"
+                      + (f" (state {engine.get('state')}, last error: {last})" if last else "")
+                      + ":\n" + tail(settings.log_file), "see 'model logs' for the full log")
 
 
 @dataclass

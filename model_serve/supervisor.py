@@ -12,6 +12,7 @@ import json
 import logging
 import logging.handlers
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from model_serve import procs
 from model_serve.engines import Engine, select_engine
 from model_serve.errors import EngineError, ModelServeError
 from model_serve.fileio import write_if_changed
+from model_serve.orphan_guard import guard_argv
 from model_serve.settings import Settings
 
 log = logging.getLogger("model_serve")
@@ -35,6 +37,7 @@ BACKOFF_START, BACKOFF_MAX = 1.0, 60.0
 GIVE_UP_AFTER = 5  # consecutive failed starts before a child is marked failed
 STABLE_AFTER = 30.0  # a run this long resets the failure count
 STOP_TIMEOUT = 15.0
+SYNC_RETRY_START = 5.0  # seconds before the first retry of a failed background sync
 _LEVELS = {"DEBUG": logging.DEBUG, "INFO": logging.INFO, "WARNING": logging.WARNING,
            "ERROR": logging.ERROR}
 
@@ -92,6 +95,11 @@ class Supervisor:
 
     # --- state file ---------------------------------------------------------------------
     def write_state(self) -> None:
+        # Snapshot and write under one lock, so an older snapshot never overwrites a newer.
+        with self._state_lock:
+            self._write_state_locked()
+
+    def _write_state_locked(self) -> None:
         me = procs.ProcRef.of(os.getpid())
         children = {child.name: child.status.to_json() for child in self.children}
         children["sync"] = self.sync_status.to_json()
@@ -107,8 +115,7 @@ class Supervisor:
             "children": children,
             "model_procs": [ref.to_json() for ref in self.model_procs],
         }
-        with self._state_lock:
-            write_if_changed(self.settings.pid_file, json.dumps(data, indent=1))
+        write_if_changed(self.settings.pid_file, json.dumps(data, indent=1))
 
     def _set(self, name: str, status: ChildState, state: str, error: str = "") -> None:
         if status.state != state:
@@ -143,11 +150,21 @@ class Supervisor:
         except ModelServeError as exc:
             self._failed_start(child, exc.message)
             return
+        program = shutil.which(argv[0])
+        if program is None or not os.access(program, os.X_OK):
+            # e.g. `brew upgrade` moved it: retried with backoff, shown by `model status`
+            self._failed_start(child, f"{argv[0]} is missing or not executable")
+            return
         log.info("starting %s: %s", child.name, " ".join(argv))
-        child.process = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: stop = signal the group
-        )
+        try:
+            child.process = subprocess.Popen(
+                guard_argv(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group: stop = signal the group
+            )
+        except OSError as exc:
+            self._failed_start(child, f"could not run {argv[0]}: {exc.strerror or exc}")
+            return
         assert child.process.stdout is not None
         threading.Thread(target=self._pump_output, args=(child.name, child.process.stdout),
                          daemon=True).start()
@@ -241,26 +258,41 @@ class Supervisor:
             self.write_state()
 
     # --- sync loop ----------------------------------------------------------------------
-    def sync_once(self, reason: str) -> None:
+    def sync_once(self, reason: str) -> bool:
+        """One sync; False when it failed (the last good config stays)."""
         from model_serve.sync import run_sync
 
         try:
             result = run_sync(self.settings, engine=self.engine,
                               reload=self.engine_child.status.state == "running")
-        except ModelServeError as exc:
+        except (ModelServeError, OSError) as exc:
+            # OSError: e.g. a file vanishing mid-scan while `ollama rm` runs
+            message = exc.message if isinstance(exc, ModelServeError) else f"{exc}"
             self.sync_status.restarts += 1
-            self._set("sync", self.sync_status, "backoff", exc.message)
-            log.warning("sync (%s) failed; the last good config stays: %s", reason, exc)
-            return
+            self._set("sync", self.sync_status, "backoff", message)
+            log.warning("sync (%s) failed; the last good config stays: %s", reason, message)
+            return False
+        self.sync_status.last_error = result.bridge.error
         self._set("sync", self.sync_status, "running", result.bridge.error)
         log.info("sync (%s): %d models, config %s%s", reason, len(result.plan),
                  "changed" if result.config_changed else "unchanged",
                  ", engine reloaded" if result.reloaded else "")
+        return True
 
     def _sync_loop(self) -> None:
         interval = self.settings.bridge_sync_interval
-        while not self._stop.wait(interval):
-            self.sync_once("interval")
+        wait = interval
+        while not self._stop.wait(wait):
+            try:
+                ok = self.sync_once("interval")
+            except Exception as exc:  # noqa: BLE001 - the loop must outlive any one failure
+                log.exception("sync (interval) failed")
+                self.sync_status.restarts += 1
+                self._set("sync", self.sync_status, "backoff", f"{type(exc).__name__}: {exc}")
+                ok = False
+            # After a failure, retry sooner (5 s, doubling) but never later than the interval.
+            wait = interval if ok else min(interval, SYNC_RETRY_START if wait >= interval
+                                           else wait * 2)
 
     # --- main loop ----------------------------------------------------------------------
     def _on_signal(self, signum: int, _frame: Any) -> None:
@@ -282,6 +314,18 @@ class Supervisor:
             return 1
         if self.settings.bridge_sync_interval > 0:
             threading.Thread(target=self._sync_loop, name="sync", daemon=True).start()
+        code = 0
+        try:
+            self._loop()
+        except Exception:  # a bug must not leave the engine and model servers behind
+            log.exception("supervisor failed; stopping everything it started")
+            code = 1
+        finally:
+            self._stop.set()
+            self._shutdown()
+        return code
+
+    def _loop(self) -> None:
         while not self._stop.is_set():
             if self._reload.is_set():
                 self._reload.clear()
@@ -294,15 +338,19 @@ class Supervisor:
             for child in self.children:
                 self._tick(child)
             self._stop.wait(0.2)
+
+    def _shutdown(self) -> None:
         log.info("supervisor stopping")
         self.exit_watcher.close()
         for child in reversed(self.children):  # the unloader first, then the engine
-            self._stop_child(child)
-            self._set(child.name, child.status, "stopped")
+            try:
+                self._stop_child(child)
+                self._set(child.name, child.status, "stopped")
+            except Exception:  # noqa: BLE001 - the others must still be stopped
+                log.exception("stopping %s failed", child.name)
         self._set("sync", self.sync_status, "stopped")
         self.settings.pid_file.unlink(missing_ok=True)
         log.info("supervisor stopped")
-        return 0
 
 
 def setup_logging(settings: Settings, to_stderr: bool) -> None:
@@ -325,11 +373,6 @@ def serve(settings: Settings, to_stderr: bool) -> int:
     """Run the stack in the foreground until SIGTERM/SIGINT (what launchd/systemd run)."""
     from model_serve import stack
 
-    try:
-        stack.check_can_start(settings)
-    except stack.AlreadyRunning as exc:
-        # For a service manager this is a failed start: it retries until the port is free.
-        raise EngineError(exc.message, exc.hint) from None
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     lock_path = settings.state_dir / "supervisor.lock"
     with open(lock_path, "w") as lock:
@@ -340,6 +383,12 @@ def serve(settings: Settings, to_stderr: bool) -> int:
         except OSError:
             raise EngineError(f"another supervisor holds {lock_path}",
                               "run 'model status'; stop it with 'model stop'") from None
+        # Under the lock: only one starting supervisor ends what a dead one left behind.
+        try:
+            stack.check_can_start(settings)
+        except stack.AlreadyRunning as exc:
+            # For a service manager this is a failed start: it retries until the port is free.
+            raise EngineError(exc.message, exc.hint) from None
         setup_logging(settings, to_stderr)
         return Supervisor(settings).run()
 

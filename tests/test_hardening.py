@@ -1,0 +1,157 @@
+"""Failures a careful reading found, each reproduced with real processes: an engine that fails
+to start, a binary that vanishes, a SIGKILLed supervisor, a sync that hits an OSError, an API
+open to the network without keys."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+from model_serve.engines.llama_server import resolve_llama_server
+from model_serve.procs import wait_until
+from tests.conftest import Env, llama_servers_under, stack_processes_under
+
+CRASHING = Path(__file__).resolve().parent / "crashing_llama_server"
+
+
+def _engine_state(env: Env) -> dict:
+    return json.loads(env.run("status", "--json").stdout)["children"]["engine"]
+
+
+def _wrapped_binary(env: Env, tmp_path: Path) -> Path:
+    """A llama-server of our own to take away: the crafted wrapper around the real one."""
+    copy = tmp_path / "bin" / "llama-server"
+    copy.parent.mkdir()
+    shutil.copy2(CRASHING, copy)
+    env["REAL_LLAMA_SERVER"] = str(resolve_llama_server(None))
+    env["LLAMA_SERVER_BIN"] = str(copy)
+    env["XDG_CACHE_HOME"] = str(tmp_path / "cache")
+    return copy
+
+
+def test_start_says_the_engine_failed_and_why(env: Env, tmp_path: Path) -> None:
+    _wrapped_binary(env, tmp_path)
+    env["ROUTER_EXIT"] = "3"
+    started = env.run("start", timeout=150)
+    assert started.returncode != 0
+    assert "the engine failed to start: 5 failed starts in a row" in started.stderr
+    assert "exited with code 3" in started.stderr
+    assert "crafted router failure" in started.stderr  # the log's last lines come along
+    assert "did not come up" not in started.stderr
+    assert stack_processes_under(env.home.parent) == []
+
+
+def test_a_vanished_engine_binary_does_not_kill_the_supervisor(env: Env, tmp_path: Path,
+                                                               gemma_path: Path) -> None:
+    binary = _wrapped_binary(env, tmp_path)
+    (env.models / gemma_path.name).symlink_to(gemma_path)
+    assert env.run("start").returncode == 0
+    try:
+        good = binary.read_bytes()
+        binary.write_bytes(b"\x7fELF half-written by an upgrade")  # exec: "Exec format error"
+        os.kill(_engine_state(env)["pid"][0], signal.SIGKILL)
+        assert wait_until(lambda: "exited with code 127"
+                          in _engine_state(env).get("last_error", ""), timeout=30)
+        status = env.run("status")
+        assert status.returncode == 0, status.stdout  # the supervisor lives on
+        assert "Exec format error" in env.run("logs", "-n", "200").stdout
+        binary.unlink()  # gone altogether
+        assert wait_until(lambda: "not an executable file"
+                          in _engine_state(env).get("last_error", ""), timeout=30)
+        binary.write_bytes(good)
+        binary.chmod(0o755)
+        assert wait_until(lambda: _engine_state(env)["state"] == "running", timeout=60)
+    finally:
+        env.run("stop", timeout=60)
+    assert stack_processes_under(env.home.parent) == []
+
+
+def test_a_sigkilled_supervisor_takes_engine_model_servers_and_unloader_along(
+        stack: Env) -> None:
+    from openai import OpenAI
+
+    OpenAI(base_url=f"{stack.base_url}/v1", api_key="x", max_retries=0).completions.create(
+        model="ls/gemma-3:270m-q4_k_m", prompt="Hi", max_tokens=2)
+    state = json.loads((stack.state / "supervisor.json").read_text())
+    supervisor = state["pid"][0]
+    ours = [p for p in stack_processes_under(stack.home.parent) if p != supervisor]
+    assert len(llama_servers_under(stack.home.parent)) >= 2  # router and the model's server
+    os.kill(supervisor, signal.SIGKILL)
+    began = time.monotonic()
+    gone = wait_until(lambda: not [p for p in ours if psutil.pid_exists(p)
+                                   and psutil.Process(p).status() != psutil.STATUS_ZOMBIE],
+                      timeout=15)
+    assert gone, f"still running {time.monotonic() - began:.0f}s after: {ours}"
+
+
+def _guarded(watch: bool, tmp_path: Path) -> tuple[subprocess.Popen[bytes], Path]:
+    """A parent process running `sleep` under the guard; returns the parent and a pid file."""
+    pid_file = tmp_path / f"sleep-{watch}.pid"
+    script = (
+        "import subprocess, sys\n"
+        "from model_serve.orphan_guard import guard_argv\n"
+        f"argv = guard_argv(['sh', '-c', 'echo $$ > {pid_file}; exec sleep 600'], watch={watch})\n"
+        "subprocess.Popen(argv, start_new_session=True)\n"
+        "sys.stdin.read()\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE)
+    assert wait_until(lambda: pid_file.exists() and pid_file.read_text().strip(), timeout=10)
+    return parent, pid_file
+
+
+def test_orphan_guard_both_ways(tmp_path: Path) -> None:
+    """Linux's parent-death signal, and the watching parent macOS uses (tried here too)."""
+    for watch in (False, True):
+        parent, pid_file = _guarded(watch, tmp_path)
+        sleeper = int(pid_file.read_text())
+        assert psutil.pid_exists(sleeper)
+        parent.kill()
+        parent.wait()
+
+        def ended(pid: int = sleeper) -> bool:
+            try:
+                return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                return True
+
+        assert wait_until(ended, timeout=10), f"watch={watch}: the program outlived its parent"
+
+
+def test_the_sync_loop_survives_an_os_error_and_says_so(stack: Env) -> None:
+    stack.run("stop", timeout=60)
+    stack["BRIDGE_SYNC_INTERVAL"] = "1"
+    assert stack.run("start").returncode == 0
+    config = stack.state / "models.ini"
+    config.unlink()
+    config.mkdir()  # the next write of the config fails with IsADirectoryError
+    try:
+        def sync() -> dict:
+            return json.loads(stack.run("status", "--json").stdout)["children"]["sync"]
+
+        assert wait_until(lambda: sync()["state"] == "backoff", timeout=20)
+        assert "Is a directory" in sync()["last_error"]
+        assert "Is a directory" in stack.run("status").stdout
+        config.rmdir()
+        assert wait_until(lambda: sync()["state"] == "running", timeout=30)
+        assert config.is_file() and "[ls/gemma-3-270m-q4_k_m]" in config.read_text()
+    finally:
+        if config.is_dir():
+            config.rmdir()
+
+
+def test_doctor_warns_about_an_open_port_without_keys(env: Env) -> None:
+    env["LISTEN_HOST"] = "0.0.0.0"
+    checks = {c["name"]: c for c in json.loads(env.run("doctor", "--json").stdout)}
+    assert checks["exposure"]["status"] == "warn"
+    assert "API_KEYS" in checks["exposure"]["fix"]
+    env["API_KEYS"] = "k1"
+    checks = {c["name"]: c for c in json.loads(env.run("doctor", "--json").stdout)}
+    assert checks["exposure"]["status"] == "ok"
