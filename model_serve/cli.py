@@ -118,7 +118,10 @@ def sync(no_bridge: bool, as_json: bool) -> None:
     from model_serve import render
     from model_serve.sync import run_sync
 
-    render.sync_result(run_sync(_settings(), bridge=not no_bridge), as_json)
+    result = run_sync(_settings(), bridge=not no_bridge)
+    render.sync_result(result, as_json)
+    if result.reload_error:
+        sys.exit(1)  # the engine refused the new config: the user has something to fix
 
 
 @main.command("list")

@@ -48,6 +48,9 @@ def started(status: StackStatus) -> None:
     click.echo(f"model_serve is running: engine {status.engine}, pid {status.pid}")
     click.echo(f"  API:  http://127.0.0.1:{status.port}/v1")
     click.echo(f"  log:  {status.log_file}   (model logs -f)")
+    sync = status.children.get("sync") or {}
+    if sync.get("state") == "backoff" and sync.get("last_error"):
+        click.echo(f"warning: {sync['last_error']}", err=True)
     if status.served_models == 0:
         click.echo("no models yet. Get a first one:")
         click.echo("  model pull gemma3              with Ollama installed")

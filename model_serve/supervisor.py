@@ -173,7 +173,39 @@ class Supervisor:
         child.deadline = child.started + HEALTH_DEADLINE
         self._set(child.name, child.status, "starting")
 
+    # --- the last config the engine ran with ----------------------------------------------
+    @property
+    def _last_good_path(self) -> Path:
+        return self.settings.state_dir / f"last-good-{self.engine.config_path.name}"
+
+    def _keep_last_good(self) -> None:
+        try:
+            write_if_changed(self._last_good_path,
+                             self.engine.config_path.read_text(encoding="utf-8"), mode=0o600)
+        except OSError as exc:
+            log.warning("could not keep a copy of the working config: %s", exc)
+
+    def _put_back_last_good(self) -> bool:
+        """After the engine refused to start on a new config: the one it last ran with."""
+        try:
+            good = self._last_good_path.read_text(encoding="utf-8")
+            if self.engine.config_path.read_text(encoding="utf-8") == good:
+                return False
+            write_if_changed(self.engine.config_path, good, mode=0o600)
+        except OSError:
+            return False
+        message = (f"the engine does not start with the new {self.engine.config_path.name}: "
+                   "the last good one was put back; fix custom_models.yaml or .env (see "
+                   "'model logs'), then 'model sync'")
+        log.error("%s", message)
+        self._set("sync", self.sync_status, "backoff", message)
+        return True
+
     def _failed_start(self, child: Child, reason: str) -> None:
+        if child is self.engine_child and child.failures >= 1 and self._put_back_last_good():
+            child.failures, child.backoff = 0, BACKOFF_START
+            child.next_start = time.monotonic()
+            return
         child.failures += 1
         if child.failures >= GIVE_UP_AFTER:
             self._set(child.name, child.status, "failed",
@@ -222,6 +254,8 @@ class Supervisor:
         if child.status.state == "starting":
             if child.ready is None or child.ready():
                 self._set(child.name, child.status, "running")
+                if child is self.engine_child:
+                    self._keep_last_good()
             elif now > child.deadline:
                 self._stop_child(child)
                 self._failed_start(child, f"no answer within {HEALTH_DEADLINE:.0f}s")
@@ -271,6 +305,11 @@ class Supervisor:
             self.sync_status.restarts += 1
             self._set("sync", self.sync_status, "backoff", message)
             log.warning("sync (%s) failed; the last good config stays: %s", reason, message)
+            return False
+        if result.reloaded:
+            self._keep_last_good()
+        if result.reload_error:
+            self._set("sync", self.sync_status, "backoff", result.reload_error)
             return False
         self.sync_status.last_error = result.bridge.error
         self._set("sync", self.sync_status, "running", result.bridge.error)

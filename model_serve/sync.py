@@ -17,6 +17,7 @@ from model_serve.catalog import Catalog, ScanProblem, build_catalog, ensure_mode
 from model_serve.custom_models import load_custom_models
 from model_serve.engines import Engine, select_engine
 from model_serve.errors import ModelServeError
+from model_serve.fileio import write_if_changed
 from model_serve.plan import ServedModel, build_plan
 from model_serve.settings import Settings
 
@@ -92,14 +93,27 @@ def run_sync(settings: Settings, *, bridge: bool = True, reload: bool = True,
             bridge_result = BridgeResult(False, error=str(exc))
             log.warning("%s", exc)
     catalog, plan = build_current_plan(settings)
+    running = reload and engine.healthy()
+    previous = _read_config(engine.config_path) if running else None
     config_changed = engine.write_config(plan)
     result = SyncResult(engine.name, engine.config_path, plan, catalog.problems, bridge_result,
                         config_changed)
-    if config_changed and reload and engine.healthy():
+    if config_changed and running:
         try:
             engine.reload()
             result.reloaded = True
         except ModelServeError as exc:
             result.reload_error = exc.message
-            log.warning("engine reload failed: %s", exc.message)
+            if previous is not None:
+                # The engine runs on the old config; a restart (crash, reboot) must find it too.
+                write_if_changed(engine.config_path, previous, mode=0o600)
+                result.reload_error += f"; the last good {engine.config_path.name} was put back"
+            log.warning("engine reload failed: %s", result.reload_error)
     return result
+
+
+def _read_config(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None

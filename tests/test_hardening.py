@@ -155,3 +155,23 @@ def test_doctor_warns_about_an_open_port_without_keys(env: Env) -> None:
     env["API_KEYS"] = "k1"
     checks = {c["name"]: c for c in json.loads(env.run("doctor", "--json").stdout)}
     assert checks["exposure"]["status"] == "ok"
+
+
+def test_a_config_the_engine_refuses_is_not_left_on_disk(stack: Env) -> None:
+    """`--min-hits` shows up in llama-server's --help text, but the router's preset parser
+    does not know it: the router answers the reload with HTTP 500 and keeps its old config."""
+    config = stack.state / "models.ini"
+    good = config.read_text()
+    (stack.home / "custom_models.yaml").write_text(
+        "models:\n  gemma-3:270m-q4_k_m:\n    sampler_args: '--min-hits 2'\n")
+    synced = stack.run("sync")
+    assert synced.returncode == 1
+    assert "min-hits" in synced.stderr and "the last good models.ini was put back" in synced.stderr
+    assert config.read_text() == good
+    # A restart (crash, reboot) starts the engine on the config it last ran with, and says so.
+    stack.run("stop", timeout=60)
+    started = stack.run("start")
+    assert started.returncode == 0, started.stderr
+    assert "the last good one was put back" in started.stderr
+    assert config.read_text() == good
+    assert "the last good one was put back" in stack.run("status").stdout
