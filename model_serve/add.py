@@ -10,7 +10,9 @@ from model_serve.catalog import (
     NAMES_FILE,
     SPLIT_RE,
     ensure_models_dir,
+    identity,
     load_names,
+    names_lock,
     save_names,
     slug,
 )
@@ -50,14 +52,15 @@ def add_model(settings: Settings, source: Path, name: str | None = None) -> Path
         found = _link(settings.models_dir / ADDED_DIR, source)
     if name is not None:
         path = settings.state_dir / NAMES_FILE
-        names, pinned = load_names(path)
-        for other, pinned_name in pinned.items():
-            if pinned_name.lower() == name.lower() and other != str(real):
-                raise ConfigError(f"the name '{name}' is already pinned to {other}",
-                                  "choose another --name")
-        pinned[str(real)] = name
-        names.pop(str(real), None)
-        save_names(path, names, pinned)
+        with names_lock(path):
+            names, pinned = load_names(path)
+            for other, pinned_name in pinned.items():
+                if identity(pinned_name) == identity(name) and other != str(real):
+                    raise ConfigError(f"the name '{name}' is already pinned to {other}",
+                                      "choose another --name")
+            pinned[str(real)] = name
+            names.pop(str(real), None)
+            save_names(path, names, pinned)
     return found
 
 

@@ -7,9 +7,13 @@ Split files count as one model; projector (mmproj) files are attached to a model
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import re
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,6 +26,7 @@ if TYPE_CHECKING:
     from model_serve.settings import Settings
 
 BRIDGE_RECORD = ".ollama-bridge.json"
+log = logging.getLogger(__name__)
 NAMES_FILE = "names.json"
 SPLIT_RE = re.compile(r"^(?P<stem>.+)-(?P<part>\d{5})-of-(?P<total>\d{5})\.gguf$", re.IGNORECASE)
 _UNSAFE = re.compile(r"[^a-z0-9._-]+")
@@ -264,15 +269,47 @@ def _assign_names(
     return assigned
 
 
-def load_names(path: Path | None) -> tuple[dict[str, str], dict[str, str]]:
-    """(names given in earlier runs, names pinned by `model add --name`), by real path."""
+@contextlib.contextmanager
+def names_lock(path: Path | None) -> Iterator[None]:
+    """Held from reading names.json to writing it back: the sync loop, the unloader, `model
+    list` and `model add --name` all read, change and write it."""
+    if path is None:
+        yield
+        return
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def load_names(path: Path | None,
+               problems: list[ScanProblem] | None = None) -> tuple[dict[str, str], dict[str, str]]:
+    """(names given in earlier runs, names pinned by `model add --name`), by real path.
+
+    A file that is not valid JSON is moved aside, never overwritten: the pins in it can be
+    copied back by hand."""
     if path is None:
         return {}, {}
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return {}, {}
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ModelServeError(f"cannot read {path}: {exc}", "fix its permissions") from exc
+    try:
+        data = json.loads(text)
         return ({str(k): str(v) for k, v in data.get("names", {}).items()},
                 {str(k): str(v) for k, v in data.get("pinned", {}).items()})
-    except (OSError, ValueError, AttributeError):
+    except (ValueError, AttributeError):
+        aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
+        os.replace(path, aside)
+        log.warning("%s was not valid JSON; kept as %s, names given anew", path, aside)
+        if problems is not None:
+            problems.append(ScanProblem(path, f"was not valid JSON: kept as {aside.name}; "
+                                        "names were given anew (pins from `model add --name` "
+                                        "can be copied back from it)"))
         return {}, {}
 
 
@@ -306,8 +343,12 @@ def build_catalog(models_dir: Path, prefix: str, state_dir: Path | None = None) 
     cache = InfoCache(state_dir / "model-info-cache.json" if state_dir else None)
     candidates = _scan(models_dir, cache, problems)
     names_path = state_dir / NAMES_FILE if state_dir else None
-    previous, pinned = load_names(names_path)
-    names = _assign_names(candidates, prefix, previous, pinned)
+    with names_lock(names_path):
+        previous, pinned = load_names(names_path, problems)
+        names = _assign_names(candidates, prefix, previous, pinned)
+        if names_path is not None:
+            # Pins of files that are gone are kept: a re-mounted disk brings its names back.
+            save_names(names_path, names, pinned)
     models: dict[str, CatalogModel] = {}
     for cand in candidates:
         real = str(cand.real)
@@ -324,9 +365,6 @@ def build_catalog(models_dir: Path, prefix: str, state_dir: Path | None = None) 
             model.ollama_names.append(cand.record["ollama_name"])
             model.mmproj = model.mmproj or cand.mmproj
     cache.save()
-    if names_path is not None:
-        # Pins of files that are gone are kept: a re-mounted disk brings its names back.
-        save_names(names_path, names, pinned)
     ordered = sorted(models.values(), key=lambda m: m.name)
     for model in ordered:
         model.ollama_names.sort()

@@ -180,3 +180,54 @@ def test_an_alias_that_is_another_models_engine_id_is_refused(env: Env) -> None:
     assert result.returncode == 2
     assert "custom_models.yaml" in result.stderr and "ls/alpha-1b-q4_k_m" in result.stderr
     assert "differ only by case or ':' against '-'" in result.stderr
+
+
+def test_names_json_is_locked_while_it_is_read_changed_and_written(env: Env) -> None:
+    import fcntl
+    import subprocess
+    import sys
+    import time
+
+    (env.models / "a.gguf").write_bytes(ollama_store.gguf_bytes(size_label="1B"))
+    assert env.run("sync").returncode == 0
+    lock_path = env.state / "names.json.lock"
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # as another `model list` or `model add` would
+        listing = subprocess.Popen([sys.executable, "-m", "model_serve", "list"], env=dict(env),
+                                   cwd=env.home, stdout=subprocess.PIPE, text=True)
+        time.sleep(2)
+        assert listing.poll() is None, "model list wrote names.json without the lock"
+    assert listing.wait(timeout=60) == 0
+
+
+def test_pins_survive_commands_running_at_once(env: Env, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    files = []
+    for i in range(8):
+        file = tmp_path / "outside" / f"m{i}.gguf"
+        file.parent.mkdir(exist_ok=True)
+        file.write_bytes(ollama_store.gguf_bytes(size_label=f"{i + 1}B"))
+        files.append(file)
+    listers = [subprocess.Popen([sys.executable, "-m", "model_serve", "list"], env=dict(env),
+                                cwd=env.home, stdout=subprocess.DEVNULL) for _ in range(4)]
+    adders = [subprocess.Popen([sys.executable, "-m", "model_serve", "add", str(file), "--name",
+                                f"pin{i}:1b"], env=dict(env), cwd=env.home,
+                               stdout=subprocess.DEVNULL) for i, file in enumerate(files)]
+    assert all(p.wait(timeout=120) == 0 for p in listers + adders)
+    pinned = json.loads((env.state / "names.json").read_text())["pinned"]
+    assert sorted(pinned.values()) == [f"ls/pin{i}:1b" for i in range(8)]
+
+
+def test_a_corrupt_names_json_is_kept_aside(env: Env) -> None:
+    (env.models / "a.gguf").write_bytes(ollama_store.gguf_bytes(size_label="1B"))
+    env.state.mkdir(parents=True, exist_ok=True)
+    broken = '{"names": {}, "pinned": {"/models/a.gguf": "ls/mine:1b"'  # cut short
+    (env.state / "names.json").write_text(broken)
+    synced = env.run("sync")
+    assert synced.returncode == 0, synced.stderr
+    assert "was not valid JSON" in synced.stdout + synced.stderr
+    [aside] = env.state.glob("names.json.corrupt-*")
+    assert aside.read_text() == broken
+    assert json.loads((env.state / "names.json").read_text())["names"]
