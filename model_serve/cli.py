@@ -245,10 +245,16 @@ def rm(name: str | None, filter_text: str | None, yes: bool) -> None:
             for live in (m for m in loaded if m.known_as(model.name)):
                 engine.unload(live.name)
                 click.echo(f"unloaded {model.name}")
+    failures: list[ModelServeError] = []
     for target in targets:
-        ollama.remove(settings, target.name)
+        try:
+            ollama.remove(settings, target.name)
+        except ModelServeError as exc:  # the others still go, and the sync still runs
+            failures.append(exc)
+            continue
         click.echo(f"removed {target.name}")
     render.sync_result(run_sync(settings), as_json=False)
+    _report_failures(failures)
 
 
 @main.command()
@@ -266,13 +272,29 @@ def update(name: str | None) -> None:
         click.echo("no Ollama models to update" + (f" named '{name}'" if name else ""))
         return
     before = ollama.blobs_by_name(catalog)
+    failures: list[ModelServeError] = []
+    failed: list[str] = []
     for each in names:
         click.echo(f"==> {each}")
-        ollama.pull(settings, each)
+        try:
+            ollama.pull(settings, each)
+        except ModelServeError as exc:  # the others are still pulled, and the sync still runs
+            failures.append(exc)
+            failed.append(each)
     result = run_sync(settings)
     after = ollama.blobs_by_name(build_current_plan(settings)[0])
     changed = [n for n in names if before.get(n) != after.get(n)]
-    render.updated(names, changed, result)
+    render.updated([n for n in names if n not in failed], changed, result)
+    _report_failures(failures)
+
+
+def _report_failures(failures: list[ModelServeError]) -> None:
+    """After a loop that went on past failures: each one, then exit 1."""
+    for exc in failures:
+        click.echo(f"error: {exc.message}", err=True)
+    if failures:
+        click.echo(f"  fix: {failures[0].hint}", err=True)
+        sys.exit(1)
 
 
 @main.command()

@@ -12,6 +12,7 @@ from pathlib import Path
 import pexpect
 import pytest
 
+from tests import ollama_store
 from tests.conftest import REPO, Env, free_port
 
 STANDIN = REPO / "tests" / "ollama"
@@ -172,3 +173,28 @@ def test_doctor(ollama_env: Env) -> None:
     broken = env.run("doctor")
     assert broken.returncode == 1 and "[FAIL] MODELS_DIR" in broken.stdout
     assert "mkdir -p" in broken.stdout
+
+
+def test_rm_and_update_go_on_past_a_failure_and_always_sync(ollama_env: Env) -> None:
+    env = ollama_env
+    for name in ("tiny", "tiny:2b", "alice/coder"):
+        assert env.run("pull", name).returncode == 0
+    store = Path(env["OLLAMA_MODELS"])
+    ollama_store.manifest_path(store, "tiny:2b").unlink()  # gone behind model_serve's back
+    removed = env.run("rm", "--filter", "tiny", "--yes")
+    assert removed.returncode == 1
+    assert "ollama rm tiny:2b failed: Error: model 'tiny:2b' not found" in removed.stderr
+    assert "removed tiny:latest" in removed.stdout  # the one after the failure still went
+    assert "model(s) for llama-server" in removed.stdout  # and the sync ran
+    assert [d["name"] for d in json.loads(env.run("list", "--json").stdout)] == \
+        ["ls/coder:7b-q4_k_m"]
+
+    assert env.run("pull", "tiny").returncode == 0
+    registry = json.loads(env.registry.read_text())  # type: ignore[attr-defined]
+    del registry["alice/coder:latest"]  # no longer in the registry: its pull fails
+    registry["tiny:latest"]["revision"] = 2
+    env.registry.write_text(json.dumps(registry))  # type: ignore[attr-defined]
+    updated = env.run("update")
+    assert updated.returncode == 1
+    assert "ollama pull alice/coder:latest failed" in updated.stderr
+    assert "tiny:latest: updated" in updated.stdout  # pulled after the failure, then synced
