@@ -374,16 +374,27 @@ def unload(name: str | None, unload_all: bool) -> None:
     from model_serve.engines.base import LOADED_STATES
     from model_serve.errors import ConfigError
 
-    engine = select_engine(_settings())
+    settings = _settings()
+    engine = select_engine(settings)
     engine.require_running()
     models = engine.models()
     if unload_all:
         chosen = [m for m in models if m.state in LOADED_STATES]
     elif name:
         chosen = [m for m in models if m.known_as(name)]
+        if not chosen:  # an Ollama name (gemma3:270m), or the name without its prefix
+            from model_serve.plan import find_served
+            from model_serve.sync import build_current_plan
+
+            catalog, plan = build_current_plan(settings)
+            try:
+                served = find_served(plan, catalog, name).name
+            except ConfigError:
+                served = ""
+            chosen = [m for m in models if served and m.known_as(served)]
         if not chosen:
             raise ConfigError(f"the engine serves no model named '{name}'",
-                              "run 'model list --served' to see the names")
+                              "run 'model list --served' (or 'model names') to see the names")
     else:
         raise ConfigError("name a model or pass --all",
                           "model unload ls/NAME  |  model unload --all")

@@ -145,6 +145,15 @@ def test_run_chats_through_the_stack_and_rm_unloads_first(ollama_env: Env) -> No
         assert GEMMA in env.run("stats").stdout
         served = json.loads(env.run("list", "--served", "--json").stdout)
         assert [m["name"] for m in served] == [GEMMA]
+        by_ollama_name = env.run("unload", "gemma3:270m")  # the name it was pulled by
+        assert by_ollama_name.returncode == 0, by_ollama_name.stderr
+        assert f"unloaded: {GEMMA}" in by_ollama_name.stdout
+        unknown = env.run("unload", "no-such-model")
+        assert unknown.returncode == 2 and "model list --served" in unknown.stderr
+        from openai import OpenAI
+
+        OpenAI(base_url=f"{env.base_url}/v1", api_key="x").completions.create(
+            model=GEMMA, prompt="Hi", max_tokens=2)  # loaded again, for rm to unload
         removed = env.run("rm", "gemma3:270m", "--yes")
         assert removed.returncode == 0, removed.stderr
         assert f"unloaded {GEMMA}" in removed.stdout and "removed gemma3:270m" in removed.stdout
