@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -121,27 +120,21 @@ def status(result: StackStatus, as_json: bool) -> None:
 
 
 def logs(path: Path, lines: int, follow: bool) -> None:
-    from model_serve.stack import tail
+    from model_serve import stack
 
     if not path.exists():
         click.echo(f"no log yet at {path} (the stack has not run)")
         return
-    text = tail(path, lines)
+    text = stack.tail(path, lines)
     if text:
         click.echo(text)
     if not follow:
         return
-    with open(path, encoding="utf-8", errors="replace") as handle:
-        handle.seek(0, 2)
-        try:
-            while True:
-                line = handle.readline()
-                if line:
-                    click.echo(line, nl=False)
-                else:
-                    time.sleep(0.3)
-        except KeyboardInterrupt:
-            pass
+    try:
+        for line in stack.follow(path):
+            click.echo(line, nl=False)
+    except KeyboardInterrupt:
+        pass
 
 
 def _problems(problems: list[ScanProblem]) -> None:

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -133,6 +134,32 @@ def tail(path: os.PathLike[str] | str, lines: int = 20) -> str:
             return "\n".join(handle.read().decode("utf-8", "replace").splitlines()[-lines:])
     except OSError:
         return ""
+
+
+def follow(path: os.PathLike[str] | str, interval: float = 0.3) -> Iterator[str]:
+    """New lines of the file at `path`, by name like `tail -F`: when the log is rotated (renamed
+    and made anew) or truncated, the new file is read from its start."""
+    handle = open(path, encoding="utf-8", errors="replace")  # noqa: SIM115 - reopened below
+    try:
+        handle.seek(0, os.SEEK_END)
+        while True:
+            line = handle.readline()
+            if line:
+                yield line
+                continue
+            try:
+                now = os.stat(path)
+            except FileNotFoundError:  # between the rename and the new file
+                time.sleep(interval)
+                continue
+            if now.st_ino != os.fstat(handle.fileno()).st_ino or now.st_size < handle.tell():
+                yield from iter(handle.readline, "")  # what the old file got at the last moment
+                handle.close()
+                handle = open(path, encoding="utf-8", errors="replace")  # noqa: SIM115
+                continue
+            time.sleep(interval)
+    finally:
+        handle.close()
 
 
 def start_background(settings: Settings, timeout: float = START_TIMEOUT) -> StackStatus:

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -175,3 +177,38 @@ def test_a_config_the_engine_refuses_is_not_left_on_disk(stack: Env) -> None:
     assert "the last good one was put back" in started.stderr
     assert config.read_text() == good
     assert "the last good one was put back" in stack.run("status").stdout
+
+
+def test_logs_follow_goes_on_after_the_log_rotates(env: Env) -> None:
+    """Rotation as the stack's log handler does it: the file is renamed to .1, a new one made."""
+    log = env.state / "logs" / "model_serve.log"
+    log.parent.mkdir(parents=True)
+    log.write_text("before\n")
+    follower = subprocess.Popen([sys.executable, "-m", "model_serve", "logs", "-f"],
+                                env=dict(env), cwd=env.home, stdout=subprocess.PIPE, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+    assert follower.stdout is not None
+    threading.Thread(target=lambda: [lines.put(line) for line in follower.stdout],
+                     daemon=True).start()
+
+    def next_line() -> str:
+        try:
+            return lines.get(timeout=10)
+        except queue.Empty:
+            return "(nothing within 10 s)"
+
+    try:
+        assert next_line() == "before\n"
+        time.sleep(0.5)
+        with open(log, "a") as handle:
+            handle.write("last line of the old file\n")
+        log.rename(log.with_name("model_serve.log.1"))
+        log.write_text("first line of the new file\n")
+        seen = [next_line(), next_line()]
+        assert seen == ["last line of the old file\n", "first line of the new file\n"]
+        with open(log, "a") as handle:
+            handle.write("and the next\n")
+        assert next_line() == "and the next\n"
+    finally:
+        follower.kill()
+        follower.wait()
