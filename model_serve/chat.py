@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import click
 
-from model_serve.errors import NotRunningError
+from model_serve.errors import ModelServeError
 from model_serve.settings import Settings
 
 
@@ -23,17 +23,39 @@ def resolve_served_name(settings: Settings, name: str) -> str:
     return find_served(plan, catalog, name).name
 
 
+class ReplyError(ModelServeError):
+    """One turn of the conversation failed; the conversation itself goes on."""
+
+
 def stream_reply(settings: Settings, model: str, messages: list[dict[str, str]]) -> Iterator[str]:
     """Yield the reply's text pieces as the server streams them."""
     import requests
 
     headers = {"Authorization": f"Bearer {settings.api_keys[0]}"} if settings.api_keys else {}
+    try:
+        yield from _stream(settings, model, messages, headers)
+    except requests.ConnectionError as exc:
+        raise ReplyError(f"the stack at {settings.base_url} is not answering "
+                         f"({type(exc).__name__})",
+                         "'model status' says why; 'model start' starts it again") from exc
+    except requests.RequestException as exc:
+        raise ReplyError(f"the connection to the stack broke: {exc}", "try again") from exc
+
+
+def _stream(settings: Settings, model: str, messages: list[dict[str, str]],
+            headers: dict[str, str]) -> Iterator[str]:
+    import requests
+
     with requests.post(f"{settings.base_url}/v1/chat/completions", headers=headers, stream=True,
                        json={"model": model, "messages": messages, "stream": True},
                        timeout=(5, 600)) as response:
         if response.status_code != 200:
-            raise NotRunningError(f"the server answered HTTP {response.status_code}: "
-                                  f"{response.text[:300]}", "see 'model logs'")
+            try:
+                detail = response.json()["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                detail = response.text[:300]
+            raise ReplyError(f"the server answered HTTP {response.status_code}: {detail}",
+                             "see 'model logs'")
         for line in response.iter_lines(decode_unicode=True):
             if not line or not line.startswith("data:"):
                 continue
@@ -104,5 +126,9 @@ def chat_loop(settings: Settings, name: str, system: str | None = None) -> None:
                 sys.stdout.flush()
         except KeyboardInterrupt:
             click.echo("\n(interrupted)")
+        except ReplyError as exc:  # say it, forget the turn, keep the conversation
+            click.echo(f"\nerror: {exc.message}\n  fix: {exc.hint}", err=True)
+            history.pop()
+            continue
         click.echo()
         history.append({"role": "assistant", "content": "".join(reply)})

@@ -212,3 +212,39 @@ def test_logs_follow_goes_on_after_the_log_rotates(env: Env) -> None:
     finally:
         follower.kill()
         follower.wait()
+
+
+def test_model_run_says_what_went_wrong_and_keeps_the_conversation(stack: Env,
+                                                                   gemma_path: Path) -> None:
+    import pexpect
+
+    (stack.home / "custom_models.yaml").write_text(
+        "models:\n  gemma-3:270m-q4_k_m:\n    sampler_args: '--n-predict 8'\n")
+    assert stack.run("sync").returncode == 0
+    chat = pexpect.spawn(sys.executable, ["-m", "model_serve", "run", "ls/gemma-3:270m-q4_k_m"],
+                         env=dict(stack), cwd=str(stack.home), encoding="utf-8", timeout=120)
+    try:
+        chat.expect(">>> ")
+        chat.sendline("Hello")
+        chat.expect(">>> ")
+        link = stack.models / "google" / gemma_path.name
+        link.rename(link.with_suffix(".off"))  # the model goes away while we chat
+        assert stack.run("sync").returncode == 0
+        chat.sendline("Still there?")
+        chat.expect("error: the server answered HTTP 4\\d\\d: ")
+        chat.expect(">>> ")  # the conversation goes on
+        link.with_suffix(".off").rename(link)
+        assert stack.run("sync").returncode == 0
+        assert stack.run("stop").returncode == 0
+        chat.sendline("And now?")
+        chat.expect("error: the stack at .* is not answering")
+        chat.expect(">>> ")
+        assert stack.run("start").returncode == 0
+        chat.sendline("Back?")
+        chat.expect(">>> ")
+        assert "error" not in chat.before and "Traceback" not in chat.before
+        chat.sendline("/exit")
+        chat.expect(pexpect.EOF)
+    finally:
+        chat.close(force=True)
+    assert chat.exitstatus == 0
