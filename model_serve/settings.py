@@ -37,6 +37,8 @@ SETTINGS_TABLE: tuple[Setting, ...] = (
             "(then set API_KEYS too)."),
     Setting("API_KEYS", "", "Comma-separated API keys; when set, clients must send "
             "'Authorization: Bearer <key>'. Empty = no key needed.", "list"),
+    Setting("API_KEYS_FILE", "", "A file holding API keys, one per line (keep it mode 0600), "
+            "read when API_KEYS is empty; the login service gets its keys this way.", "path"),
     Setting("ENGINE", "auto", "Engine: llama-server (router mode), llama-swap, or auto "
             "(llama-swap when it is on PATH, else llama-server).", "choice", choices=ENGINES),
     Setting("MODELS_DIR", "~/.cache/lm-studio/models",
@@ -232,6 +234,9 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
         near = difflib.get_close_matches(name, SETTINGS_BY_NAME, n=1)
         hint = f"did you mean {near[0]}?" if near else "see .env.example for every setting"
         raise ConfigError(f"unknown setting {name} in {env_file}", hint)
+    keys_file = values.pop("api_keys_file")
+    if not values["api_keys"] and keys_file is not None:
+        values["api_keys"] = _read_keys_file(keys_file, sources["API_KEYS_FILE"])
     if values["models_dir"] is None:
         raise ConfigError("MODELS_DIR is empty", "set MODELS_DIR to the folder of your models")
     values["state_dir"] = values["state_dir"] or home / "state"
@@ -241,6 +246,19 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
     cache_root = Path(env["XDG_CACHE_HOME"]) if env.get("XDG_CACHE_HOME") else user_home / ".cache"
     return Settings(home=home, env_file=env_file, sources=sources, user_home=user_home,
                     cache_dir=cache_root / "model_serve", **values)
+
+
+def _read_keys_file(path: Path, source: str) -> tuple[str, ...]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"API_KEYS_FILE={path} (from {source}) cannot be read: {exc}",
+                          "fix the path or the file's permissions") from exc
+    keys = tuple(line.strip() for line in text.splitlines() if line.strip())
+    if not keys:
+        raise ConfigError(f"API_KEYS_FILE={path} (from {source}) holds no key",
+                          "put one key per line in it, or unset API_KEYS_FILE")
+    return keys
 
 
 def env_example() -> str:

@@ -446,3 +446,20 @@ def test_cron_without_crontab(env: Env, tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "crontab was not found" in result.stderr
     assert "apt-get install cron" in result.stderr
+
+
+def test_api_keys_never_go_into_a_service_file(env: Env) -> None:
+    env["API_KEYS"] = "sk-secret-1,sk-secret-2"
+    settings = load_settings(dict(env))
+    spec = service_files.spec_for(settings, dict(env))
+    for kind in ("systemd", "launchd", "cron"):
+        assert "sk-secret" not in service_files.render(kind, spec)
+    keys_file = Path(spec.environment["API_KEYS_FILE"])
+    assert keys_file.read_text() == "sk-secret-1\nsk-secret-2\n"
+    assert keys_file.stat().st_mode & 0o777 == 0o600
+    # The service, started with what the unit carries, has the keys.
+    service_env = {k: v for k, v in env.items() if k != "API_KEYS"} | spec.environment
+    assert load_settings(service_env).api_keys == ("sk-secret-1", "sk-secret-2")
+    keys_file.write_text("")
+    with pytest.raises(ConfigError, match="holds no key"):
+        load_settings(service_env)
