@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -100,7 +101,23 @@ def _who_listens(port: int) -> str:
     return "another program"
 
 
-def check_can_start(settings: Settings) -> None:
+@contextlib.contextmanager
+def supervisor_lock(settings: Settings) -> Iterator[None]:
+    """The lock a running supervisor holds; raises when another one holds it."""
+    import fcntl
+
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    lock_path = settings.state_dir / "supervisor.lock"
+    with open(lock_path, "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise EngineError(f"another supervisor holds {lock_path}",
+                              "run 'model status'; stop it with 'model stop'") from None
+        yield
+
+
+def check_can_start(settings: Settings, holding_lock: bool = False) -> None:
     """Everything that would make a start fail half-way, checked before anything starts."""
     status = stack_status(settings)
     if status.running:
@@ -108,7 +125,12 @@ def check_can_start(settings: Settings) -> None:
         raise AlreadyRunning(f"model_serve is already running (pid {status.pid}, port "
                              f"{status.port}, since {since})", "stop it first with 'model stop'")
     if status.stale:
-        cleanup_stale(settings)
+        # Only under the supervisor lock: a supervisor starting meanwhile is never cut down.
+        if holding_lock:
+            cleanup_stale(settings)
+        else:
+            with supervisor_lock(settings):
+                cleanup_stale(settings)
     if procs.port_in_use(settings.host, settings.port):
         owner = _who_listens(settings.port)
         raise EngineError(f"port {settings.port} is already in use by {owner}",

@@ -412,19 +412,10 @@ def serve(settings: Settings, to_stderr: bool) -> int:
     """Run the stack in the foreground until SIGTERM/SIGINT (what launchd/systemd run)."""
     from model_serve import stack
 
-    settings.state_dir.mkdir(parents=True, exist_ok=True)
-    lock_path = settings.state_dir / "supervisor.lock"
-    with open(lock_path, "w") as lock:
-        import fcntl
-
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise EngineError(f"another supervisor holds {lock_path}",
-                              "run 'model status'; stop it with 'model stop'") from None
+    with stack.supervisor_lock(settings):
         # Under the lock: only one starting supervisor ends what a dead one left behind.
         try:
-            stack.check_can_start(settings)
+            stack.check_can_start(settings, holding_lock=True)
         except stack.AlreadyRunning as exc:
             # For a service manager this is a failed start: it retries until the port is free.
             raise EngineError(exc.message, exc.hint) from None
