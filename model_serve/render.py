@@ -44,7 +44,9 @@ def human_duration(seconds: float) -> str:
 
 
 def started(status: StackStatus) -> None:
-    click.echo(f"model_serve is running: engine {status.engine}, pid {status.pid}")
+    click.echo(f"model_serve is running: engine {status.engine}, pid {status.pid}"
+               + (f", under its login service ({status.via_service})"
+                  if status.via_service else ""))
     click.echo(f"  API:  http://127.0.0.1:{status.port}/v1")
     click.echo(f"  log:  {status.log_file}   (model logs -f)")
     sync = status.children.get("sync") or {}

@@ -245,6 +245,21 @@ def remove_service_file(kind: str, port: int, environ: Mapping[str, str] | None 
     return True
 
 
+def installed_service(port: int,
+                      environ: Mapping[str, str] | None = None) -> tuple[str, Path] | None:
+    """(kind, file) of the login service setup_service.sh installed for this port, if any."""
+    kind = "launchd" if sys.platform == "darwin" else "systemd"
+    path = file_path(kind, port, environ)
+    return (kind, path) if ownership(path) == "ours" else None
+
+
+def service_start_argv(kind: str, port: int) -> list[str]:
+    """The service manager's own start, so the stack runs under it, not beside it."""
+    if kind == "systemd":
+        return ["systemctl", "--user", "start", systemd_unit_name(port)]
+    return ["launchctl", "kickstart", f"gui/{os.getuid()}/{launchd_label(port)}"]
+
+
 # --- command line for the setup scripts -----------------------------------------------------------
 ACTIONS = {
     "name": (KINDS, "print the unit name, launchd label or crontab marker"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import subprocess
 import sys
@@ -17,6 +18,8 @@ from model_serve.engines import select_engine
 from model_serve.errors import EngineError, ModelServeError
 from model_serve.settings import Settings
 from model_serve.supervisor import read_state
+
+log = logging.getLogger(__name__)
 
 START_TIMEOUT = 120.0
 
@@ -35,6 +38,7 @@ class StackStatus:
     log_file: str = ""
     stale: bool = False  # a state file whose supervisor is gone (crash or SIGKILL)
     served_models: int | None = None  # how many models the config serves, when known
+    via_service: str = ""  # the login service it was started through, if any
 
     @property
     def uptime(self) -> float:
@@ -193,14 +197,17 @@ def start_background(settings: Settings, timeout: float = START_TIMEOUT) -> Stac
     served = len(run_sync(settings, reload=False).plan)
     settings.log_file.parent.mkdir(parents=True, exist_ok=True)
     console = settings.log_file.parent / "serve-console.log"
-    with open(console, "ab") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "model_serve", "serve"], stdin=subprocess.DEVNULL,
-            stdout=out, stderr=out, start_new_session=True, close_fds=True,
-        )
+    via = _start_through_service(settings)
+    process: subprocess.Popen[bytes] | None = None
+    if via is None:
+        with open(console, "ab") as out:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "model_serve", "serve"], stdin=subprocess.DEVNULL,
+                stdout=out, stderr=out, start_new_session=True, close_fds=True,
+            )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        code = process.poll()
+        code = process.poll() if process is not None else None
         if code is not None:
             raise EngineError(f"the stack stopped while starting (exit code {code}):\n"
                               + (tail(settings.log_file) or tail(console)),
@@ -209,6 +216,7 @@ def start_background(settings: Settings, timeout: float = START_TIMEOUT) -> Stac
         engine = status.children.get("engine", {})
         if status.running and status.healthy and engine.get("state") == "running":
             status.served_models = served
+            status.via_service = via or ""
             return status
         if engine.get("state") == "failed":
             stop_stack(settings)
@@ -223,6 +231,30 @@ def start_background(settings: Settings, timeout: float = START_TIMEOUT) -> Stac
     raise EngineError(f"the engine did not come up within {timeout:.0f}s"
                       + (f" (state {engine.get('state')}, last error: {last})" if last else "")
                       + ":\n" + tail(settings.log_file), "see 'model logs' for the full log")
+
+
+def _start_through_service(settings: Settings) -> str | None:
+    """With the login service installed, start the stack through its manager, so that it runs
+    supervised (restarted after a crash) and no second copy fights it for the port. Returns
+    the service's file, or None to start the stack directly."""
+    from model_serve import service_files
+
+    found = service_files.installed_service(settings.port)
+    if found is None:
+        return None
+    kind, path = found
+    argv = service_files.service_start_argv(kind, settings.port)
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log.warning("the login service %s could not be started (%s); starting directly", path,
+                    exc)
+        return None
+    if done.returncode != 0:
+        log.warning("'%s' failed (%s); starting directly", " ".join(argv),
+                    (done.stderr or done.stdout).strip()[:200])
+        return None
+    return str(path)
 
 
 @dataclass

@@ -463,3 +463,30 @@ def test_api_keys_never_go_into_a_service_file(env: Env) -> None:
     keys_file.write_text("")
     with pytest.raises(ConfigError, match="holds no key"):
         load_settings(service_env)
+
+
+def test_model_start_goes_through_an_installed_service(linux: Service, env: Env,
+                                                       gemma_path: Path) -> None:
+    """With the unit installed, `model start` asks systemd, so the stack runs under it and no
+    second copy fights the service for the port. This systemctl stand-in starts the unit's
+    command as systemd would."""
+    import sys
+
+    tool(linux.bin, "systemctl", f'printf "%s\\n" "$*" >> {shlex.quote(str(linux.calls))}\n'
+         'case "$*" in\n'
+         '  *is-active*) exit 3 ;;\n'
+         f'  "--user start "*) {shlex.quote(sys.executable)} -m model_serve serve '
+         '>/dev/null 2>&1 </dev/null & exit 0 ;;\n'
+         'esac\nexit 0')
+    (env.models / gemma_path.name).symlink_to(gemma_path)
+    assert linux.run("setup_service.sh", "install").returncode == 0
+    name = f"model-serve-{env.port}.service"
+    try:
+        started = env.run("start")
+        assert started.returncode == 0, started.stdout + started.stderr
+        assert "under its login service" in started.stdout and name in started.stdout
+        assert f"--user start {name}" in linux.calls_made
+        assert env.run("status").returncode == 0
+    finally:
+        env.run("stop", timeout=60)
+    assert llama_servers_under(env.home.parent) == []
