@@ -213,6 +213,8 @@ def pull(name: str) -> None:
     result = run_sync(settings)
     wanted = ollama.normalize(name).lower()
     served = [s for s in result.plan if wanted in (n.lower() for n in s.model.ollama_names)]
+    if not served:
+        ollama.check_pulled_into(settings, name, result.bridge.summary.get("store"))
     render.pulled(name, served, result)
 
 

@@ -98,6 +98,15 @@ def _store(settings: Settings) -> Check:
         return Check("ollama store", "fail", f"{store}: {unreadable[0]}",
                      "add yourself to the 'ollama' group (sudo usermod -aG ollama $USER) and "
                      "log in again")
+    from model_serve.ollama import manifest_path, server_models
+
+    listed = server_models(settings) or []
+    elsewhere = [n for n in listed if not manifest_path(Path(store), n).exists()]
+    if elsewhere:
+        return Check("ollama store", "warn", f"the Ollama server at {settings.ollama_host} lists "
+                     f"{len(elsewhere)} model(s) that are not in {store} (e.g. {elsewhere[0]}): "
+                     "it keeps its models in another folder",
+                     "set OLLAMA_MODELS in .env to the folder that server uses")
     pending = len(result.summary.get("linked", [])) + len(result.summary.get("removed", []))
     detail = f"{store}" + (f" ({pending} change(s) waiting for 'model sync')" if pending else "")
     return Check("ollama store", "ok", detail)

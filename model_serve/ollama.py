@@ -40,13 +40,47 @@ def normalize(name: str) -> str:
     return name if ":" in last else f"{name}:latest"
 
 
+def manifest_path(store: Path, name: str) -> Path:
+    """Where a model's manifest lies in a store: manifests/<host>/<namespace>/<model>/<tag>."""
+    path, _, tag = normalize(name).rpartition(":")
+    parts = path.split("/")
+    if len(parts) == 1:
+        parts = ["registry.ollama.ai", "library", *parts]
+    elif len(parts) == 2:
+        parts = ["registry.ollama.ai", *parts]
+    return store.joinpath("manifests", *parts, tag)
+
+
+def server_models(settings: Settings) -> list[str] | None:
+    """What the Ollama server at OLLAMA_HOST lists (GET /api/tags); None when it does not answer."""
+    import requests
+
+    try:
+        reply = requests.get(settings.ollama_host.rstrip("/") + "/api/tags", timeout=3)
+        return [str(m.get("name", "")) for m in reply.json().get("models", [])]
+    except (requests.RequestException, ValueError, AttributeError):
+        return None
+
+
+def check_pulled_into(settings: Settings, name: str, store: str | None) -> None:
+    """After a pull: the server must have put the model where the bridge looks."""
+    if store and manifest_path(Path(store), name).exists():
+        return
+    raise ModelServeError(
+        f"ollama pulled {name}, but the Ollama store model_serve links from "
+        f"({store or 'none found'}) does not have it: the Ollama server at "
+        f"{settings.ollama_host} keeps its models in another folder",
+        "set OLLAMA_MODELS in .env to the folder that server uses (its own OLLAMA_MODELS; "
+        "Linux's system service uses /usr/share/ollama/.ollama/models), then 'model sync'")
+
+
 def run_ollama(settings: Settings, *args: str,
                capture: bool = False) -> subprocess.CompletedProcess[str]:
     """Run `ollama ARGS` with the user's terminal (progress bars) unless `capture`."""
     binary = ollama_binary(settings)
-    env = dict(os.environ)
-    if settings.ollama_models is not None:
-        env["OLLAMA_MODELS"] = str(settings.ollama_models)
+    # The CLI is a client of the server: OLLAMA_HOST says which server. Where models go is the
+    # server's own OLLAMA_MODELS; passing ours to the client would change nothing.
+    env = {**os.environ, "OLLAMA_HOST": settings.ollama_host}
     try:
         return subprocess.run([str(binary), *args], env=env, text=True,
                               capture_output=capture, check=False)

@@ -67,10 +67,12 @@ SETTINGS_TABLE: tuple[Setting, ...] = (
             "empty = the bundled lm-studio-ollama-bridge/ollama-bridge.", "path"),
     Setting("BRIDGE_SYNC_INTERVAL", "3600", "Seconds between background syncs of Ollama's "
             "models while the stack runs (0 = only on 'model sync').", "int", 0),
-    Setting("OLLAMA_MODELS", "", "Ollama's model store; empty = Ollama's own default "
-            "(~/.ollama/models, then /usr/share/ollama/.ollama/models).", "path"),
-    Setting("OLLAMA_HOST", "http://127.0.0.1:11434", "Where Ollama's API answers (checked by "
-            "'model doctor'; the ollama command reads it too)."),
+    Setting("OLLAMA_MODELS", "", "Ollama's model store, which the bridge links from: the "
+            "folder the Ollama server uses (the server decides where pulls go); empty = "
+            "Ollama's own default (~/.ollama/models, then /usr/share/ollama/.ollama/models).",
+            "path"),
+    Setting("OLLAMA_HOST", "http://127.0.0.1:11434", "Where the Ollama server answers: given "
+            "to the ollama command (pull, rm, update) and checked by 'model doctor'."),
     Setting("OLLAMA_BIN", "", "Path of the ollama command (pull, rm, update); empty = look on "
             "PATH.", "path"),
     Setting("LLAMA_SERVER_BIN", "", "Path of llama-server; empty = PATH, then the copy "

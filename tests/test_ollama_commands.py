@@ -4,14 +4,18 @@ engine, chat."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pexpect
 import pytest
 
+from model_serve.procs import wait_until
 from tests import ollama_store
 from tests.conftest import REPO, Env, free_port
 
@@ -19,8 +23,35 @@ STANDIN = REPO / "tests" / "ollama"
 GEMMA = "ls/gemma3:268.10m-q4_k_m"
 
 
+SERVER = REPO / "tests" / "ollama_server.py"
+
+
+@contextlib.contextmanager
+def ollama_server(store: Path, registry: Path) -> Iterator[str]:
+    """The stand-in Ollama server on a free port, its store `store`; yields its OLLAMA_HOST."""
+    port = free_port()
+    environ = {**os.environ, "OLLAMA_MODELS": str(store), "OLLAMA_STANDIN_REGISTRY": str(registry)}
+    server = subprocess.Popen([sys.executable, str(SERVER), str(port)], env=environ)
+    host = f"http://127.0.0.1:{port}"
+    try:
+        assert wait_until(lambda: _answers(host), timeout=15), "the stand-in server did not start"
+        yield host
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def _answers(host: str) -> bool:
+    import requests
+
+    try:
+        return requests.get(host + "/api/version", timeout=1).status_code == 200
+    except requests.RequestException:
+        return False
+
+
 @pytest.fixture
-def ollama_env(env: Env, tmp_path: Path, gemma_path: Path) -> Env:
+def ollama_env(env: Env, tmp_path: Path, gemma_path: Path) -> Iterator[Env]:
     registry = tmp_path / "registry.json"
     registry.write_text(json.dumps({
         "tiny:latest": {"model_type": "1B", "file_type": "Q4_K_M"},
@@ -31,9 +62,11 @@ def ollama_env(env: Env, tmp_path: Path, gemma_path: Path) -> Env:
                         "gguf_file": str(gemma_path)},
     }))
     env["OLLAMA_BIN"] = str(STANDIN)
-    env["OLLAMA_STANDIN_REGISTRY"] = str(registry)
     env.registry = registry  # type: ignore[attr-defined]
-    return env
+    # The server's store is the one model_serve bridges (OLLAMA_MODELS of the env fixture).
+    with ollama_server(Path(env["OLLAMA_MODELS"]), registry) as host:
+        env["OLLAMA_HOST"] = host
+        yield env
 
 
 def test_pull_syncs_and_prints_the_served_name(ollama_env: Env) -> None:
@@ -68,7 +101,7 @@ def test_ollama_missing_or_stopped(env: Env) -> None:
     assert missing.returncode == 1 and "ollama command was not found" in missing.stderr
     assert "ollama.com/download" in missing.stderr
     env["OLLAMA_BIN"] = str(STANDIN)
-    env["OLLAMA_STANDIN_DOWN"] = "1"
+    env["OLLAMA_HOST"] = f"http://127.0.0.1:{free_port()}"  # no server there
     down = env.run("pull", "tiny")
     assert down.returncode == 1 and "could not connect" in down.stderr
     assert "Ollama is running" in down.stderr
@@ -207,3 +240,27 @@ def test_rm_and_update_go_on_past_a_failure_and_always_sync(ollama_env: Env) -> 
     assert updated.returncode == 1
     assert "ollama pull alice/coder:latest failed" in updated.stderr
     assert "tiny:latest: updated" in updated.stdout  # pulled after the failure, then synced
+
+
+def test_a_server_that_keeps_its_models_elsewhere_is_named(env: Env, tmp_path: Path) -> None:
+    """The real CLI is a client: the server decides the store. OLLAMA_MODELS set for
+    model_serve does not move the server's pulls, so a mismatch must be caught and said."""
+    registry = tmp_path / "registry.json"
+    registry.write_text(json.dumps({"tiny:latest": {"model_type": "1B"}}))
+    servers_store = tmp_path / "servers-store"
+    (servers_store / "blobs").mkdir(parents=True)
+    env["OLLAMA_BIN"] = str(STANDIN)
+    with ollama_server(servers_store, registry) as host:
+        env["OLLAMA_HOST"] = host  # from the environment, as a .env line would give it
+        pulled = env.run("pull", "tiny")
+        assert pulled.returncode == 1, pulled.stdout + pulled.stderr
+        assert "keeps its models in another folder" in pulled.stderr
+        assert env["OLLAMA_MODELS"] in pulled.stderr and "set OLLAMA_MODELS" in pulled.stderr
+        assert (servers_store / "manifests").is_dir()  # the server did pull it, there
+        doctor = {c["name"]: c for c in json.loads(env.run("doctor", "--json").stdout)}
+        assert doctor["ollama store"]["status"] == "warn"
+        assert "tiny:latest" in doctor["ollama store"]["detail"]
+        env["OLLAMA_MODELS"] = str(servers_store)  # the fix the message gives
+        assert env.run("sync").returncode == 0
+        listed = [d["name"] for d in json.loads(env.run("list", "--json").stdout)]
+        assert listed == ["ls/tiny:1b-q4_k_m"]
