@@ -102,10 +102,6 @@ def test_parse_exit_lines_of_both_engines() -> None:
     assert parse_exit("[INFO] <ls/a:1b-q8_0> Health check passed") is None
 
 
-REAL_LLAMA_SWAP = Path(__file__).resolve().parents[2] / "shared" / "tools" / "llama-swap" \
-    / "llama-swap"
-
-
 @pytest.mark.parametrize("engine", ["llama-server", "llama-swap"])
 def test_a_model_server_killed_by_a_signal_is_reported_in_logs_and_stats(
         checked_env: Env, gemma_path: Path, tmp_path: Path, engine: str) -> None:
@@ -113,13 +109,10 @@ def test_a_model_server_killed_by_a_signal_is_reported_in_logs_and_stats(
     "upstream process exited unexpectedly"); the model started alone shows it."""
     env = crashing(checked_env)
     if engine == "llama-swap":
-        if not REAL_LLAMA_SWAP.exists():
-            assert not os.environ.get("CI"), f"{REAL_LLAMA_SWAP} is missing in CI"
-            pytest.skip(f"the real llama-swap is not at {REAL_LLAMA_SWAP}")
-        from tests.test_llama_swap import port_block
+        from tests.test_llama_swap import llama_swap_binary, port_block
 
         env.port = port_block()
-        env.update({"ENGINE": "llama-swap", "LLAMA_SWAP_BIN": str(REAL_LLAMA_SWAP),
+        env.update({"ENGINE": "llama-swap", "LLAMA_SWAP_BIN": str(llama_swap_binary(tmp_path)),
                     "LLAMA_SWAP_PORT": str(env.port), "DEFAULT_CTX_SIZE": "2048"})
     marker = tmp_path / "crash-now"
     env["CRASH_MARKER"] = str(marker)  # the engine computes at start; the crash comes later

@@ -1,6 +1,6 @@
-"""The llama-swap engine: config rendering, and for real against the llama-swap stand-in
-(tests/llama_swap_standin.py, which follows llama-swap's documented behaviour) with real
-llama-server processes and the real gemma model."""
+"""The llama-swap engine: config rendering, and for real against the real llama-swap (v250,
+../shared/tools/llama-swap) with real llama-server processes and the real gemma model. Where
+that binary is missing, the stand-in tests/llama_swap_standin.py takes its place."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,7 +35,7 @@ from model_serve.errors import ConfigError, EngineError
 from model_serve.plan import ServedModel, build_plan
 from model_serve.procs import wait_until
 from model_serve.settings import load_settings
-from tests.conftest import Env, llama_servers_under
+from tests.conftest import REPO, Env, llama_servers_under
 from tests.ollama_store import gguf_bytes
 
 STANDIN = Path(__file__).resolve().parent / "llama_swap_standin.py"
@@ -61,16 +62,33 @@ def port_block(count: int = 4) -> int:
     raise RuntimeError("no free block of ports between 20000 and 32000")
 
 
-@pytest.fixture
-def swap_env(env: Env, tmp_path: Path) -> Env:
-    """An env whose llama-swap is the stand-in, run by the interpreter running the tests."""
-    env.port = port_block()
+REAL_LLAMA_SWAP = REPO.parent / "shared" / "tools" / "llama-swap" / "llama-swap"
+_said_fallback: list[bool] = []
+
+
+def llama_swap_binary(tmp_path: Path) -> Path:
+    """The real llama-swap (v250, in shared/tools; CI has it). Where it is missing (a user's
+    machine), the stand-in, said once."""
+    if REAL_LLAMA_SWAP.exists():
+        return REAL_LLAMA_SWAP
+    assert not os.environ.get("CI"), f"the real llama-swap is missing in CI: {REAL_LLAMA_SWAP}"
+    if not _said_fallback:
+        _said_fallback.append(True)
+        warnings.warn(f"{REAL_LLAMA_SWAP} is missing: the llama-swap tests use the stand-in "
+                      "tests/llama_swap_standin.py", stacklevel=2)
     wrapper = tmp_path / "bin" / "llama-swap"
     wrapper.parent.mkdir()
     wrapper.write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} "
                        f"{shlex.quote(str(STANDIN))} \"$@\"\n")
     wrapper.chmod(0o755)
-    env.update({"ENGINE": "llama-swap", "LLAMA_SWAP_BIN": str(wrapper),
+    return wrapper
+
+
+@pytest.fixture
+def swap_env(env: Env, tmp_path: Path) -> Env:
+    """An env whose engine is llama-swap: the real one wherever it is."""
+    env.port = port_block()
+    env.update({"ENGINE": "llama-swap", "LLAMA_SWAP_BIN": str(llama_swap_binary(tmp_path)),
                 "LLAMA_SWAP_PORT": str(env.port),
                 "DEFAULT_CTX_SIZE": "2048"})
     return env
