@@ -403,6 +403,8 @@ def unload(name: str | None, unload_all: bool) -> None:
     loaded = [m for m in chosen if m.state in LOADED_STATES]
     for model in loaded:
         engine.unload(model.name)
+    for model in loaded:
+        engine.wait_unloaded(model.name)
     render.unloaded([m.served_name for m in loaded],
                     [m.served_name for m in chosen if m not in loaded])
 

@@ -54,8 +54,10 @@ def _watch(parent: int, argv: list[str]) -> None:
     if child == 0:
         _exec(argv)
     # Stop signals reach the whole group (PROGRAM too); wait for PROGRAM to end of them.
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
+    # A SIGHUP sent to this pid (a reload) is meant for PROGRAM.
+    signal.signal(signal.SIGHUP, lambda *_: os.kill(child, signal.SIGHUP))
     orphaned_at = 0.0
     while True:
         pid, status = os.waitpid(child, os.WNOHANG)

@@ -112,6 +112,19 @@ def port_in_use(host: str, port: int) -> bool:
         return sock.connect_ex((target, port)) == 0
 
 
+def listener_pid(port: int) -> int | None:
+    """The pid of the process listening on TCP `port`, when this user may see it."""
+    import psutil
+
+    try:
+        for conn in psutil.net_connections(kind="tcp"):
+            if conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN:
+                return conn.pid
+    except (psutil.Error, OSError):
+        pass
+    return None
+
+
 def wait_until(predicate, timeout: float, interval: float = 0.1) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -95,14 +95,11 @@ def cleanup_stale(settings: Settings) -> int:
 def _who_listens(port: int) -> str:
     import psutil
 
+    pid = procs.listener_pid(port)
     try:
-        for conn in psutil.net_connections(kind="tcp"):
-            listening = conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN
-            if listening and conn.pid:
-                return f"{psutil.Process(conn.pid).name()} (pid {conn.pid})"
-    except (psutil.Error, OSError):
-        pass
-    return "another program"
+        return f"{psutil.Process(pid).name()} (pid {pid})" if pid else "another program"
+    except psutil.Error:
+        return "another program"
 
 
 @contextlib.contextmanager

@@ -139,8 +139,7 @@ def load_config(path: Path) -> Config:
             if unresolved:
                 raise ConfigError(f"model {model_id}: unknown macro ${{{unresolved.group(1)}}}")
         ttl = _int(entry.get("ttl"), f"model {model_id}: ttl", global_ttl)
-        if ttl < 0:
-            raise ConfigError(f"model {model_id}: ttl must be >= 0")
+        ttl = max(ttl, 0)  # v250 takes a negative ttl without complaint
         names = [str(a) for a in entry.get("aliases") or []]
         for alias in names:
             if alias in aliases or alias in models_raw:
@@ -393,15 +392,18 @@ class Swap:
                 log(f"unloaded {up.config.id} after {up.config.ttl}s idle (ttl)")
 
     def reload(self, config: Config) -> None:
-        """A new config: every running model stops, then the new set starts out stopped."""
+        """A new config: the event streams close first (v250 sends no event for the models a
+        reload stops), every running model stops, then the new set starts out stopped."""
         with self.swap_lock:
+            with self.cv:
+                self.generation += 1
+                self.cv.notify_all()
             self.stop_all()
             with self.cv:
                 for up in self.upstreams.values():
                     self._set(up, "shutdown")
                 self.config = config
                 self.upstreams = {m: Upstream(c) for m, c in config.models.items()}
-                self.generation += 1
                 self.changes += 1
                 self.cv.notify_all()
 

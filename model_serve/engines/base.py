@@ -99,6 +99,20 @@ class Engine(ABC):
                               "is the stack running? try 'model status'") from exc
         return response
 
+    def wait_unloaded(self, name: str, timeout: float = 30.0) -> bool:
+        """After unload(): True once the engine reports `name` out of memory (the router
+        answers the unload call before its model server has exited)."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while True:
+            state = next((m.state for m in self.models() if m.name == name), "unloaded")
+            if state not in LOADED_STATES:
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.1)
+
     def healthy(self, timeout: float = 2) -> bool:
         # http.client, not requests: `model status` must stay cheap to start.
         import http.client

@@ -10,12 +10,15 @@ Config is a YAML file (config.yaml). Facts that shape it (design/reference/llama
   placed right above our own port (LLAMA_SWAP_PORT + 1, ...) so two stacks on different ports
   do not collide;
 - `concurrencyLimit` defaults to 10 (queued requests included, then HTTP 429), so it is raised;
-- llama-swap runs with `--watch-config`: it picks a changed file up by itself (a stat poll every
-  2 s) and stops every running model when it does. `reload()` only waits for it.
+- a reload stops every running model. From v205 `reload()` sends SIGHUP and waits for it;
+  `--watch-config` (a stat poll every 2 s) would reload a second time a moment later and cut
+  the requests the first reload's new processes were serving (seen with v250), so it is used
+  only by older builds, where SIGHUP ends llama-swap instead.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -29,6 +32,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
+from model_serve import procs
 from model_serve.catalog import dash_form
 from model_serve.engines.base import Engine, EngineModel, find_on_path
 from model_serve.engines.llama_server import check_option, option_spellings, resolve_llama_server
@@ -41,6 +45,7 @@ FALLBACK_START_PORT = 5800  # llama-swap's own default, used when our port is ne
 GROUP = "model_serve"
 RELOAD_WAIT = 10.0  # llama-swap polls the file every 2 s
 MIN_UNLOAD_ONE = 161  # first release with POST /api/models/unload/<id>
+MIN_SIGHUP_RELOAD = 205  # SIGHUP reloads from here on; before, it ends llama-swap
 
 # Keys llama-swap reads (config-schema.json of v250). Anything else would be ignored silently.
 KNOWN_TOP_KEYS = frozenset({
@@ -116,8 +121,14 @@ class LlamaSwapEngine(Engine):
     def command(self) -> list[str]:
         host = self.settings.host
         listen = f"[{host}]:{self.settings.port}" if ":" in host else f"{host}:{self.settings.port}"
-        return [str(self.binary()), "--config", str(self.config_path), "--listen", listen,
-                "--watch-config"]
+        argv = [str(self.binary()), "--config", str(self.config_path), "--listen", listen]
+        if not self._reloads_on_sighup():
+            argv.append("--watch-config")
+        return argv
+
+    def _reloads_on_sighup(self) -> bool:
+        number = self.version_number()
+        return number is not None and number >= MIN_SIGHUP_RELOAD
 
     def version_number(self) -> int | None:
         """The release number (`version: v250 (abc), built at …` -> 250); None when unknown."""
@@ -284,8 +295,14 @@ class LlamaSwapEngine(Engine):
                     yield name, state
 
     def reload(self) -> None:
-        """llama-swap (--watch-config) reloads the file itself; wait until it serves the new
-        model set. A config it refuses leaves the old set listed: that is reported."""
+        """Make llama-swap take the new file, and return once it serves it.
+
+        llama-swap closes its event streams when it swaps in a new config, and keeps the old
+        one when it refuses the file: a stream opened before the reload that closes is the
+        proof. SIGHUP (v205+) makes the reload happen now instead of at the next 2-second poll
+        of --watch-config; a settings-only change keeps the same model set, so that set alone
+        cannot tell."""
+        import requests
         import yaml
 
         try:
@@ -293,15 +310,75 @@ class LlamaSwapEngine(Engine):
         except (OSError, yaml.YAMLError, TypeError, KeyError) as exc:
             raise EngineError(f"cannot read {self.config_path}: {exc}", "run 'model sync'") from exc
         deadline = time.monotonic() + RELOAD_WAIT
+        refused = EngineError(f"llama-swap did not take the new {self.config_path.name} within "
+                              f"{RELOAD_WAIT:.0f}s (it keeps the old one when it finds an "
+                              "error)", "see 'model logs' for its reason")
+        try:
+            stream = requests.get(self.settings.base_url + "/api/events", stream=True,
+                                  headers=self._headers(), timeout=(5, RELOAD_WAIT + 5))
+        except requests.RequestException as exc:
+            raise EngineError(f"llama-swap's event stream did not open: {exc}",
+                              "see 'model logs'") from exc
+        try:
+            self._ask_to_reload()
+            if not _closes_before(stream, deadline):
+                raise refused
+        finally:
+            stream.close()
         while True:
-            listed = {item.get("id") for item in self._get_json("/v1/models").get("data", [])}
+            try:
+                listed = {item.get("id") for item in
+                          self._get_json("/v1/models").get("data", [])}
+            except EngineError:
+                listed = set()  # the new server may not answer for a moment
             if listed == wanted:
                 return
             if time.monotonic() > deadline:
-                raise EngineError(f"llama-swap did not take the new {self.config_path.name} "
-                                  f"within {RELOAD_WAIT:.0f}s (it keeps the old one when it "
-                                  "finds an error)", "see 'model logs' for its reason")
+                raise refused
             time.sleep(0.25)
+
+    def _ask_to_reload(self) -> None:
+        """SIGHUP to the running llama-swap (v205+; older builds die of it, and reload by their
+        --watch-config poll instead)."""
+        import signal
+
+        from model_serve.supervisor import read_state
+
+        if not self._reloads_on_sighup():
+            return
+        engine = ((read_state(self.settings) or {}).get("children") or {}).get("engine") or {}
+        ref = procs.ProcRef.from_json(engine.get("pid"))
+        # The supervisor's record; else whoever serves our port (llama-swap run by hand).
+        pid = ref.pid if ref is not None and ref.alive() else procs.listener_pid(self.settings.port)
+        if pid and _is_llama_swap(pid):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGHUP)
+
+
+def _is_llama_swap(pid: int) -> bool:
+    import psutil
+
+    try:
+        process = psutil.Process(pid)
+        return "llama-swap" in process.name() or any(
+            "llama-swap" in word or "llama_swap" in word for word in process.cmdline())
+    except psutil.Error:
+        return False
+
+
+def _closes_before(stream: Any, deadline: float) -> bool:
+    """True once the server closes `stream` before `deadline` (read in a thread: a read that
+    times out would end the iteration for good)."""
+    closed = threading.Event()
+
+    def drain() -> None:
+        with contextlib.suppress(Exception):  # closed under it, or cut off: both mean done
+            for _chunk in stream.iter_content(chunk_size=None):
+                pass
+        closed.set()
+
+    threading.Thread(target=drain, daemon=True, name="reload-watch").start()
+    return closed.wait(max(0.0, deadline - time.monotonic()))
 
 
 def check_known_keys(config: dict[str, Any]) -> None:

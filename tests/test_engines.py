@@ -1,0 +1,163 @@
+"""The same behaviour tests on both engines, real programs only: the llama-server router and
+the real llama-swap (v250), each running two names of the real gemma model. Where the engines
+differ by design, the test says so and checks each one's documented behaviour."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from openai import APIError, OpenAI
+
+from model_serve.engines import Engine, EngineModel, select_engine
+from model_serve.procs import wait_until
+from model_serve.settings import load_settings
+from tests.conftest import Env, llama_servers_under, stack_processes_under
+from tests.test_llama_swap import llama_swap_binary, port_block
+
+A, B = "ls/gemma-3:270m-q4_k_m", "ls/g2"
+TWIN = "models:\n  g2:\n    base_model: gemma-3:270m-q4_k_m\n"
+
+
+@pytest.fixture(params=["llama-server", "llama-swap"])
+def both(request: pytest.FixtureRequest, env: Env, gemma_path: Path,
+         tmp_path: Path) -> Iterator[Env]:
+    """A running stack on one engine or the other, serving A and its twin B."""
+    if request.param == "llama-swap":
+        env.port = port_block()
+        env.update({"ENGINE": "llama-swap", "LLAMA_SWAP_BIN": str(llama_swap_binary(tmp_path)),
+                    "LLAMA_SWAP_PORT": str(env.port)})
+    (env.models / gemma_path.name).symlink_to(gemma_path)
+    (env.home / "custom_models.yaml").write_text(TWIN)
+    started = env.run("start")
+    assert started.returncode == 0, started.stdout + started.stderr
+    try:
+        yield env
+    finally:
+        env.run("stop", timeout=90)
+    assert stack_processes_under(env.home.parent) == []
+
+
+def engine_of(env: Env) -> Engine:
+    return select_engine(load_settings(dict(env)))
+
+
+def models(env: Env) -> dict[str, EngineModel]:
+    return {m.served_name: m for m in engine_of(env).models()}
+
+
+def states(env: Env) -> dict[str, str]:
+    return {name: m.state for name, m in models(env).items()}
+
+
+def chat(env: Env, model: str, tokens: int = 2) -> int:
+    client = OpenAI(base_url=f"{env.base_url}/v1", api_key="x", max_retries=0, timeout=120)
+    reply = client.completions.create(model=model, prompt="Hello", max_tokens=tokens)
+    return reply.usage.completion_tokens
+
+
+def model_servers(env: Env) -> list[int]:
+    import psutil
+
+    return [pid for pid in llama_servers_under(env.home.parent)
+            if "--alias" in psutil.Process(pid).cmdline()]
+
+
+def test_loads_on_first_request_and_keeps_several_loaded(both: Env) -> None:
+    assert states(both) == {A: "unloaded", B: "unloaded"}
+    assert chat(both, A) == 2
+    assert states(both) == {A: "loaded", B: "unloaded"}
+    assert chat(both, B) == 2
+    assert states(both) == {A: "loaded", B: "loaded"}  # no swapping
+    assert len(model_servers(both)) == 2
+
+
+def test_unload_one(both: Env) -> None:
+    chat(both, A)
+    chat(both, B)
+    unloaded = both.run("unload", A)
+    assert unloaded.returncode == 0 and f"unloaded: {A}" in unloaded.stdout
+    assert states(both) == {A: "unloaded", B: "loaded"}
+    assert len(model_servers(both)) == 1
+    assert chat(both, A) == 2  # and it loads again on its next request
+
+
+def test_ttl(both: Env) -> None:
+    """The router puts an idle model to sleep (weights and KV cache freed, its process kept,
+    state `sleeping`); llama-swap stops its process (state `unloaded`)."""
+    (both.home / "custom_models.yaml").write_text(TWIN + "    ttl: 2\n")
+    assert both.run("sync").returncode == 0
+    chat(both, A)
+    chat(both, B)
+    expected = "sleeping" if both["ENGINE"] == "llama-server" else "unloaded"
+    assert wait_until(lambda: states(both)[B] == expected, timeout=30), states(both)
+    assert states(both)[A] == "loaded"  # the default TTL, 1800 s
+    assert chat(both, B) == 2  # it wakes on its next request
+
+
+def test_reload_on_a_config_change(both: Env) -> None:
+    """The router unloads only the model whose settings changed; llama-swap restarts every
+    model on any config change (its design), so the next request of each loads it again."""
+    chat(both, A)
+    chat(both, B)
+    (both.home / "custom_models.yaml").write_text(TWIN + "    sampler_args: '--temp 0.5'\n")
+    synced = both.run("sync")
+    assert synced.returncode == 0 and "reloaded" in synced.stdout, synced.stdout
+    after = states(both)
+    assert after[B] == "unloaded"
+    assert after[A] == ("loaded" if both["ENGINE"] == "llama-server" else "unloaded")
+    try:
+        chat(both, A)
+    except Exception:
+        print(both.run("logs", "-n", "80").stdout)
+        raise
+    assert chat(both, A) == 2 and chat(both, B) == 2
+    server = next(m for m in models(both).values() if m.served_name == B)
+    assert server.state == "loaded"
+
+
+def test_engine_killed_mid_request(both: Env) -> None:
+    """SIGKILL of the engine while it streams: that request fails, the supervisor starts the
+    engine again, no model server of the old one is left, and the next request works."""
+    chat(both, A)
+    old_servers = model_servers(both)
+    state = json.loads((both.state / "supervisor.json").read_text())
+    engine_pid = state["children"]["engine"]["pid"][0]
+    failed: list[BaseException] = []
+
+    def long_stream() -> None:
+        client = OpenAI(base_url=f"{both.base_url}/v1", api_key="x", max_retries=0, timeout=60)
+        try:
+            for _chunk in client.completions.create(model=A, prompt="Once upon a time",
+                                                    max_tokens=2000, stream=True):
+                pass
+        except (APIError, OSError) as exc:
+            failed.append(exc)
+
+    streamer = threading.Thread(target=long_stream)
+    streamer.start()
+    assert wait_until(lambda: states(both)[A] == "loaded", timeout=10)
+    os.kill(engine_pid, signal.SIGKILL)
+    streamer.join(timeout=90)
+    assert failed, "the stream should break when its engine dies"
+
+    def restarted() -> bool:
+        current = json.loads((both.state / "supervisor.json").read_text())
+        engine = current["children"]["engine"]
+        return engine["state"] == "running" and engine["pid"][0] != engine_pid
+
+    assert wait_until(restarted, timeout=60)
+    assert not [pid for pid in old_servers if pid in model_servers(both)]
+    assert wait_until(lambda: _answers(both), timeout=60)
+
+
+def _answers(env: Env) -> bool:
+    try:
+        return chat(env, A) == 2
+    except (APIError, OSError):
+        return False
