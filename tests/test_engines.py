@@ -161,3 +161,47 @@ def _answers(env: Env) -> bool:
         return chat(env, A) == 2
     except (APIError, OSError):
         return False
+
+
+def test_fifty_requests_across_a_reload(both: Env) -> None:
+    """A third model is added while 50 requests over A and B run. The router reloads without
+    touching A and B, so none is lost. llama-swap stops every model on a reload and cuts what
+    they were serving (its design; HTTP 5xx): only requests sent before the reload finished
+    may fail, and none sent after it."""
+    import time
+
+    chat(both, A)
+    chat(both, B)
+    outcomes: list[tuple[float, bool]] = []
+    lock = threading.Lock()
+
+    def one(i: int) -> None:
+        sent = time.monotonic()
+        try:
+            ok = chat(both, A if i % 2 else B, tokens=8) == 8
+        except (APIError, OSError):
+            ok = False
+        with lock:
+            outcomes.append((sent, ok))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(50)]
+    for thread in threads[:25]:
+        thread.start()
+        time.sleep(0.02)
+    (both.home / "custom_models.yaml").write_text(
+        TWIN + "  g3:\n    base_model: gemma-3:270m-q4_k_m\n")
+    synced = both.run("sync")
+    reloaded_at = time.monotonic()
+    assert synced.returncode == 0 and "reloaded" in synced.stdout, synced.stdout + synced.stderr
+    for thread in threads[25:]:
+        thread.start()
+        time.sleep(0.02)
+    for thread in threads:
+        thread.join(timeout=300)
+    assert len(outcomes) == 50
+    failed = [sent for sent, ok in outcomes if not ok]
+    if both["ENGINE"] == "llama-server":
+        assert failed == []
+    else:
+        assert all(sent < reloaded_at for sent in failed), "a request after the reload failed"
+    assert set(states(both)) == {A, B, "ls/g3"}

@@ -259,7 +259,7 @@ def test_command_and_version(swap_env: Env, tmp_path: Path) -> None:
     assert older.version_number() == 150 and older.command()[-1] == "--watch-config"
 
 
-# --- against the stand-in, with real llama-server ----------------------------------------
+# --- against llama-swap itself, with real llama-server ------------------------------------
 def serve_gemma_twice(env: Env, gemma_path: Path, extra: str = "") -> None:
     """The real gemma file served under two names: its own, and a base_model twin."""
     (env.models / "google").mkdir()
@@ -268,12 +268,13 @@ def serve_gemma_twice(env: Env, gemma_path: Path, extra: str = "") -> None:
 
 
 @contextlib.contextmanager
-def standin(engine: LlamaSwapEngine, config_text: str | None = None) -> Iterator[None]:
-    """Run llama-swap (the stand-in) as the supervisor would: engine.command(), own group."""
+def running_llama_swap(engine: LlamaSwapEngine,
+                       config_text: str | None = None) -> Iterator[None]:
+    """Run llama-swap as the supervisor would: engine.command(), its own process group."""
     if config_text is not None:
         engine.config_path.parent.mkdir(parents=True, exist_ok=True)
         engine.config_path.write_text(config_text)
-    log = engine.config_path.parent / "standin.log"
+    log = engine.config_path.parent / "llama-swap.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(engine.command(), stdin=subprocess.DEVNULL, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
@@ -348,12 +349,12 @@ def test_stack_keeps_both_models_loaded_and_stops_clean(swap_env: Env, gemma_pat
 
 def test_without_groups_llama_swap_serves_one_model_at_a_time(swap_env: Env,
                                                               gemma_path: Path) -> None:
-    # Proves the stand-in keeps llama-swap's default, so the test above means something.
+    # llama-swap's default (one model at a time), which the generated group exists to avoid.
     serve_gemma_twice(swap_env, gemma_path)
     engine, plan = plan_for(swap_env)
     config = yaml.safe_load(engine.render_config(plan))
     del config["groups"]
-    with standin(engine, yaml.safe_dump(config)):
+    with running_llama_swap(engine, yaml.safe_dump(config)):
         chat(swap_env, GEMMA)
         assert states(engine) == {GEMMA: "loaded", TWIN: "unloaded"}
         chat(swap_env, TWIN)
@@ -382,10 +383,10 @@ def test_bursts_beyond_llama_swaps_default_limit_queue(swap_env: Env, gemma_path
             thread.join()
         return codes
 
-    with standin(engine, yaml.safe_dump(config)):
+    with running_llama_swap(engine, yaml.safe_dump(config)):
         assert burst(24) == [200] * 24  # concurrencyLimit 64: the burst queues
     del config["models"][GEMMA]["concurrencyLimit"]
-    with standin(engine, yaml.safe_dump(config)):
+    with running_llama_swap(engine, yaml.safe_dump(config)):
         codes = burst(24)  # llama-swap's default of 10 (queued included) refuses the rest
         assert 429 in codes and 200 in codes
     assert llama_servers_under(swap_env.home.parent) == []
@@ -397,7 +398,7 @@ def test_reload_ttl_and_api_keys(swap_env: Env, gemma_path: Path,
     serve_gemma_twice(swap_env, gemma_path, extra="    ttl: 2\n")
     engine, plan = plan_for(swap_env)
     engine.write_config(plan)
-    with standin(engine):
+    with running_llama_swap(engine):
         # API keys: everything but /health needs one; the engine sends it.
         assert requests.get(f"{swap_env.base_url}/v1/models", timeout=5).status_code == 401
         assert requests.get(f"{swap_env.base_url}/health", timeout=5).status_code == 200
