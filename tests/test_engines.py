@@ -205,3 +205,43 @@ def test_fifty_requests_across_a_reload(both: Env) -> None:
     else:
         assert all(sent < reloaded_at for sent in failed), "a request after the reload failed"
     assert set(states(both)) == {A, B, "ls/g3"}
+
+
+def test_pressure_unloads_the_least_recently_used_idle_model(both: Env) -> None:
+    """Under pressure, idle models go least recently used first, on either engine; the least
+    recent of all stays while it streams."""
+    import time
+
+    from model_serve.unloader import PressureUnloader
+
+    (both.home / "custom_models.yaml").write_text(
+        TWIN + "  g3:\n    base_model: gemma-3:270m-q4_k_m\n")
+    assert both.run("sync").returncode == 0
+    engine = engine_of(both)
+    ids = {m.served_name: m.name for m in engine.models()}
+    a, b, c = ids[A], ids[B], ids["ls/g3"]
+    unloader = PressureUnloader(load_settings(dict(both, MEMORY_PRESSURE_THRESHOLD="1",
+                                                   MIN_MODEL_AGE_SECONDS="0")))
+    assert unloader.refresh()
+    for model in (A, B, "ls/g3", A):  # last use: B oldest, then g3, then A
+        chat(both, model)
+        assert unloader.refresh()
+        time.sleep(1.1)
+    done: list[int] = []
+
+    def stream() -> None:
+        client = OpenAI(base_url=f"{both.base_url}/v1", api_key="x", max_retries=0, timeout=120)
+        pieces = [chunk for chunk in client.completions.create(
+            model=B, prompt="Count to one thousand:", max_tokens=250, stream=True,
+            extra_body={"ignore_eos": True})]
+        done.append(len(pieces))
+
+    streamer = threading.Thread(target=stream)
+    streamer.start()
+    assert wait_until(lambda: unloader.refresh() and unloader.tracker.models[b].in_flight > 0,
+                      timeout=30)
+    unloaded = unloader.relieve("test: threshold 1%")
+    streamer.join(120)
+    assert unloaded == [c, a], "B is the least recently used, but it is serving a stream"
+    assert done and done[0] > 100, "the stream completed"
+    assert states(both)[B] == "loaded"
