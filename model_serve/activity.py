@@ -45,6 +45,19 @@ class ActivityTracker:
         self.engine = engine
         self.clock = clock
         self.models: dict[str, ModelActivity] = {}
+        # From the engine's request events (llama-swap): exact, and for models whose own
+        # counters cannot be read (a model server run without --metrics).
+        self.requests_in_flight: dict[str, int] = {}
+        self.request_ended: dict[str, float] = {}
+
+    def request_event(self, model: str, started: bool) -> None:
+        count = self.requests_in_flight.get(model, 0) + (1 if started else -1)
+        self.requests_in_flight[model] = max(0, count)
+        self.request_ended[model] = self.clock()
+        act = self.models.get(model)
+        if act is not None:
+            act.last_used = self.clock()
+            act.in_flight = max(act.in_flight, self.requests_in_flight[model])
 
     def refresh(self) -> dict[str, ModelActivity]:
         """Poll the engine and every loaded model once (raises EngineError if unreachable)."""
@@ -61,6 +74,11 @@ class ActivityTracker:
                 act.last_used = now
             elif model.state == "loaded":
                 self._probe(act, model, now)
+            busy = self.requests_in_flight.get(model.name, 0)
+            act.in_flight = max(act.in_flight, busy)
+            if busy:
+                act.last_used = now
+            act.last_used = max(act.last_used, self.request_ended.get(model.name, 0.0))
             current[model.name] = act
         self.models = current
         return current

@@ -26,6 +26,7 @@ from typing import Any
 from model_serve.activity import ActivityTracker, ModelActivity
 from model_serve.catalog import dash_form
 from model_serve.engines import Engine, select_engine
+from model_serve.engines.base import REQUEST_ENDED, REQUEST_STARTED
 from model_serve.errors import ModelServeError
 from model_serve.memory import MemoryReading, read_memory
 from model_serve.settings import Settings, load_settings
@@ -189,8 +190,14 @@ class PressureUnloader:
     def follow_events(self) -> None:
         """React to loads as the engine announces them; reconnect when the stream drops."""
         while not self.stop.is_set():
+            with self.lock:  # a new stream starts with a snapshot of what is in flight
+                self.tracker.requests_in_flight.clear()
             try:
                 for model, status in self.engine.events(self.stop):
+                    if status in (REQUEST_STARTED, REQUEST_ENDED):
+                        with self.lock:
+                            self.tracker.request_event(model, status == REQUEST_STARTED)
+                        continue
                     if status == "loading":
                         need = self.estimate(model)
                         self.relieve(f"load of {model}", need=need, exclude={model})

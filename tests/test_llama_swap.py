@@ -25,6 +25,7 @@ import yaml
 
 from model_serve.catalog import build_catalog
 from model_serve.custom_models import load_custom_models
+from model_serve.engines.base import REQUEST_ENDED, REQUEST_STARTED
 from model_serve.engines.llama_server import resolve_llama_server
 from model_serve.engines.llama_swap import (
     KNOWN_GROUP_KEYS,
@@ -406,10 +407,13 @@ def test_reload_ttl_and_api_keys(swap_env: Env, gemma_path: Path,
 
         # The event feed (what the pressure unloader follows) reports each change once.
         seen: list[tuple[str, str]] = []
+        asked: list[tuple[str, str]] = []
         follow_stop = threading.Event()
 
         def follow() -> None:
-            seen.extend(engine.events(follow_stop))
+            for name, status in engine.events(follow_stop):  # states here; requests apart
+                (asked if status in (REQUEST_STARTED, REQUEST_ENDED) else seen).append(
+                    (name, status))
 
         follower = threading.Thread(target=follow, daemon=True)
         follower.start()
@@ -429,6 +433,8 @@ def test_reload_ttl_and_api_keys(swap_env: Env, gemma_path: Path,
         twin_events = [state for name, state in seen if name == TWIN]
         assert twin_events == ["unloaded", "loading", "loaded", "stopping", "unloaded"]
         assert [s for n, s in seen if n == GEMMA] == ["unloaded", "loading", "loaded"]
+        assert asked == [(GEMMA, REQUEST_STARTED), (GEMMA, REQUEST_ENDED),
+                         (TWIN, REQUEST_STARTED), (TWIN, REQUEST_ENDED)]
 
         # A changed file: reload() returns once llama-swap serves the new set; llama-swap
         # stops every running model on a reload.
@@ -458,3 +464,45 @@ def test_reload_ttl_and_api_keys(swap_env: Env, gemma_path: Path,
             engine.reload()
         assert set(states(engine)) == {GEMMA, TWIN, "ls/gemma-third"}
     assert llama_servers_under(swap_env.home.parent) == []
+
+
+def test_unloader_sees_requests_through_llama_swaps_events(swap_env: Env,
+                                                            gemma_path: Path) -> None:
+    """llama-swap reports every request as it starts and ends (`inflight` events). The
+    pressure unloader counts them, so a model is known busy even when its own counters cannot
+    be read (here the twin runs without --metrics) and is not unloaded while it streams."""
+    from model_serve.unloader import PressureUnloader
+
+    serve_gemma_twice(swap_env, gemma_path, extra="    sampler_args: '--metrics false'\n")
+    assert swap_env.run("start").returncode == 0
+    try:
+        unloader = PressureUnloader(load_settings(dict(swap_env, MEMORY_PRESSURE_THRESHOLD="1",
+                                                       MIN_MODEL_AGE_SECONDS="0")))
+        follower = threading.Thread(target=unloader.follow_events, daemon=True)
+        follower.start()
+        chat(swap_env, TWIN)
+        chat(swap_env, GEMMA)  # the twin is the least recently used
+        assert "--metrics" not in next(r["cmd"] for r in requests.get(
+            f"{swap_env.base_url}/running", timeout=5).json()["running"] if r["model"] == TWIN)
+        done: list[int] = []
+
+        def stream() -> None:
+            from openai import OpenAI
+
+            client = OpenAI(base_url=f"{swap_env.base_url}/v1", api_key="x", max_retries=0)
+            done.append(len(list(client.completions.create(
+                model=TWIN, prompt="Count:", max_tokens=250, stream=True,
+                extra_body={"ignore_eos": True}))))
+
+        streamer = threading.Thread(target=stream)
+        streamer.start()
+        assert wait_until(lambda: unloader.tracker.requests_in_flight.get(TWIN, 0) > 0,
+                          timeout=30)
+        assert unloader.refresh()
+        assert unloader.relieve("test: threshold 1%") == [GEMMA]
+        streamer.join(120)
+        assert done and done[0] > 100, "the twin's stream completed"
+        assert wait_until(lambda: unloader.tracker.requests_in_flight.get(TWIN) == 0, timeout=10)
+        unloader.stop.set()
+    finally:
+        swap_env.run("stop", timeout=60)

@@ -18,6 +18,8 @@ from model_serve.settings import Settings
 
 # States that hold memory; both engines' vocabularies map onto these.
 LOADED_STATES = frozenset({"loaded", "loading", "sleeping", "stopping"})
+# What events() yields, besides states, for an engine that reports each request (llama-swap).
+REQUEST_STARTED, REQUEST_ENDED = "request-started", "request-ended"
 
 
 @dataclass

@@ -34,7 +34,13 @@ from urllib.parse import quote, urlsplit
 
 from model_serve import procs
 from model_serve.catalog import dash_form
-from model_serve.engines.base import Engine, EngineModel, find_on_path
+from model_serve.engines.base import (
+    REQUEST_ENDED,
+    REQUEST_STARTED,
+    Engine,
+    EngineModel,
+    find_on_path,
+)
 from model_serve.engines.llama_server import check_option, option_spellings, resolve_llama_server
 from model_serve.errors import ConfigError, EngineError
 from model_serve.plan import ServedModel
@@ -279,14 +285,19 @@ class LlamaSwapEngine(Engine):
         state, and comes on connect and on every change; yield each model's changes. The
         stream ends on a config reload (llama-swap closes it), so callers reconnect."""
         known: dict[str, str] = {}
+        requests_of: dict[str, str] = {}  # in-flight request id -> model
         for envelope in self.sse_json("/api/events", stop):
             try:
-                if envelope.get("type") != "modelStatus":
-                    continue
+                kind = envelope.get("type")
                 data = envelope.get("data")  # a JSON string inside the JSON envelope
-                models = json.loads(data) if isinstance(data, str) else data
+                data = json.loads(data) if isinstance(data, str) else data
+                if kind == "inflight":  # v235+: every request, as it starts and ends
+                    yield from _request_events(data, requests_of)
+                    continue
+                if kind != "modelStatus":
+                    continue
                 changes = [(str(m["id"]), _STATES.get(str(m.get("state")), "unloaded"))
-                           for m in models]
+                           for m in data]
             except (ValueError, KeyError, TypeError, AttributeError):
                 continue
             for name, state in changes:
@@ -353,6 +364,23 @@ class LlamaSwapEngine(Engine):
         if pid and _is_llama_swap(pid):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGHUP)
+
+
+def _request_events(data: dict[str, Any],
+                    requests_of: dict[str, str]) -> Iterator[tuple[str, str]]:
+    """(model, REQUEST_STARTED|REQUEST_ENDED) from an `inflight` event: `upsert` carries the
+    request with its model, `remove` only its id."""
+    operation = data.get("operation")
+    if operation == "upsert":
+        request = data.get("request") or {}
+        request_id, model = str(request.get("id", "")), str(request.get("model", ""))
+        if model and request_id not in requests_of:
+            requests_of[request_id] = model
+            yield model, REQUEST_STARTED
+    elif operation == "remove":
+        model = requests_of.pop(str(data.get("id", "")), "")
+        if model:
+            yield model, REQUEST_ENDED
 
 
 def _is_llama_swap(pid: int) -> bool:
