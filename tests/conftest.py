@@ -130,3 +130,16 @@ def stack(env: Env, gemma_path: Path) -> Iterator[Env]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, 9)
         assert leftovers == [], f"processes left after stop: {leftovers}"
+
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Say which llama-swap the engine tests ran against (CI must show the real one)."""
+    real = REPO.parent / "shared" / "tools" / "llama-swap" / "llama-swap"
+    if not real.exists():
+        line = f"{real} is missing: the llama-swap tests used tests/llama_swap_standin.py"
+    else:
+        out = subprocess.run([str(real), "--version"], capture_output=True, text=True,
+                             timeout=10)
+        line = f"the real {real} ({(out.stdout or out.stderr).strip()})"
+    terminalreporter.write_line(f"llama-swap: {line}")
