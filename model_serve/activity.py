@@ -48,12 +48,12 @@ class ActivityTracker:
         # From the engine's request events (llama-swap): exact, and for models whose own
         # counters cannot be read (a model server run without --metrics).
         self.requests_in_flight: dict[str, int] = {}
-        self.request_ended: dict[str, float] = {}
+        self.last_request_event: dict[str, float] = {}  # model -> when one started or ended
 
     def request_event(self, model: str, started: bool) -> None:
         count = self.requests_in_flight.get(model, 0) + (1 if started else -1)
         self.requests_in_flight[model] = max(0, count)
-        self.request_ended[model] = self.clock()
+        self.last_request_event[model] = self.clock()
         act = self.models.get(model)
         if act is not None:
             act.last_used = self.clock()
@@ -78,7 +78,7 @@ class ActivityTracker:
             act.in_flight = max(act.in_flight, busy)
             if busy:
                 act.last_used = now
-            act.last_used = max(act.last_used, self.request_ended.get(model.name, 0.0))
+            act.last_used = max(act.last_used, self.last_request_event.get(model.name, 0.0))
             current[model.name] = act
         self.models = current
         return current

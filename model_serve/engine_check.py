@@ -271,7 +271,7 @@ def check_engine(settings: Settings, binary: Path, model: Path | None = None) ->
             break  # only a crash is something another setting can avoid
     path = settings.engine_check_file
     records = _load_records(path)
-    records[_key(binary)] = check.to_json()
+    records[f"{check.stamp}|{check.cpu}"] = check.to_json()  # as _key(binary) says
     with contextlib.suppress(OSError):  # only a record: the next start checks again
         write_if_changed(path, json.dumps(records, indent=1))
     return check
@@ -289,10 +289,7 @@ def failure_hint(check: EngineCheck) -> str:
 
 def required_options(settings: Settings, binary: Path) -> dict[str, str]:
     """Options every model server needs on this machine, from the recorded check."""
-    try:
-        check = recorded_check(settings, binary)
-    except OSError:
-        return {}
+    check = recorded_check(settings, binary)  # None also when the binary cannot be read
     return check.options if check is not None else {}
 
 

@@ -114,22 +114,29 @@ def stack_processes_under(root: Path) -> list[int]:
     return sorted(found)
 
 
-@pytest.fixture
-def stack(env: Env, gemma_path: Path) -> Iterator[Env]:
-    """A running stack with the real gemma model; always stopped afterwards."""
-    (env.models / "google").mkdir()
-    (env.models / "google" / gemma_path.name).symlink_to(gemma_path)
+@contextlib.contextmanager
+def running(env: Env, stop_timeout: float = 60) -> Iterator[Env]:
+    """`model start` in `env`; afterwards `model stop`, and no process of it may be left."""
     started = env.run("start")
     assert started.returncode == 0, started.stdout + started.stderr
     try:
         yield env
     finally:
-        env.run("stop", timeout=60)
+        env.run("stop", timeout=stop_timeout)
         leftovers = stack_processes_under(env.home.parent)
         for pid in leftovers:  # never leave a process behind, even when a test failed
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, 9)
         assert leftovers == [], f"processes left after stop: {leftovers}"
+
+
+@pytest.fixture
+def stack(env: Env, gemma_path: Path) -> Iterator[Env]:
+    """A running stack with the real gemma model; always stopped afterwards."""
+    (env.models / "google").mkdir()
+    (env.models / "google" / gemma_path.name).symlink_to(gemma_path)
+    with running(env):
+        yield env
 
 
 

@@ -17,7 +17,7 @@ from openai import APIError, OpenAI
 from model_serve.engines import Engine, EngineModel, select_engine
 from model_serve.procs import wait_until
 from model_serve.settings import load_settings
-from tests.conftest import Env, llama_servers_under, stack_processes_under
+from tests.conftest import Env, llama_servers_under, running
 from tests.test_llama_swap import llama_swap_binary, port_block
 
 A, B = "ls/gemma-3:270m-q4_k_m", "ls/g2"
@@ -34,13 +34,8 @@ def both(request: pytest.FixtureRequest, env: Env, gemma_path: Path,
                     "LLAMA_SWAP_PORT": str(env.port)})
     (env.models / gemma_path.name).symlink_to(gemma_path)
     (env.home / "custom_models.yaml").write_text(TWIN)
-    started = env.run("start")
-    assert started.returncode == 0, started.stdout + started.stderr
-    try:
+    with running(env, stop_timeout=90):
         yield env
-    finally:
-        env.run("stop", timeout=90)
-    assert stack_processes_under(env.home.parent) == []
 
 
 def engine_of(env: Env) -> Engine:
