@@ -2,7 +2,10 @@
 
 Two triggers:
 - polling: every PRESSURE_CHECK_INTERVAL seconds memory is read; above the threshold, idle
-  models are unloaded one at a time, least recently used first, re-reading memory after each;
+  models are unloaded one at a time, least recently used first, re-reading memory after each.
+  macOS's own pressure level (warn/critical) also counts, but it lags behind what an unload
+  frees, so re-reading it would empty the machine in one pass: it unloads at most one model
+  per PRESSURE_CHECK_INTERVAL;
 - events: when the engine announces that a model starts loading, its footprint (weights + KV
   cache at its context, from the GGUF header) is added to current use, and idle models are
   unloaded first if the load would cross the threshold.
@@ -20,6 +23,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +45,11 @@ MAX_ROUNDS = 64
 
 
 class PressureUnloader:
-    def __init__(self, settings: Settings, engine: Engine | None = None) -> None:
+    def __init__(self, settings: Settings, engine: Engine | None = None,
+                 read: Callable[[], MemoryReading] = read_memory) -> None:
         self.settings = settings
         self.engine = engine or select_engine(settings)
+        self.read = read
         self.tracker = ActivityTracker(self.engine)
         self.stop = threading.Event()
         # One relief at a time (polls and events both trigger it); guards the tracker too.
@@ -53,6 +59,7 @@ class PressureUnloader:
         self._estimates: dict[str, int] = {}
         self._estimates_stamp: float | None = None
         self._last_error = ""
+        self._kernel_quiet_until = 0.0  # monotonic time before which the kernel level rests
 
     @property
     def activity_file(self) -> Path:
@@ -100,15 +107,25 @@ class PressureUnloader:
             eligible.append(act)
         return sorted(eligible, key=lambda a: a.last_used)
 
+    def trigger(self, reading: MemoryReading, need: int = 0) -> str | None:
+        """Why memory must be freed now: "percent", "kernel" (macOS level), or None."""
+        if reading.over(self.settings.memory_pressure_threshold, need):
+            return "percent"
+        if reading.kernel_asks and time.monotonic() >= self._kernel_quiet_until:
+            return "kernel"
+        return None
+
     def relieve(self, reason: str, need: int = 0, exclude: set[str] | None = None) -> list[str]:
-        """Unload LRU idle models until memory (plus `need` bytes) is under the threshold."""
+        """Unload LRU idle models until memory (plus `need` bytes) is under the threshold; for
+        the kernel's level alone, one model, then not again for PRESSURE_CHECK_INTERVAL."""
         exclude = exclude or set()
         threshold = self.settings.memory_pressure_threshold
         unloaded: list[str] = []
         with self.lock:
             for _ in range(MAX_ROUNDS):
-                reading = read_memory()
-                if not reading.over(threshold, need):
+                reading = self.read()
+                trigger = self.trigger(reading, need)
+                if trigger is None:
                     break
                 self.refresh()
                 candidates = self.candidates(exclude)
@@ -116,18 +133,24 @@ class PressureUnloader:
                 listing = ", ".join(f"{a.name} (idle {a.idle_seconds(now):.0f}s)"
                                     for a in candidates) or "none"
                 projected = f" + {need / 2**30:.2f} GiB for the load" if need else ""
+                why = (f"memory {reading.describe()}{projected} is over {threshold}%"
+                       if trigger == "percent" else
+                       f"the kernel reports {reading.pressure_level} memory pressure "
+                       f"(memory {reading.describe()}{projected})")
                 if not candidates:
-                    log.warning("%s: memory %s%s is over %d%%, but no model is idle enough "
-                                "to unload (loaded: %s)", reason, reading.describe(), projected,
-                                threshold, ", ".join(self.tracker.models) or "none")
+                    log.warning("%s: %s, but no model is idle enough to unload (loaded: %s)",
+                                reason, why, ", ".join(self.tracker.models) or "none")
                     break
                 victim = candidates[0]
-                log.info("%s: memory %s%s is over %d%%; candidates, least recently used first: "
-                         "%s; unloading %s", reason, reading.describe(), projected, threshold,
-                         listing, victim.name)
+                log.info("%s: %s; candidates, least recently used first: %s; unloading %s",
+                         reason, why, listing, victim.name)
                 if self._unload(victim):
                     unloaded.append(victim.name)
-                    self._record(reason, reading, victim, candidates, need)
+                    self._record(reason, reading, victim, candidates, need, trigger)
+                if trigger == "kernel":
+                    self._kernel_quiet_until = (time.monotonic()
+                                                + self.settings.pressure_check_interval)
+                    break
         return unloaded
 
     def _unload(self, victim: ModelActivity) -> bool:
@@ -154,10 +177,11 @@ class PressureUnloader:
         return True
 
     def _record(self, reason: str, reading: MemoryReading, victim: ModelActivity,
-                candidates: list[ModelActivity], need: int) -> None:
+                candidates: list[ModelActivity], need: int, trigger: str) -> None:
         now = time.time()
         self.decisions = (self.decisions + [{
-            "time": now, "reason": reason, "unloaded": victim.name,
+            "time": now, "reason": reason, "trigger": trigger, "unloaded": victim.name,
+            "pressure_level": reading.pressure_level,
             "memory_percent": round(reading.percent, 1), "need_bytes": need,
             "candidates": [{"name": a.name, "idle_seconds": round(a.idle_seconds(now), 1)}
                            for a in candidates],

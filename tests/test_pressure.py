@@ -16,6 +16,7 @@ import requests
 from openai import OpenAI
 
 from model_serve.activity import load_activity
+from model_serve.memory import MemoryReading
 from model_serve.settings import load_settings
 from model_serve.unloader import PressureUnloader
 from tests.conftest import Env
@@ -120,6 +121,46 @@ def test_recent_use_outranks_load_order(three: Env) -> None:
         time.sleep(1.1)
     assert unloader.relieve("test: threshold 1%") == [B, A, C]
     assert set(_states(env).values()) == {"unloaded"}
+
+
+class RecordedReadings:
+    """Memory readings as a Mac gave them, one per read, the last one repeated: the kernel's
+    level stays at warn for a while after an unload, whatever the unload freed."""
+
+    def __init__(self, *readings: MemoryReading) -> None:
+        self.readings = list(readings)
+        self.reads = 0
+
+    def __call__(self) -> MemoryReading:
+        self.reads += 1
+        return self.readings.pop(0) if len(self.readings) > 1 else self.readings[0]
+
+
+def test_the_kernel_level_unloads_one_model_per_interval(three: Env) -> None:
+    env = three
+    gib = 2**30
+    warn = MemoryReading(32 * gib, 16 * gib, "warn")  # 50%: under the 75% line by percent
+    readings = RecordedReadings(warn)
+    settings = load_settings(dict(env, MEMORY_PRESSURE_THRESHOLD="75", MIN_MODEL_AGE_SECONDS="0",
+                                  PRESSURE_CHECK_INTERVAL="2"))
+    unloader = PressureUnloader(settings, read=readings)
+    for model in (A, B, C):
+        _chat(env, model)
+        assert unloader.refresh()
+        time.sleep(1.1)
+    assert unloader.relieve("memory check") == [A], "one model for the level, not all three"
+    assert readings.reads == 1, "the lagging level is not read again in the same pass"
+    # A load announced right after, while the level still says warn, takes nothing more.
+    assert unloader.relieve(f"load of {A}", need=gib, exclude={A}) == []
+    assert unloader.decisions[-1]["trigger"] == "kernel"
+    time.sleep(2.1)  # one check interval later the level may take one more
+    assert unloader.relieve("memory check") == [B]
+    assert _states(env) == {A: "unloaded", B: "unloaded", C: "loaded"}
+    # Over the line by percent, the unloader re-reads after each unload, as on Linux.
+    readings.readings = [MemoryReading(32 * gib, 28 * gib, "critical"),
+                         MemoryReading(32 * gib, 20 * gib, None)]
+    assert unloader.relieve("memory check") == [C]
+    assert unloader.decisions[-1]["trigger"] == "percent"
 
 
 def test_daemon_unloads_idle_models_under_pressure(env: Env, gemma_path) -> None:
