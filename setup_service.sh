@@ -149,21 +149,35 @@ systemd_main() {
 # --- macOS: launchd agent ---------------------------------------------------------------------
 launchd_loaded() { launchctl print "$domain/$service" >/dev/null 2>&1; }
 
-launchd_running() {
-    launchctl print "$domain/$service" 2>/dev/null | grep -q 'state = running' || return 1
+launchd_running() {  # grep reads all: with -q it could exit early, and pipefail would see SIGPIPE
+    launchctl print "$domain/$service" 2>/dev/null | grep 'state = running' >/dev/null
 }
 
 launchd_load() {
-    if ! launchctl bootstrap "$domain" "$service_file" 2>/dev/null; then
-        launchctl load -w "$service_file" \
-            || die "launchctl could not load $service_file" \
-                   "see 'launchctl print $domain/$service' and '$model logs'"
-    fi
+    # bootstrap refuses a disabled service; `enable` clears what an old `unload -w` left.
+    launchctl enable "$domain/$service" 2>/dev/null || true
+    local why
+    if why="$(launchctl bootstrap "$domain" "$service_file" 2>&1)"; then return 0; fi
+    say "launchctl bootstrap failed (${why:-no message}); trying once more in 2 s"
+    sleep 2
+    launchctl bootstrap "$domain" "$service_file" \
+        || die "launchctl could not load $service_file (see its message above)" \
+               "run 'launchctl print $domain/$service' and '$model logs'; then '$here/setup_service.sh install' again"
 }
 
 launchd_unload() {
-    launchctl bootout "$domain/$service" 2>/dev/null \
-        || launchctl unload "$service_file" 2>/dev/null || true
+    launchctl bootout "$domain/$service" 2>/dev/null || true
+    # bootout returns before launchd lets go of the service; a bootstrap until then fails
+    # with "Bootstrap failed: 5: Input/output error".
+    local waited=0
+    while launchd_loaded; do
+        if [ "$waited" -ge 100 ]; then
+            say "warning: $service is still loaded 20 s after bootout"
+            return 0
+        fi
+        sleep 0.2
+        waited=$((waited + 1))
+    done
 }
 
 launchd_main() {

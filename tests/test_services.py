@@ -94,12 +94,44 @@ def linux(env: Env, tmp_path: Path) -> Service:
     return service
 
 
+def launchctl_standin(service: Service, linger: int = 3, failures: int = 0,
+                      long_print: bool = False) -> Path:
+    """launchctl as launchd behaves: `bootout` returns at once, but `print` still finds the
+    service for `linger` more calls, and a `bootstrap` until then fails with launchd's
+    "5: Input/output error"; the first `failures` bootstraps fail that way regardless.
+    `long_print`: `print` goes on writing after its state line (as launchctl does, at length)."""
+    state = service.bin.parent / "launchd-state"
+    state.mkdir(exist_ok=True)
+    (state / "failures").write_text(str(failures))
+    (state / "rest").write_text("\tendpoints = {}\n" * (200_000 if long_print else 1))
+    st = shlex.quote(str(state))
+    return recording_tool(service.bin, "launchctl", service.calls, f"""
+case "$1" in
+  print)
+    [ -f {st}/loaded ] || {{ echo "Could not find service" >&2; exit 113; }}
+    if [ -f {st}/leaving ]; then
+      left=$(cat {st}/leaving)
+      if [ "$left" -le 0 ]; then rm -f {st}/loaded {st}/leaving; exit 113; fi
+      echo $((left - 1)) > {st}/leaving
+    fi
+    printf '\tstate = running\n\tpid = 4242\n'
+    exec cat {st}/rest ;;
+  bootout) [ -f {st}/loaded ] && echo {linger} > {st}/leaving ;;
+  bootstrap)
+    failures=$(cat {st}/failures)
+    if [ -f {st}/loaded ] || [ "$failures" -gt 0 ]; then
+      echo $((failures - 1)) > {st}/failures
+      echo "Bootstrap failed: 5: Input/output error" >&2; exit 5
+    fi
+    touch {st}/loaded ;;
+esac
+exit 0""")
+
+
 @pytest.fixture
 def macos(env: Env, tmp_path: Path) -> Service:
     service = Service(env, tmp_path, "Darwin")
-    # `print` answers like launchctl for a service that is not loaded.
-    recording_tool(service.bin, "launchctl", service.calls,
-                   'case "$1" in print) exit 113 ;; esac; exit 0')
+    launchctl_standin(service)
     return service
 
 
@@ -362,6 +394,51 @@ def test_launchd_install_and_uninstall(macos: Service, env: Env) -> None:
     assert f"bootout {domain}/{label}" in macos.calls_made
     assert not plist.exists()
     assert plistlib.loads(other.read_bytes()) == {"Label": "com.example.other"}
+
+
+def test_launchd_reinstall_waits_for_the_old_agent_to_go(macos: Service, env: Env) -> None:
+    label = f"com.model-serve.agent.{env.port}"
+    domain = f"gui/{os.getuid()}"
+    assert macos.run("setup_service.sh", "install").returncode == 0
+    env["MODEL_TTL"] = "600"  # a changed setting: the agent must run the new plist
+    before = len(macos.calls_made)
+    result = macos.run("setup_service.sh", "install")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "(changed)" in result.stdout and "Input/output error" not in result.stderr
+    calls = macos.calls_made[before:]
+    bootout = calls.index(f"bootout {domain}/{label}")
+    bootstrap = calls.index(f"bootstrap {domain} {macos.user_home}/Library/LaunchAgents/"
+                            f"{label}.plist")
+    between = calls[bootout + 1:bootstrap]
+    # launchd still knew the service 3 times after bootout; the 4th print found it gone.
+    assert between.count(f"print {domain}/{label}") == 4
+    assert between[-1] == f"enable {domain}/{label}"
+
+
+def test_a_long_launchctl_print_still_reads_as_running(env: Env, tmp_path: Path) -> None:
+    service = Service(env, tmp_path, "Darwin")
+    launchctl_standin(service, long_print=True)
+    assert service.run("setup_service.sh", "install").returncode == 0
+    again = service.run("setup_service.sh", "install")
+    assert again.returncode == 0 and "(unchanged)" in again.stdout, again.stderr
+    # Read as stopped (grep -q's early exit: SIGPIPE under pipefail), it would be kicked.
+    assert not [call for call in service.calls_made if call.startswith("kickstart")]
+
+
+@pytest.mark.parametrize("failures", [1, 2])
+def test_launchd_bootstrap_errors_are_shown_and_retried_once(env: Env, tmp_path: Path,
+                                                            failures: int) -> None:
+    service = Service(env, tmp_path, "Darwin")
+    launchctl_standin(service, failures=failures)
+    result = service.run("setup_service.sh", "install")
+    output = result.stdout + result.stderr
+    assert "Bootstrap failed: 5: Input/output error" in output
+    assert sum(call.startswith("bootstrap ") for call in service.calls_made) == 2
+    if failures == 1:
+        assert result.returncode == 0, output
+    else:
+        assert result.returncode != 0 and "could not load" in result.stderr
+        assert list((service.user_home / "Library" / "LaunchAgents").glob("*.plist"))
 
 
 # --- setup_cron.sh --------------------------------------------------------------------------------
