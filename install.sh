@@ -100,21 +100,34 @@ s = load_settings(); print(s.llama_server_bin or "")' 2>/dev/null || true)"
 
 case "$(uname -s)" in
 Darwin)
-    if ! command -v brew >/dev/null; then
-        die "Homebrew is needed to install llama.cpp and llama-swap on macOS" \
-            "install it from https://brew.sh, then run ./install.sh again"
-    fi
+    # shellcheck source=scripts/macos.sh
+    . scripts/macos.sh
+    find_homebrew /opt/homebrew/bin/brew /usr/local/bin/brew \
+        || die "Homebrew is needed to install llama.cpp and llama-swap on macOS (not on PATH, not in /opt/homebrew or /usr/local)" \
+               "install it from https://brew.sh, then run ./install.sh again"
+    refuse_rosetta .venv/bin/python
     for formula in llama.cpp llama-swap; do
         program="llama-server"; [ "$formula" = llama-swap ] && program="llama-swap"
-        if command -v "$program" >/dev/null; then
+        if [ "$program" = llama-server ] && [ -n "$configured_bin" ]; then
+            [ -x "$configured_bin" ] || die "LLAMA_SERVER_BIN=$configured_bin is not executable" \
+                "fix LLAMA_SERVER_BIN in .env or unset it"
+            say "llama-server: $configured_bin (LLAMA_SERVER_BIN)"
+        elif command -v "$program" >/dev/null; then
             say "$program found: $(command -v "$program")"
         elif confirm "Install $formula with Homebrew (Metal build)?"; then
             if [ "$formula" = llama-swap ]; then brew tap mostlygeek/llama-swap; fi
             brew install "$formula" || die "brew install $formula failed" "run it by hand to see why"
+            hash -r
+            command -v "$program" >/dev/null \
+                || die "brew installed $formula, but $program is not on PATH" \
+                       "run 'brew link $formula', check 'brew --prefix'/bin is on PATH, then ./install.sh again"
+            say "$program installed: $(command -v "$program")"
         else
             say "skipped $formula"
         fi
     done
+    # launchd and cron programs get "Operation not permitted" in folders macOS protects.
+    .venv/bin/python -m model_serve.macos privacy || true
     ;;
 Linux)
     if [ -n "$configured_bin" ]; then

@@ -89,6 +89,7 @@ case "$action" in
 start)
     add_line
     warn_without_cron_daemon
+    if [ "$(uname -s)" = Darwin ]; then "$python" -m model_serve.macos privacy || true; fi
     "$model" start
     ;;
 stop)

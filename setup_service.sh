@@ -192,6 +192,7 @@ launchd_main() {
         changed="$(files write launchd)"
         say "$service_file ($changed)"
         report_carried
+        "$python" -m model_serve.macos privacy || true
         if ! launchd_running; then free_the_port; fi
         if ! launchd_loaded; then
             launchd_load

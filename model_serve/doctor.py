@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -96,8 +97,7 @@ def _store(settings: Settings) -> Check:
     unreadable = [w for w in result.warnings if "ermission" in w]
     if unreadable:
         return Check("ollama store", "fail", f"{store}: {unreadable[0]}",
-                     "add yourself to the 'ollama' group (sudo usermod -aG ollama $USER) and "
-                     "log in again")
+                     _store_access_fix(Path(store)))
     from model_serve.ollama import manifest_path, server_models
 
     listed = server_models(settings) or []
@@ -112,9 +112,19 @@ def _store(settings: Settings) -> Check:
     return Check("ollama store", "ok", detail)
 
 
+def _store_access_fix(store: Path, platform: str = sys.platform) -> str:
+    if platform == "darwin":  # Ollama.app keeps the store in the user's own ~/.ollama
+        return f"give yourself read access: sudo chown -R \"$USER\" {shlex.quote(str(store))}"
+    return ("add yourself to the 'ollama' group (sudo usermod -aG ollama $USER) and log in "
+            "again")
+
+
 def _models_dir(settings: Settings) -> Check:
+    from model_serve.settings import LM_STUDIO_MODELS
+
     path = settings.models_dir
-    if not path.is_dir() and settings.sources.get("MODELS_DIR") == "the defaults":
+    default = settings.sources.get("MODELS_DIR") == "the defaults"
+    if not path.is_dir() and default:
         return Check("MODELS_DIR", "ok", f"{path} (created on first use)")
     if not path.is_dir():
         return Check("MODELS_DIR", "fail", f"{path} does not exist",
@@ -122,6 +132,10 @@ def _models_dir(settings: Settings) -> Check:
     if not os.access(path, os.W_OK):
         return Check("MODELS_DIR", "fail", f"{path} is not writable (the bridge links into it)",
                      "fix its permissions or set MODELS_DIR")
+    lm_studio = settings.user_home / LM_STUDIO_MODELS.removeprefix("~/")
+    if default and lm_studio.is_dir() and lm_studio != path:
+        return Check("MODELS_DIR", "ok", f"{path}; LM Studio's {lm_studio} exists too",
+                     f"set MODELS_DIR={lm_studio} in .env to serve that one instead")
     return Check("MODELS_DIR", "ok", str(path))
 
 
@@ -204,15 +218,28 @@ def _threads(settings: Settings) -> Check:
     return Check("threads", "ok", f"llama-server's choice, one per core ({cores} cores)")
 
 
+def _privacy(settings: Settings) -> Check:
+    from model_serve.macos import PRIVACY_FIX, privacy_warnings
+
+    warnings = privacy_warnings(settings)
+    if warnings:
+        more = f" (and {len(warnings) - 1} more)" if len(warnings) > 1 else ""
+        return Check("privacy", "warn", warnings[0] + more,
+                     PRIVACY_FIX.format(python=os.path.realpath(sys.executable)))
+    return Check("privacy", "ok", "no folder of the stack is in one macOS protects from "
+                 "launchd and cron")
+
+
 CHECKS: tuple[Callable[[Settings], Check], ...] = (
     _engine, _engine_computes, _models_dir, _catalog, _port, _exposure, _ollama, _store,
     _service, _threads,
 )
+MACOS_CHECKS: tuple[Callable[[Settings], Check], ...] = (_privacy,)
 
 
 def run_checks(settings: Settings) -> list[Check]:
     results = []
-    for check in CHECKS:
+    for check in CHECKS + (MACOS_CHECKS if sys.platform == "darwin" else ()):
         try:
             results.append(check(settings))
         except Exception as exc:  # noqa: BLE001 - a broken check must not hide the others

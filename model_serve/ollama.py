@@ -4,7 +4,6 @@ progress display is what the user sees), then a sync makes the served side follo
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +22,12 @@ def ollama_binary(settings: Settings) -> Path:
             raise ModelServeError(f"OLLAMA_BIN={settings.ollama_bin} is not an executable file",
                                   "fix OLLAMA_BIN in .env or unset it to search PATH")
         return settings.ollama_bin
-    found = shutil.which("ollama")
+    from model_serve.engines.base import find_on_path
+
+    found = find_on_path("ollama")  # Ollama.app links it into /usr/local/bin
     if not found:
         raise ModelServeError("the ollama command was not found", INSTALL_HINT)
-    return Path(found)
+    return found
 
 
 def normalize(name: str) -> str:

@@ -7,6 +7,7 @@ import contextlib
 import os
 import signal
 import socket
+import subprocess
 import time
 from dataclasses import dataclass
 
@@ -113,16 +114,34 @@ def port_in_use(host: str, port: int) -> bool:
 
 
 def listener_pid(port: int) -> int | None:
-    """The pid of the process listening on TCP `port`, when this user may see it."""
+    """The pid of the process listening on TCP `port`, when this user may see it. psutil
+    cannot list sockets on macOS without root; lsof can, for the user's own processes."""
     import psutil
 
     try:
         for conn in psutil.net_connections(kind="tcp"):
-            if conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN:
+            if conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN \
+                    and conn.pid:
                 return conn.pid
     except (psutil.Error, OSError):
         pass
-    return None
+    return lsof_listener_pid(port)
+
+
+def lsof_listener_pid(port: int) -> int | None:
+    try:
+        out = subprocess.run(["lsof", "-nP", f"-iTCP:{port}", "-sTCP:LISTEN", "-Fp"],
+                             capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    pids = parse_lsof_pids(out.stdout)
+    return pids[0] if pids else None
+
+
+def parse_lsof_pids(text: str) -> list[int]:
+    """The pids of `lsof -F p` output: one 'p<pid>' line per process."""
+    return [int(line[1:]) for line in text.splitlines()
+            if line.startswith("p") and line[1:].isdigit()]
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.1) -> bool:

@@ -16,6 +16,7 @@ from model_serve.errors import ConfigError
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 ENGINES = ("auto", "llama-server", "llama-swap")
 BUNDLED_BRIDGE = PROJECT_ROOT / "lm-studio-ollama-bridge" / "ollama-bridge"
+LM_STUDIO_MODELS = "~/.lmstudio/models"  # current LM Studio's folder (0.3 and later)
 
 
 @dataclass(frozen=True)
@@ -42,8 +43,10 @@ SETTINGS_TABLE: tuple[Setting, ...] = (
     Setting("ENGINE", "auto", "Engine: llama-server (router mode), llama-swap, or auto "
             "(llama-swap when it is on PATH, else llama-server).", "choice", choices=ENGINES),
     Setting("MODELS_DIR", "~/.cache/lm-studio/models",
-            "Folder scanned for GGUF models; the Ollama bridge links into MODELS_DIR/ollama.",
-            "path"),
+            "Folder scanned for GGUF models; the Ollama bridge links into MODELS_DIR/ollama. "
+            "Unset, it is the original LM Studio folder (this default) when it exists, else "
+            "current LM Studio's ~/.lmstudio/models when that exists, else this default, "
+            "created on first use.", "path"),
     Setting("MODEL_PREFIX", "ls/", "Prefix of every served model name (ls/gemma3:27.4b-q8_0)."),
     Setting("MODEL_TTL", "1800", "Seconds a model may sit idle before it is unloaded "
             "(0 = never). custom_models.yaml 'ttl' overrides it per model.", "int", 0),
@@ -241,6 +244,8 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
         values["api_keys"] = _read_keys_file(keys_file, sources["API_KEYS_FILE"])
     if values["models_dir"] is None:
         raise ConfigError("MODELS_DIR is empty", "set MODELS_DIR to the folder of your models")
+    if sources["MODELS_DIR"] == "the defaults":
+        values["models_dir"] = default_models_dir(values["models_dir"], env)
     values["state_dir"] = values["state_dir"] or home / "state"
     values["custom_models_file"] = values["custom_models_file"] or home / "custom_models.yaml"
     values["bridge_script"] = values["bridge_script"] or BUNDLED_BRIDGE
@@ -248,6 +253,15 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
     cache_root = Path(env["XDG_CACHE_HOME"]) if env.get("XDG_CACHE_HOME") else user_home / ".cache"
     return Settings(home=home, env_file=env_file, sources=sources, user_home=user_home,
                     cache_dir=cache_root / "model_serve", **values)
+
+
+def default_models_dir(original: Path, env: dict[str, str]) -> Path:
+    """LM Studio moved its models from ~/.cache/lm-studio/models (the original tool's default)
+    to ~/.lmstudio/models: take the one that exists, the original when both or neither do."""
+    current = Path(_expand_user(LM_STUDIO_MODELS, env))
+    if not original.exists() and current.is_dir():
+        return current
+    return original
 
 
 def _read_keys_file(path: Path, source: str) -> tuple[str, ...]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from model_serve.engines import Engine, select_engine
 from model_serve.errors import ModelServeError
 from model_serve.fileio import write_if_changed
 from model_serve.plan import ServedModel, build_plan
-from model_serve.settings import Settings
+from model_serve.settings import BUNDLED_BRIDGE, Settings
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,10 @@ def run_bridge(settings: Settings, dry_run: bool = False) -> BridgeResult:
     if not script.exists():
         raise ModelServeError(f"BRIDGE_SCRIPT {script} does not exist",
                               "fix BRIDGE_SCRIPT in .env or unset it to use the bundled bridge")
-    argv = [str(script), "--dest", str(settings.models_dir / "ollama"), "--json"]
+    # The bundled bridge runs on this interpreter: its `#!/usr/bin/env python3` would find
+    # whatever python3 a bare PATH holds under launchd or cron, or none.
+    program = [sys.executable, str(script)] if script == BUNDLED_BRIDGE else [str(script)]
+    argv = [*program, "--dest", str(settings.models_dir / "ollama"), "--json"]
     if settings.ollama_models is not None:
         argv += ["--store", str(settings.ollama_models)]
     if dry_run:

@@ -1,17 +1,33 @@
 """macOS logic that runs the same on Linux: memory read from `vm_stat` and `sysctl` output
-(laid out as those programs print it, with the figures of a 32 GiB Apple Silicon Mac), and
-decisions taken from such readings."""
+(laid out as those programs print it, with the figures of a 32 GiB Apple Silicon Mac), LM
+Studio's folders, the folders macOS protects, lsof, Homebrew's folders and platform hints."""
 
 from __future__ import annotations
 
+import os
+import shlex
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
 import pytest
 
+from model_serve import doctor, procs
+from model_serve.catalog import ensure_models_dir
+from model_serve.engines.base import find_on_path
+from model_serve.macos import privacy_warnings, protected_area
 from model_serve.memory import (
     MemoryReading,
     macos_pressure_level,
     macos_used_bytes,
     parse_vm_stat,
 )
+from model_serve.procs import lsof_listener_pid, parse_lsof_pids
+from model_serve.settings import load_settings
+from tests import ollama_store
+from tests.conftest import REPO, Env
+from tests.test_services import tool
 
 GIB = 2**30
 TOTAL = 32 * GIB
@@ -98,3 +114,167 @@ def test_kernel_pressure_level(output: str, level: str | None) -> None:
     reading = MemoryReading(TOTAL, TOTAL // 2, level)
     assert reading.kernel_asks == (level in ("warn", "critical"))
     assert not reading.over(75), "the level alone never makes the percent over the line"
+
+
+# --- LM Studio's folder ---------------------------------------------------------------------------
+@pytest.mark.parametrize(("present", "chosen"), [
+    ((), ".cache/lm-studio/models"),
+    ((".lmstudio/models",), ".lmstudio/models"),
+    ((".cache/lm-studio/models",), ".cache/lm-studio/models"),
+    ((".cache/lm-studio/models", ".lmstudio/models"), ".cache/lm-studio/models"),
+])
+def test_models_dir_default_follows_lm_studio(tmp_path: Path, present: tuple[str, ...],
+                                              chosen: str) -> None:
+    home = tmp_path / "user"
+    for folder in present:
+        (home / folder).mkdir(parents=True)
+    settings = load_settings({"HOME": str(home), "MODEL_SERVE_HOME": str(tmp_path / "ms")})
+    assert settings.models_dir == home / chosen
+    assert settings.sources["MODELS_DIR"] == "the defaults"
+    ensure_models_dir(settings)  # creates the original only when neither exists
+    assert sorted(p.relative_to(home).as_posix() for p in home.rglob("models")) == \
+        sorted({chosen, *present})
+
+
+def test_a_models_dir_the_user_set_is_kept(tmp_path: Path) -> None:
+    home = tmp_path / "user"
+    (home / ".lmstudio" / "models").mkdir(parents=True)
+    settings = load_settings({"HOME": str(home), "MODEL_SERVE_HOME": str(tmp_path / "ms"),
+                              "MODELS_DIR": "~/.cache/lm-studio/models"})
+    assert settings.models_dir == home / ".cache" / "lm-studio" / "models"
+
+
+# --- folders macOS protects from launchd and cron -------------------------------------------------
+@pytest.mark.parametrize(("relative", "area"), [
+    ("Documents/model_serve", "~/Documents"),
+    ("Desktop", "~/Desktop"),
+    ("Downloads/models/ollama", "~/Downloads"),
+    ("Library/Mobile Documents/com~apple~CloudDocs/models", "iCloud Drive"),
+    ("Library/CloudStorage/Dropbox/models", "a cloud storage folder"),
+    ("models", None),
+    ("DocumentsArchive/models", None),
+    (".cache/lm-studio/models", None),
+])
+def test_protected_areas(tmp_path: Path, relative: str, area: str | None) -> None:
+    found = protected_area(tmp_path / relative, tmp_path)
+    assert (found is None) if area is None else found.startswith(area)
+
+
+def test_volumes_and_links_into_protected_folders(tmp_path: Path) -> None:
+    assert protected_area(Path("/Volumes/External/models"), tmp_path).startswith("/Volumes")
+    (tmp_path / "Documents" / "models").mkdir(parents=True)
+    (tmp_path / "models").symlink_to(tmp_path / "Documents" / "models")
+    assert protected_area(tmp_path / "models", tmp_path) == "~/Documents"
+
+
+def test_privacy_warnings_name_each_folder_and_doctor_reports_them(tmp_path: Path) -> None:
+    home = tmp_path / "user"
+    models = home / "Downloads" / "models"
+    models.mkdir(parents=True)
+    settings = load_settings({"HOME": str(home), "MODEL_SERVE_HOME": str(tmp_path / "ms"),
+                              "MODELS_DIR": str(models)})
+    [warning] = privacy_warnings(settings, checkout=tmp_path / "checkout")
+    assert warning.startswith(f"MODELS_DIR ({models}) is in ~/Downloads")
+    assert len(privacy_warnings(settings, checkout=home / "Documents" / "model_serve")) == 2
+    check = doctor._privacy(settings)
+    assert check.status == "warn" and "Full Disk Access" in check.fix
+    clean = load_settings({"HOME": str(home), "MODEL_SERVE_HOME": str(tmp_path / "ms"),
+                           "MODELS_DIR": str(tmp_path)})
+    assert privacy_warnings(clean, checkout=tmp_path / "checkout") == []
+
+
+# --- who holds the port ---------------------------------------------------------------------------
+def test_lsof_output_names_the_listener() -> None:
+    # `lsof -nP -iTCP:5847 -sTCP:LISTEN -Fp` as macOS prints it for the user's own process.
+    assert parse_lsof_pids("p812\n") == [812]
+    assert parse_lsof_pids("p812\nf7\np977\n") == [812, 977]
+    assert parse_lsof_pids("") == []
+
+
+def test_lsof_finds_a_real_listener() -> None:
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        expected = os.getpid() if shutil.which("lsof") else None
+        assert lsof_listener_pid(port) == expected
+        assert procs.listener_pid(port) == os.getpid()
+
+
+# --- Homebrew's folders and platform hints -------------------------------------------------------
+def test_homebrew_folders_are_searched_on_macos_only(tmp_path: Path) -> None:
+    brew_bin = tmp_path / "opt" / "homebrew" / "bin"
+    brew_bin.mkdir(parents=True)
+    program = brew_bin / "llama-swap-for-this-test"
+    program.write_text("#!/bin/sh\n")
+    program.chmod(0o755)
+    name = program.name
+    assert find_on_path(name, platform="darwin", homebrew=(brew_bin,)) == program
+    assert find_on_path(name, platform="linux", homebrew=(brew_bin,)) is None
+
+
+def test_store_access_hint_fits_the_platform() -> None:
+    assert "usermod" in doctor._store_access_fix(Path("/usr/share/ollama/.ollama/models"),
+                                                 platform="linux")
+    mac = doctor._store_access_fix(Path("/Users/me/.ollama/my models"), platform="darwin")
+    assert "usermod" not in mac and "chown" in mac and "'/Users/me/.ollama/my models'" in mac
+
+
+# --- a bare PATH, as launchd and cron give -------------------------------------------------------
+def test_sync_runs_the_bundled_bridge_without_python3_on_path(env: Env) -> None:
+    ollama_store.add_model(Path(env["OLLAMA_MODELS"]), "gemma3:27b", model_type="27.4B",
+                           file_type="Q8_0", arch="gemma3")
+    env["PATH"] = str(env.home / "empty-bin")  # no python3 for the bridge's #! line to find
+    result = env.run("sync")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (env.models / "ollama" / "gemma3" / "gemma3-27b-27.4B-Q8_0.gguf").is_symlink()
+    assert "ls/gemma3:27.4b-q8_0" in env.run("list").stdout
+
+
+# --- install.sh on a Mac: Homebrew and Rosetta (scripts/macos.sh with stand-in system tools) ------
+def macos_shell(tmp_path: Path, script: str, arm64: str = "1", translated: str = "0",
+                python_arch: str = "arm64", brew_prefix: str = "/opt/homebrew"
+                ) -> subprocess.CompletedProcess[str]:
+    """Run `script` after sourcing scripts/macos.sh, with `sysctl` answering like a Mac, a
+    Python reporting `python_arch`, and a Homebrew in tmp/opt/homebrew (not on PATH)."""
+    bin_dir = tmp_path / "standins"
+    tool(bin_dir, "sysctl", f'case "$2" in hw.optional.arm64) echo {arm64} ;; '
+                            f'sysctl.proc_translated) echo {translated} ;; *) exit 1 ;; esac')
+    tool(bin_dir, "python-here", f"echo {python_arch}")
+    brew_bin = tmp_path / "opt" / "homebrew" / "bin"
+    tool(brew_bin, "brew", f'case "$1" in shellenv) echo "export PATH=\\"{brew_bin}:$PATH\\"" ;;'
+                           f' --prefix) echo {brew_prefix} ;; esac')
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path)}
+    lines = [f". {shlex.quote(str(REPO / 'scripts' / 'messages.sh'))}",
+             f". {shlex.quote(str(REPO / 'scripts' / 'macos.sh'))}", script]
+    return subprocess.run(["bash", "-euo", "pipefail", "-c", "\n".join(lines)], env=env,
+                          text=True, capture_output=True, timeout=30, cwd=tmp_path)
+
+
+def test_homebrew_is_found_where_the_profile_did_not_put_it(tmp_path: Path) -> None:
+    brew = tmp_path / "opt" / "homebrew" / "bin" / "brew"
+    found = macos_shell(tmp_path, f"find_homebrew /nowhere/brew {brew}; command -v brew")
+    assert found.returncode == 0, found.stderr
+    assert found.stdout.splitlines()[-1] == str(brew)
+    missing = macos_shell(tmp_path, "find_homebrew /nowhere/brew || echo none")
+    assert missing.stdout.splitlines()[-1] == "none"
+
+
+@pytest.mark.parametrize(("settings", "refusal"), [
+    ({}, None),
+    ({"arm64": "0", "python_arch": "x86_64", "brew_prefix": "/usr/local"}, None),  # Intel Mac
+    ({"translated": "1"}, "this shell runs as x86_64 under Rosetta"),
+    ({"python_arch": "x86_64"}, "is an x86_64 Python on an Apple Silicon Mac"),
+    ({"brew_prefix": "/usr/local"}, "is the Intel one"),
+])
+def test_rosetta_is_refused_with_a_fix(tmp_path: Path, settings: dict[str, str],
+                                       refusal: str | None) -> None:
+    brew = tmp_path / "opt" / "homebrew" / "bin" / "brew"
+    result = macos_shell(tmp_path, f"find_homebrew {brew}; refuse_rosetta "
+                                   f"{tmp_path / 'standins' / 'python-here'}; echo native",
+                         **settings)
+    if refusal is None:
+        assert result.returncode == 0 and result.stdout.endswith("native\n"), result.stderr
+    else:
+        assert result.returncode == 1 and refusal in result.stderr
+        assert "  fix: " in result.stderr and "native" not in result.stdout

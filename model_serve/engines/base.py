@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import sys
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -203,6 +205,15 @@ def parse_prometheus(text: str) -> dict[str, float]:
     return values
 
 
-def find_on_path(program: str) -> Path | None:
+# On a Mac, Homebrew's folders are on PATH only when the shell's profile runs `brew shellenv`
+# (never under launchd or cron); Apple Silicon's first.
+HOMEBREW_BINS = (Path("/opt/homebrew/bin"), Path("/usr/local/bin"))
+
+
+def find_on_path(program: str, platform: str = sys.platform,
+                 homebrew: tuple[Path, ...] = HOMEBREW_BINS) -> Path | None:
+    """`program` on PATH, else (macOS) in Homebrew's folders."""
     found = shutil.which(program)
+    if not found and platform == "darwin":
+        found = shutil.which(program, path=os.pathsep.join(map(str, homebrew)))
     return Path(found) if found else None
