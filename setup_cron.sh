@@ -63,7 +63,7 @@ add_line() {
     say "added the hourly keep-alive line to your crontab ($marker)"
     local carried
     carried="$(files carried)"
-    if [ -n "$carried" ]; then say "settings taken from this shell's environment: $carried"; fi
+    if [ -n "$carried" ]; then say "taken from this shell (its settings, and programs as its PATH finds them): $carried"; fi
 }
 
 remove_line() {

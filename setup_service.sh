@@ -49,7 +49,7 @@ report_carried() {
     local carried
     carried="$(files carried)"
     if [ -n "$carried" ]; then
-        say "settings taken from this shell's environment: $carried"
+        say "taken from this shell (its settings, and programs as its PATH finds them): $carried"
     fi
 }
 

@@ -57,6 +57,31 @@ def carried_environment(environ: Mapping[str, str]) -> dict[str, str]:
     return carried
 
 
+# Programs the service must run as this shell finds them: its bare PATH may find others, or
+# none (MacPorts, ~/bin, a source build), and ENGINE=auto could then pick another engine.
+PROGRAM_SETTINGS = {"LLAMA_SERVER_BIN": "llama-server", "LLAMA_SWAP_BIN": "llama-swap",
+                    "OLLAMA_BIN": "ollama"}
+
+
+def resolved_programs(settings: Settings, environ: Mapping[str, str]) -> dict[str, str]:
+    """LLAMA_SERVER_BIN, LLAMA_SWAP_BIN, OLLAMA_BIN as this shell's PATH resolves them, for
+    those not set already (in .env, which the service reads too, or in the shell)."""
+    from model_serve.engines.base import find_on_path
+
+    found = {}
+    for name, program in PROGRAM_SETTINGS.items():
+        if name in environ or getattr(settings, name.lower()) is not None:
+            continue
+        path = find_on_path(program, path=environ.get("PATH", os.defpath))
+        if path is not None:  # not found: the service looks the same way (llama-server: .venv)
+            found[name] = str(path)
+    return found
+
+
+def service_environment(settings: Settings, environ: Mapping[str, str]) -> dict[str, str]:
+    return {**carried_environment(environ), **resolved_programs(settings, environ)}
+
+
 def service_keys_file(settings: Settings) -> Path:
     return settings.state_dir / "service-api-keys"
 
@@ -67,7 +92,7 @@ def spec_for(settings: Settings, environ: Mapping[str, str] | None = None,
     go into a unit, plist or crontab (readable by others): they go into a file only the user
     can read, which the service names in API_KEYS_FILE."""
     env = os.environ if environ is None else environ
-    carried = carried_environment(env)
+    carried = service_environment(settings, env)
     if carried.pop("API_KEYS", "").strip() and settings.api_keys:
         from model_serve.fileio import write_if_changed
 
@@ -268,7 +293,8 @@ ACTIONS = {
     "render": (KINDS, "print the unit, plist or crontab line"),
     "write": (FILE_KINDS, "write the unit/plist; print changed or unchanged"),
     "remove": (FILE_KINDS, "remove our unit/plist; print removed or absent"),
-    "carried": ((), "print the settings taken from this environment, space-separated"),
+    "carried": ((), "print the settings taken from this environment (and the programs it "
+                    "finds), space-separated"),
 }
 
 
@@ -299,7 +325,7 @@ def run(args: argparse.Namespace) -> str:
     if args.action == "check":
         return ownership(file_path(args.kind, port))
     if args.action == "carried":
-        return " ".join(carried_environment(os.environ))
+        return " ".join(service_environment(settings, os.environ))
     if args.action == "remove":
         return "removed" if remove_service_file(args.kind, port) else "absent"
     spec = spec_for(settings, checkout=getattr(args, "checkout", PROJECT_ROOT))

@@ -260,6 +260,22 @@ def test_service_gets_the_settings_of_the_calling_shell(env: Env) -> None:
         service_files.spec_for(load_settings(dict(env)), dict(env))
 
 
+def test_service_runs_the_programs_this_shell_finds(env: Env, tmp_path: Path) -> None:
+    shell_bin = tmp_path / "my-bin"  # e.g. ~/bin or MacPorts' /opt/local/bin
+    swap = tool(shell_bin, "llama-swap", "exit 0")
+    ollama = tool(shell_bin, "ollama", "exit 0")
+    env["PATH"] = f"{shell_bin}{os.pathsep}{env['PATH']}"
+    spec = service_files.spec_for(load_settings(dict(env)), dict(env))
+    assert spec.environment["LLAMA_SWAP_BIN"] == str(swap)
+    assert spec.environment["OLLAMA_BIN"] == str(ollama)
+    plist = plistlib.loads(service_files.launchd_plist(spec).encode())
+    assert plist["EnvironmentVariables"]["LLAMA_SWAP_BIN"] == str(swap)
+    # Set in .env, a program is the service's to read from there: nothing is recorded.
+    (env.home / ".env").write_text(f"OLLAMA_BIN={ollama}\n")
+    spec = service_files.spec_for(load_settings(dict(env)), dict(env))
+    assert "OLLAMA_BIN" not in spec.environment and "LLAMA_SWAP_BIN" in spec.environment
+
+
 # --- setup_service.sh on Linux --------------------------------------------------------------------
 def test_systemd_install_and_uninstall(linux: Service, env: Env) -> None:
     unit_dir = linux.user_home / ".config" / "systemd" / "user"

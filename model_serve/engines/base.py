@@ -211,9 +211,10 @@ HOMEBREW_BINS = (Path("/opt/homebrew/bin"), Path("/usr/local/bin"))
 
 
 def find_on_path(program: str, platform: str = sys.platform,
-                 homebrew: tuple[Path, ...] = HOMEBREW_BINS) -> Path | None:
-    """`program` on PATH, else (macOS) in Homebrew's folders."""
-    found = shutil.which(program)
+                 homebrew: tuple[Path, ...] = HOMEBREW_BINS, path: str | None = None
+                 ) -> Path | None:
+    """`program` on PATH (or `path`), else (macOS) in Homebrew's folders."""
+    found = shutil.which(program, path=path)
     if not found and platform == "darwin":
         found = shutil.which(program, path=os.pathsep.join(map(str, homebrew)))
     return Path(found) if found else None
