@@ -183,7 +183,8 @@ def _port(settings: Settings) -> Check:
     if status.running:
         return Check("port", "ok", f"{settings.port} is served by this stack (pid {status.pid})")
     if procs.port_in_use(settings.host, settings.port):
-        return Check("port", "fail", f"{settings.port} is in use by another program",
+        return Check("port", "fail", f"{settings.port} is in use by "
+                     f"{procs.who_listens(settings.port)}",
                      "stop it or set LLAMA_SWAP_PORT in .env")
     return Check("port", "ok", f"{settings.port} is free (the stack is not running)")
 

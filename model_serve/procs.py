@@ -128,6 +128,17 @@ def listener_pid(port: int) -> int | None:
     return lsof_listener_pid(port)
 
 
+def who_listens(port: int) -> str:
+    """'name (pid N)' of the program on `port`, or 'another program' when it cannot be seen."""
+    import psutil
+
+    pid = listener_pid(port)
+    try:
+        return f"{psutil.Process(pid).name()} (pid {pid})" if pid else "another program"
+    except psutil.Error:
+        return "another program"
+
+
 def lsof_listener_pid(port: int) -> int | None:
     try:
         out = subprocess.run(["lsof", "-nP", f"-iTCP:{port}", "-sTCP:LISTEN", "-Fp"],

@@ -92,16 +92,6 @@ def cleanup_stale(settings: Settings) -> int:
     return len(live)
 
 
-def _who_listens(port: int) -> str:
-    import psutil
-
-    pid = procs.listener_pid(port)
-    try:
-        return f"{psutil.Process(pid).name()} (pid {pid})" if pid else "another program"
-    except psutil.Error:
-        return "another program"
-
-
 @contextlib.contextmanager
 def supervisor_lock(settings: Settings) -> Iterator[None]:
     """The lock a running supervisor holds; raises when another one holds it."""
@@ -133,7 +123,7 @@ def check_can_start(settings: Settings, holding_lock: bool = False) -> None:
             with supervisor_lock(settings):
                 cleanup_stale(settings)
     if procs.port_in_use(settings.host, settings.port):
-        owner = _who_listens(settings.port)
+        owner = procs.who_listens(settings.port)
         raise EngineError(f"port {settings.port} is already in use by {owner}",
                           "stop that program or set LLAMA_SWAP_PORT in .env to a free port")
     ensure_models_dir(settings)

@@ -199,6 +199,7 @@ def test_lsof_finds_a_real_listener() -> None:
         expected = os.getpid() if shutil.which("lsof") else None
         assert lsof_listener_pid(port) == expected
         assert procs.listener_pid(port) == os.getpid()
+        assert procs.who_listens(port).endswith(f"(pid {os.getpid()})")
 
 
 # --- Homebrew's folders and platform hints -------------------------------------------------------
