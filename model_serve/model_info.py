@@ -119,10 +119,9 @@ def info_from_header(header: gguf.GGUFHeader) -> ModelInfo:
 
 
 def read_model_info(path: Path) -> ModelInfo:
-    # Tensor names are only needed to spot embedded towers, and cost one more pass.
-    header = gguf.read_header(path)
-    if header.architecture in _EMBEDDED_TOWER_ARCHS:
-        header = gguf.read_header(path, tensor_names=True)
+    # Tensor names are only needed to spot embedded towers.
+    header = gguf.read_header(path, tensor_names=lambda metadata: metadata.get(
+        "general.architecture") in _EMBEDDED_TOWER_ARCHS)
     return info_from_header(header)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import struct
 from pathlib import Path
 from typing import Any
@@ -98,11 +99,13 @@ def gguf_bytes(
     general_type: str | None = None,
     tokens: list[str] | None = None,
     extra: dict[str, GGUFValue] | None = None,
+    tensors: list[tuple[str, tuple[int, ...]]] | None = None,
 ) -> bytes:
-    """A minimal GGUF v3 file: the header and metadata only, no tensors.
+    """A minimal GGUF v3 file: the header and metadata only; no tensor data.
 
     `general_type="mmproj"` (with `arch="clip"`) makes a projector file. `tokens` adds a
     `tokenizer.ggml.tokens` string array before the model keys, as real files have it.
+    `tensors` (name, dims) adds their descriptions (F32, offsets in order) after the keys.
     """
     kvs: dict[str, GGUFValue] = {"general.architecture": arch}
     if general_type:
@@ -120,8 +123,13 @@ def gguf_bytes(
         f"{arch}.attention.head_count_kv": head_count_kv,
     })
     kvs.update(extra or {})
-    header = b"GGUF" + struct.pack("<IQQ", 3, 0, len(kvs))
-    return header + b"".join(_gguf_kv(key, value) for key, value in kvs.items())
+    header = b"GGUF" + struct.pack("<IQQ", 3, len(tensors or []), len(kvs))
+    infos, offset = [], 0
+    for tensor, dims in tensors or []:
+        infos.append(_gguf_string(tensor) + struct.pack(f"<I{len(dims)}QIQ", len(dims), *dims,
+                                                        0, offset))
+        offset += 4 * math.prod(dims)
+    return header + b"".join(_gguf_kv(key, value) for key, value in kvs.items()) + b"".join(infos)
 
 
 def write_blob(store: Path, data: bytes) -> str:
