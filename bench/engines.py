@@ -31,8 +31,8 @@ def _llama_swap_settings() -> dict[str, str] | None:
 def _measure(root: Path, reps: int, **settings: str) -> dict[str, list[float]]:
     import requests
 
+    from model_serve.config.settings import load_settings
     from model_serve.engines import select_engine
-    from model_serve.settings import load_settings
 
     figures: dict[str, list[float]] = {"latency_ms": [], "stream_tps": [], "cold_ttft_s": [],
                                        "unload_s": [], "keepalive_drops": []}

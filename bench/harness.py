@@ -88,7 +88,7 @@ def llama_server_binary() -> Path:
 # --- an isolated stack ---------------------------------------------------------------------
 def isolated_env(root: Path, **settings: str) -> dict[str, str]:
     """Environment for a stack under `root`: own home, models, Ollama store and port."""
-    from model_serve.settings import STACK_VARIABLES
+    from model_serve.config.settings import STACK_VARIABLES
 
     env = {k: v for k, v in os.environ.items() if k not in STACK_VARIABLES}
     for folder in ("home", "models", "ollama/manifests", "ollama/blobs"):

@@ -12,7 +12,7 @@ from model_serve.errors import EXIT_NOT_RUNNING, ModelServeError
 
 
 def _settings():
-    from model_serve.settings import load_settings
+    from model_serve.config.settings import load_settings
 
     return load_settings()
 
@@ -53,7 +53,8 @@ def main() -> None:
 @main.command()
 def start() -> None:
     """Start the stack in the background and wait until the port answers."""
-    from model_serve import render, stack
+    from model_serve import render
+    from model_serve.runtime import stack
 
     status = stack.start_background(_settings())
     render.started(status)
@@ -62,7 +63,8 @@ def start() -> None:
 @main.command()
 def stop() -> None:
     """Stop the stack and every model server it started."""
-    from model_serve import render, stack
+    from model_serve import render
+    from model_serve.runtime import stack
 
     render.stopped(stack.stop_stack(_settings()))
 
@@ -70,7 +72,8 @@ def stop() -> None:
 @main.command()
 def restart() -> None:
     """Stop the stack if it runs, then start it."""
-    from model_serve import render, stack
+    from model_serve import render
+    from model_serve.runtime import stack
 
     settings = _settings()
     stack.stop_stack(settings)
@@ -81,7 +84,8 @@ def restart() -> None:
 @json_option
 def status(as_json: bool) -> None:
     """Show whether the stack runs (exit code 0 running, 3 not running)."""
-    from model_serve import render, stack
+    from model_serve import render
+    from model_serve.runtime import stack
 
     result = stack.stack_status(_settings())
     render.status(result, as_json)
@@ -92,7 +96,7 @@ def status(as_json: bool) -> None:
 @main.command()
 def serve() -> None:
     """Run the stack in the foreground (what the launchd/systemd service runs)."""
-    from model_serve.supervisor import serve as run_serve
+    from model_serve.runtime.supervisor import serve as run_serve
 
     sys.exit(run_serve(_settings(), to_stderr=sys.stderr.isatty()))
 
@@ -116,7 +120,7 @@ def sync(no_bridge: bool, as_json: bool) -> None:
 
     A running engine is told to reload only when the config changed."""
     from model_serve import render
-    from model_serve.sync import run_sync
+    from model_serve.runtime.sync import run_sync
 
     result = run_sync(_settings(), bridge=not no_bridge)
     render.sync_result(result, as_json)
@@ -132,7 +136,7 @@ def list_models(filter_text: str, served: bool, as_json: bool) -> None:
     """List models: Ollama's and every GGUF in MODELS_DIR, with their served names
     (FILTER: case-insensitive text in either name)."""
     from model_serve import render
-    from model_serve.sync import build_current_plan
+    from model_serve.runtime.sync import build_current_plan
 
     settings = _settings()
     if served:
@@ -157,8 +161,8 @@ def list_models(filter_text: str, served: bool, as_json: bool) -> None:
 def show(name: str, as_json: bool) -> None:
     """Show every generated setting of one model, and why each value was chosen."""
     from model_serve import render
-    from model_serve.plan import find_served
-    from model_serve.sync import build_current_plan
+    from model_serve.models.plan import find_served
+    from model_serve.runtime.sync import build_current_plan
 
     catalog, plan = build_current_plan(_settings())
     render.show(find_served(plan, catalog, name), as_json)
@@ -172,8 +176,8 @@ def add(path: str, name: str | None) -> None:
     from pathlib import Path
 
     from model_serve import render
-    from model_serve.add import add_model
-    from model_serve.sync import run_sync
+    from model_serve.commands.add import add_model
+    from model_serve.runtime.sync import run_sync
 
     settings = _settings()
     found = add_model(settings, Path(path), name)
@@ -188,7 +192,7 @@ def add(path: str, name: str | None) -> None:
 def names(filter_text: str, as_json: bool) -> None:
     """Show which served name each Ollama model (or file) has."""
     from model_serve import render
-    from model_serve.sync import build_current_plan
+    from model_serve.runtime.sync import build_current_plan
 
     _catalog, plan = build_current_plan(_settings())
     rows = []
@@ -205,8 +209,9 @@ def names(filter_text: str, as_json: bool) -> None:
 def pull(name: str) -> None:
     """Pull a model with Ollama (library name, user/name or hf.co/user/repo:quant), sync, and
     print the name to use in API calls."""
-    from model_serve import ollama, render
-    from model_serve.sync import run_sync
+    from model_serve import render
+    from model_serve.models import ollama
+    from model_serve.runtime.sync import run_sync
 
     settings = _settings()
     ollama.pull(settings, name)
@@ -225,10 +230,11 @@ def pull(name: str) -> None:
 @click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
 def rm(name: str | None, filter_text: str | None, yes: bool) -> None:
     """Remove Ollama models (unloading them first), then sync so their names go."""
-    from model_serve import ollama, render
+    from model_serve import render
     from model_serve.engines import select_engine
     from model_serve.engines.base import LOADED_STATES
-    from model_serve.sync import build_current_plan, run_sync
+    from model_serve.models import ollama
+    from model_serve.runtime.sync import build_current_plan, run_sync
 
     settings = _settings()
     catalog, _plan = build_current_plan(settings)
@@ -263,8 +269,9 @@ def rm(name: str | None, filter_text: str | None, yes: bool) -> None:
 @click.argument("name", required=False)
 def update(name: str | None) -> None:
     """Pull again every Ollama model (or NAME), then sync; says which ones changed."""
-    from model_serve import ollama, render
-    from model_serve.sync import build_current_plan, run_sync
+    from model_serve import render
+    from model_serve.models import ollama
+    from model_serve.runtime.sync import build_current_plan, run_sync
 
     settings = _settings()
     catalog, _plan = build_current_plan(settings)
@@ -306,7 +313,7 @@ def run(name: str, system: str | None) -> None:
     """Chat with a model in the terminal, through the stack's port (so its settings apply).
 
     NAME is the served name or the Ollama name. Type /exit to quit, /clear to forget."""
-    from model_serve.chat import chat_loop
+    from model_serve.commands.chat import chat_loop
 
     chat_loop(_settings(), name, system)
 
@@ -316,7 +323,7 @@ def run(name: str, system: str | None) -> None:
 def doctor(as_json: bool) -> None:
     """Check every prerequisite and say what to fix (exit code 1 if something is wrong)."""
     from model_serve import render
-    from model_serve.doctor import run_checks
+    from model_serve.commands.doctor import run_checks
 
     checks = run_checks(_settings())
     render.doctor(checks, as_json)
@@ -332,7 +339,7 @@ def check_engine(as_json: bool) -> None:
     When the defaults crash (AMX on some Xeon VMs) and --no-repack computes, every model
     server gets --no-repack from then on. Exit code 1 when nothing computes."""
     from model_serve import render
-    from model_serve.engine_check import check_engine as run_check
+    from model_serve.engines.engine_check import check_engine as run_check
     from model_serve.engines.llama_server import resolve_llama_server
 
     settings = _settings()
@@ -350,7 +357,7 @@ def stats(as_json: bool, watch: bool) -> None:
     import time
 
     from model_serve import render
-    from model_serve.stats import collect_stats
+    from model_serve.commands.stats import collect_stats
 
     settings = _settings()
     while True:
@@ -385,8 +392,8 @@ def unload(name: str | None, unload_all: bool) -> None:
     elif name:
         chosen = [m for m in models if m.known_as(name)]
         if not chosen:  # an Ollama name (gemma3:270m), or the name without its prefix
-            from model_serve.plan import find_served
-            from model_serve.sync import build_current_plan
+            from model_serve.models.plan import find_served
+            from model_serve.runtime.sync import build_current_plan
 
             catalog, plan = build_current_plan(settings)
             try:

@@ -9,15 +9,15 @@ from typing import TYPE_CHECKING, Any
 import click
 
 if TYPE_CHECKING:
-    from model_serve.catalog import ScanProblem
-    from model_serve.doctor import Check
-    from model_serve.engine_check import EngineCheck
+    from model_serve.commands.doctor import Check
+    from model_serve.commands.stats import StatsReport
     from model_serve.engines.base import EngineModel
-    from model_serve.ollama import OllamaModel
-    from model_serve.plan import ServedModel
-    from model_serve.stack import StackStatus, StopReport
-    from model_serve.stats import StatsReport
-    from model_serve.sync import SyncResult
+    from model_serve.engines.engine_check import EngineCheck
+    from model_serve.models.catalog import ScanProblem
+    from model_serve.models.ollama import OllamaModel
+    from model_serve.models.plan import ServedModel
+    from model_serve.runtime.stack import StackStatus, StopReport
+    from model_serve.runtime.sync import SyncResult
 
 
 def _json(data: Any) -> None:
@@ -49,9 +49,11 @@ def started(status: StackStatus) -> None:
                   if status.via_service else ""))
     click.echo(f"  API:  http://127.0.0.1:{status.port}/v1")
     click.echo(f"  log:  {status.log_file}   (model logs -f)")
-    sync = status.children.get("sync") or {}
-    if sync.get("state") == "backoff" and sync.get("last_error"):
-        click.echo(f"warning: {sync['last_error']}", err=True)
+    from model_serve.runtime.state import Phase
+
+    sync = status.children.get("sync")
+    if sync is not None and sync.phase == Phase.BACKOFF and sync.last_error:
+        click.echo(f"warning: {sync.last_error}", err=True)
     if status.served_models == 0:
         click.echo("no models yet. Get a first one:")
         click.echo("  model pull gemma3              with Ollama installed")
@@ -60,7 +62,7 @@ def started(status: StackStatus) -> None:
 
 
 def engine_check(check: EngineCheck, as_json: bool) -> None:
-    from model_serve.engine_check import failure_hint, option_words
+    from model_serve.engines.engine_check import failure_hint, option_words
 
     if as_json:
         _json({"ok": check.ok, "summary": check.summary(), **check.to_json(),
@@ -106,23 +108,25 @@ def status(result: StackStatus, as_json: bool) -> None:
     click.echo(f"model_serve is running (pid {result.pid}, up {human_duration(result.uptime)})")
     click.echo(f"  API:      http://127.0.0.1:{result.port}/v1"
                f"  ({'answering' if result.healthy else 'NOT answering'})")
+    from model_serve.runtime.state import Phase
+
     for name, child in result.children.items():
         label = name
         if name == "engine":
             version = f", {result.engine_version}" if result.engine_version else ""
             label = f"engine ({result.engine}{version})"
-        line = f"  {label + ':':9} {child.get('state', '?')}"
-        if child.get("restarts"):
-            line += f", {child['restarts']} restart(s)"
-        if child.get("last_error") and child.get("state") != "running":
-            line += f" - {child['last_error']}"
+        line = f"  {label + ':':9} {child.phase}"
+        if child.restarts:
+            line += f", {child.restarts} restart(s)"
+        if child.last_error and child.phase != Phase.RUNNING:
+            line += f" - {child.last_error}"
         click.echo(line)
     click.echo(f"  config:   {result.config_path}")
     click.echo(f"  log:      {result.log_file}")
 
 
 def logs(path: Path, lines: int, follow: bool) -> None:
-    from model_serve import stack
+    from model_serve.runtime import stack
 
     if not path.exists():
         click.echo(f"no log yet at {path} (the stack has not run)")

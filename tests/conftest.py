@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from model_serve.settings import STACK_VARIABLES
+from model_serve.config.settings import STACK_VARIABLES
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from model_serve.catalog import build_catalog
-from model_serve.custom_models import CustomModels
-from model_serve.plan import build_plan
-from model_serve.settings import load_settings
+from model_serve.config.custom_models import CustomModels
+from model_serve.config.settings import load_settings
+from model_serve.models.catalog import build_catalog
+from model_serve.models.plan import build_plan
 from tests import ollama_store
 from tests.conftest import Env
 

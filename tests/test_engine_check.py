@@ -92,7 +92,7 @@ def test_start_refuses_an_engine_that_cannot_compute(checked_env: Env, gemma_pat
 
 
 def test_parse_exit_lines_of_both_engines() -> None:
-    from model_serve.model_exits import UNKNOWN_STATUS, parse_exit
+    from model_serve.runtime.model_exits import UNKNOWN_STATUS, parse_exit
 
     router = "0.05.786.389 I srv           run: instance name=ls/a-1b-q8_0 exited with status 1"
     assert parse_exit(router) == ("ls/a-1b-q8_0", 1)
@@ -131,7 +131,7 @@ def test_a_model_server_killed_by_a_signal_is_reported_in_logs_and_stats(
         marker.touch()
         os.kill(server, 4)  # SIGILL, as the AMX kernels raise it
         exits = env.state / "model-exits.json"
-        from model_serve.procs import wait_until
+        from model_serve.runtime.procs import wait_until
 
         assert wait_until(exits.exists, timeout=60), env.run("logs").stdout
         logs = env.run("logs", "-n", "400").stdout

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from openai import APIError, OpenAI
 
+from model_serve.config.settings import load_settings
 from model_serve.engines import Engine, EngineModel, select_engine
-from model_serve.procs import wait_until
-from model_serve.settings import load_settings
+from model_serve.runtime.procs import wait_until
 from tests.conftest import Env, llama_servers_under, running
 from tests.test_llama_swap import llama_swap_binary, port_block
 
@@ -207,7 +207,7 @@ def test_pressure_unloads_the_least_recently_used_idle_model(both: Env) -> None:
     recent of all stays while it streams."""
     import time
 
-    from model_serve.unloader import PressureUnloader
+    from model_serve.runtime.unloader import PressureUnloader
 
     (both.home / "custom_models.yaml").write_text(
         TWIN + "  g3:\n    base_model: gemma-3:270m-q4_k_m\n")

@@ -14,8 +14,8 @@ import pytest
 import requests
 from openai import APIError, OpenAI
 
-from model_serve.settings import load_settings
-from model_serve.supervisor import read_state
+from model_serve.config.settings import load_settings
+from model_serve.runtime.state import read_state
 from tests import ollama_store
 from tests.conftest import Env, llama_servers_under, stack_processes_under
 
@@ -80,9 +80,9 @@ def _wait(predicate, timeout: float, what: str) -> None:
 
 def _engine_pid(env: Env) -> int:
     """The engine's pid, 0 while it is between restarts."""
-    state = read_state(load_settings(dict(env))) or {}
-    pid = (state.get("children", {}).get("engine") or {}).get("pid")
-    return int(pid[0]) if pid else 0
+    state = read_state(load_settings(dict(env)).pid_file)
+    ref = state.child("engine").pid if state else None
+    return ref.pid if ref else 0
 
 
 def test_model_server_killed_mid_request(two: Env) -> None:
@@ -116,7 +116,8 @@ def test_engine_killed_is_restarted_without_orphans(two: Env) -> None:
     model_pids = [_model_pid(two, A), _model_pid(two, B)]
     settings = load_settings(dict(two))
     # The supervisor records its model servers about once a second; it must know both.
-    _wait(lambda: set(model_pids) <= {p for p, _ in read_state(settings)["model_procs"]}, 15,
+    _wait(lambda: set(model_pids) <= {r.pid for r in read_state(settings.pid_file).model_procs},
+          15,
           "both model servers to be recorded")
     os.kill(engine, signal.SIGKILL)
     _wait(lambda: _engine_pid(two) not in (0, engine) and requests.get(
@@ -133,17 +134,17 @@ def test_supervisor_killed_then_start_recovers(two: Env) -> None:
     _chat(two, A)
     settings = load_settings(dict(two))
     # The supervisor records its model servers about once a second.
-    _wait(lambda: read_state(settings)["model_procs"], 15, "the model server to be recorded")
-    state = read_state(settings)
-    os.kill(state["pid"][0], signal.SIGKILL)
+    _wait(lambda: read_state(settings.pid_file).model_procs, 15,
+          "the model server to be recorded")
+    state = read_state(settings.pid_file)
+    os.kill(state.pid.pid, signal.SIGKILL)
     status = two.run("status")
     assert status.returncode == 3 and "died" in status.stdout
     # Its children end with it (the orphan guard; tests/test_hardening.py times that), and
     # whatever would be left, start cleans up.
     restarted = two.run("start")
     assert restarted.returncode == 0, restarted.stderr
-    old = [child["pid"][0] for child in state["children"].values() if child["pid"]]
-    old += [p for p, _ in state["model_procs"]]
+    old = [ref.pid for ref in state.owned()[1:]]  # all but the supervisor itself
     assert len(old) >= 3  # engine, unloader, the model's server
     assert not any(_running(p) for p in old)
     assert _chat(two, A) in ("length", "stop")

@@ -10,7 +10,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from model_serve.settings import STACK_VARIABLES
+from model_serve.config.settings import STACK_VARIABLES
 from tests.conftest import REPO, free_port, stack_processes_under
 
 

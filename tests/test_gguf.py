@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from model_serve import gguf
-from model_serve.gguf import SkippedArray, read_header
+from model_serve.models import gguf
+from model_serve.models.gguf import SkippedArray, read_header
 from tests import ollama_store
 
 

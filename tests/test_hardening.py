@@ -18,7 +18,7 @@ from pathlib import Path
 import psutil
 
 from model_serve.engines.llama_server import resolve_llama_server
-from model_serve.procs import wait_until
+from model_serve.runtime.procs import wait_until
 from tests.conftest import Env, llama_servers_under, stack_processes_under
 
 CRASHING = Path(__file__).resolve().parent / "crashing_llama_server"
@@ -99,7 +99,7 @@ def _guarded(watch: bool, tmp_path: Path) -> tuple[subprocess.Popen[bytes], Path
     pid_file = tmp_path / f"sleep-{watch}.pid"
     script = (
         "import subprocess, sys\n"
-        "from model_serve.orphan_guard import guard_argv\n"
+        "from model_serve.runtime.orphan_guard import guard_argv\n"
         f"argv = guard_argv(['sh', '-c', 'echo $$ > {pid_file}; exec sleep 600'], watch={watch})\n"
         "subprocess.Popen(argv, start_new_session=True)\n"
         "sys.stdin.read()\n"

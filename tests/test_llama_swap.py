@@ -23,8 +23,8 @@ import pytest
 import requests
 import yaml
 
-from model_serve.catalog import build_catalog
-from model_serve.custom_models import load_custom_models
+from model_serve.config.custom_models import load_custom_models
+from model_serve.config.settings import load_settings
 from model_serve.engines.base import REQUEST_ENDED, REQUEST_STARTED
 from model_serve.engines.llama_server import resolve_llama_server
 from model_serve.engines.llama_swap import (
@@ -34,9 +34,9 @@ from model_serve.engines.llama_swap import (
     LlamaSwapEngine,
 )
 from model_serve.errors import ConfigError, EngineError
-from model_serve.plan import ServedModel, build_plan
-from model_serve.procs import wait_until
-from model_serve.settings import load_settings
+from model_serve.models.catalog import build_catalog
+from model_serve.models.plan import ServedModel, build_plan
+from model_serve.runtime.procs import wait_until
 from tests.conftest import REPO, Env, llama_servers_under
 from tests.ollama_store import gguf_bytes
 
@@ -471,7 +471,7 @@ def test_unloader_sees_requests_through_llama_swaps_events(swap_env: Env,
     """llama-swap reports every request as it starts and ends (`inflight` events). The
     pressure unloader counts them, so a model is known busy even when its own counters cannot
     be read (here the twin runs without --metrics) and is not unloaded while it streams."""
-    from model_serve.unloader import PressureUnloader
+    from model_serve.runtime.unloader import PressureUnloader
 
     serve_gemma_twice(swap_env, gemma_path, extra="    sampler_args: '--metrics false'\n")
     assert swap_env.run("start").returncode == 0

@@ -13,18 +13,19 @@ from pathlib import Path
 
 import pytest
 
-from model_serve import doctor, procs
-from model_serve.catalog import ensure_models_dir
+from model_serve.commands import doctor
+from model_serve.config.settings import load_settings
 from model_serve.engines.base import find_on_path
-from model_serve.macos import privacy_warnings, protected_area
-from model_serve.memory import (
+from model_serve.models.catalog import ensure_models_dir
+from model_serve.runtime import procs
+from model_serve.runtime.memory import (
     MemoryReading,
     macos_pressure_level,
     macos_used_bytes,
     parse_vm_stat,
 )
-from model_serve.procs import lsof_listener_pid, parse_lsof_pids
-from model_serve.settings import load_settings
+from model_serve.runtime.procs import lsof_listener_pid, parse_lsof_pids
+from model_serve.service.privacy import privacy_warnings, protected_area
 from tests import ollama_store
 from tests.conftest import REPO, Env
 from tests.test_services import tool

@@ -15,7 +15,7 @@ from pathlib import Path
 import pexpect
 import pytest
 
-from model_serve.procs import wait_until
+from model_serve.runtime.procs import wait_until
 from tests import ollama_store
 from tests.conftest import REPO, Env, free_port
 

@@ -15,10 +15,10 @@ import pytest
 import requests
 from openai import OpenAI
 
-from model_serve.activity import load_activity
-from model_serve.memory import MemoryReading
-from model_serve.settings import load_settings
-from model_serve.unloader import PressureUnloader
+from model_serve.config.settings import load_settings
+from model_serve.runtime.activity import load_activity
+from model_serve.runtime.memory import MemoryReading
+from model_serve.runtime.unloader import PressureUnloader
 from tests.conftest import Env
 
 A, B, C = "ls/gemma-3-270m-q4_k_m", "ls/g2", "ls/g3"  # the router's ids

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from model_serve import service_files
+from model_serve.config.settings import load_settings
 from model_serve.errors import ConfigError
-from model_serve.service_files import ServiceSpec
-from model_serve.settings import load_settings
+from model_serve.service import files as service_files
+from model_serve.service.files import ServiceSpec
 from tests.conftest import REPO, Env, llama_servers_under
 
 FAKE_CHECKOUT = Path("/opt/my models/model_serve")

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from model_serve.config.settings import SETTINGS_TABLE, env_example, load_settings
 from model_serve.errors import ConfigError
-from model_serve.settings import SETTINGS_TABLE, env_example, load_settings
 from tests.conftest import REPO, Env
 
 
@@ -71,7 +71,7 @@ def test_cli_reports_bad_setting_in_one_line_with_exit_2(env: Env) -> None:
 
 def test_env_example_documents_every_setting() -> None:
     text = (REPO / ".env.example").read_text()
-    assert text == env_example(), "regenerate .env.example from model_serve.settings"
+    assert text == env_example(), "regenerate .env.example from model_serve.config.settings"
     for setting in SETTINGS_TABLE:
         assert f"\n{setting.name}={setting.default}\n" in text
 

@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from model_serve.config.settings import Settings
 from model_serve.errors import EngineError, NotRunningError
 from model_serve.fileio import write_if_changed
-from model_serve.plan import ServedModel
-from model_serve.settings import Settings
+from model_serve.models.plan import ServedModel
 
 # States that hold memory; both engines' vocabularies map onto these.
 LOADED_STATES = frozenset({"loaded", "loading", "sleeping", "stopping"})
@@ -40,7 +40,7 @@ class EngineModel:
         form, and the colon form is among its aliases."""
         if ":" in self.name:
             return self.name
-        from model_serve.catalog import dash_form
+        from model_serve.models.catalog import dash_form
 
         return next((a for a in self.aliases if ":" in a and dash_form(a) == self.name),
                     self.name)

@@ -20,11 +20,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from model_serve.catalog import dash_form
 from model_serve.engines.base import Engine, EngineModel, find_on_path
 from model_serve.errors import ConfigError, EngineError
 from model_serve.fileio import write_if_changed
-from model_serve.plan import ServedModel
+from model_serve.models.catalog import dash_form
+from model_serve.models.plan import ServedModel
 
 _INI_UNSAFE = re.compile(r"[;#\r\n]")
 _PATH_OPTIONS = ("model", "mmproj", "chat-template-file")
@@ -187,7 +187,7 @@ class LlamaServerEngine(Engine):
             "metrics = true",
             "",
         ]
-        from model_serve.engine_check import required_options
+        from model_serve.engines.engine_check import required_options
 
         # What this machine's CPU needs (the engine check): inherited by every model.
         for option, value in required_options(self.settings, self.binary()).items():

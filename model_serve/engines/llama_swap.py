@@ -32,8 +32,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from model_serve import procs
-from model_serve.catalog import dash_form
 from model_serve.engines.base import (
     REQUEST_ENDED,
     REQUEST_STARTED,
@@ -43,7 +41,9 @@ from model_serve.engines.base import (
 )
 from model_serve.engines.llama_server import check_option, option_spellings, resolve_llama_server
 from model_serve.errors import ConfigError, EngineError
-from model_serve.plan import ServedModel
+from model_serve.models.catalog import dash_form
+from model_serve.models.plan import ServedModel
+from model_serve.runtime import procs
 
 HEALTH_CHECK_TIMEOUT = 300  # seconds a model may take to load (big models on slow disks)
 CONCURRENCY_LIMIT = 64  # queued + in-flight requests per model before llama-swap answers 429
@@ -145,7 +145,7 @@ class LlamaSwapEngine(Engine):
     def render_config(self, plan: list[ServedModel]) -> str:
         import yaml
 
-        from model_serve.engine_check import required_options
+        from model_serve.engines.engine_check import required_options
 
         server = resolve_llama_server(self.settings.llama_server_bin).absolute()
         spellings = option_spellings(server, self.settings.state_dir)
@@ -353,12 +353,12 @@ class LlamaSwapEngine(Engine):
         --watch-config poll instead)."""
         import signal
 
-        from model_serve.supervisor import read_state
+        from model_serve.runtime.state import read_state
 
         if not self._reloads_on_sighup():
             return
-        engine = ((read_state(self.settings) or {}).get("children") or {}).get("engine") or {}
-        ref = procs.ProcRef.from_json(engine.get("pid"))
+        state = read_state(self.settings.pid_file)
+        ref = state.child("engine").pid if state else None
         # The supervisor's record; else whoever serves our port (llama-swap run by hand).
         pid = ref.pid if ref is not None and ref.alive() else procs.listener_pid(self.settings.port)
         if pid and _is_llama_swap(pid):

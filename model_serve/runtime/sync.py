@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from model_serve.catalog import Catalog, ScanProblem, build_catalog, ensure_models_dir
-from model_serve.custom_models import load_custom_models
+from model_serve.config.custom_models import load_custom_models
+from model_serve.config.settings import BUNDLED_BRIDGE, Settings
 from model_serve.engines import Engine, select_engine
 from model_serve.errors import ModelServeError
 from model_serve.fileio import write_if_changed
-from model_serve.plan import ServedModel, build_plan
-from model_serve.settings import BUNDLED_BRIDGE, Settings
+from model_serve.models.catalog import Catalog, ScanProblem, build_catalog, ensure_models_dir
+from model_serve.models.plan import ServedModel, build_plan
 
 log = logging.getLogger(__name__)
 

@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING, Any
 
 from model_serve.errors import ConfigError, ModelServeError
 from model_serve.fileio import write_if_changed
-from model_serve.model_info import InfoCache, ModelInfo
+from model_serve.models.model_info import InfoCache, ModelInfo
 
 if TYPE_CHECKING:
-    from model_serve.settings import Settings
+    from model_serve.config.settings import Settings
 
 BRIDGE_RECORD = ".ollama-bridge.json"
 log = logging.getLogger(__name__)

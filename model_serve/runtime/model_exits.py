@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from model_serve.config.settings import Settings
 from model_serve.fileio import write_if_changed
-from model_serve.settings import Settings
 
 log = logging.getLogger("model_serve.exits")
 
@@ -63,11 +63,11 @@ def load_exits(settings: Settings) -> dict[str, ModelExit]:
 
 def diagnose(settings: Settings, model_id: str, status: int) -> ModelExit:
     """Start the model alone for one token and say what ended its server."""
-    from model_serve.catalog import dash_form
-    from model_serve.engine_check import required_options, run_probe
+    from model_serve.engines.engine_check import required_options, run_probe
     from model_serve.engines.llama_server import resolve_llama_server
     from model_serve.errors import ModelServeError
-    from model_serve.sync import build_current_plan
+    from model_serve.models.catalog import dash_form
+    from model_serve.runtime.sync import build_current_plan
 
     said = "exited unexpectedly" if status == UNKNOWN_STATUS else f"exited with status {status}"
     try:

@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from model_serve import gguf
 from model_serve.fileio import write_if_changed
+from model_serve.models import gguf
 
 CACHE_VERSION = 1
 

@@ -12,12 +12,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from model_serve import procs
-from model_serve.catalog import ensure_models_dir
+from model_serve.config.settings import Settings
 from model_serve.engines import select_engine
 from model_serve.errors import EngineError, ModelServeError
-from model_serve.settings import Settings
-from model_serve.supervisor import read_state
+from model_serve.models.catalog import ensure_models_dir
+from model_serve.runtime import procs
+from model_serve.runtime.state import ChildState, Phase, read_state
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ class StackStatus:
     pid: int | None = None
     started_at: float | None = None
     healthy: bool = False
-    children: dict[str, Any] = field(default_factory=dict)
+    children: dict[str, ChildState] = field(default_factory=dict)
     config_path: str = ""
     log_file: str = ""
     stale: bool = False  # a state file whose supervisor is gone (crash or SIGKILL)
@@ -48,44 +48,36 @@ class StackStatus:
         return {"running": self.running, "healthy": self.healthy, "pid": self.pid,
                 "port": self.port, "engine": self.engine, "engine_version": self.engine_version,
                 "started_at": self.started_at,
-                "uptime_seconds": round(self.uptime, 1), "children": self.children,
+                "uptime_seconds": round(self.uptime, 1),
+                "children": {name: child.to_json() for name, child in self.children.items()},
                 "config_path": self.config_path, "log_file": self.log_file, "stale": self.stale}
 
 
 def stack_status(settings: Settings) -> StackStatus:
-    state = read_state(settings)
+    state = read_state(settings.pid_file)
     engine = select_engine(settings)
     if state is None:
         return StackStatus(False, settings.port, engine.name, config_path=str(engine.config_path),
                            log_file=str(settings.log_file))
-    ref = procs.ProcRef.from_json(state.get("pid"))
+    ref = state.pid
     alive = ref is not None and ref.alive()
     status = StackStatus(
-        running=alive, port=state.get("port", settings.port), engine=state.get("engine", ""),
-        engine_version=state.get("engine_version", ""),
-        pid=ref.pid if ref else None, started_at=state.get("started_at"),
-        children=state.get("children", {}), config_path=state.get("config_path", ""),
-        log_file=state.get("log_file", str(settings.log_file)), stale=not alive,
+        running=alive, port=state.port or settings.port, engine=state.engine,
+        engine_version=state.engine_version,
+        pid=ref.pid if ref else None, started_at=state.started_at,
+        children=state.children, config_path=state.config_path,
+        log_file=state.log_file or str(settings.log_file), stale=not alive,
     )
     status.healthy = alive and engine.healthy(timeout=1)
     return status
 
 
-def _owned_refs(state: dict[str, Any]) -> list[procs.ProcRef]:
-    """The supervisor, every child it runs (engine, unloader) and the model servers."""
-    refs = [procs.ProcRef.from_json(state.get("pid"))]
-    refs += [procs.ProcRef.from_json((child or {}).get("pid"))
-             for child in state.get("children", {}).values()]
-    refs += [procs.ProcRef.from_json(item) for item in state.get("model_procs", [])]
-    return [ref for ref in refs if ref is not None]
-
-
 def cleanup_stale(settings: Settings) -> int:
     """After a crash: end the engine and model servers the dead supervisor recorded."""
-    state = read_state(settings)
+    state = read_state(settings.pid_file)
     if state is None:
         return 0
-    live = [ref for ref in _owned_refs(state) if ref.alive()]
+    live = [ref for ref in state.owned() if ref.alive()]
     if live:
         procs.stop_processes(live, timeout=10)
     settings.pid_file.unlink(missing_ok=True)
@@ -129,7 +121,7 @@ def check_can_start(settings: Settings, holding_lock: bool = False) -> None:
     ensure_models_dir(settings)
     select_engine(settings).binary()  # raises with install advice when missing
     # Before anything runs: a llama-server that crashes on this CPU fails here, with the cause.
-    from model_serve.engine_check import ensure_engine_computes
+    from model_serve.engines.engine_check import ensure_engine_computes
     from model_serve.engines.llama_server import resolve_llama_server
 
     ensure_engine_computes(settings, resolve_llama_server(settings.llama_server_bin))
@@ -177,7 +169,7 @@ def follow(path: os.PathLike[str] | str, interval: float = 0.3) -> Iterator[str]
 
 def start_background(settings: Settings, timeout: float = START_TIMEOUT) -> StackStatus:
     """Run `model serve` detached; return once the engine answers, or raise with the log tail."""
-    from model_serve.sync import run_sync
+    from model_serve.runtime.sync import run_sync
 
     check_can_start(settings)
     # A bad custom_models.yaml or .env is reported here, before anything runs.
@@ -200,23 +192,23 @@ def start_background(settings: Settings, timeout: float = START_TIMEOUT) -> Stac
                               + (tail(settings.log_file) or tail(console)),
                               "fix the problem above, then 'model start' again")
         status = stack_status(settings)
-        engine = status.children.get("engine", {})
-        if status.running and status.healthy and engine.get("state") == "running":
+        engine = status.children.get("engine") or ChildState()
+        if status.running and status.healthy and engine.phase == Phase.RUNNING:
             status.served_models = served
             status.via_service = via or ""
             return status
-        if engine.get("state") == "failed":
+        if engine.phase == Phase.FAILED:
             stop_stack(settings)
-            raise EngineError(f"the engine failed to start: {engine.get('last_error') or '?'}\n"
+            raise EngineError(f"the engine failed to start: {engine.last_error or '?'}\n"
                               + tail(settings.log_file),
                               "fix the problem above (the log's last lines), then 'model start' "
                               "again")
         time.sleep(0.2)
-    engine = (stack_status(settings).children or {}).get("engine", {})
+    engine = stack_status(settings).children.get("engine") or ChildState()
     stop_stack(settings)
-    last = engine.get("last_error")
+    last = engine.last_error
     raise EngineError(f"the engine did not come up within {timeout:.0f}s"
-                      + (f" (state {engine.get('state')}, last error: {last})" if last else "")
+                      + (f" (state {engine.phase}, last error: {last})" if last else "")
                       + ":\n" + tail(settings.log_file), "see 'model logs' for the full log")
 
 
@@ -224,7 +216,7 @@ def _start_through_service(settings: Settings) -> str | None:
     """With the login service installed, start the stack through its manager, so that it runs
     supervised (restarted after a crash) and no second copy fights it for the port. Returns
     the service's file, or None to start the stack directly."""
-    from model_serve import service_files
+    from model_serve.service import files as service_files
 
     found = service_files.installed_service(settings.port)
     if found is None:
@@ -254,11 +246,11 @@ class StopReport:
 
 def stop_stack(settings: Settings, timeout: float = 30.0) -> StopReport:
     """Stop the supervisor, the engine and every model server they started."""
-    state = read_state(settings)
+    state = read_state(settings.pid_file)
     if state is None:
         return StopReport(False)
-    refs = _owned_refs(state)
-    supervisor = procs.ProcRef.from_json(state.get("pid"))
+    refs = state.owned()
+    supervisor = state.pid
     report = StopReport(was_running=supervisor is not None and supervisor.alive())
     if report.was_running and supervisor is not None:
         # The supervisor stops its own children in order; give it the time to do so.

@@ -13,7 +13,7 @@ from typing import Any
 
 from model_serve.errors import ConfigError
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 ENGINES = ("auto", "llama-server", "llama-swap")
 BUNDLED_BRIDGE = PROJECT_ROOT / "lm-studio-ollama-bridge" / "ollama-bridge"
 LM_STUDIO_MODELS = "~/.lmstudio/models"  # current LM Studio's folder (0.3 and later)

@@ -10,14 +10,14 @@ from collections.abc import Iterator
 
 import click
 
+from model_serve.config.settings import Settings
 from model_serve.errors import ModelServeError
-from model_serve.settings import Settings
 
 
 def resolve_served_name(settings: Settings, name: str) -> str:
     """The served name for a served name, its dash form, or an Ollama name."""
-    from model_serve.plan import find_served
-    from model_serve.sync import build_current_plan
+    from model_serve.models.plan import find_served
+    from model_serve.runtime.sync import build_current_plan
 
     catalog, plan = build_current_plan(settings)
     return find_served(plan, catalog, name).name

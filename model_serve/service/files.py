@@ -2,7 +2,7 @@
 launchd agent plist (macOS) and a crontab line (anywhere else).
 
 `setup_service.sh` and `setup_cron.sh` call the small command line at the bottom
-(`python -m model_serve.service_files ACTION KIND`); they only run systemctl, launchctl and
+(`python -m model_serve.service.files ACTION KIND`); they only run systemctl, launchctl and
 crontab. Everything here is rendered from the settings of the calling shell, so the service runs
 the same stack that `./model status` shows there.
 """
@@ -17,8 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from model_serve.config.settings import PROJECT_ROOT, SETTINGS_TABLE, Settings, project_home
 from model_serve.errors import ConfigError, ModelServeError
-from model_serve.settings import PROJECT_ROOT, SETTINGS_TABLE, Settings, project_home
 
 DEFAULT_PORT = 5847
 KINDS = ("systemd", "launchd", "cron")
@@ -299,7 +299,7 @@ ACTIONS = {
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m model_serve.service_files",
+    parser = argparse.ArgumentParser(prog="python -m model_serve.service.files",
                                      description="Service files for setup_service.sh and "
                                                  "setup_cron.sh.")
     actions = parser.add_subparsers(dest="action", required=True)
@@ -314,7 +314,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> str:
-    from model_serve.settings import load_settings
+    from model_serve.config.settings import load_settings
 
     settings = load_settings()
     port = settings.port

@@ -6,16 +6,16 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from model_serve import procs
-from model_serve.activity import load_activity
-from model_serve.catalog import dash_form
+from model_serve.config.settings import Settings
 from model_serve.engines import select_engine
 from model_serve.engines.base import LOADED_STATES
 from model_serve.errors import ModelServeError
-from model_serve.memory import MemoryReading, read_memory
-from model_serve.model_exits import load_exits
-from model_serve.settings import Settings
-from model_serve.supervisor import read_state
+from model_serve.models.catalog import dash_form
+from model_serve.runtime import procs
+from model_serve.runtime.activity import load_activity
+from model_serve.runtime.memory import MemoryReading, read_memory
+from model_serve.runtime.model_exits import load_exits
+from model_serve.runtime.state import read_state
 
 
 @dataclass
@@ -57,12 +57,11 @@ def _rss_by_port(settings: Settings) -> dict[int, int]:
     """Resident memory of each model server we started, keyed by its --port."""
     import psutil
 
-    state = read_state(settings) or {}
-    engine = procs.ProcRef.from_json((state.get("children", {}).get("engine") or {}).get("pid"))
+    state = read_state(settings.pid_file)
+    engine = state.child("engine").pid if state else None
     # The engine's children now, plus what the supervisor recorded (it samples once a second).
     refs = procs.descendants(engine) if engine else []
-    refs += [ref for item in state.get("model_procs", [])
-             if (ref := procs.ProcRef.from_json(item)) is not None]
+    refs += state.model_procs if state else []
     found: dict[int, int] = {}
     for ref in refs:
         proc = ref.process()
@@ -78,7 +77,7 @@ def _rss_by_port(settings: Settings) -> dict[int, int]:
 
 
 def collect_stats(settings: Settings) -> StatsReport:
-    from model_serve.sync import build_current_plan
+    from model_serve.runtime.sync import build_current_plan
 
     engine = select_engine(settings)
     engine.require_running()

@@ -11,7 +11,7 @@ Two triggers:
   unloaded first if the load would cross the threshold.
 
 A model with a request in flight, or used within MIN_MODEL_AGE_SECONDS, is never unloaded.
-Every decision is logged with its reason. Run as `python -m model_serve.unloader` (the
+Every decision is logged with its reason. Run as `python -m model_serve.runtime.unloader` (the
 supervisor does); it logs to stdout, which the supervisor writes to the stack's log.
 """
 
@@ -27,15 +27,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from model_serve.activity import ActivityTracker, ModelActivity
-from model_serve.catalog import dash_form
+from model_serve.config.settings import Settings, load_settings
 from model_serve.engines import Engine, select_engine
 from model_serve.engines.base import REQUEST_ENDED, REQUEST_STARTED
 from model_serve.errors import ModelServeError
-from model_serve.memory import MemoryReading, read_memory
-from model_serve.settings import Settings, load_settings
+from model_serve.models.catalog import dash_form
+from model_serve.runtime.activity import ActivityTracker, ModelActivity
+from model_serve.runtime.memory import MemoryReading, read_memory
 
-log = logging.getLogger("model_serve.unloader")
+log = logging.getLogger("model_serve.runtime.unloader")
 
 ACTIVITY_POLL = 1.0  # seconds between last-use probes while models are loaded
 IDLE_POLL = 3.0  # ... while nothing is loaded
@@ -79,7 +79,7 @@ class PressureUnloader:
         return self._estimates.get(name, 0)
 
     def _load_estimates(self) -> dict[str, int]:
-        from model_serve.sync import build_current_plan
+        from model_serve.runtime.sync import build_current_plan
 
         try:
             _catalog, plan = build_current_plan(self.settings)

@@ -23,9 +23,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from model_serve.config.settings import Settings
 from model_serve.errors import EngineError
 from model_serve.fileio import write_if_changed
-from model_serve.settings import Settings
 
 PROBE_TIMEOUT = 120.0
 # 64 token ids: a batch large enough that prompt processing takes the matrix kernels, then one
@@ -160,7 +160,7 @@ def probe_model(settings: Settings) -> Path:
     with contextlib.suppress(OSError):
         if test_model.stat().st_size > 100_000_000:
             return test_model
-    from model_serve.tiny_gguf import write_tiny_gguf
+    from model_serve.models.tiny_gguf import write_tiny_gguf
 
     return write_tiny_gguf(settings.cache_dir / "engine-probe.gguf")
 

@@ -10,11 +10,11 @@ import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from model_serve import footprint
-from model_serve.catalog import Catalog, CatalogModel, ScanProblem, dash_form, identity
-from model_serve.custom_models import CustomEntry, CustomModels, sampler_options
+from model_serve.config.custom_models import CustomEntry, CustomModels, sampler_options
+from model_serve.config.settings import Settings
 from model_serve.errors import ConfigError
-from model_serve.settings import Settings
+from model_serve.models import footprint
+from model_serve.models.catalog import Catalog, CatalogModel, ScanProblem, dash_form, identity
 
 # Ollama PARAMETER defaults that map onto llama-server options (custom sampler_args win).
 _OLLAMA_PARAMS = {
@@ -161,7 +161,7 @@ def build_plan(catalog: Catalog, custom: CustomModels, settings: Settings,
 def find_served(plan: list[ServedModel], catalog: Catalog, name: str) -> ServedModel:
     """The served model a user means: served name, dash form, alias, unprefixed key, or an
     Ollama name (tag optional)."""
-    from model_serve.ollama import resolve
+    from model_serve.models.ollama import resolve
 
     lowered = name.lower()
     for served in plan:

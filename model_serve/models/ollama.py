@@ -8,9 +8,9 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from model_serve.catalog import Catalog
+from model_serve.config.settings import Settings
 from model_serve.errors import ConfigError, ModelServeError
-from model_serve.settings import Settings
+from model_serve.models.catalog import Catalog
 
 INSTALL_HINT = ("install Ollama from https://ollama.com/download (macOS: brew install ollama), "
                 "or set OLLAMA_BIN")

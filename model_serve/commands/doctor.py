@@ -9,8 +9,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from model_serve.config.settings import Settings
 from model_serve.errors import ModelServeError
-from model_serve.settings import Settings
 
 
 @dataclass
@@ -40,7 +40,7 @@ def _engine(settings: Settings) -> Check:
 
 def _engine_computes(settings: Settings) -> Check:
     """The same probe as ./install.sh and 'model check-engine', run afresh."""
-    from model_serve.engine_check import check_engine, failure_hint, option_words
+    from model_serve.engines.engine_check import check_engine, failure_hint, option_words
     from model_serve.engines.llama_server import resolve_llama_server
 
     try:
@@ -60,7 +60,7 @@ def _engine_computes(settings: Settings) -> Check:
 
 
 def _ollama(settings: Settings) -> Check:
-    from model_serve.ollama import ollama_binary
+    from model_serve.models.ollama import ollama_binary
 
     try:
         binary = ollama_binary(settings)
@@ -80,7 +80,7 @@ def _ollama(settings: Settings) -> Check:
 
 
 def _store(settings: Settings) -> Check:
-    from model_serve.sync import run_bridge
+    from model_serve.runtime.sync import run_bridge
 
     if not settings.models_dir.is_dir():
         return Check("ollama store", "warn", "not checked (MODELS_DIR is missing)")
@@ -98,7 +98,7 @@ def _store(settings: Settings) -> Check:
     if unreadable:
         return Check("ollama store", "fail", f"{store}: {unreadable[0]}",
                      _store_access_fix(Path(store)))
-    from model_serve.ollama import manifest_path, server_models
+    from model_serve.models.ollama import manifest_path, server_models
 
     listed = server_models(settings) or []
     elsewhere = [n for n in listed if not manifest_path(Path(store), n).exists()]
@@ -120,7 +120,7 @@ def _store_access_fix(store: Path, platform: str = sys.platform) -> str:
 
 
 def _models_dir(settings: Settings) -> Check:
-    from model_serve.settings import LM_STUDIO_MODELS
+    from model_serve.config.settings import LM_STUDIO_MODELS
 
     path = settings.models_dir
     default = settings.sources.get("MODELS_DIR") == "the defaults"
@@ -140,7 +140,7 @@ def _models_dir(settings: Settings) -> Check:
 
 
 def _catalog(settings: Settings) -> Check:
-    from model_serve.sync import build_current_plan
+    from model_serve.runtime.sync import build_current_plan
 
     try:
         catalog, plan = build_current_plan(settings)
@@ -176,8 +176,8 @@ def _exposure(settings: Settings) -> Check:
 
 
 def _port(settings: Settings) -> Check:
-    from model_serve import procs
-    from model_serve.stack import stack_status
+    from model_serve.runtime import procs
+    from model_serve.runtime.stack import stack_status
 
     status = stack_status(settings)
     if status.running:
@@ -220,7 +220,7 @@ def _threads(settings: Settings) -> Check:
 
 
 def _privacy(settings: Settings) -> Check:
-    from model_serve.macos import PRIVACY_FIX, privacy_warnings
+    from model_serve.service.privacy import PRIVACY_FIX, privacy_warnings
 
     warnings = privacy_warnings(settings)
     if warnings:

@@ -3,7 +3,7 @@
 A checkout, state folder or MODELS_DIR in one of them works from Terminal (which the user
 allowed) but gives "Operation not permitted" to the login agent, which then restarts every
 10 s. install.sh, setup_service.sh and `model doctor` warn about it:
-`python -m model_serve.macos privacy` prints one warning per such folder.
+`python -m model_serve.service.privacy privacy` prints one warning per such folder.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from model_serve.settings import PROJECT_ROOT, Settings
+from model_serve.config.settings import PROJECT_ROOT, Settings
 
 # Relative to the user's home; /Volumes (external and network disks) is checked apart.
 PROTECTED_IN_HOME = {
@@ -63,10 +63,10 @@ PRIVACY_FIX = ("move it out (e.g. to ~/model_serve or ~/models), or give Full Di
 
 def main(argv: list[str]) -> int:
     if argv != ["privacy"]:
-        print("usage: python -m model_serve.macos privacy", file=sys.stderr)
+        print("usage: python -m model_serve.service.privacy privacy", file=sys.stderr)
         return 2
+    from model_serve.config.settings import load_settings
     from model_serve.errors import ModelServeError
-    from model_serve.settings import load_settings
 
     try:
         settings = load_settings()

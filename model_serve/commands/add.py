@@ -6,7 +6,9 @@ import os
 import re
 from pathlib import Path
 
-from model_serve.catalog import (
+from model_serve.config.settings import Settings
+from model_serve.errors import ConfigError
+from model_serve.models.catalog import (
     NAMES_FILE,
     SPLIT_RE,
     ensure_models_dir,
@@ -16,10 +18,8 @@ from model_serve.catalog import (
     save_names,
     slug,
 )
-from model_serve.errors import ConfigError
-from model_serve.gguf import GGUFError
-from model_serve.model_info import read_model_info
-from model_serve.settings import Settings
+from model_serve.models.gguf import GGUFError
+from model_serve.models.model_info import read_model_info
 
 ADDED_DIR = "added"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$")

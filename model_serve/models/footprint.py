@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from model_serve.model_info import ModelInfo
+from model_serve.models.model_info import ModelInfo
 
 # Compute buffer and runtime overhead not in the file or the KV cache (measured 27-34 MiB on a
 # 270M model; grows with width and vocabulary, so scale with the weights, floored).

@@ -1,5 +1,6 @@
-"""`python -m model_serve.orphan_guard PARENT_PID PROGRAM ARGS...`: run PROGRAM so that it ends
-when the supervisor (PARENT_PID) dies, even by SIGKILL, which no handler of its own can catch.
+"""`python -m model_serve.runtime.orphan_guard PARENT_PID PROGRAM ARGS...`: run PROGRAM so
+that it ends when the supervisor (PARENT_PID) dies, even by SIGKILL, which no handler of its
+own can catch.
 
 - Linux: the kernel's parent-death signal (SIGTERM, so the router or llama-swap stops its own
   model servers on the way out), then exec: PROGRAM keeps this process's pid.
@@ -76,7 +77,8 @@ def _watch(parent: int, argv: list[str]) -> None:
 def guard_argv(argv: list[str], watch: bool = False) -> list[str]:
     """`argv` wrapped so that it ends with the calling process."""
     extra = ["--watch"] if watch else []
-    return [sys.executable, "-m", "model_serve.orphan_guard", *extra, str(os.getpid()), *argv]
+    return [sys.executable, "-m", "model_serve.runtime.orphan_guard", *extra, str(os.getpid()),
+            *argv]
 
 
 def main(args: list[str]) -> None:

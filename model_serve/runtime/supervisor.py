@@ -8,7 +8,6 @@ Signal handlers only record what was asked; the main loop acts on it.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import logging.handlers
 import os
@@ -23,12 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from model_serve import procs
+from model_serve.config.settings import Settings
 from model_serve.engines import Engine, select_engine
 from model_serve.errors import EngineError, ModelServeError
 from model_serve.fileio import write_if_changed
-from model_serve.orphan_guard import guard_argv
-from model_serve.settings import Settings
+from model_serve.runtime import procs
+from model_serve.runtime.orphan_guard import guard_argv
+from model_serve.runtime.state import ChildState, Phase, SupervisorState, write_state
 
 log = logging.getLogger("model_serve")
 
@@ -40,20 +40,6 @@ STOP_TIMEOUT = 15.0
 SYNC_RETRY_START = 5.0  # seconds before the first retry of a failed background sync
 _LEVELS = {"DEBUG": logging.DEBUG, "INFO": logging.INFO, "WARNING": logging.WARNING,
            "ERROR": logging.ERROR}
-
-
-@dataclass
-class ChildState:
-    state: str = "stopped"  # starting | running | backoff | failed | stopped
-    restarts: int = 0
-    since: float = 0.0
-    last_error: str = ""
-    pid: procs.ProcRef | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {"state": self.state, "restarts": self.restarts, "since": self.since,
-                "last_error": self.last_error,
-                "pid": self.pid.to_json() if self.pid else None}
 
 
 @dataclass
@@ -82,14 +68,14 @@ class Supervisor:
         self.engine_child = Child("engine", self.engine.command,
                                   lambda: self.engine.healthy(timeout=0.5))
         self.unloader_child = Child(
-            "unloader", lambda: [sys.executable, "-m", "model_serve.unloader"])
+            "unloader", lambda: [sys.executable, "-m", "model_serve.runtime.unloader"])
         self.children = [self.engine_child, self.unloader_child]
         self.sync_status = ChildState()
         self._stop = threading.Event()
         self._reload = threading.Event()
         self._state_lock = threading.Lock()
         self._last_track = 0.0
-        from model_serve.model_exits import ExitWatcher
+        from model_serve.runtime.model_exits import ExitWatcher
 
         self.exit_watcher = ExitWatcher(settings)
 
@@ -100,27 +86,20 @@ class Supervisor:
             self._write_state_locked()
 
     def _write_state_locked(self) -> None:
-        me = procs.ProcRef.of(os.getpid())
-        children = {child.name: child.status.to_json() for child in self.children}
-        children["sync"] = self.sync_status.to_json()
-        data = {
-            "pid": me.to_json() if me else None,
-            "port": self.settings.port,
-            "host": self.settings.host,
-            "engine": self.engine.name,
-            "engine_version": self.engine_version,
-            "started_at": self.started_at,
-            "log_file": str(self.settings.log_file),
-            "config_path": str(self.engine.config_path),
-            "children": children,
-            "model_procs": [ref.to_json() for ref in self.model_procs],
-        }
-        write_if_changed(self.settings.pid_file, json.dumps(data, indent=1))
+        children = {child.name: child.status for child in self.children}
+        children["sync"] = self.sync_status
+        state = SupervisorState(
+            pid=procs.ProcRef.of(os.getpid()), port=self.settings.port,
+            host=self.settings.host, engine=self.engine.name,
+            engine_version=self.engine_version, started_at=self.started_at,
+            log_file=str(self.settings.log_file), config_path=str(self.engine.config_path),
+            children=children, model_procs=list(self.model_procs))
+        write_state(self.settings.pid_file, state)
 
-    def _set(self, name: str, status: ChildState, state: str, error: str = "") -> None:
-        if status.state != state:
-            log.info("%s: %s -> %s%s", name, status.state, state, f" ({error})" if error else "")
-            status.state, status.since = state, time.time()
+    def _set(self, name: str, status: ChildState, phase: Phase, error: str = "") -> None:
+        before = status.phase
+        if status.move(phase, time.time()):
+            log.info("%s: %s -> %s%s", name, before, phase, f" ({error})" if error else "")
         if error:
             status.last_error = error
         self.write_state()
@@ -171,7 +150,7 @@ class Supervisor:
         child.status.pid = procs.ProcRef.of(child.process.pid)
         child.started = time.monotonic()
         child.deadline = child.started + HEALTH_DEADLINE
-        self._set(child.name, child.status, "starting")
+        self._set(child.name, child.status, Phase.STARTING)
 
     # --- the last config the engine ran with ----------------------------------------------
     @property
@@ -198,7 +177,7 @@ class Supervisor:
                    "the last good one was put back; fix custom_models.yaml or .env (see "
                    "'model logs'), then 'model sync'")
         log.error("%s", message)
-        self._set("sync", self.sync_status, "backoff", message)
+        self._set("sync", self.sync_status, Phase.BACKOFF, message)
         return True
 
     def _failed_start(self, child: Child, reason: str) -> None:
@@ -208,13 +187,13 @@ class Supervisor:
             return
         child.failures += 1
         if child.failures >= GIVE_UP_AFTER:
-            self._set(child.name, child.status, "failed",
+            self._set(child.name, child.status, Phase.FAILED,
                       f"{child.failures} failed starts in a row; last: {reason}")
             return
         child.status.restarts += 1
         child.next_start = time.monotonic() + child.backoff
         child.backoff = min(child.backoff * 2, BACKOFF_MAX)
-        self._set(child.name, child.status, "backoff", reason)
+        self._set(child.name, child.status, Phase.BACKOFF, reason)
 
     def _stop_child(self, child: Child) -> None:
         if child is self.engine_child:
@@ -235,7 +214,7 @@ class Supervisor:
             self.exit_watcher.enabled = not self._stop.is_set()
 
     def _tick(self, child: Child) -> None:
-        if child.status.state == "failed":
+        if child.status.phase == Phase.FAILED:
             return
         now = time.monotonic()
         if child.process is None:
@@ -251,9 +230,9 @@ class Supervisor:
                 child.failures, child.backoff = 0, BACKOFF_START
             self._failed_start(child, f"exited with code {code}")
             return
-        if child.status.state == "starting":
+        if child.status.phase == Phase.STARTING:
             if child.ready is None or child.ready():
-                self._set(child.name, child.status, "running")
+                self._set(child.name, child.status, Phase.RUNNING)
                 if child is self.engine_child:
                     self._keep_last_good()
             elif now > child.deadline:
@@ -294,25 +273,25 @@ class Supervisor:
     # --- sync loop ----------------------------------------------------------------------
     def sync_once(self, reason: str) -> bool:
         """One sync; False when it failed (the last good config stays)."""
-        from model_serve.sync import run_sync
+        from model_serve.runtime.sync import run_sync
 
         try:
             result = run_sync(self.settings, engine=self.engine,
-                              reload=self.engine_child.status.state == "running")
+                              reload=self.engine_child.status.phase == Phase.RUNNING)
         except (ModelServeError, OSError) as exc:
             # OSError: e.g. a file vanishing mid-scan while `ollama rm` runs
             message = exc.message if isinstance(exc, ModelServeError) else f"{exc}"
             self.sync_status.restarts += 1
-            self._set("sync", self.sync_status, "backoff", message)
+            self._set("sync", self.sync_status, Phase.BACKOFF, message)
             log.warning("sync (%s) failed; the last good config stays: %s", reason, message)
             return False
         if result.reloaded:
             self._keep_last_good()
         if result.reload_error:
-            self._set("sync", self.sync_status, "backoff", result.reload_error)
+            self._set("sync", self.sync_status, Phase.BACKOFF, result.reload_error)
             return False
         self.sync_status.last_error = result.bridge.error
-        self._set("sync", self.sync_status, "running", result.bridge.error)
+        self._set("sync", self.sync_status, Phase.RUNNING, result.bridge.error)
         log.info("sync (%s): %d models, config %s%s", reason, len(result.plan),
                  "changed" if result.config_changed else "unchanged",
                  ", engine reloaded" if result.reloaded else "")
@@ -327,7 +306,7 @@ class Supervisor:
             except Exception as exc:  # noqa: BLE001 - the loop must outlive any one failure
                 log.exception("sync (interval) failed")
                 self.sync_status.restarts += 1
-                self._set("sync", self.sync_status, "backoff", f"{type(exc).__name__}: {exc}")
+                self._set("sync", self.sync_status, Phase.BACKOFF, f"{type(exc).__name__}: {exc}")
                 ok = False
             # After a failure, retry sooner (5 s, doubling) but never later than the interval.
             wait = interval if ok else min(interval, SYNC_RETRY_START if wait >= interval
@@ -371,9 +350,9 @@ class Supervisor:
                 log.info("SIGHUP: syncing now, retrying failed parts")
                 self.sync_once("SIGHUP")
                 for child in self.children:
-                    if child.status.state == "failed":
+                    if child.status.phase == Phase.FAILED:
                         child.failures, child.backoff = 0, BACKOFF_START
-                        self._set(child.name, child.status, "backoff", "retry asked by SIGHUP")
+                        self._set(child.name, child.status, Phase.BACKOFF, "retry asked by SIGHUP")
             for child in self.children:
                 self._tick(child)
             self._stop.wait(0.2)
@@ -384,10 +363,10 @@ class Supervisor:
         for child in reversed(self.children):  # the unloader first, then the engine
             try:
                 self._stop_child(child)
-                self._set(child.name, child.status, "stopped")
+                self._set(child.name, child.status, Phase.STOPPED)
             except Exception:  # noqa: BLE001 - the others must still be stopped
                 log.exception("stopping %s failed", child.name)
-        self._set("sync", self.sync_status, "stopped")
+        self._set("sync", self.sync_status, Phase.STOPPED)
         self.settings.pid_file.unlink(missing_ok=True)
         log.info("supervisor stopped")
 
@@ -410,7 +389,7 @@ def setup_logging(settings: Settings, to_stderr: bool) -> None:
 
 def serve(settings: Settings, to_stderr: bool) -> int:
     """Run the stack in the foreground until SIGTERM/SIGINT (what launchd/systemd run)."""
-    from model_serve import stack
+    from model_serve.runtime import stack
 
     with stack.supervisor_lock(settings):
         # Under the lock: only one starting supervisor ends what a dead one left behind.
@@ -421,10 +400,3 @@ def serve(settings: Settings, to_stderr: bool) -> int:
             raise EngineError(exc.message, exc.hint) from None
         setup_logging(settings, to_stderr)
         return Supervisor(settings).run()
-
-
-def read_state(settings: Settings) -> dict[str, Any] | None:
-    try:
-        return json.loads(Path(settings.pid_file).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
