@@ -231,8 +231,8 @@ def pull(name: str) -> None:
 def rm(name: str | None, filter_text: str | None, yes: bool) -> None:
     """Remove Ollama models (unloading them first), then sync so their names go."""
     from model_serve import render
+    from model_serve.commands.unload import unload_models
     from model_serve.engines import select_engine
-    from model_serve.engines.base import LOADED_STATES
     from model_serve.models import ollama
     from model_serve.runtime.sync import build_current_plan, run_sync
 
@@ -244,15 +244,13 @@ def rm(name: str | None, filter_text: str | None, yes: bool) -> None:
         click.echo("nothing removed")
         return
     engine = select_engine(settings)
-    loaded = [m for m in engine.models() if m.state in LOADED_STATES] \
-        if engine.healthy() else []
+    listed = engine.models() if engine.healthy() else []
     removing = {t.name for t in targets}
     for model in catalog.models:
         # Unload only what loses its last Ollama name (another tag may still use the blob).
-        if model.ollama_names and set(model.ollama_names) <= removing:
-            for live in (m for m in loaded if m.known_as(model.name)):
-                engine.unload(live.name)
-                click.echo(f"unloaded {model.name}")
+        last_name = model.ollama_names and set(model.ollama_names) <= removing
+        if last_name and unload_models(engine, engine.resolve(model.name, listed)).unloaded:
+            click.echo(f"unloaded {model.name}")
     failures: list[ModelServeError] = []
     for target in targets:
         try:
@@ -379,41 +377,10 @@ def stats(as_json: bool, watch: bool) -> None:
 def unload(name: str | None, unload_all: bool) -> None:
     """Unload a loaded model now (it loads again on its next request)."""
     from model_serve import render
-    from model_serve.engines import select_engine
-    from model_serve.engines.base import LOADED_STATES
-    from model_serve.errors import ConfigError
+    from model_serve.commands.unload import unload as unload_named
 
-    settings = _settings()
-    engine = select_engine(settings)
-    engine.require_running()
-    models = engine.models()
-    if unload_all:
-        chosen = [m for m in models if m.state in LOADED_STATES]
-    elif name:
-        chosen = [m for m in models if m.known_as(name)]
-        if not chosen:  # an Ollama name (gemma3:270m), or the name without its prefix
-            from model_serve.models.plan import find_served
-            from model_serve.runtime.sync import build_current_plan
-
-            catalog, plan = build_current_plan(settings)
-            try:
-                served = find_served(plan, catalog, name).name
-            except ConfigError:
-                served = ""
-            chosen = [m for m in models if served and m.known_as(served)]
-        if not chosen:
-            raise ConfigError(f"the engine serves no model named '{name}'",
-                              "run 'model list --served' (or 'model names') to see the names")
-    else:
-        raise ConfigError("name a model or pass --all",
-                          "model unload ls/NAME  |  model unload --all")
-    loaded = [m for m in chosen if m.state in LOADED_STATES]
-    for model in loaded:
-        engine.unload(model.name)
-    for model in loaded:
-        engine.wait_unloaded(model.name)
-    render.unloaded([m.served_name for m in loaded],
-                    [m.served_name for m in chosen if m not in loaded])
+    result = unload_named(_settings(), name, unload_all)
+    render.unloaded(result.unloaded, result.not_loaded)
 
 
 if __name__ == "__main__":

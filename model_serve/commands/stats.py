@@ -10,7 +10,6 @@ from model_serve.config.settings import Settings
 from model_serve.engines import select_engine
 from model_serve.engines.base import LOADED_STATES
 from model_serve.errors import ModelServeError
-from model_serve.models.catalog import dash_form
 from model_serve.runtime import procs
 from model_serve.runtime.activity import load_activity
 from model_serve.runtime.memory import MemoryReading, read_memory
@@ -83,17 +82,17 @@ def collect_stats(settings: Settings) -> StatsReport:
     engine.require_running()
     listed = engine.models()
     try:
-        _catalog, served_models = build_current_plan(settings)
+        _catalog, served_models = build_current_plan(settings, engine)
     except ModelServeError:
         served_models = []  # stats still show the engine's view
-    plan = {dash_form(s.name): s for s in served_models}
+    plan = {engine.model_id(s.name): s for s in served_models}
     activity = load_activity(settings.state_dir / "activity.json").get("models", {})
     exits = load_exits(settings)
     rss = _rss_by_port(settings)
     now = time.time()
     report = StatsReport(engine.name, read_memory())
     for model in listed:
-        served = plan.get(dash_form(model.name))
+        served = plan.get(model.name)
         stats = ModelStats(model.served_name, model.state, port=model.port)
         if served is not None:
             stats.ctx_size, stats.slots, stats.ttl = served.ctx_size, served.parallel, served.ttl

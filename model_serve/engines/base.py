@@ -45,10 +45,6 @@ class EngineModel:
         return next((a for a in self.aliases if ":" in a and dash_form(a) == self.name),
                     self.name)
 
-    def known_as(self, name: str) -> bool:
-        lowered = name.lower()
-        return lowered in (n.lower() for n in (self.name, self.served_name, *self.aliases))
-
 
 class Engine(ABC):
     name: str = ""
@@ -63,6 +59,29 @@ class Engine(ABC):
 
     @abstractmethod
     def render_config(self, plan: list[ServedModel]) -> str: ...
+
+    # --- model identity: the one place that knows which names reach which model --------------
+    def model_id(self, served_name: str) -> str:
+        """The id this engine lists and routes a served name under."""
+        return served_name
+
+    def routed_names(self, served: ServedModel) -> list[str]:
+        """Every name this engine's config routes to `served`, its id first: the served name,
+        its dash form (older clients use it) and its aliases."""
+        from model_serve.models.catalog import dash_form
+
+        return list(dict.fromkeys([self.model_id(served.name), served.name,
+                                   dash_form(served.name), *served.aliases]))
+
+    def resolve(self, name: str, models: list[EngineModel] | None = None) -> list[EngineModel]:
+        """The running models `name` reaches (id, served name or alias; neither case nor ':'
+        against '-' counts, as with the engines' own routing)."""
+        from model_serve.models.catalog import identity
+
+        wanted = identity(name)
+        listed = self.models() if models is None else models
+        return [m for m in listed
+                if wanted in {identity(n) for n in (m.name, m.served_name, *m.aliases)}]
 
     def write_config(self, plan: list[ServedModel]) -> bool:
         """Render and write the config atomically; False when nothing changed."""

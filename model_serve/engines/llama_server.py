@@ -150,9 +150,11 @@ class LlamaServerEngine(Engine):
             os.replace(tmp, link)
         return str(link)
 
+    def model_id(self, served_name: str) -> str:
+        return dash_form(served_name)  # the preset parser rewrites ':' in a section name
+
     def _section(self, served: ServedModel, known: dict[str, str]) -> list[str]:
-        section = dash_form(served.name)
-        aliases = [a for a in [served.name, *served.aliases] if a != section]
+        section, *aliases = self.routed_names(served)
         values: dict[str, str] = {"model": str(served.path.absolute())}
         if aliases:
             values["alias"] = ",".join(aliases)

@@ -41,7 +41,6 @@ from model_serve.engines.base import (
 )
 from model_serve.engines.llama_server import check_option, option_spellings, resolve_llama_server
 from model_serve.errors import ConfigError, EngineError
-from model_serve.models.catalog import dash_form
 from model_serve.models.plan import ServedModel
 from model_serve.runtime import procs
 
@@ -156,8 +155,7 @@ class LlamaSwapEngine(Engine):
                                   "refuses", "remove the spaces from the keys in API_KEYS")
         models: dict[str, Any] = {}
         for served in plan:
-            aliases = [a for a in dict.fromkeys([dash_form(served.name), *served.aliases])
-                       if a != served.name]
+            _id, *aliases = self.routed_names(served)
             entry: dict[str, Any] = {
                 "cmd": self._cmd(served, server, spellings, machine_options),
                 "proxy": "http://127.0.0.1:${PORT}",

@@ -7,6 +7,7 @@ arguments, aliases) is decided once, here, with the reason recorded for `model s
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -131,8 +132,10 @@ def _match_entry(key: str, catalog: Catalog, custom: CustomModels,
 
 
 def build_plan(catalog: Catalog, custom: CustomModels, settings: Settings,
-               budget: int | None = None) -> list[ServedModel]:
-    """Every served name with its resolved settings, sorted by name."""
+               budget: int | None = None,
+               routes: Callable[[ServedModel], list[str]] | None = None) -> list[ServedModel]:
+    """Every served name with its resolved settings, sorted by name. `routes` gives the names
+    the engine will route to a model (Engine.routed_names); they must reach one model only."""
     budget = _memory_budget(settings) if budget is None else budget
     prefix = settings.model_prefix
     by_model: dict[str, CustomEntry] = {}
@@ -154,7 +157,7 @@ def build_plan(catalog: Catalog, custom: CustomModels, settings: Settings,
     ]
     for entry, base in extras:
         plan.append(_served(base, prefix + entry.key, entry, custom, settings, budget))
-    _check_unique(plan)
+    _check_unique(plan, routes or (lambda served: [served.name, *served.aliases]))
     return sorted(plan, key=lambda s: s.name)
 
 
@@ -175,12 +178,12 @@ def find_served(plan: list[ServedModel], catalog: Catalog, name: str) -> ServedM
     raise ConfigError(f"no model named '{name}'", "run 'model list' to see the names")
 
 
-def _check_unique(plan: list[ServedModel]) -> None:
-    """Every name an engine routes (served names, their dash forms, aliases) points at one
-    model: the router would merge two sections silently, llama-swap refuses the file."""
+def _check_unique(plan: list[ServedModel], routes: Callable[[ServedModel], list[str]]) -> None:
+    """Every name an engine routes points at one model (neither case nor ':' against '-'
+    counts): the router would merge two sections silently, llama-swap refuses the file."""
     seen: dict[str, tuple[str, str]] = {}
     for served in plan:
-        for name in [served.name, *served.aliases]:
+        for name in routes(served):
             owner = seen.get(identity(name))
             if owner is not None and owner[0] != served.name:
                 same = "" if owner[1] == name else f" ('{owner[1]}' and '{name}' differ only " \

@@ -63,19 +63,20 @@ def load_exits(settings: Settings) -> dict[str, ModelExit]:
 
 def diagnose(settings: Settings, model_id: str, status: int) -> ModelExit:
     """Start the model alone for one token and say what ended its server."""
+    from model_serve.engines import select_engine
     from model_serve.engines.engine_check import required_options, run_probe
     from model_serve.engines.llama_server import resolve_llama_server
     from model_serve.errors import ModelServeError
-    from model_serve.models.catalog import dash_form
     from model_serve.runtime.sync import build_current_plan
 
     said = "exited unexpectedly" if status == UNKNOWN_STATUS else f"exited with status {status}"
     try:
-        _catalog, plan = build_current_plan(settings)
+        engine = select_engine(settings)
+        _catalog, plan = build_current_plan(settings, engine)
         binary = resolve_llama_server(settings.llama_server_bin)
     except ModelServeError as exc:
         return ModelExit(model_id, status, f"{said} (not diagnosed: {exc.message})")
-    served = next((s for s in plan if model_id in (s.name, dash_form(s.name))), None)
+    served = next((s for s in plan if engine.model_id(s.name) == model_id), None)
     if served is None:
         return ModelExit(model_id, status, f"{said} (the model is no longer configured)")
     run = run_probe(binary, served.path, required_options(settings, binary))

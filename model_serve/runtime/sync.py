@@ -77,11 +77,13 @@ def run_bridge(settings: Settings, dry_run: bool = False) -> BridgeResult:
     return BridgeResult(True, summary, warnings)
 
 
-def build_current_plan(settings: Settings) -> tuple[Catalog, list[ServedModel]]:
+def build_current_plan(settings: Settings,
+                       engine: Engine | None = None) -> tuple[Catalog, list[ServedModel]]:
     ensure_models_dir(settings)
     catalog = build_catalog(settings.models_dir, settings.model_prefix, settings.state_dir)
     custom = load_custom_models(settings.custom_models_file)
-    return catalog, build_plan(catalog, custom, settings)
+    engine = engine or select_engine(settings)
+    return catalog, build_plan(catalog, custom, settings, routes=engine.routed_names)
 
 
 def run_sync(settings: Settings, *, bridge: bool = True, reload: bool = True,
@@ -96,7 +98,7 @@ def run_sync(settings: Settings, *, bridge: bool = True, reload: bool = True,
             # Files already in MODELS_DIR are still served; the error is shown, not fatal.
             bridge_result = BridgeResult(False, error=str(exc))
             log.warning("%s", exc)
-    catalog, plan = build_current_plan(settings)
+    catalog, plan = build_current_plan(settings, engine)
     running = reload and engine.healthy()
     previous = _read_config(engine.config_path) if running else None
     config_changed = engine.write_config(plan)

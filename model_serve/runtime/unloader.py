@@ -31,7 +31,6 @@ from model_serve.config.settings import Settings, load_settings
 from model_serve.engines import Engine, select_engine
 from model_serve.engines.base import REQUEST_ENDED, REQUEST_STARTED
 from model_serve.errors import ModelServeError
-from model_serve.models.catalog import dash_form
 from model_serve.runtime.activity import ActivityTracker, ModelActivity
 from model_serve.runtime.memory import MemoryReading, read_memory
 
@@ -82,13 +81,13 @@ class PressureUnloader:
         from model_serve.runtime.sync import build_current_plan
 
         try:
-            _catalog, plan = build_current_plan(self.settings)
+            _catalog, plan = build_current_plan(self.settings, self.engine)
         except ModelServeError as exc:
             log.warning("footprint estimates unavailable: %s", exc.message)
             return {}
         estimates: dict[str, int] = {}
         for served in plan:
-            for name in (served.name, dash_form(served.name), *served.aliases):
+            for name in self.engine.routed_names(served):
                 estimates[name] = served.estimated_bytes
         return estimates
 
