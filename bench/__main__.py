@@ -52,16 +52,15 @@ def _figure(value: float | None) -> str:
 
 
 def table(rows: list[Row]) -> str:
-    width = max([len(r.name) for r in rows] + [9]) + 2
-    lines = [f"{'benchmark':<{width}}{'measured':>10}{'reference':>11}{'ratio':>8}   "
-             f"{'goal':<14}result"]
+    from model_serve.render import table_lines
+
+    cells = [("benchmark", "measured", "reference", "ratio", "goal", "result")]
     for row in rows:
         ratio = f"{row.ratio:.2f}" if row.ratio is not None else "-"
         goal = f"{'ratio ' if row.goal and row.goal.on == 'ratio' else ''}{row.goal or ''}"
-        lines.append(f"{row.name:<{width}}{_figure(row.measured):>10}"
-                     f"{_figure(row.reference):>11}{ratio:>8}   {goal:<14}{row.result}"
-                     + (f"  ({row.note})" if row.note else ""))
-    return "\n".join(lines)
+        cells.append((row.name, _figure(row.measured), _figure(row.reference), ratio, goal,
+                      row.result + (f"  ({row.note})" if row.note else "")))
+    return "\n".join(table_lines(cells, right={1, 2, 3}))
 
 
 def machine() -> dict[str, Any]:

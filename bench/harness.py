@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from model_serve.sse import sse_payloads
+
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 MODEL_A = "ls/gemma-3-270m-q4_k_m"  # the section name the router lists for the gemma file
@@ -39,12 +41,11 @@ def free_port() -> int:
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str,
                interval: float = 0.02) -> float:
     """Poll until `predicate()` is true; return the monotonic time it became true."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return time.monotonic()
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+    from model_serve.runtime.procs import wait_until as poll
+
+    if not poll(predicate, timeout, interval):
+        raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+    return time.monotonic()
 
 
 def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
@@ -253,10 +254,7 @@ def chat(base_url: str, model: str, max_tokens: int, *, stream: bool = False,
         return Reply(started, done, done, data["usage"]["completion_tokens"])
     first = 0.0
     tokens = 0
-    for line in response.iter_lines(chunk_size=None):
-        if not line.startswith(b"data: ") or line == b"data: [DONE]":
-            continue
-        chunk = json.loads(line[6:])
+    for chunk in sse_payloads(response.iter_lines(chunk_size=None)):
         if chunk.get("usage"):
             tokens = chunk["usage"]["completion_tokens"]
         choices = chunk.get("choices") or []

@@ -39,3 +39,12 @@ def write_bytes_atomically(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def replace_symlink(link: Path, target: str | Path) -> None:
+    """Make `link` point at `target` atomically: a reader sees the old link or the new one,
+    never none (a link beside it, then a rename over it)."""
+    tmp = link.parent / f".{link.name}.tmp"
+    tmp.unlink(missing_ok=True)
+    os.symlink(target, tmp)
+    os.replace(tmp, link)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +19,22 @@ if TYPE_CHECKING:
     from model_serve.models.plan import ServedModel
     from model_serve.runtime.stack import StackStatus, StopReport
     from model_serve.runtime.sync import SyncResult
+
+
+def table_lines(rows: list[Sequence[str]], right: Collection[int] = ()) -> list[str]:
+    """Rows (a header first, if any) in columns two spaces apart; columns whose index is in
+    `right` are right-aligned (numbers). Trailing blanks are dropped."""
+    if not rows:
+        return []
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.rjust(width) if i in right else cell.ljust(width)
+                      for i, (cell, width) in enumerate(zip(row, widths, strict=True))).rstrip()
+            for row in rows]
+
+
+def _echo_table(rows: list[Sequence[str]], right: Collection[int] = ()) -> None:
+    for line in table_lines(rows, right):
+        click.echo(line)
 
 
 def _json(data: Any) -> None:
@@ -201,14 +218,13 @@ def model_list(plan: list[ServedModel], problems: list[ScanProblem], as_json: bo
         click.echo("no models found (put GGUF files under MODELS_DIR, or pull with Ollama and "
                    "run 'model sync')")
         return
-    width = max(len(s.name) for s in plan)
-    click.echo(f"{'NAME':{width}}  {'SIZE':>9}  {'QUANT':7}  {'CTX':>7}  OLLAMA NAME / FILE")
+    rows = [("NAME", "SIZE", "QUANT", "CTX", "OLLAMA NAME / FILE")]
     for served in plan:
         source = ", ".join(served.model.ollama_names) or str(served.model.path)
         flag = "  [cannot load: Ollama-only format]" if served.model.info.incompatibility else ""
-        click.echo(f"{served.name:{width}}  {human_bytes(served.model.size_bytes):>9}  "
-                   f"{served.model.info.file_type or '-':7}  {served.ctx_size:>7}  "
-                   f"{source}{flag}")
+        rows.append((served.name, human_bytes(served.model.size_bytes),
+                     served.model.info.file_type or "-", str(served.ctx_size), source + flag))
+    _echo_table(rows, right={1, 3})
 
 
 def served_list(models: list[EngineModel], as_json: bool) -> None:
@@ -222,10 +238,8 @@ def served_list(models: list[EngineModel], as_json: bool) -> None:
     if not models:
         click.echo("the engine serves no models")
         return
-    width = max(len(m.served_name) for m in models)
-    click.echo(f"{'NAME':{width}}  {'STATE':9}  ALSO ANSWERS TO")
-    for m in models:
-        click.echo(f"{m.served_name:{width}}  {m.state:9}  {', '.join(other_names(m))}")
+    _echo_table([("NAME", "STATE", "ALSO ANSWERS TO")]
+                + [(m.served_name, m.state, ", ".join(other_names(m))) for m in models])
 
 
 def pulled(name: str, served: list[ServedModel], result: SyncResult) -> None:
@@ -296,9 +310,7 @@ def name_table(rows: list[tuple[str, str]], as_json: bool) -> None:
     if not rows:
         click.echo("no models found")
         return
-    width = max(len(source) for source, _ in rows)
-    for source, name in rows:
-        click.echo(f"{source:{width}}  ->  {name}")
+    _echo_table([(source, "->", name) for source, name in rows])
 
 
 def _cell(value: float | None, fmt) -> str:
@@ -316,10 +328,7 @@ def stats(report: StatsReport, as_json: bool) -> None:
                      _cell(m.rss_bytes, human_bytes), _cell(m.idle_seconds, human_duration),
                      _cell(m.ttl_left, human_duration) if m.ttl else "never",
                      f"{m.prompt_tokens}/{m.predicted_tokens}"))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
-        click.echo("  ".join(cells).rstrip())
+    _echo_table(rows)
     for m in report.models:
         if m.last_exit:
             click.echo(f"{m.name}: its server last ended when not asked to: {m.last_exit}")

@@ -15,6 +15,7 @@ import requests
 from openai import APIError, OpenAI
 
 from model_serve.config.settings import load_settings
+from model_serve.runtime.procs import wait_until
 from model_serve.runtime.state import read_state
 from tests import ollama_store
 from tests.conftest import Env, llama_servers_under, stack_processes_under
@@ -67,15 +68,10 @@ def _running(pid: int) -> bool:
 
 
 def _wait(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if predicate():
-                return
-        except (requests.RequestException, OSError, APIError):
-            pass  # the engine may refuse for a moment while it recovers
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    # The engine may refuse for a moment while it recovers.
+    assert wait_until(predicate, timeout, 0.2,
+                      ignore=(requests.RequestException, OSError, APIError)), \
+        f"timed out after {timeout}s waiting for {what}"
 
 
 def _engine_pid(env: Env) -> int:

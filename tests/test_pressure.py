@@ -18,6 +18,7 @@ from openai import OpenAI
 from model_serve.config.settings import load_settings
 from model_serve.runtime.activity import load_activity
 from model_serve.runtime.memory import MemoryReading
+from model_serve.runtime.procs import wait_until
 from model_serve.runtime.unloader import PressureUnloader
 from tests.conftest import Env
 
@@ -62,12 +63,7 @@ def _decisions(env: Env) -> list[dict]:
 
 
 def _wait(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    assert wait_until(predicate, timeout, 0.2), f"timed out after {timeout}s waiting for {what}"
 
 
 def _pressing_unloader(env: Env) -> PressureUnloader:

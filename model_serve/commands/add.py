@@ -8,6 +8,7 @@ from pathlib import Path
 
 from model_serve.config.settings import Settings
 from model_serve.errors import ConfigError
+from model_serve.fileio import replace_symlink
 from model_serve.models.catalog import (
     NAMES_FILE,
     SPLIT_RE,
@@ -82,9 +83,6 @@ def _link(folder: Path, source: Path) -> Path:
         if link.is_symlink() and os.readlink(link) == str(source):
             return link  # added before
         if not link.exists() and not link.is_symlink():
-            tmp = folder / f".{link.name}.tmp"
-            tmp.unlink(missing_ok=True)
-            os.symlink(source, tmp)
-            os.replace(tmp, link)
+            replace_symlink(link, source)
             return link
     raise ConfigError(f"too many files named {stem} in {folder}", "remove unused links there")

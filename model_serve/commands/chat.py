@@ -3,7 +3,6 @@ settings (samplers, context, template) apply exactly as they do for API clients.
 
 from __future__ import annotations
 
-import json
 import sys
 import threading
 from collections.abc import Iterator
@@ -12,6 +11,7 @@ import click
 
 from model_serve.config.settings import Settings
 from model_serve.errors import ModelServeError
+from model_serve.sse import sse_payloads
 
 
 def resolve_served_name(settings: Settings, name: str) -> str:
@@ -56,16 +56,8 @@ def _stream(settings: Settings, model: str, messages: list[dict[str, str]],
                 detail = response.text[:300]
             raise ReplyError(f"the server answered HTTP {response.status_code}: {detail}",
                              "see 'model logs'")
-        for line in response.iter_lines(decode_unicode=True):
-            if not line or not line.startswith("data:"):
-                continue
-            payload = line[5:].strip()
-            if payload == "[DONE]":
-                return
-            try:
-                choices = json.loads(payload).get("choices") or [{}]
-            except ValueError:
-                continue
+        for chunk in sse_payloads(response.iter_lines(decode_unicode=True)):
+            choices = (chunk.get("choices") if isinstance(chunk, dict) else None) or [{}]
             piece = (choices[0].get("delta") or {}).get("content")
             if piece:
                 yield piece

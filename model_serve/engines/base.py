@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
@@ -17,6 +16,7 @@ from model_serve.config.settings import Settings
 from model_serve.errors import EngineError, NotRunningError
 from model_serve.fileio import write_if_changed
 from model_serve.models.plan import ServedModel
+from model_serve.sse import sse_payloads
 
 # States that hold memory; both engines' vocabularies map onto these.
 LOADED_STATES = frozenset({"loaded", "loading", "sleeping", "stopping"})
@@ -125,16 +125,10 @@ class Engine(ABC):
     def wait_unloaded(self, name: str, timeout: float = 30.0) -> bool:
         """After unload(): True once the engine reports `name` out of memory (the router
         answers the unload call before its model server has exited)."""
-        import time
+        from model_serve.runtime.procs import wait_until
 
-        deadline = time.monotonic() + timeout
-        while True:
-            state = next((m.state for m in self.models() if m.name == name), "unloaded")
-            if state not in LOADED_STATES:
-                return True
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.1)
+        return wait_until(lambda: next((m.state for m in self.models() if m.name == name),
+                                       "unloaded") not in LOADED_STATES, timeout)
 
     def healthy(self, timeout: float = 2) -> bool:
         # http.client, not requests: `model status` must stay cheap to start.
@@ -175,14 +169,10 @@ class Engine(ABC):
                                 headers=self._headers(), timeout=(5, 3600))
         try:
             response.raise_for_status()
-            for line in response.iter_lines(decode_unicode=True):
+            for payload in sse_payloads(response.iter_lines(decode_unicode=True)):
                 if stop.is_set():
                     return
-                if line and line.startswith("data:"):
-                    try:
-                        yield json.loads(line[5:])
-                    except ValueError:
-                        continue
+                yield payload
         finally:
             response.close()
 

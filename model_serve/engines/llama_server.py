@@ -22,7 +22,7 @@ from typing import Any
 
 from model_serve.engines.base import Engine, EngineModel, find_on_path
 from model_serve.errors import ConfigError, EngineError
-from model_serve.fileio import write_if_changed
+from model_serve.fileio import replace_symlink, write_if_changed
 from model_serve.models.catalog import dash_form
 from model_serve.models.plan import ServedModel
 
@@ -144,10 +144,7 @@ class LlamaServerEngine(Engine):
         digest = hashlib.sha256(value.encode()).hexdigest()[:16]
         link = links / f"{digest}{Path(value).suffix}"
         if not link.is_symlink() or os.readlink(link) != value:
-            tmp = links / f".{digest}.tmp"
-            tmp.unlink(missing_ok=True)
-            os.symlink(value, tmp)
-            os.replace(tmp, link)
+            replace_symlink(link, value)
         return str(link)
 
     def model_id(self, served_name: str) -> str:

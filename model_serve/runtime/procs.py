@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -155,10 +156,17 @@ def parse_lsof_pids(text: str) -> list[int]:
             if line.startswith("p") and line[1:].isdigit()]
 
 
-def wait_until(predicate, timeout: float, interval: float = 0.1) -> bool:
+def wait_until(predicate: Callable[[], object], timeout: float, interval: float = 0.1,
+               ignore: tuple[type[BaseException], ...] = ()) -> bool:
+    """Poll `predicate` until it is true (True) or `timeout` seconds pass (False). Errors of
+    the types in `ignore` count as "not yet" (a server that refuses while it restarts)."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
+    while True:
+        try:
+            if predicate():
+                return True
+        except ignore:
+            pass
+        if time.monotonic() >= deadline:
+            return False
         time.sleep(interval)
-    return predicate()
