@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-import difflib
+import re
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,10 +101,13 @@ def _check_type(name: str, value: Any, where: str) -> Any:
     return value
 
 
+# Only comments, blank lines and at most an empty 'models:' (the file as the checkout has it).
+_NOTHING_SET = re.compile(r"(?:[ \t]*(?:#[^\n]*)?\n)*(?:models:[ \t]*(?:#[^\n]*)?(?:\n|$))?"
+                          r"(?:[ \t]*(?:#[^\n]*)?(?:\n|$))*")
+
+
 def load_custom_models(path: Path) -> CustomModels:
     """Parse and type-check the file. A missing file is an empty one."""
-    import yaml
-
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -112,6 +115,10 @@ def load_custom_models(path: Path) -> CustomModels:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read {path}: {exc}",
                           "fix the file's permissions or encoding") from exc
+    if _NOTHING_SET.fullmatch(text):
+        return CustomModels(path, {})  # comments and an empty 'models:': no YAML parser needed
+    import yaml
+
     try:
         root = yaml.compose(text)
     except yaml.YAMLError as exc:
@@ -155,6 +162,8 @@ def load_custom_models(path: Path) -> CustomModels:
             name = str(field_node.value)
             field_where = f"{path}:{field_node.start_mark.line + 1}"
             if name not in FIELDS:
+                import difflib
+
                 near = difflib.get_close_matches(name, FIELDS, n=1)
                 hint = f"did you mean '{near[0]}'?" if near else "valid keys: " + ", ".join(FIELDS)
                 raise ConfigError(f"{field_where}: unknown key '{name}' for model '{key}'", hint)

@@ -206,13 +206,13 @@ _FIELD_OF = {
 
 def load_settings(environ: dict[str, str] | None = None) -> Settings:
     """Build and validate settings: environment over `.env` over defaults."""
-    from dotenv import dotenv_values
-
     env = dict(os.environ if environ is None else environ)
     home = project_home(env)
     env_file = home / ".env"
     file_values: dict[str, str | None] = {}
     if env_file.is_file():
+        from dotenv import dotenv_values
+
         try:
             file_values = dotenv_values(env_file)
         except (OSError, UnicodeDecodeError) as exc:

@@ -10,13 +10,16 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from model_serve.config.settings import Settings
 from model_serve.errors import EngineError, NotRunningError
 from model_serve.fileio import write_if_changed
-from model_serve.models.plan import ServedModel
+from model_serve.models.names import dash_form, identity
 from model_serve.sse import sse_payloads
+
+if TYPE_CHECKING:
+    from model_serve.models.plan import ServedModel
 
 # States that hold memory; both engines' vocabularies map onto these.
 LOADED_STATES = frozenset({"loaded", "loading", "sleeping", "stopping"})
@@ -40,7 +43,6 @@ class EngineModel:
         form, and the colon form is among its aliases."""
         if ":" in self.name:
             return self.name
-        from model_serve.models.catalog import dash_form
 
         return next((a for a in self.aliases if ":" in a and dash_form(a) == self.name),
                     self.name)
@@ -68,7 +70,6 @@ class Engine(ABC):
     def routed_names(self, served: ServedModel) -> list[str]:
         """Every name this engine's config routes to `served`, its id first: the served name,
         its dash form (older clients use it) and its aliases."""
-        from model_serve.models.catalog import dash_form
 
         return list(dict.fromkeys([self.model_id(served.name), served.name,
                                    dash_form(served.name), *served.aliases]))
@@ -76,8 +77,6 @@ class Engine(ABC):
     def resolve(self, name: str, models: list[EngineModel] | None = None) -> list[EngineModel]:
         """The running models `name` reaches (id, served name or alias; neither case nor ':'
         against '-' counts, as with the engines' own routing)."""
-        from model_serve.models.catalog import identity
-
         wanted = identity(name)
         listed = self.models() if models is None else models
         return [m for m in listed

@@ -11,20 +11,21 @@ Config is a preset file (models.ini). Facts that shape it:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from model_serve.engines.base import Engine, EngineModel, find_on_path
 from model_serve.errors import ConfigError, EngineError
 from model_serve.fileio import replace_symlink, write_if_changed
-from model_serve.models.catalog import dash_form
-from model_serve.models.plan import ServedModel
+from model_serve.models.names import dash_form
+
+if TYPE_CHECKING:
+    from model_serve.models.plan import ServedModel
 
 _INI_UNSAFE = re.compile(r"[;#\r\n]")
 _PATH_OPTIONS = ("model", "mmproj", "chat-template-file")
@@ -141,6 +142,8 @@ class LlamaServerEngine(Engine):
             return value
         links = self.settings.state_dir / "paths"
         links.mkdir(parents=True, exist_ok=True)
+        import hashlib
+
         digest = hashlib.sha256(value.encode()).hexdigest()[:16]
         link = links / f"{digest}{Path(value).suffix}"
         if not link.is_symlink() or os.readlink(link) != value:

@@ -29,7 +29,7 @@ import time
 from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
 
 from model_serve.engines.base import (
@@ -41,8 +41,10 @@ from model_serve.engines.base import (
 )
 from model_serve.engines.llama_server import check_option, option_spellings, resolve_llama_server
 from model_serve.errors import ConfigError, EngineError
-from model_serve.models.plan import ServedModel
 from model_serve.runtime import procs
+
+if TYPE_CHECKING:
+    from model_serve.models.plan import ServedModel
 
 HEALTH_CHECK_TIMEOUT = 300  # seconds a model may take to load (big models on slow disks)
 CONCURRENCY_LIMIT = 64  # queued + in-flight requests per model before llama-swap answers 429

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from model_serve.errors import ConfigError, ModelServeError
 from model_serve.fileio import write_if_changed
 from model_serve.models.model_info import InfoCache, ModelInfo
+from model_serve.models.names import dash_form, identity
 
 if TYPE_CHECKING:
     from model_serve.config.settings import Settings
@@ -71,18 +72,6 @@ class Catalog:
             if lowered in {n.lower() for n in names}:
                 return model
         return None
-
-
-def dash_form(name: str) -> str:
-    """The colon-free twin of a served name: the router's id for it (a ':' in a section name
-    is rewritten), and a name older clients use. Both forms are accepted everywhere; the
-    colon form is the one shown."""
-    return name.replace(":", "-")
-
-
-def identity(name: str) -> str:
-    """What makes two names the same to an engine: case, and ':' against '-', do not count."""
-    return dash_form(name).lower()
 
 
 def slug(text: str) -> str:

@@ -6,7 +6,7 @@ arguments, aliases) is decided once, here, with the reason recorded for `model s
 
 from __future__ import annotations
 
-import difflib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +15,8 @@ from model_serve.config.custom_models import CustomEntry, CustomModels, sampler_
 from model_serve.config.settings import Settings
 from model_serve.errors import ConfigError
 from model_serve.models import footprint
-from model_serve.models.catalog import Catalog, CatalogModel, ScanProblem, dash_form, identity
+from model_serve.models.catalog import Catalog, CatalogModel, ScanProblem
+from model_serve.models.names import dash_form, identity
 
 # Ollama PARAMETER defaults that map onto llama-server options (custom sampler_args win).
 _OLLAMA_PARAMS = {
@@ -56,9 +57,13 @@ def _file_size(path: str | None) -> int:
 
 
 def _memory_budget(settings: Settings) -> int:
-    import psutil
+    try:  # the machine's RAM without loading psutil (Linux and macOS both answer)
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        import psutil
 
-    return psutil.virtual_memory().total * settings.memory_pressure_threshold // 100
+        total = psutil.virtual_memory().total
+    return total * settings.memory_pressure_threshold // 100
 
 
 def _choose_ctx(model: CatalogModel, wanted: int, source: str, parallel: int,
@@ -123,6 +128,8 @@ def _match_entry(key: str, catalog: Catalog, custom: CustomModels,
     if model is not None:
         return model
     choices = [m.key for m in catalog.models]
+    import difflib
+
     near = difflib.get_close_matches(key, choices, n=1, cutoff=0.5)
     hint = f"did you mean '{near[0]}'?" if near else "run 'model list' to see the names"
     catalog.problems.append(ScanProblem(

@@ -6,8 +6,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -108,6 +106,8 @@ def _signal(ref: ProcRef, proc, sig: int) -> None:
 def port_in_use(host: str, port: int) -> bool:
     """True when something already listens on host:port."""
     target = "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host == "::" else host)
+    import socket
+
     family = socket.AF_INET6 if ":" in target else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.settimeout(0.5)
@@ -141,6 +141,8 @@ def who_listens(port: int) -> str:
 
 
 def lsof_listener_pid(port: int) -> int | None:
+    import subprocess
+
     try:
         out = subprocess.run(["lsof", "-nP", f"-iTCP:{port}", "-sTCP:LISTEN", "-Fp"],
                              capture_output=True, text=True, timeout=5)

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -15,11 +13,8 @@ from typing import Any
 from model_serve.config.settings import Settings
 from model_serve.engines import select_engine
 from model_serve.errors import EngineError, ModelServeError
-from model_serve.models.catalog import ensure_models_dir
 from model_serve.runtime import procs
 from model_serve.runtime.state import ChildState, Phase, read_state
-
-log = logging.getLogger(__name__)
 
 START_TIMEOUT = 120.0
 
@@ -118,6 +113,8 @@ def check_can_start(settings: Settings, holding_lock: bool = False) -> None:
         owner = procs.who_listens(settings.port)
         raise EngineError(f"port {settings.port} is already in use by {owner}",
                           "stop that program or set LLAMA_SWAP_PORT in .env to a free port")
+    from model_serve.models.catalog import ensure_models_dir
+
     ensure_models_dir(settings)
     select_engine(settings).binary()  # raises with install advice when missing
     # Before anything runs: a llama-server that crashes on this CPU fails here, with the cause.
@@ -175,6 +172,8 @@ def start_background(settings: Settings, timeout: float = START_TIMEOUT) -> Stac
     # A bad custom_models.yaml or .env is reported here, before anything runs.
     served = len(run_sync(settings, reload=False).plan)
     settings.log_file.parent.mkdir(parents=True, exist_ok=True)
+    import subprocess
+
     console = settings.log_file.parent / "serve-console.log"
     via = _start_through_service(settings)
     process: subprocess.Popen[bytes] | None = None
@@ -216,8 +215,12 @@ def _start_through_service(settings: Settings) -> str | None:
     """With the login service installed, start the stack through its manager, so that it runs
     supervised (restarted after a crash) and no second copy fights it for the port. Returns
     the service's file, or None to start the stack directly."""
+    import logging
+    import subprocess
+
     from model_serve.service import files as service_files
 
+    log = logging.getLogger(__name__)
     found = service_files.installed_service(settings.port)
     if found is None:
         return None

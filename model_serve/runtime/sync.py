@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +59,8 @@ def run_bridge(settings: Settings, dry_run: bool = False) -> BridgeResult:
         argv += ["--store", str(settings.ollama_models)]
     if dry_run:
         argv.append("--dry-run")
+    import subprocess
+
     try:
         out = subprocess.run(argv, capture_output=True, text=True, timeout=300)
     except (OSError, subprocess.TimeoutExpired) as exc:
