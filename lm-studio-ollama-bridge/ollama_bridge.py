@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -209,6 +210,12 @@ def is_within(path: str, root: str) -> bool:
     return os.path.commonpath([path, root]) == root
 
 
+@functools.lru_cache(maxsize=64)
+def real_folder(path: str) -> str:
+    """The store's and its blobs folder's real paths, resolved once per run, not per blob."""
+    return os.path.realpath(path)
+
+
 def blob_path(store: Path, digest: Any) -> str:
     """Validated absolute path of the blob for `digest` (link target form, not resolved).
 
@@ -220,13 +227,17 @@ def blob_path(store: Path, digest: Any) -> str:
         raise SkipManifest(f"invalid digest {digest!r}")
     hex_digest = match.group(1)
     blobs = store / "blobs"
-    real_blobs = os.path.realpath(blobs)
+    real_blobs = real_folder(str(blobs))
     for name in (f"sha256-{hex_digest}", f"sha256:{hex_digest}"):
         candidate = blobs / name
-        if not os.path.lexists(candidate):
-            continue
         try:
-            resolved = os.path.realpath(candidate, strict=True)
+            is_link = stat.S_ISLNK(os.lstat(candidate).st_mode)
+        except OSError:
+            continue  # absent
+        try:
+            # A plain file is where its folder is; only a link needs the full walk.
+            resolved = (os.path.realpath(candidate, strict=True) if is_link
+                        else os.path.join(real_blobs, name))
             mode = os.stat(resolved).st_mode
         except OSError as exc:  # a symlink loop lands here
             raise SkipManifest(f"blob {name} cannot be resolved: {exc.strerror}") from exc
@@ -405,7 +416,7 @@ def load_entry(store: Path, parts: tuple[str, ...], path: str) -> Entry:
         except UnicodeEncodeError as exc:
             raise SkipManifest("name is not valid UTF-8") from exc
     real = os.path.realpath(path)
-    if not is_within(real, os.path.realpath(store)):
+    if not is_within(real, real_folder(str(store))):
         raise SkipManifest(f"manifest resolves outside the store ({real})")
     raw = read_capped(path, MAX_MANIFEST_BYTES, "manifest")
     try:

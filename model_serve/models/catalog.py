@@ -107,7 +107,33 @@ def _read_bridge_record(models_dir: Path) -> dict[str, dict[str, Any]]:
     }
 
 
-def _walk_gguf(models_dir: Path, problems: list[ScanProblem]) -> list[Path]:
+class RealPaths:
+    """os.path.realpath for many files in few folders: each folder is resolved once, and a
+    file costs one readlink (the Ollama bridge's links each point into one blobs folder)."""
+
+    def __init__(self) -> None:
+        self._folders: dict[str, str] = {}
+
+    def folder(self, path: str) -> str:
+        real = self._folders.get(path)
+        if real is None:
+            real = self._folders[path] = os.path.realpath(path)
+        return real
+
+    def file(self, path: str) -> str:
+        for _ in range(40):  # the kernel's own limit on chained links
+            parent, name = os.path.split(path)
+            here = os.path.join(self.folder(parent), name)
+            try:
+                target = os.readlink(here)
+            except OSError:  # not a link (or gone: the caller's stat says so)
+                return here
+            path = os.path.join(os.path.dirname(here), target)
+        return os.path.realpath(path)
+
+
+def _walk_gguf(models_dir: Path, problems: list[ScanProblem],
+               real_paths: RealPaths) -> list[Path]:
     """Every *.gguf below models_dir, following directory links once (loops are cut)."""
     found: list[Path] = []
     seen_dirs: set[str] = set()
@@ -117,7 +143,7 @@ def _walk_gguf(models_dir: Path, problems: list[ScanProblem]) -> list[Path]:
         problems.append(ScanProblem(where, f"unreadable: {exc.strerror}"))
 
     for root, dirs, files in os.walk(models_dir, followlinks=True, onerror=on_error):
-        real = os.path.realpath(root)
+        real = real_paths.folder(root)
         if real in seen_dirs:
             dirs[:] = []
             continue
@@ -138,8 +164,12 @@ def _scan(models_dir: Path, cache: InfoCache, problems: list[ScanProblem]) -> li
     projectors: dict[Path, list[Path]] = {}
     split_parts: dict[tuple[Path, str], list[Path]] = {}
     candidates: list[_Candidate] = []
-    for path in _walk_gguf(models_dir, problems):
-        if not path.exists():
+    real_paths = RealPaths()
+    for path in _walk_gguf(models_dir, problems, real_paths):
+        real = real_paths.file(str(path))
+        try:
+            stat = os.stat(real)
+        except OSError:
             problems.append(ScanProblem(path, "broken link: its target is gone"))
             continue
         split = SPLIT_RE.match(path.name)
@@ -147,16 +177,15 @@ def _scan(models_dir: Path, cache: InfoCache, problems: list[ScanProblem]) -> li
             split_parts.setdefault((path.parent, split["stem"].lower()), []).append(path)
             continue
         try:
-            info = cache.get(path)
+            info = cache.get(path, real, stat)
         except (ModelServeError, OSError) as exc:
             problems.append(ScanProblem(path, str(exc).splitlines()[0]))
             continue
         if _is_projector_file(path, info):
             projectors.setdefault(path.parent, []).append(path)
             continue
-        real = Path(os.path.realpath(path))
         record = records.get(str(path.absolute()))
-        candidates.append(_Candidate(path, real, info, real.stat().st_size, record))
+        candidates.append(_Candidate(path, Path(real), info, stat.st_size, record))
     for cand in candidates:
         split = SPLIT_RE.match(cand.path.name)
         if split:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -140,9 +140,11 @@ class InfoCache:
             except (OSError, ValueError, AttributeError):
                 self.entries = {}  # a damaged cache is only a slower sync
 
-    def get(self, path: Path) -> ModelInfo:
-        real = os.path.realpath(path)
-        stat = os.stat(real)
+    def get(self, path: Path, real: str | None = None,
+            stat: os.stat_result | None = None) -> ModelInfo:
+        """The file's info; `real` and `stat` when the caller has them already."""
+        real = real or os.path.realpath(path)
+        stat = stat or os.stat(real)
         key = f"{real}|{stat.st_size}|{stat.st_mtime_ns}"
         self.used.add(key)
         cached = self.entries.get(key)
@@ -152,7 +154,7 @@ class InfoCache:
             except TypeError:
                 pass
         info = read_model_info(Path(real))
-        self.entries[key] = asdict(info)
+        self.entries[key] = dict(vars(info))  # flat: lists of ints and bools at most
         return info
 
     def save(self) -> None:
