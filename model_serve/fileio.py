@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 
@@ -14,6 +13,8 @@ def write_if_changed(path: Path, content: str, mode: int = 0o644) -> bool:
             return False
     except (FileNotFoundError, UnicodeDecodeError):
         pass
+    import tempfile  # here: it loads random and shutil, which most commands never need
+
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -30,6 +31,8 @@ def write_if_changed(path: Path, content: str, mode: int = 0o644) -> bool:
 
 
 def write_bytes_atomically(path: Path, data: bytes) -> None:
+    import tempfile
+
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

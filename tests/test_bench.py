@@ -28,6 +28,7 @@ def test_quick_sync_benchmark_writes_its_figures(tmp_path: Path) -> None:
             assert sync["no_bridge"][count][kind] and all(
                 t > 0 for t in sync["no_bridge"][count][kind])
     assert all(t > 0 for t in sync["bridge"]["1000"]["cold_ms"] + sync["bridge"]["1000"]["warm_ms"])
+    assert all(t > 0 for t in sync["real_vocabulary"]["200"]["cold_ms"])
 
     rows = {row["benchmark"]: row for row in report["rows"]}
     assert rows == {row["benchmark"]: row for row in sync["rows"]}

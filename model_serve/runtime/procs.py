@@ -41,7 +41,8 @@ class ProcRef:
             return None
 
     def alive(self) -> bool:
-        return self.process() is not None
+        linux = _linux_alive(self)
+        return linux if linux is not None else self.process() is not None
 
     def to_json(self) -> list[float]:
         return [self.pid, self.create_time]
@@ -53,6 +54,37 @@ class ProcRef:
             return cls(int(pid), float(created))
         except (TypeError, ValueError):
             return None
+
+
+def _linux_alive(ref: ProcRef) -> bool | None:
+    """ProcRef.alive from /proc alone (psutil costs `model status` 13 ms to import): the
+    same start time psutil computes, boot time + start ticks / clock rate. None elsewhere."""
+    try:
+        with open(f"/proc/{ref.pid}/stat", "rb") as handle:
+            stat = handle.read()
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return None
+    # The name (field 2) may hold spaces and ')': the fields after it follow the last ')'.
+    fields = stat[stat.rfind(b")") + 2:].split()
+    try:
+        state, start_ticks = fields[0], int(fields[19])
+        created = _boot_time() + start_ticks / os.sysconf("SC_CLK_TCK")
+    except (IndexError, ValueError, OSError):
+        return None
+    return state != b"Z" and abs(created - ref.create_time) <= 0.5
+
+
+_BOOT_TIME: list[float] = []
+
+
+def _boot_time() -> float:
+    if not _BOOT_TIME:
+        with open("/proc/stat", "rb") as handle:
+            line = next(row for row in handle if row.startswith(b"btime "))
+        _BOOT_TIME.append(float(line.split()[1]))
+    return _BOOT_TIME[0]
 
 
 def descendants(ref: ProcRef) -> list[ProcRef]:

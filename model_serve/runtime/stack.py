@@ -12,6 +12,7 @@ from typing import Any
 
 from model_serve.config.settings import Settings
 from model_serve.engines import select_engine
+from model_serve.engines.base import answers_health
 from model_serve.errors import EngineError, ModelServeError
 from model_serve.runtime import procs
 from model_serve.runtime.state import ChildState, Phase, read_state
@@ -50,8 +51,8 @@ class StackStatus:
 
 def stack_status(settings: Settings) -> StackStatus:
     state = read_state(settings.pid_file)
-    engine = select_engine(settings)
     if state is None:
+        engine = select_engine(settings)
         return StackStatus(False, settings.port, engine.name, config_path=str(engine.config_path),
                            log_file=str(settings.log_file))
     ref = state.pid
@@ -63,7 +64,8 @@ def stack_status(settings: Settings) -> StackStatus:
         children=state.children, config_path=state.config_path,
         log_file=state.log_file or str(settings.log_file), stale=not alive,
     )
-    status.healthy = alive and engine.healthy(timeout=1)
+    # The state names the engine: its module need not load to ask /health.
+    status.healthy = alive and answers_health(settings, timeout=1)
     return status
 
 
