@@ -15,8 +15,8 @@ import pytest
 
 from model_serve.commands import doctor
 from model_serve.config.settings import load_settings
-from model_serve.engines.base import find_on_path
 from model_serve.models.catalog import ensure_models_dir
+from model_serve.programs import find_on_path
 from model_serve.runtime import procs
 from model_serve.runtime.memory import (
     MemoryReading,

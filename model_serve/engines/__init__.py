@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from model_serve.config.settings import Settings
-from model_serve.engines.base import Engine, EngineModel, find_on_path
+from model_serve.engines.base import Engine, EngineModel
+from model_serve.programs import find_on_path
 
 __all__ = ["Engine", "EngineModel", "engine_name", "select_engine"]
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import sys
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -201,11 +199,6 @@ def parse_prometheus(text: str) -> dict[str, float]:
     return values
 
 
-# On a Mac, Homebrew's folders are on PATH only when the shell's profile runs `brew shellenv`
-# (never under launchd or cron); Apple Silicon's first.
-HOMEBREW_BINS = (Path("/opt/homebrew/bin"), Path("/usr/local/bin"))
-
-
 def answers_health(settings: Settings, timeout: float = 2) -> bool:
     """GET /health on the stack's port answers 200 (both engines serve it). One HTTP/1.0
     request on a plain socket: `model status` must start fast, and http.client alone costs it
@@ -223,15 +216,3 @@ def answers_health(settings: Settings, timeout: float = 2) -> bool:
         return False
     parts = status_line.split()
     return len(parts) >= 2 and parts[0].startswith(b"HTTP/") and parts[1] == b"200"
-
-
-def find_on_path(program: str, platform: str = sys.platform,
-                 homebrew: tuple[Path, ...] = HOMEBREW_BINS, path: str | None = None
-                 ) -> Path | None:
-    """`program` on PATH (or `path`), else (macOS) in Homebrew's folders."""
-    import shutil  # here: it loads the compression modules, which `model status` never needs
-
-    found = shutil.which(program, path=path)
-    if not found and platform == "darwin":
-        found = shutil.which(program, path=os.pathsep.join(map(str, homebrew)))
-    return Path(found) if found else None

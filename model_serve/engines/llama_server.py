@@ -19,10 +19,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from model_serve.engines.base import Engine, EngineModel, find_on_path
+from model_serve.engines.base import Engine, EngineModel
 from model_serve.errors import ConfigError, EngineError
 from model_serve.fileio import replace_symlink, write_if_changed
 from model_serve.models.names import dash_form
+from model_serve.programs import find_on_path
 
 if TYPE_CHECKING:
     from model_serve.models.plan import ServedModel

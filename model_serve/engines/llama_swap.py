@@ -37,10 +37,10 @@ from model_serve.engines.base import (
     REQUEST_STARTED,
     Engine,
     EngineModel,
-    find_on_path,
 )
 from model_serve.engines.llama_server import check_option, option_spellings, resolve_llama_server
 from model_serve.errors import ConfigError, EngineError
+from model_serve.programs import find_on_path
 from model_serve.runtime import procs
 
 if TYPE_CHECKING:

@@ -22,7 +22,7 @@ def ollama_binary(settings: Settings) -> Path:
             raise ModelServeError(f"OLLAMA_BIN={settings.ollama_bin} is not an executable file",
                                   "fix OLLAMA_BIN in .env or unset it to search PATH")
         return settings.ollama_bin
-    from model_serve.engines.base import find_on_path
+    from model_serve.programs import find_on_path
 
     found = find_on_path("ollama")  # Ollama.app links it into /usr/local/bin
     if not found:

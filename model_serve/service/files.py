@@ -66,7 +66,7 @@ PROGRAM_SETTINGS = {"LLAMA_SERVER_BIN": "llama-server", "LLAMA_SWAP_BIN": "llama
 def resolved_programs(settings: Settings, environ: Mapping[str, str]) -> dict[str, str]:
     """LLAMA_SERVER_BIN, LLAMA_SWAP_BIN, OLLAMA_BIN as this shell's PATH resolves them, for
     those not set already (in .env, which the service reads too, or in the shell)."""
-    from model_serve.engines.base import find_on_path
+    from model_serve.programs import find_on_path
 
     found = {}
     for name, program in PROGRAM_SETTINGS.items():
