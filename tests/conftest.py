@@ -24,6 +24,23 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def engine_port() -> int:
+    """A free port for the engine behind the front, below the ephemeral range (where a client
+    socket could take it while the engine restarts) and below the llama-swap tests' port
+    blocks (20000-32000)."""
+    import random
+
+    for _ in range(200):
+        port = random.randrange(10000, 20000)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port between 10000 and 20000")
+
+
 @pytest.fixture(scope="session")
 def gemma_path() -> Path:
     """The real 253 MB gemma-3-270m Q4_K_M GGUF from PyPI (installed by ./install.sh --dev)."""
@@ -73,6 +90,7 @@ def env(tmp_path: Path) -> Env:
         "MODEL_SERVE_HOME": str(result.home),
         "MODELS_DIR": str(result.models),
         "LLAMA_SWAP_PORT": str(result.port),
+        "ENGINE_PORT": str(engine_port()),
         "OLLAMA_MODELS": str(tmp_path / "ollama"),
         "ENGINE": "llama-server",
         "BRIDGE_SYNC_INTERVAL": "0",

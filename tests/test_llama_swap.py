@@ -104,8 +104,10 @@ def swap_env(env: Env, tmp_path: Path) -> Iterator[Env]:
     """An env whose engine is llama-swap: the real one wherever it is. Whatever config.yaml
     the test made is checked against llama-swap's schema afterwards."""
     env.port = port_block()
+    # These speak to llama-swap itself on the port; the front is tested on it in
+    # test_engines.py and test_front.py.
     env.update({"ENGINE": "llama-swap", "LLAMA_SWAP_BIN": str(llama_swap_binary(tmp_path)),
-                "LLAMA_SWAP_PORT": str(env.port),
+                "LLAMA_SWAP_PORT": str(env.port), "FRONT": "off",
                 "DEFAULT_CTX_SIZE": "2048"})
     yield env
     config = env.state / "config.yaml"
@@ -249,7 +251,7 @@ def test_command_and_version(swap_env: Env, tmp_path: Path) -> None:
     # v205+ reloads on SIGHUP, sent by reload(); a file watch too would reload twice.
     assert engine.command() == [swap_env["LLAMA_SWAP_BIN"], "--config",
                                 str(swap_env.state / "config.yaml"), "--listen",
-                                f"127.0.0.1:{swap_env.port}"]
+                                f"127.0.0.1:{engine.settings.engine_port}"]
     assert engine.version_number() == 250
     # Builds before v233 print the number without 'v' and no trailing newline.
     old = tmp_path / "old-llama-swap"

@@ -40,6 +40,13 @@ SETTINGS_TABLE: tuple[Setting, ...] = (
             "'Authorization: Bearer <key>'. Empty = no key needed.", "list"),
     Setting("API_KEYS_FILE", "", "A file holding API keys, one per line (keep it mode 0600), "
             "read when API_KEYS is empty; the login service gets its keys this way.", "path"),
+    Setting("FRONT", "on", "model_serve's own server on the port, in front of the engine: "
+            "one set of model names, llama-swap's API on every engine, exact activity, "
+            "retries of dropped connections. off = the engine itself on the port.", "choice",
+            choices=("on", "off")),
+    Setting("ENGINE_PORT", "0", "Port of the engine behind the front, on 127.0.0.1 only "
+            "(0 = LLAMA_SWAP_PORT + 1000, or - 1000 above 64535). Unused with FRONT=off.",
+            "int", 0, 65535),
     Setting("ENGINE", "auto", "Engine: llama-server (router mode), llama-swap, or auto "
             "(llama-swap when it is on PATH, else llama-server).", "choice", choices=ENGINES),
     Setting("MODELS_DIR", "~/.cache/lm-studio/models",
@@ -146,6 +153,8 @@ class Settings:
     port: int
     host: str
     api_keys: tuple[str, ...]
+    front: str
+    engine_port_set: int
     engine: str
     models_dir: Path
     model_prefix: str
@@ -173,8 +182,33 @@ class Settings:
 
     @property
     def base_url(self) -> str:
+        """Where clients reach the stack: the front, or the engine with FRONT=off."""
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
         return f"http://{host}:{self.port}"
+
+    @property
+    def front_enabled(self) -> bool:
+        return self.front == "on"
+
+    @property
+    def engine_host(self) -> str:
+        """Behind the front the engine listens on loopback only, whatever LISTEN_HOST says."""
+        return "127.0.0.1" if self.front_enabled else self.host
+
+    @property
+    def engine_port(self) -> int:
+        if not self.front_enabled:
+            return self.port
+        if self.engine_port_set:
+            return self.engine_port_set
+        return self.port + 1000 if self.port + 1000 <= 65535 else self.port - 1000
+
+    @property
+    def engine_url(self) -> str:
+        """Where model_serve itself reaches the engine (its API, health, events)."""
+        if not self.front_enabled:
+            return self.base_url
+        return f"http://127.0.0.1:{self.engine_port}"
 
     @property
     def pid_file(self) -> Path:
@@ -201,6 +235,7 @@ class Settings:
 
 _FIELD_OF = {
     "LLAMA_SWAP_PORT": "port", "LISTEN_HOST": "host", "API_KEYS": "api_keys", "ENGINE": "engine",
+    "ENGINE_PORT": "engine_port_set",
 }
 
 

@@ -109,12 +109,12 @@ class Engine(ABC):
     def request(self, method: str, path: str, timeout: float = 10, **kwargs: Any) -> Any:
         import requests
 
-        url = self.settings.base_url + path
+        url = self.settings.engine_url + path
         try:
             response = requests.request(method, url, headers=self._headers(), timeout=timeout,
                                         **kwargs)
         except requests.RequestException as exc:
-            raise EngineError(f"the engine at {self.settings.base_url} did not answer: {exc}",
+            raise EngineError(f"the engine at {self.settings.engine_url} did not answer: {exc}",
                               "is the stack running? try 'model status'") from exc
         return response
 
@@ -127,7 +127,7 @@ class Engine(ABC):
                                        "unloaded") not in LOADED_STATES, timeout)
 
     def healthy(self, timeout: float = 2) -> bool:
-        return answers_health(self.settings, timeout)
+        return answers_health(self.settings.engine_url, self.settings.api_keys, timeout)
 
     def require_running(self) -> None:
         """Raise NotRunningError (exit code 3) unless the engine answers."""
@@ -150,7 +150,7 @@ class Engine(ABC):
         skipped); ends when the server closes the stream or `stop` is set."""
         import requests
 
-        response = requests.get(self.settings.base_url + path, stream=True,
+        response = requests.get(self.settings.engine_url + path, stream=True,
                                 headers=self._headers(), timeout=(5, 3600))
         try:
             response.raise_for_status()
@@ -199,17 +199,18 @@ def parse_prometheus(text: str) -> dict[str, float]:
     return values
 
 
-def answers_health(settings: Settings, timeout: float = 2) -> bool:
-    """GET /health on the stack's port answers 200 (both engines serve it). One HTTP/1.0
+def answers_health(url: str, api_keys: tuple[str, ...] = (), timeout: float = 2) -> bool:
+    """GET `url`/health answers 200 (the front and both engines serve it). One HTTP/1.0
     request on a plain socket: `model status` must start fast, and http.client alone costs it
     13 ms of imports."""
     import socket
 
-    host = settings.base_url.split("//", 1)[1].rsplit(":", 1)[0].strip("[]")
-    auth = f"Authorization: Bearer {settings.api_keys[0]}\r\n" if settings.api_keys else ""
+    host, _, port = url.split("//", 1)[1].rpartition(":")
+    host = host.strip("[]")
+    auth = f"Authorization: Bearer {api_keys[0]}\r\n" if api_keys else ""
     request = f"GET /health HTTP/1.0\r\nHost: {host}\r\n{auth}\r\n".encode()
     try:
-        with socket.create_connection((host, settings.port), timeout=timeout) as sock:
+        with socket.create_connection((host, int(port)), timeout=timeout) as sock:
             sock.sendall(request)
             status_line = sock.makefile("rb").readline(256)
     except OSError:

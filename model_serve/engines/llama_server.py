@@ -122,8 +122,8 @@ class LlamaServerEngine(Engine):
     def command(self) -> list[str]:
         argv = [
             str(self.binary()),
-            "--host", self.settings.host,
-            "--port", str(self.settings.port),
+            "--host", self.settings.engine_host,
+            "--port", str(self.settings.engine_port),
             "--models-preset", str(self.config_path),
             "--models-max", str(self.settings.max_loaded_models),
         ]

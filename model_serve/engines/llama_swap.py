@@ -126,8 +126,8 @@ class LlamaSwapEngine(Engine):
                           f"{advice}; or set ENGINE=llama-server to use llama.cpp's router")
 
     def command(self) -> list[str]:
-        host = self.settings.host
-        listen = f"[{host}]:{self.settings.port}" if ":" in host else f"{host}:{self.settings.port}"
+        host, port = self.settings.engine_host, self.settings.engine_port
+        listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         argv = [str(self.binary()), "--config", str(self.config_path), "--listen", listen]
         if not self._reloads_on_sighup():
             argv.append("--watch-config")
@@ -325,7 +325,7 @@ class LlamaSwapEngine(Engine):
                               f"{RELOAD_WAIT:.0f}s (it keeps the old one when it finds an "
                               "error)", "see 'model logs' for its reason")
         try:
-            stream = requests.get(self.settings.base_url + "/api/events", stream=True,
+            stream = requests.get(self.settings.engine_url + "/api/events", stream=True,
                                   headers=self._headers(), timeout=(5, RELOAD_WAIT + 5))
         except requests.RequestException as exc:
             raise EngineError(f"llama-swap's event stream did not open: {exc}",
@@ -360,7 +360,8 @@ class LlamaSwapEngine(Engine):
         state = read_state(self.settings.pid_file)
         ref = state.child("engine").pid if state else None
         # The supervisor's record; else whoever serves our port (llama-swap run by hand).
-        pid = ref.pid if ref is not None and ref.alive() else procs.listener_pid(self.settings.port)
+        pid = (ref.pid if ref is not None and ref.alive()
+               else procs.listener_pid(self.settings.engine_port))
         if pid and _is_llama_swap(pid):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGHUP)

@@ -1,8 +1,10 @@
 """When was each loaded model last USED: a request served or in flight, not merely seen.
 
-Each loaded model's own llama-server counters (tokens, decode calls) and its in-flight gauge
-are read straight from its port; a model counts as used at the moment its counters move or a
-request is in progress. Listing or probing a model never loads it and never resets its timer.
+With the front (FRONT=on) every request passes through it, and it records each one's start
+and end: one read of its record gives the exact figures. Without it, each loaded model's own
+llama-server counters (tokens, decode calls) and its in-flight gauge are read straight from
+its port; a model counts as used at the moment its counters move or a request is in progress.
+Listing or probing a model never loads it and never resets its timer.
 """
 
 from __future__ import annotations
@@ -59,10 +61,31 @@ class ActivityTracker:
             act.last_used = self.clock()
             act.in_flight = max(act.in_flight, self.requests_in_flight[model])
 
+    def front_record(self) -> dict[str, dict[str, Any]] | None:
+        """The front's record by engine id, or None (no front, or it does not answer)."""
+        settings = self.engine.settings
+        if not settings.front_enabled:
+            return None
+        import requests
+
+        headers = {"Authorization": f"Bearer {settings.api_keys[0]}"} if settings.api_keys \
+            else {}
+        try:
+            answer = requests.get(f"{settings.base_url}/api/model_serve/activity",
+                                  headers=headers, timeout=2)
+            record = answer.json() if answer.status_code == 200 else None
+        except (requests.RequestException, ValueError):
+            return None
+        if not isinstance(record, dict):
+            return None
+        return {str(item.get("engine_id", name)): item for name, item in record.items()
+                if isinstance(item, dict)}
+
     def refresh(self) -> dict[str, ModelActivity]:
         """Poll the engine and every loaded model once (raises EngineError if unreachable)."""
         now = self.clock()
         current: dict[str, ModelActivity] = {}
+        front = self.front_record()
         for model in self.engine.models():
             if model.state not in LOADED_STATES:
                 continue
@@ -72,6 +95,10 @@ class ActivityTracker:
             act.state, act.port = model.state, model.port
             if model.state == "loading":
                 act.last_used = now
+            elif front is not None:
+                record = front.get(model.name, {})
+                act.in_flight = int(record.get("in_flight", 0))
+                act.last_used = max(act.last_used, float(record.get("last_used", 0.0)))
             elif model.state == "loaded":
                 self._probe(act, model, now)
             busy = self.requests_in_flight.get(model.name, 0)

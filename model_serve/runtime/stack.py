@@ -65,7 +65,7 @@ def stack_status(settings: Settings) -> StackStatus:
         log_file=state.log_file or str(settings.log_file), stale=not alive,
     )
     # The state names the engine: its module need not load to ask /health.
-    status.healthy = alive and answers_health(settings, timeout=1)
+    status.healthy = alive and answers_health(settings.base_url, settings.api_keys, timeout=1)
     return status
 
 
@@ -115,6 +115,11 @@ def check_can_start(settings: Settings, holding_lock: bool = False) -> None:
         owner = procs.who_listens(settings.port)
         raise EngineError(f"port {settings.port} is already in use by {owner}",
                           "stop that program or set LLAMA_SWAP_PORT in .env to a free port")
+    if settings.front_enabled and procs.port_in_use(settings.engine_host, settings.engine_port):
+        owner = procs.who_listens(settings.engine_port)
+        raise EngineError(f"port {settings.engine_port}, where the engine listens behind the "
+                          f"front, is already in use by {owner}",
+                          "stop that program or set ENGINE_PORT in .env to a free port")
     from model_serve.models.catalog import ensure_models_dir
 
     ensure_models_dir(settings)
@@ -194,7 +199,9 @@ def start_background(settings: Settings, timeout: float = START_TIMEOUT) -> Stac
                               "fix the problem above, then 'model start' again")
         status = stack_status(settings)
         engine = status.children.get("engine") or ChildState()
-        if status.running and status.healthy and engine.phase == Phase.RUNNING:
+        ready = all(status.children.get(name, ChildState()).phase == Phase.RUNNING
+                    for name in (["engine", "front"] if settings.front_enabled else ["engine"]))
+        if status.running and status.healthy and ready:
             status.served_models = served
             status.via_service = via or ""
             return status

@@ -24,6 +24,7 @@ from typing import IO, Any
 
 from model_serve.config.settings import Settings
 from model_serve.engines import Engine, select_engine
+from model_serve.engines.base import answers_health
 from model_serve.errors import EngineError, ModelServeError
 from model_serve.fileio import write_if_changed
 from model_serve.runtime import procs
@@ -70,6 +71,11 @@ class Supervisor:
         self.unloader_child = Child(
             "unloader", lambda: [sys.executable, "-m", "model_serve.runtime.unloader"])
         self.children = [self.engine_child, self.unloader_child]
+        if settings.front_enabled:
+            self.front_child = Child(
+                "front", lambda: [sys.executable, "-m", "model_serve.runtime.front"],
+                lambda: answers_health(settings.base_url, settings.api_keys, timeout=0.5))
+            self.children.insert(1, self.front_child)
         self.sync_status = ChildState()
         self._stop = threading.Event()
         self._reload = threading.Event()
@@ -121,8 +127,8 @@ class Supervisor:
     def _launch(self, child: Child) -> None:
         if child is self.engine_child:
             self._reap_model_procs()
-            if procs.port_in_use(self.settings.host, self.settings.port):
-                self._failed_start(child, f"port {self.settings.port} is in use")
+            if procs.port_in_use(self.settings.engine_host, self.settings.engine_port):
+                self._failed_start(child, f"port {self.settings.engine_port} is in use")
                 return
         try:
             argv = child.argv()

@@ -1,0 +1,444 @@
+"""The front: model_serve's own server on LISTEN_HOST:LLAMA_SWAP_PORT, in front of the engine
+(which listens on 127.0.0.1:ENGINE_PORT). A pass-through, never a second engine:
+
+- every path goes to the engine as it came, streams chunk by chunk; a client that goes away
+  closes the upstream request, which stops the generation;
+- an upstream connection dropped before any byte of its answer (the router drops kept-alive
+  connections now and then) is retried once;
+- one set of names on every engine: requests may use a served name, its dash form or an
+  alias; replies carry the name the client sent; `/v1/models` lists the served names;
+- llama-swap's API on every engine (`/running`, `/unload`, `/api/models/unload[/<id>]`,
+  `/upstream/<id>/...`), and the original tool's `POST /unload?model=NAME`;
+- API_KEYS checked on every path but `/health`;
+- the start, end and number in flight of every request, per model (`/api/model_serve/activity`).
+
+Run as `python -m model_serve.runtime.front` (the supervisor does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
+from aiohttp import client_exceptions as client_errors
+
+from model_serve.config.settings import Settings, load_settings
+from model_serve.engines import Engine, select_engine
+from model_serve.engines.base import LOADED_STATES, EngineModel
+from model_serve.errors import ModelServeError
+from model_serve.models.names import identity
+
+log = logging.getLogger("model_serve.front")
+
+# Headers that belong to one connection, not to the request (RFC 9110 7.6.1), and the ones the
+# front sets itself.
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
+                        "te", "trailer", "transfer-encoding", "upgrade", "host",
+                        "content-length", "authorization"})
+# Paths whose JSON body names a model.
+MODEL_PATHS = ("/v1/", "/completion", "/infill", "/embedding", "/rerank", "/apply-template",
+               "/tokenize", "/detokenize")
+NAMES_REFRESH = 2.0  # seconds between checks of the engine config (names follow every sync)
+LOAD_WAIT = 300.0  # seconds /upstream waits for a model to load
+
+
+@dataclass
+class ModelActivity:
+    in_flight: int = 0
+    requests: int = 0
+    last_started: float = 0.0
+    last_ended: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"in_flight": self.in_flight, "requests": self.requests,
+                "last_started": self.last_started, "last_ended": self.last_ended,
+                "last_used": max(self.last_started, self.last_ended)}
+
+
+@dataclass
+class Route:
+    """What a name reaches: the engine's id for the model and the name it is served by."""
+
+    engine_id: str
+    served: str
+    ttl: int = 0
+
+
+@dataclass
+class Names:
+    """Every name a client may use, from the plan the engine config was written from."""
+
+    routes: dict[str, Route] = field(default_factory=dict)  # identity(name) -> Route
+    aliases: dict[str, list[str]] = field(default_factory=dict)  # served -> other names
+    stamp: float | None = None
+
+    def find(self, name: str) -> Route | None:
+        return self.routes.get(identity(name))
+
+
+def build_names(settings: Settings, engine: Engine) -> Names:
+    from model_serve.runtime.sync import build_current_plan
+
+    _catalog, plan = build_current_plan(settings, engine)
+    names = Names()
+    for served in plan:
+        route = Route(engine.model_id(served.name), served.name, served.ttl)
+        routed = engine.routed_names(served)
+        names.aliases[served.name] = [n for n in routed if n != served.name]
+        for name in routed:
+            names.routes[identity(name)] = route
+    return names
+
+
+class Front:
+    def __init__(self, settings: Settings, engine: Engine | None = None) -> None:
+        self.settings = settings
+        self.engine = engine or select_engine(settings)
+        self.upstream = settings.engine_url
+        self.names = Names()
+        self.activity: dict[str, ModelActivity] = {}
+        self.session: ClientSession | None = None
+        self._keys = frozenset(settings.api_keys)
+        self._engine_auth = ({"Authorization": f"Bearer {settings.api_keys[0]}"}
+                             if settings.api_keys else {})
+
+    # --- names ------------------------------------------------------------------------------
+    async def refresh_names(self) -> None:
+        try:
+            stamp = self.engine.config_path.stat().st_mtime
+        except OSError:
+            return
+        if stamp == self.names.stamp:
+            return
+        try:
+            names = await asyncio.to_thread(build_names, self.settings, self.engine)
+        except ModelServeError as exc:
+            log.warning("model names not refreshed: %s", exc.message)
+            return
+        names.stamp = stamp
+        self.names = names
+
+    async def keep_names_fresh(self) -> None:
+        while True:
+            await self.refresh_names()
+            await asyncio.sleep(NAMES_REFRESH)
+
+    # --- activity ---------------------------------------------------------------------------
+    def started(self, served: str) -> None:
+        act = self.activity.setdefault(served, ModelActivity())
+        act.in_flight += 1
+        act.requests += 1
+        act.last_started = time.time()
+
+    def ended(self, served: str) -> None:
+        act = self.activity.setdefault(served, ModelActivity())
+        act.in_flight = max(0, act.in_flight - 1)
+        act.last_ended = time.time()
+
+    # --- the request path -------------------------------------------------------------------
+    def authorized(self, request: web.Request) -> bool:
+        if not self._keys:
+            return True
+        header = request.headers.get("Authorization", "")
+        key = header[7:] if header[:7].lower() == "bearer " else request.headers.get("x-api-key")
+        return key in self._keys
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        path = request.path
+        if path == "/health":
+            healthy = await asyncio.to_thread(self.engine.healthy, 1.0)
+            if healthy:
+                return web.Response(text="OK")
+            return _error(503, "the engine is not answering (starting or restarting)",
+                          "engine_unavailable", retry_after=2)
+        if not self.authorized(request):
+            return _error(401, "a valid API key is needed: 'Authorization: Bearer <key>'",
+                          "invalid_api_key")
+        special = self._special(request)
+        if special is not None:
+            return await special(request)
+        return await self.forward(request)
+
+    def _special(self, request: web.Request
+                 ) -> Callable[[web.Request], Awaitable[web.StreamResponse]] | None:
+        path, method = request.path, request.method
+        if path == "/v1/models" and method == "GET":
+            return self.list_models
+        if path == "/api/model_serve/activity" and method == "GET":
+            return self.activity_report
+        if self.engine.name == "llama-swap":
+            # llama-swap serves its own API; only the original tool's form is ours.
+            if path == "/unload" and method == "POST":
+                return self.unload
+            return None
+        if path == "/running" and method == "GET":
+            return self.running
+        if path in ("/unload", "/api/models/unload") or path.startswith("/api/models/unload/"):
+            return self.unload
+        if path.startswith("/upstream/"):
+            return self.upstream_request
+        return None
+
+    async def forward(self, request: web.Request, path_qs: str | None = None,
+                      base: str | None = None) -> web.StreamResponse:
+        body: bytes | None = None
+        sent = route = None
+        if request.method in ("POST", "PUT", "PATCH") and request.can_read_body:
+            body = await request.read()
+            if request.path.startswith(MODEL_PATHS) and body[:1] == b"{":
+                body, sent, route = self._rename_request(body)
+        if route is not None:
+            self.started(route.served)
+        try:
+            return await self._proxy(request, body, path_qs or request.path_qs, base, sent,
+                                     route)
+        finally:
+            if route is not None:
+                self.ended(route.served)
+
+    def _rename_request(self, body: bytes) -> tuple[bytes, str | None, Route | None]:
+        try:
+            data = json.loads(body)
+        except ValueError:
+            return body, None, None
+        sent = data.get("model") if isinstance(data, dict) else None
+        route = self.names.find(sent) if isinstance(sent, str) else None
+        if route is None:
+            return body, sent if isinstance(sent, str) else None, None
+        if sent != route.engine_id:
+            data["model"] = route.engine_id
+            body = json.dumps(data, ensure_ascii=False).encode()
+        return body, sent, route
+
+    async def _proxy(self, request: web.Request, body: bytes | None, path_qs: str,
+                     base: str | None, sent: str | None,
+                     route: Route | None) -> web.StreamResponse:
+        assert self.session is not None
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+        headers.update(self._engine_auth)
+        url = (base or self.upstream) + path_qs
+        data: Any = body if body is not None else (request.content if request.can_read_body
+                                                   else None)
+        for attempt in (1, 2):
+            try:
+                upstream = await self.session.request(
+                    request.method, url, headers=headers, data=data, allow_redirects=False,
+                    auto_decompress=False)
+                break
+            except (client_errors.ServerDisconnectedError,
+                    client_errors.ClientOSError) as exc:
+                # Dropped before any byte of the answer: safe to send again, once.
+                if attempt == 2 or body is None:
+                    return _error(502, f"the engine closed the connection: {exc}",
+                                  "engine_disconnected")
+                log.info("upstream connection dropped before the answer; retrying once")
+            except client_errors.ClientConnectorError:
+                return _error(503, "the engine is not answering (starting or restarting)",
+                              "engine_unavailable", retry_after=2)
+        async with upstream:
+            response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+            for key, value in upstream.headers.items():
+                if key.lower() not in HOP_BY_HOP:
+                    response.headers.add(key, value)
+            rename = _renamer(route.engine_id, sent) if route and sent != route.engine_id \
+                else None
+            length = upstream.headers.get("Content-Length")
+            if rename is not None and length is not None:
+                payload = rename(await upstream.read())
+                response.content_length = len(payload)
+                await response.prepare(request)
+                await response.write(payload)
+            else:
+                if length is not None:
+                    response.content_length = int(length)
+                await response.prepare(request)
+                pending = b""
+                async for chunk in upstream.content.iter_any():
+                    if rename is None:
+                        await response.write(chunk)
+                        continue
+                    # Streams: rename whole events (they end with a blank line), as they come.
+                    pending += chunk
+                    end = pending.rfind(b"\n\n")
+                    if end >= 0:
+                        await response.write(rename(pending[:end + 2]))
+                        pending = pending[end + 2:]
+                if pending:
+                    await response.write(rename(pending) if rename else pending)
+            await response.write_eof()
+            return response
+
+    # --- our answers on every engine ---------------------------------------------------------
+    async def engine_models(self) -> list[EngineModel]:
+        return await asyncio.to_thread(self.engine.models)
+
+    async def list_models(self, request: web.Request) -> web.StreamResponse:
+        await self.refresh_names()
+        try:
+            listed = {m.name: m for m in await self.engine_models()}
+        except ModelServeError as exc:
+            return _error(503, exc.message, "engine_unavailable", retry_after=2)
+        data = []
+        for served, aliases in sorted(self.names.aliases.items()):
+            route = self.names.find(served)
+            model = listed.get(route.engine_id) if route else None
+            state = model.state if model else "unloaded"
+            data.append({"id": served, "object": "model", "created": 0,
+                         "owned_by": "model_serve", "aliases": aliases,
+                         "status": {"value": state}})
+        return web.json_response({"object": "list", "data": data})
+
+    async def running(self, request: web.Request) -> web.StreamResponse:
+        try:
+            models = await self.engine_models()
+        except ModelServeError as exc:
+            return _error(503, exc.message, "engine_unavailable", retry_after=2)
+        running = []
+        for model in models:
+            if model.state not in LOADED_STATES:
+                continue
+            route = self.names.find(model.name)
+            running.append({
+                "model": route.served if route else model.served_name,
+                "state": "ready" if model.state == "loaded" else model.state,
+                "cmd": "", "proxy": f"http://127.0.0.1:{model.port}" if model.port else "",
+                "ttl": route.ttl if route else 0, "name": "", "description": ""})
+        return web.json_response({"running": running})
+
+    async def unload(self, request: web.Request) -> web.StreamResponse:
+        path = request.path
+        name = request.query.get("model", "") if path == "/unload" else ""
+        if path.startswith("/api/models/unload/"):
+            name = path[len("/api/models/unload/"):].lstrip("/")
+        if path == "/unload" and request.method == "GET":
+            name = ""  # llama-swap's GET /unload stops every model, whatever the query says
+        try:
+            models = await self.engine_models()
+            if name:
+                route = self.names.find(name)
+                chosen = self.engine.resolve(route.engine_id if route else name, models)
+                if not chosen:
+                    return _error(404, f"model not found: {name}", "model_not_found")
+            else:
+                chosen = [m for m in models if m.state in LOADED_STATES]
+            for model in chosen:
+                if model.state in LOADED_STATES:
+                    await asyncio.to_thread(self.engine.unload, model.name)
+        except ModelServeError as exc:
+            return _error(502, exc.message, "unload_failed")
+        if path == "/api/models/unload":
+            return web.json_response({"msg": "ok"})
+        return web.Response(text="OK")
+
+    async def upstream_request(self, request: web.Request) -> web.StreamResponse:
+        """`/upstream/<id>/<path>`: the model's own server, loaded first when it is not."""
+        rest = request.path[len("/upstream/"):]
+        route, tail = None, ""
+        for cut in range(len(rest), 0, -1):  # ids may hold '/': the longest known prefix wins
+            if cut < len(rest) and rest[cut] != "/":
+                continue
+            route = self.names.find(rest[:cut])
+            if route is not None:
+                tail = rest[cut:]
+                break
+        if route is None:
+            return _error(404, f"model not found: {rest}", "model_not_found")
+        port = await self._loaded_port(route)
+        if port is None:
+            return _error(503, f"{route.served} did not load", "model_unavailable",
+                          retry_after=5)
+        query = f"?{request.query_string}" if request.query_string else ""
+        self.started(route.served)
+        try:
+            return await self._proxy(request, await request.read() if request.can_read_body
+                                     else None, (tail or "/") + query,
+                                     f"http://127.0.0.1:{port}", None, None)
+        finally:
+            self.ended(route.served)
+
+    async def _loaded_port(self, route: Route) -> int | None:
+        deadline = time.monotonic() + LOAD_WAIT
+        asked = False
+        while time.monotonic() < deadline:
+            models = await self.engine_models()
+            model = next((m for m in models if m.name == route.engine_id), None)
+            if model is not None and model.state == "loaded" and model.port:
+                return model.port
+            if not asked and (model is None or model.state not in LOADED_STATES):
+                await asyncio.to_thread(self.engine.request, "POST", "/models/load",
+                                        json={"model": route.engine_id})
+                asked = True
+            await asyncio.sleep(0.2)
+        return None
+
+    async def activity_report(self, request: web.Request) -> web.StreamResponse:
+        """Per served name: requests in flight, started, last use; keyed for the unloader by
+        the engine's id too."""
+        report = {}
+        for served, act in self.activity.items():
+            route = self.names.find(served)
+            report[served] = {**act.to_json(), "engine_id": route.engine_id if route else served}
+        return web.json_response(report)
+
+
+def _renamer(engine_id: str, sent: str | None) -> Callable[[bytes], bytes] | None:
+    if sent is None:
+        return None
+    old = json.dumps(engine_id, ensure_ascii=False).encode()
+    new = json.dumps(sent, ensure_ascii=False).encode()
+    patterns = [(b'"model":' + old, b'"model":' + new), (b'"model": ' + old, b'"model": ' + new)]
+
+    def rename(data: bytes) -> bytes:
+        for before, after in patterns:
+            data = data.replace(before, after)
+        return data
+
+    return rename
+
+
+def _error(status: int, message: str, kind: str, retry_after: int | None = None) -> web.Response:
+    headers = {"Retry-After": str(retry_after)} if retry_after else None
+    return web.json_response({"error": {"message": message, "type": kind, "code": status}},
+                             status=status, headers=headers)
+
+
+def make_app(front: Front) -> web.Application:
+    app = web.Application(client_max_size=1024**3)  # long contexts and images: up to 1 GiB
+
+    async def open_session(_app: web.Application) -> Any:
+        front.session = ClientSession(connector=TCPConnector(limit=0, force_close=False),
+                                      timeout=ClientTimeout(total=None, sock_connect=5),
+                                      auto_decompress=False)
+        refresher = asyncio.create_task(front.keep_names_fresh())
+        yield
+        refresher.cancel()
+        await front.session.close()
+
+    app.cleanup_ctx.append(open_session)
+    app.router.add_route("*", "/{tail:.*}", front.handle)
+    return app
+
+
+def main() -> int:
+    logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        settings = load_settings()
+        front = Front(settings)
+    except ModelServeError as exc:
+        log.error("%s", exc)
+        return exc.exit_code
+    log.info("front on %s, engine at %s", settings.base_url, settings.engine_url)
+    web.run_app(make_app(front), host=settings.host, port=settings.port, print=None,
+                access_log=None, handler_cancellation=True, shutdown_timeout=5)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
