@@ -187,3 +187,37 @@ def test_the_front_and_the_engine_come_back(front: Env) -> None:
         f"{front.base_url}/v1/completions", timeout=60,
         json={"model": A, "prompt": "Hi", "max_tokens": 1}).status_code == 200, 60,
         ignore=(requests.RequestException,))
+
+
+def test_a_config_change_to_models_in_use_loses_no_request(front: Env) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    for model in (A, B):
+        client(front).completions.create(model=model, prompt="Hello", max_tokens=1)
+    failures: list[str] = []
+
+    def ask(i: int) -> None:
+        model = (A, B)[i % 2]
+        try:
+            reply = client(front).completions.create(model=model, prompt="Count:",
+                                                     max_tokens=8, extra_body={"ignore_eos": True})
+            if reply.usage.completion_tokens != 8:
+                failures.append(f"{model}: {reply.usage.completion_tokens} tokens")
+        except Exception as exc:  # noqa: BLE001 - every failure is counted, whatever it is
+            failures.append(f"{model}: {exc}")
+
+    changes = [  # two syncs, each changing the settings of one loaded model
+        TWIN + '    sampler_args: "--temp 0.7"\n',
+        TWIN + '    sampler_args: "--temp 0.7"\n'
+               '  gemma-3:270m-q4_k_m:\n    sampler_args: "--temp 0.6"\n',
+    ]
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        asked = [pool.submit(ask, i) for i in range(48)]
+        time.sleep(1.0)  # requests in flight and queued on both models
+        for text in changes:
+            (front.home / "custom_models.yaml").write_text(text)
+            synced = front.run("sync", "--no-bridge")
+            assert synced.returncode == 0, synced.stdout + synced.stderr
+        for future in asked:
+            future.result(timeout=300)
+    assert failures == []

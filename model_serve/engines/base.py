@@ -59,6 +59,11 @@ class Engine(ABC):
     @abstractmethod
     def render_config(self, plan: list[ServedModel]) -> str: ...
 
+    def restarted_by_reload(self, old_config: str, new_config: str) -> set[str] | None:
+        """The ids of the running models a reload from `old_config` to `new_config` restarts;
+        None for all of them (the default: an engine that restarts everything)."""
+        return None
+
     # --- model identity: the one place that knows which names reach which model --------------
     def model_id(self, served_name: str) -> str:
         """The id this engine lists and routes a served name under."""

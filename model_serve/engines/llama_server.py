@@ -214,6 +214,14 @@ class LlamaServerEngine(Engine):
             raise EngineError(f"unloading {name} failed: HTTP {response.status_code} "
                               f"{response.text[:200]}", "see 'model logs'")
 
+    def restarted_by_reload(self, old_config: str, new_config: str) -> set[str] | None:
+        """The router restarts a model whose section changed or went; a change to the [*]
+        section restarts every one."""
+        old, new = _ini_sections(old_config), _ini_sections(new_config)
+        if old.get("*") != new.get("*"):
+            return None
+        return {name for name, body in old.items() if name != "*" and new.get(name) != body}
+
     def reload(self) -> None:
         response = self.request("GET", "/models", params={"reload": "1"}, timeout=30)
         if response.status_code != 200:
@@ -228,6 +236,21 @@ class LlamaServerEngine(Engine):
                 yield event["model"], (event.get("data") or {}).get("status", "")
             except (KeyError, TypeError, AttributeError):
                 continue
+
+
+def _ini_sections(text: str) -> dict[str, list[str]]:
+    """models.ini as {section name: its lines}; comments and blank lines do not count."""
+    sections: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith((";", "#")):
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            current = sections.setdefault(line[1:-1], [])
+        elif current is not None:
+            current.append(line)
+    return sections
 
 
 def _engine_model(item: dict[str, Any]) -> EngineModel:

@@ -18,6 +18,7 @@ Run as `python -m model_serve.runtime.front` (the supervisor does).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import sys
@@ -47,6 +48,8 @@ MODEL_PATHS = ("/v1/", "/completion", "/infill", "/embedding", "/rerank", "/appl
                "/tokenize", "/detokenize")
 NAMES_REFRESH = 2.0  # seconds between checks of the engine config (names follow every sync)
 LOAD_WAIT = 300.0  # seconds /upstream waits for a model to load
+HOLD_LIMIT = 300.0  # seconds a request waits at most for a model the sync is restarting
+ALL = "*"  # a hold on every model (llama-swap restarts them all on a config change)
 
 
 @dataclass
@@ -104,6 +107,8 @@ class Front:
         self.upstream = settings.engine_url
         self.names = Names()
         self.activity: dict[str, ModelActivity] = {}
+        self.in_flight_ids: dict[str, int] = {}  # by the engine's id, for holds
+        self.held: dict[str, asyncio.Event] = {}  # engine id (or ALL) -> set on release
         self.session: ClientSession | None = None
         self._keys = frozenset(settings.api_keys)
         self._engine_auth = ({"Authorization": f"Bearer {settings.api_keys[0]}"}
@@ -131,16 +136,57 @@ class Front:
             await asyncio.sleep(NAMES_REFRESH)
 
     # --- activity ---------------------------------------------------------------------------
-    def started(self, served: str) -> None:
-        act = self.activity.setdefault(served, ModelActivity())
+    def started(self, route: Route) -> None:
+        act = self.activity.setdefault(route.served, ModelActivity())
         act.in_flight += 1
         act.requests += 1
         act.last_started = time.time()
+        self.in_flight_ids[route.engine_id] = self.in_flight_ids.get(route.engine_id, 0) + 1
 
-    def ended(self, served: str) -> None:
-        act = self.activity.setdefault(served, ModelActivity())
+    def ended(self, route: Route) -> None:
+        act = self.activity.setdefault(route.served, ModelActivity())
         act.in_flight = max(0, act.in_flight - 1)
         act.last_ended = time.time()
+        self.in_flight_ids[route.engine_id] = max(0, self.in_flight_ids.get(route.engine_id, 1)
+                                                  - 1)
+
+    # --- holds: a model the sync restarts gets no new request meanwhile ----------------------
+    async def wait_if_held(self, route: Route) -> None:
+        gate = self.held.get(route.engine_id) or self.held.get(ALL)
+        if gate is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(gate.wait(), HOLD_LIMIT)
+
+    async def hold(self, request: web.Request) -> web.StreamResponse:
+        """Hold new requests for these models and wait (bounded) until the ones in flight
+        have finished; the sync then reloads the engine and releases them."""
+        try:
+            body = await request.json()
+            models = body.get("models")
+            drain = float(body.get("drain_seconds", 30))
+        except (ValueError, AttributeError, TypeError):
+            return _error(400, "expected {\"models\": [ids] or null, \"drain_seconds\": N}",
+                          "invalid_request")
+        ids = [ALL] if models is None else [str(m) for m in models]
+        for engine_id in ids:
+            self.held.setdefault(engine_id, asyncio.Event())
+
+        def busy() -> int:
+            if ALL in ids:
+                return sum(self.in_flight_ids.values())
+            return sum(self.in_flight_ids.get(engine_id, 0) for engine_id in ids)
+
+        deadline = time.monotonic() + drain
+        while busy() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return web.json_response({"held": ids, "in_flight": busy()})
+
+    async def release(self, request: web.Request) -> web.StreamResponse:
+        released = sorted(self.held)
+        for gate in self.held.values():
+            gate.set()
+        self.held.clear()
+        return web.json_response({"released": released})
 
     # --- the request path -------------------------------------------------------------------
     def authorized(self, request: web.Request) -> bool:
@@ -173,6 +219,10 @@ class Front:
             return self.list_models
         if path == "/api/model_serve/activity" and method == "GET":
             return self.activity_report
+        if path == "/api/model_serve/hold" and method == "POST":
+            return self.hold
+        if path == "/api/model_serve/release" and method == "POST":
+            return self.release
         if self.engine.name == "llama-swap":
             # llama-swap serves its own API; only the original tool's form is ours.
             if path == "/unload" and method == "POST":
@@ -195,13 +245,14 @@ class Front:
             if request.path.startswith(MODEL_PATHS) and body[:1] == b"{":
                 body, sent, route = self._rename_request(body)
         if route is not None:
-            self.started(route.served)
+            await self.wait_if_held(route)
+            self.started(route)
         try:
             return await self._proxy(request, body, path_qs or request.path_qs, base, sent,
                                      route)
         finally:
             if route is not None:
-                self.ended(route.served)
+                self.ended(route)
 
     def _rename_request(self, body: bytes) -> tuple[bytes, str | None, Route | None]:
         try:
@@ -355,13 +406,13 @@ class Front:
             return _error(503, f"{route.served} did not load", "model_unavailable",
                           retry_after=5)
         query = f"?{request.query_string}" if request.query_string else ""
-        self.started(route.served)
+        self.started(route)
         try:
             return await self._proxy(request, await request.read() if request.can_read_body
                                      else None, (tail or "/") + query,
                                      f"http://127.0.0.1:{port}", None, None)
         finally:
-            self.ended(route.served)
+            self.ended(route)
 
     async def _loaded_port(self, route: Route) -> int | None:
         deadline = time.monotonic() + LOAD_WAIT

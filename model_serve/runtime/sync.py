@@ -6,9 +6,11 @@ in memory before anything is written.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ from typing import Any
 from model_serve.config.custom_models import load_custom_models
 from model_serve.config.settings import BUNDLED_BRIDGE, Settings
 from model_serve.engines import Engine, select_engine
+from model_serve.engines.base import LOADED_STATES
 from model_serve.errors import ModelServeError
 from model_serve.fileio import write_if_changed
 from model_serve.models.catalog import Catalog, ScanProblem, build_catalog, ensure_models_dir
@@ -107,7 +110,8 @@ def run_sync(settings: Settings, *, bridge: bool = True, reload: bool = True,
                         config_changed)
     if config_changed and running:
         try:
-            engine.reload()
+            with _requests_held(settings, engine, previous, _read_config(engine.config_path)):
+                engine.reload()
             result.reloaded = True
         except ModelServeError as exc:
             result.reload_error = exc.message
@@ -117,6 +121,49 @@ def run_sync(settings: Settings, *, bridge: bool = True, reload: bool = True,
                 result.reload_error += f"; the last good {engine.config_path.name} was put back"
             log.warning("engine reload failed: %s", result.reload_error)
     return result
+
+
+DRAIN_SECONDS = 30.0  # how long a reload waits for the requests in flight on what it restarts
+
+
+@contextlib.contextmanager
+def _requests_held(settings: Settings, engine: Engine, previous: str | None,
+                   new: str | None) -> Iterator[None]:
+    """With the front: new requests for the models a reload restarts wait at the front, and
+    the ones in flight finish first (up to DRAIN_SECONDS), so the change loses none. Released
+    once the restarted models are down: their next request loads them with the new settings."""
+    if not settings.front_enabled or previous is None or new is None:
+        yield
+        return
+    restarted = engine.restarted_by_reload(previous, new)
+    if restarted is not None and not restarted:
+        yield
+        return
+    import requests
+
+    headers = {"Authorization": f"Bearer {settings.api_keys[0]}"} if settings.api_keys else {}
+    loaded = [m.name for m in engine.models() if m.state in LOADED_STATES
+              and (restarted is None or m.name in restarted)]
+    try:
+        requests.post(f"{settings.base_url}/api/model_serve/hold", headers=headers,
+                      json={"models": None if restarted is None else sorted(restarted),
+                            "drain_seconds": DRAIN_SECONDS}, timeout=DRAIN_SECONDS + 10)
+    except requests.RequestException as exc:
+        log.warning("the front did not hold requests during the reload: %s", exc)
+        yield
+        return
+    try:
+        yield
+        for name in loaded:
+            engine.wait_unloaded(name, timeout=30)
+    finally:
+        for _attempt in range(3):
+            try:
+                requests.post(f"{settings.base_url}/api/model_serve/release", headers=headers,
+                              timeout=10)
+                break
+            except requests.RequestException as exc:
+                log.warning("releasing the held requests failed (%s); trying again", exc)
 
 
 def _read_config(path: Path) -> str | None:
