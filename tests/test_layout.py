@@ -70,3 +70,17 @@ def test_no_import_cycle_at_load_time() -> None:
     for start in graph:
         visit(start, [])
     assert cycles == []
+
+
+def test_only_the_front_loads_aiohttp() -> None:
+    """The CLI must start fast: aiohttp is for the front's own process."""
+    def loads_aiohttp(path: Path) -> bool:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if any(name.split(".")[0] == "aiohttp" for name in names):
+                return True
+        return False
+
+    assert [name for name, path in modules().items() if loads_aiohttp(path)] == \
+        ["model_serve.runtime.front"]
