@@ -1,5 +1,6 @@
 """11. What the front costs and what it saves, on the router: the same 1-token request through
-the front, to the engine behind it, and to the model's own port, interleaved; 200 requests in
+the front, to the engine behind it, and to the model's own port, interleaved (what the front
+adds is the median of the per-round differences); 200 requests in
 a row on one kept-alive connection through the front and straight to the router; the front's
 memory."""
 
@@ -31,7 +32,7 @@ def run(root: Path, quick: bool) -> Outcome:
     import psutil
     import requests
 
-    rounds, in_a_row = (20, 50) if quick else (80, 200)
+    rounds, in_a_row = (30, 50) if quick else (150, 200)
     latency: dict[str, list[float]] = {"front": [], "engine": [], "model": []}
     with running_stack(root) as stack:
         chat(stack.base_url, MODEL_A, 1)  # loads the model
@@ -57,11 +58,13 @@ def run(root: Path, quick: bool) -> Outcome:
                  "engine": _drops(urls["engine"], in_a_row)}
         front_rss = psutil.Process(int(state["children"]["front"]["pid"][0])).memory_info().rss
     med = {side: median(values) for side, values in latency.items()}
+    # Per round, front minus engine: pairs taken moments apart cancel the machine's drift.
+    added = median([f - e for f, e in zip(latency["front"], latency["engine"], strict=True)])
     outcome = Outcome(raw={"latency_ms": latency, "drops": drops, "in_a_row": in_a_row,
                            "front_rss_bytes": front_rss})
     outcome.rows += [
         Row("1-token request, front vs engine behind it (ms)", med["front"], med["engine"]),
-        Row("what the front adds, median (ms)", med["front"] - med["engine"], None,
+        Row("what the front adds, median of per-round differences (ms)", added, None,
             Goal("measured", "<=", 1, "ms")),
         Row("1-token request, router vs the model's own port (ms)", med["engine"],
             med["model"]),
