@@ -158,10 +158,13 @@ class Stack:
         return [line for line in log.read_text(errors="replace").splitlines() if text in line]
 
     def pids(self) -> dict[str, int]:
-        """PIDs of the supervisor and the unloader, from state/supervisor.json."""
+        """PIDs of the supervisor, the unloader and the front, from state/supervisor.json."""
         state = json.loads((self.state / "supervisor.json").read_text())
-        return {"supervisor": int(state["pid"][0]),
+        pids = {"supervisor": int(state["pid"][0]),
                 "unloader": int(state["children"]["unloader"]["pid"][0])}
+        if (state["children"].get("front") or {}).get("pid"):
+            pids["front"] = int(state["children"]["front"]["pid"][0])
+        return pids
 
 
 @contextlib.contextmanager

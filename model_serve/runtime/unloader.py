@@ -37,6 +37,7 @@ from model_serve.runtime.memory import MemoryReading, read_memory
 log = logging.getLogger("model_serve.runtime.unloader")
 
 ACTIVITY_POLL = 1.0  # seconds between last-use probes while models are loaded
+FRONT_POLL = 5.0  # ... with the front, whose record is exact whenever it is read
 IDLE_POLL = 3.0  # ... while nothing is loaded
 UNLOAD_WAIT = 15.0  # seconds to wait for an unloaded model's memory to be returned
 REFUSED_BACKOFF = 60.0  # a model that refused to unload is not tried again for this long
@@ -246,7 +247,8 @@ class PressureUnloader:
                     self.relieve("memory check")
                 except Exception:  # noqa: BLE001 - log and keep watching
                     log.exception("memory check failed")
-            self.stop.wait(ACTIVITY_POLL if self.tracker.models else IDLE_POLL)
+            busy_poll = FRONT_POLL if self.settings.front_enabled else ACTIVITY_POLL
+            self.stop.wait(busy_poll if self.tracker.models else IDLE_POLL)
         log.info("pressure unloader stopped")
         return 0
 
