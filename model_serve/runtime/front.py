@@ -464,7 +464,9 @@ def make_app(front: Front) -> web.Application:
     app = web.Application(client_max_size=1024**3)  # long contexts and images: up to 1 GiB
 
     async def open_session(_app: web.Application) -> Any:
-        front.session = ClientSession(connector=TCPConnector(limit=0, force_close=False),
+        # The engine is one loopback address: no happy-eyeballs racing per new connection
+        # (llama-server closes kept-alive connections often, so new ones are frequent).
+        front.session = ClientSession(connector=TCPConnector(limit=0, happy_eyeballs_delay=None),
                                       timeout=ClientTimeout(total=None, sock_connect=5),
                                       auto_decompress=False)
         refresher = asyncio.create_task(front.keep_names_fresh())
