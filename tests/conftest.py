@@ -158,6 +158,26 @@ def stack(env: Env, gemma_path: Path) -> Iterator[Env]:
 
 
 
+# Two names of the real gemma model: its own, and a base_model twin.
+TWIN = "models:\n  g2:\n    base_model: gemma-3:270m-q4_k_m\n"
+
+
+@pytest.fixture(params=["llama-server", "llama-swap"])
+def both(request: pytest.FixtureRequest, env: Env, gemma_path: Path,
+         tmp_path: Path) -> Iterator[Env]:
+    """A running stack on one engine or the other, serving A and its twin B."""
+    from tests.test_llama_swap import llama_swap_binary, port_block
+
+    if request.param == "llama-swap":
+        env.port = port_block()
+        env.update({"ENGINE": "llama-swap", "LLAMA_SWAP_BIN": str(llama_swap_binary(tmp_path)),
+                    "LLAMA_SWAP_PORT": str(env.port)})
+    (env.models / gemma_path.name).symlink_to(gemma_path)
+    (env.home / "custom_models.yaml").write_text(TWIN)
+    with running(env, stop_timeout=90):
+        yield env
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     """Say which llama-swap the engine tests ran against (CI must show the real one)."""
     real = REPO.parent / "shared" / "tools" / "llama-swap" / "llama-swap"

@@ -8,34 +8,15 @@ import json
 import os
 import signal
 import threading
-from collections.abc import Iterator
-from pathlib import Path
 
-import pytest
 from openai import APIError, OpenAI
 
 from model_serve.config.settings import load_settings
 from model_serve.engines import Engine, EngineModel, select_engine
 from model_serve.runtime.procs import wait_until
-from tests.conftest import Env, llama_servers_under, running
-from tests.test_llama_swap import llama_swap_binary, port_block
+from tests.conftest import TWIN, Env, llama_servers_under
 
 A, B = "ls/gemma-3:270m-q4_k_m", "ls/g2"
-TWIN = "models:\n  g2:\n    base_model: gemma-3:270m-q4_k_m\n"
-
-
-@pytest.fixture(params=["llama-server", "llama-swap"])
-def both(request: pytest.FixtureRequest, env: Env, gemma_path: Path,
-         tmp_path: Path) -> Iterator[Env]:
-    """A running stack on one engine or the other, serving A and its twin B."""
-    if request.param == "llama-swap":
-        env.port = port_block()
-        env.update({"ENGINE": "llama-swap", "LLAMA_SWAP_BIN": str(llama_swap_binary(tmp_path)),
-                    "LLAMA_SWAP_PORT": str(env.port)})
-    (env.models / gemma_path.name).symlink_to(gemma_path)
-    (env.home / "custom_models.yaml").write_text(TWIN)
-    with running(env, stop_timeout=90):
-        yield env
 
 
 def engine_of(env: Env) -> Engine:

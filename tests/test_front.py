@@ -18,28 +18,20 @@ from openai import OpenAI
 
 from model_serve.config.settings import load_settings
 from model_serve.runtime.procs import wait_until
-from tests.conftest import Env, running
-from tests.test_engines import TWIN, models, states
-from tests.test_llama_swap import llama_swap_binary, port_block
+from tests.conftest import TWIN, Env, running
+from tests.test_engines import models, states
 
 A, B = "ls/gemma-3:270m-q4_k_m", "ls/g2"
 A_DASH = "ls/gemma-3-270m-q4_k_m"
 KEY = "sk-front-test"
 
 
-@pytest.fixture(params=["llama-server", "llama-swap"])
-def front(request: pytest.FixtureRequest, env: Env, gemma_path: Path,
-          tmp_path: Path) -> Iterator[Env]:
-    """A running stack with the front on, on one engine or the other, serving A and B."""
-    if request.param == "llama-swap":
-        env.port = port_block()
-        env.update({"ENGINE": "llama-swap", "LLAMA_SWAP_BIN": str(llama_swap_binary(tmp_path)),
-                    "LLAMA_SWAP_PORT": str(env.port)})
-    env["FRONT"] = "on"
-    (env.models / gemma_path.name).symlink_to(gemma_path)
-    (env.home / "custom_models.yaml").write_text(TWIN)
-    with running(env, stop_timeout=90):
-        yield env
+@pytest.fixture
+def front(both: Env) -> Env:
+    """A running stack on one engine or the other, serving A and B, with the front on (the
+    default)."""
+    assert load_settings(dict(both)).front_enabled
+    return both
 
 
 def client(env: Env, key: str = "x") -> OpenAI:
