@@ -31,7 +31,7 @@ def stream_reply(settings: Settings, model: str, messages: list[dict[str, str]])
     """Yield the reply's text pieces as the server streams them."""
     import requests
 
-    headers = {"Authorization": f"Bearer {settings.api_keys[0]}"} if settings.api_keys else {}
+    headers = settings.auth_headers
     try:
         yield from _stream(settings, model, messages, headers)
     except requests.ConnectionError as exc:

@@ -11,7 +11,7 @@ from model_serve.engines import select_engine
 from model_serve.engines.base import LOADED_STATES
 from model_serve.errors import ModelServeError
 from model_serve.runtime import procs
-from model_serve.runtime.activity import ActivityTracker, load_activity
+from model_serve.runtime.activity import front_record, load_activity
 from model_serve.runtime.memory import MemoryReading, read_memory
 from model_serve.runtime.model_exits import load_exits
 from model_serve.runtime.state import read_state
@@ -87,7 +87,7 @@ def collect_stats(settings: Settings) -> StatsReport:
         served_models = []  # stats still show the engine's view
     plan = {engine.model_id(s.name): s for s in served_models}
     activity = load_activity(settings.state_dir / "activity.json").get("models", {})
-    activity.update(ActivityTracker(engine).front_record() or {})  # exact, when there is one
+    activity.update(front_record(settings) or {})  # exact, when there is one
     exits = load_exits(settings)
     rss = _rss_by_port(settings)
     now = time.time()

@@ -187,6 +187,11 @@ class Settings:
         return f"http://{host}:{self.port}"
 
     @property
+    def auth_headers(self) -> dict[str, str]:
+        """What model_serve sends to its own API (the front, the engine): the first key."""
+        return {"Authorization": f"Bearer {self.api_keys[0]}"} if self.api_keys else {}
+
+    @property
     def front_enabled(self) -> bool:
         return self.front == "on"
 

@@ -108,8 +108,7 @@ class Engine(ABC):
 
     # --- HTTP API -----------------------------------------------------------------------
     def _headers(self) -> dict[str, str]:
-        keys = self.settings.api_keys
-        return {"Authorization": f"Bearer {keys[0]}"} if keys else {}
+        return self.settings.auth_headers
 
     def request(self, method: str, path: str, timeout: float = 10, **kwargs: Any) -> Any:
         import requests

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from model_serve.config.settings import Settings
 from model_serve.engines.base import LOADED_STATES, Engine
 from model_serve.fileio import write_if_changed
 
@@ -61,31 +62,11 @@ class ActivityTracker:
             act.last_used = self.clock()
             act.in_flight = max(act.in_flight, self.requests_in_flight[model])
 
-    def front_record(self) -> dict[str, dict[str, Any]] | None:
-        """The front's record by engine id, or None (no front, or it does not answer)."""
-        settings = self.engine.settings
-        if not settings.front_enabled:
-            return None
-        import requests
-
-        headers = {"Authorization": f"Bearer {settings.api_keys[0]}"} if settings.api_keys \
-            else {}
-        try:
-            answer = requests.get(f"{settings.base_url}/api/model_serve/activity",
-                                  headers=headers, timeout=2)
-            record = answer.json() if answer.status_code == 200 else None
-        except (requests.RequestException, ValueError):
-            return None
-        if not isinstance(record, dict):
-            return None
-        return {str(item.get("engine_id", name)): item for name, item in record.items()
-                if isinstance(item, dict)}
-
     def refresh(self) -> dict[str, ModelActivity]:
         """Poll the engine and every loaded model once (raises EngineError if unreachable)."""
         now = self.clock()
         current: dict[str, ModelActivity] = {}
-        front = self.front_record()
+        front = front_record(self.engine.settings)
         for model in self.engine.models():
             if model.state not in LOADED_STATES:
                 continue
@@ -126,6 +107,25 @@ class ActivityTracker:
         data = {"models": {name: asdict(act) for name, act in sorted(self.models.items())},
                 **(extra or {})}
         write_if_changed(path, json.dumps(data, indent=1, sort_keys=True))
+
+
+def front_record(settings: Settings) -> dict[str, dict[str, Any]] | None:
+    """The front's record of requests, by engine id; None without a front, or when it does
+    not answer."""
+    if not settings.front_enabled:
+        return None
+    import requests
+
+    try:
+        answer = requests.get(f"{settings.base_url}/api/model_serve/activity",
+                              headers=settings.auth_headers, timeout=2)
+        record = answer.json() if answer.status_code == 200 else None
+    except (requests.RequestException, ValueError):
+        return None
+    if not isinstance(record, dict):
+        return None
+    return {str(item.get("engine_id", name)): item for name, item in record.items()
+            if isinstance(item, dict)}
 
 
 def load_activity(path: Path) -> dict[str, Any]:

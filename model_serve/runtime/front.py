@@ -111,8 +111,7 @@ class Front:
         self.held: dict[str, asyncio.Event] = {}  # engine id (or ALL) -> set on release
         self.session: ClientSession | None = None
         self._keys = frozenset(settings.api_keys)
-        self._engine_auth = ({"Authorization": f"Bearer {settings.api_keys[0]}"}
-                             if settings.api_keys else {})
+        self._engine_auth = settings.auth_headers
 
     # --- names ------------------------------------------------------------------------------
     async def refresh_names(self) -> None:

@@ -141,7 +141,7 @@ def _requests_held(settings: Settings, engine: Engine, previous: str | None,
         return
     import requests
 
-    headers = {"Authorization": f"Bearer {settings.api_keys[0]}"} if settings.api_keys else {}
+    headers = settings.auth_headers
     loaded = [m.name for m in engine.models() if m.state in LOADED_STATES
               and (restarted is None or m.name in restarted)]
     try:
