@@ -69,11 +69,11 @@ def warm(root: Path, quick: bool) -> Outcome:
                            "keepalive_drops": drops, "request_tokens": 16, "stream_tokens": 128})
     outcome.rows += [
         Row("warm latency median (ms)", median(latency["stack"]), median(latency["direct"]),
-            Goal("ratio", "<=", 1.05)),
+            Goal("ratio", "<=", 1.02)),
         Row("warm latency p95 (ms)", p95(latency["stack"]), p95(latency["direct"]),
             Goal("ratio", "<=", 1.05)),
         Row("stream 128 tok (tok/s)", median(rate["stack"]), median(rate["direct"]),
-            Goal("ratio", ">=", 0.98)),
+            Goal("ratio", ">=", 0.99)),
     ]
     for after in ("after plain", "after stream"):
         outcome.rows.append(Row(f"keep-alive drops {after} reply", len(drops["stack"][after]),
@@ -165,7 +165,7 @@ def _concurrency(root: Path, streams: int, tokens: int, rounds: int,
 
 
 def concurrency(root: Path, quick: bool) -> Outcome:
-    """3. 8 concurrent streams over 2 models, through the stack vs to their own ports, with
+    """3. 32 concurrent streams over 2 models, through the stack vs to their own ports, with
     one thread per model (MODEL_THREADS=1) so the two busy model servers share the cores.
 
     Then what MODEL_THREADS is for: two models answering at once with llama-server's default
@@ -173,15 +173,16 @@ def concurrency(root: Path, quick: bool) -> Outcome:
     both servers (seen here from 0.4 to 23 tok/s between runs), so that pass is one short pair
     of streams, reported without a goal.
     """
-    streams, tokens = 8, (32 if quick else 64)
-    rounds = 1 if quick else 4
+    streams, tokens = 32, (16 if quick else 32)
+    rounds = 1 if quick else 3
     threads_1 = _concurrency(root / "threads-1", streams, tokens, rounds, MODEL_THREADS="1")
     default = _concurrency(root / "default", streams, tokens, 0)
     outcome = Outcome(raw={"threads_1": threads_1, "default": default, "streams": streams,
                            "tokens_per_stream": tokens, "pair_tokens": PAIR_TOKENS,
                            "models": 2, "rounds": rounds})
     rate = threads_1["aggregate_tokens_per_s"]
-    outcome.rows.append(Row("8 streams/2 models, MODEL_THREADS=1 (tok/s)", median(rate["stack"]),
+    outcome.rows.append(Row(f"{streams} streams/2 models, MODEL_THREADS=1 (tok/s)",
+                            median(rate["stack"]),
                             median(rate["direct"]), Goal("ratio", ">=", 0.95)))
     errors = {side: len(threads_1["errors"][side]) + len(default["errors"][side])
               for side in ("stack", "direct")}

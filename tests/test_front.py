@@ -213,3 +213,48 @@ def test_a_config_change_to_models_in_use_loses_no_request(front: Env) -> None:
         for future in asked:
             future.result(timeout=300)
     assert failures == []
+
+
+@pytest.fixture
+def router(env: Env, gemma_path: Path) -> Iterator[Env]:
+    """The router with the front, serving A and B."""
+    (env.models / gemma_path.name).symlink_to(gemma_path)
+    (env.home / "custom_models.yaml").write_text(TWIN)
+    with running(env):
+        yield env
+
+
+def test_loaded_models_are_reached_directly_on_the_router(router: Env) -> None:
+    """On the router, a request for a loaded model goes to the model's own server, not through
+    the router; a model unloaded behind the front's back (by `model unload`, which talks to the
+    engine) is loaded again through the router, and its port never serves another model."""
+    stack = router
+    settings = load_settings(dict(stack))
+
+    def direct_port(name: str) -> int | None:
+        report = requests.get(f"{stack.base_url}/api/model_serve/activity", timeout=5).json()
+        return (report.get(name) or {}).get("direct_port")
+
+    def routed(name: str) -> int:  # requests the router proxied to that model, by its log
+        engine_id = name.replace(":", "-")
+        return settings.log_file.read_text(errors="replace").count(
+            f"proxying request to model {engine_id} ")
+
+    reply = client(stack).completions.create(model=A, prompt="Hello", max_tokens=1)
+    assert reply.model == A
+    assert wait_until(lambda: direct_port(A) is not None, 10)
+    before = routed(A)
+    assert before >= 1  # the first request went through the router, which loaded the model
+    for _ in range(5):
+        assert client(stack).completions.create(model=A, prompt="Hi", max_tokens=1).model == A
+    assert routed(A) == before, "requests for a loaded model skip the router"
+
+    port = direct_port(A)
+    assert stack.run("unload", A).returncode == 0  # not through the front
+    reply = client(stack).completions.create(model=B, prompt="Hello", max_tokens=1)
+    assert reply.model == B
+    for name in (A, B, A):  # whatever ports the two servers got, each name reaches its model
+        assert client(stack).completions.create(model=name, prompt="Hi", max_tokens=1).model \
+            == name
+    assert states(stack)[A] == "loaded"
+    assert port is not None

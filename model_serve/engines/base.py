@@ -146,6 +146,11 @@ class Engine(ABC):
     def unload(self, name: str) -> None: ...
 
     @abstractmethod
+    def load(self, name: str, timeout: float = 300) -> bool:
+        """Load `name` (by its id) and return once it is loaded: True, or False when it failed
+        or did not finish within `timeout` seconds."""
+
+    @abstractmethod
     def reload(self) -> None:
         """Make the running engine pick up a changed config file."""
 

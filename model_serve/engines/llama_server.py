@@ -206,13 +206,26 @@ class LlamaServerEngine(Engine):
         if response.status_code != 200:
             raise EngineError(f"GET /models answered HTTP {response.status_code}: "
                               f"{response.text[:200]}", "see 'model logs'")
-        return [_engine_model(item) for item in response.json().get("data", [])]
+        return models_listed(response.json())
 
     def unload(self, name: str) -> None:
         response = self.request("POST", "/models/unload", json={"model": name}, timeout=60)
         if response.status_code != 200:
             raise EngineError(f"unloading {name} failed: HTTP {response.status_code} "
                               f"{response.text[:200]}", "see 'model logs'")
+
+    def load(self, name: str, timeout: float = 300) -> bool:
+        from model_serve.runtime.procs import wait_until
+
+        self.request("POST", "/models/load", json={"model": name}, timeout=30)
+        # The answer comes at once (and is an error when a load is already under way): the
+        # model's state tells when it is done.
+
+        def state() -> str:
+            return next((m.state for m in self.models() if m.name == name), "unloaded")
+
+        wait_until(lambda: state() in ("loaded", "failed"), timeout, interval=0.1)
+        return state() == "loaded"
 
     def restarted_by_reload(self, old_config: str, new_config: str) -> set[str] | None:
         """The router restarts a model whose section changed or went; a change to the [*]
@@ -251,6 +264,11 @@ def _ini_sections(text: str) -> dict[str, list[str]]:
         elif current is not None:
             current.append(line)
     return sections
+
+
+def models_listed(payload: dict[str, Any]) -> list[EngineModel]:
+    """The models in the router's GET /models answer."""
+    return [_engine_model(item) for item in payload.get("data", [])]
 
 
 def _engine_model(item: dict[str, Any]) -> EngineModel:

@@ -263,6 +263,13 @@ class LlamaSwapEngine(Engine):
         except (OSError, yaml.YAMLError, TypeError, KeyError, AttributeError):
             return {}
 
+    def load(self, name: str, timeout: float = 300) -> bool:
+        # No load endpoint: a request through /upstream starts the model and is answered once
+        # it is ready (as llama-swap's own UI loads models).
+        response = self.request("GET", f"/upstream/{quote(name, safe='/:')}/health",
+                                timeout=timeout)
+        return response.status_code == 200
+
     def unload(self, name: str) -> None:
         # Blocks until the model's process has exited (TERM, then KILL after unloadTimeout).
         response = self.request("POST", f"/api/models/unload/{quote(name, safe='/:')}",
