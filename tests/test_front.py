@@ -243,8 +243,7 @@ def test_loaded_models_are_reached_directly_on_the_router(router: Env) -> None:
     reply = client(stack).completions.create(model=A, prompt="Hello", max_tokens=1)
     assert reply.model == A
     assert wait_until(lambda: direct_port(A) is not None, 10)
-    before = routed(A)
-    assert before >= 1  # the first request went through the router, which loaded the model
+    before = routed(A)  # 0: the front loaded the model, then sent the request to it
     for _ in range(5):
         assert client(stack).completions.create(model=A, prompt="Hi", max_tokens=1).model == A
     assert routed(A) == before, "requests for a loaded model skip the router"

@@ -160,8 +160,9 @@ def test_the_kernel_level_unloads_one_model_per_interval(three: Env) -> None:
 
 
 def test_daemon_unloads_idle_models_under_pressure(env: Env, gemma_path) -> None:
+    # Without the front, which would refuse the load at 1% (test_admission covers that).
     _prepare(env, gemma_path, MEMORY_PRESSURE_THRESHOLD="1", MIN_MODEL_AGE_SECONDS="2",
-             PRESSURE_CHECK_INTERVAL="1")
+             PRESSURE_CHECK_INTERVAL="1", FRONT="off")
     try:
         _chat(env, A)
         _wait(lambda: _states(env)[A] == "unloaded" and _decisions(env), 20,
@@ -177,8 +178,9 @@ def test_daemon_unloads_idle_models_under_pressure(env: Env, gemma_path) -> None
 
 def test_a_load_event_makes_room_first(env: Env, gemma_path) -> None:
     # Polling is effectively off (an hour): only the engine's load event can trigger this.
+    # Without the front, which makes room before the load starts (test_admission).
     _prepare(env, gemma_path, MEMORY_PRESSURE_THRESHOLD="1", MIN_MODEL_AGE_SECONDS="0",
-             PRESSURE_CHECK_INTERVAL="3600")
+             PRESSURE_CHECK_INTERVAL="3600", FRONT="off")
     try:
         _chat(env, A)
         time.sleep(1.5)  # the unloader sees A loaded and idle

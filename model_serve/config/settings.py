@@ -24,7 +24,7 @@ class Setting:
     name: str
     default: str
     help: str
-    kind: str = "str"  # str | int | path | choice | list | bool
+    kind: str = "str"  # str | int | number | path | choice | list | bool
     minimum: int | None = None
     maximum: int | None = None
     choices: tuple[str, ...] = ()
@@ -66,11 +66,15 @@ SETTINGS_TABLE: tuple[Setting, ...] = (
             "few cores, 1-2 keeps them from stalling each other. sampler_args '--threads' wins.",
             "int", 0, 1024),
     Setting("MEMORY_PRESSURE_THRESHOLD", "75", "Percent of memory in use above which the pressure "
-            "unloader unloads the least recently used idle model.", "int", 1, 99),
+            "unloader unloads the least recently used idle model, and which no load may cross "
+            "(decimals allowed).", "number", 1, 99),
     Setting("PRESSURE_CHECK_INTERVAL", "30", "Seconds between memory checks of the pressure "
             "unloader.", "int", 1),
     Setting("MIN_MODEL_AGE_SECONDS", "60", "A model used more recently than this is never "
             "unloaded for memory pressure.", "int", 0),
+    Setting("LOAD_QUEUE_TIMEOUT", "120", "Seconds a request for a model that is not loaded "
+            "may wait for room (every loaded model busy or recently used) before it gets HTTP "
+            "503 with Retry-After.", "int", 1),
     Setting("MAX_LOADED_MODELS", "0", "Most models loaded at once (0 = no limit; memory "
             "pressure decides).", "int", 0),
     Setting("BRIDGE_SCRIPT", "", "Program that links Ollama's models into MODELS_DIR/ollama; "
@@ -111,11 +115,12 @@ def _expand_user(raw: str, env: dict[str, str]) -> str:
 def _parse(setting: Setting, raw: str, source: str, home: Path, env: dict[str, str]) -> Any:
     raw = raw.strip()
     where = f"{setting.name}={raw!r} in {source}"
-    if setting.kind == "int":
+    if setting.kind in ("int", "number"):
         try:
-            value = int(raw)
+            value: float = int(raw) if setting.kind == "int" else float(raw)
         except ValueError:
-            raise ConfigError(f"{where} is not a whole number",
+            kind = "a whole number" if setting.kind == "int" else "a number"
+            raise ConfigError(f"{where} is not {kind}",
                               f"set {setting.name} to a number like {setting.default}") from None
         if setting.minimum is not None and value < setting.minimum:
             raise ConfigError(f"{where} is below the minimum {setting.minimum}",
@@ -162,9 +167,10 @@ class Settings:
     default_ctx_size: int
     default_parallel: int
     model_threads: int
-    memory_pressure_threshold: int
+    memory_pressure_threshold: float
     pressure_check_interval: int
     min_model_age_seconds: int
+    load_queue_timeout: int
     max_loaded_models: int
     bridge_script: Path
     bridge_sync_interval: int

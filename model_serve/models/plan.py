@@ -63,7 +63,7 @@ def _memory_budget(settings: Settings) -> int:
         import psutil
 
         total = psutil.virtual_memory().total
-    return total * settings.memory_pressure_threshold // 100
+    return int(total * settings.memory_pressure_threshold // 100)
 
 
 def _choose_ctx(model: CatalogModel, wanted: int, source: str, parallel: int,

@@ -11,7 +11,7 @@
   `/upstream/<id>/...`), and the original tool's `POST /unload?model=NAME`;
 - API_KEYS checked on every path but `/health`;
 - the start, end and number in flight of every request, per model (`/api/model_serve/activity`);
-- on the router, a request for a loaded model goes to the model's own server (see DirectPorts).
+- on the router, a request for a loaded model goes to the model's own server (see Front).
 
 Run as `python -m model_serve.runtime.front` (the supervisor does).
 """
@@ -36,6 +36,8 @@ from model_serve.engines import Engine, select_engine
 from model_serve.engines.base import LOADED_STATES, EngineModel
 from model_serve.errors import ModelServeError
 from model_serve.models.names import identity
+from model_serve.runtime.admission import Admission
+from model_serve.runtime.engine_view import EngineView
 
 log = logging.getLogger("model_serve.front")
 
@@ -73,6 +75,7 @@ class Route:
     engine_id: str
     served: str
     ttl: int = 0
+    footprint: int = 0  # bytes it takes once loaded (estimated from the GGUF header)
 
 
 @dataclass
@@ -93,67 +96,13 @@ def build_names(settings: Settings, engine: Engine) -> Names:
     _catalog, plan = build_current_plan(settings, engine)
     names = Names()
     for served in plan:
-        route = Route(engine.model_id(served.name), served.name, served.ttl)
+        route = Route(engine.model_id(served.name), served.name, served.ttl,
+                      served.estimated_bytes)
         routed = engine.routed_names(served)
         names.aliases[served.name] = [n for n in routed if n != served.name]
         for name in routed:
             names.routes[identity(name)] = route
     return names
-
-
-class DirectPorts:
-    """Where each loaded model's own server listens, on the router, so a request for a loaded
-    model skips the router's hop (about 3 ms, and a new connection every time: the router
-    closes each one it proxies).
-
-    Safe because the table follows the router's event feed (/models/sse) in order: any load or
-    unload event rebuilds it from /models, and an unload is reported before another model can
-    load (and take the freed port). While the feed is not connected the table is empty and
-    everything goes through the router; a model server that refuses the connection is dropped
-    from the table and the request goes through the router, which loads the model again.
-    Not used when MAX_LOADED_MODELS is set: the router evicts by its own record of last use,
-    which only requests through it update."""
-
-    def __init__(self, front: Front) -> None:
-        self.front = front
-        self.ports: dict[str, int] = {}  # engine id -> the model server's port
-
-    def base(self, engine_id: str) -> str | None:
-        port = self.ports.get(engine_id)
-        return f"http://127.0.0.1:{port}" if port else None
-
-    def forget(self, engine_id: str) -> None:
-        self.ports.pop(engine_id, None)
-
-    async def rebuild(self) -> None:
-        from model_serve.engines.llama_server import models_listed
-
-        assert self.front.session is not None
-        async with self.front.session.get(self.front.upstream + "/models",
-                                          headers=self.front._engine_auth,
-                                          timeout=ClientTimeout(total=10)) as answer:
-            answer.raise_for_status()
-            models = models_listed(await answer.json())
-        self.ports = {m.name: m.port for m in models if m.state == "loaded" and m.port}
-
-    async def follow(self) -> None:
-        """Keep the table in step with the router's events, for as long as the front runs."""
-        assert self.front.session is not None
-        url = self.front.upstream + "/models/sse"
-        while True:
-            try:
-                async with self.front.session.get(
-                        url, headers=self.front._engine_auth,
-                        timeout=ClientTimeout(total=None, sock_connect=5)) as feed:
-                    if feed.status == 200:
-                        await self.rebuild()  # the feed is open: nothing after this is missed
-                        async for line in feed.content:
-                            if line.startswith(b"data:"):
-                                await self.rebuild()
-            except (client_errors.ClientError, OSError, ValueError) as exc:
-                log.debug("router event feed: %s", exc)
-            self.ports = {}
-            await asyncio.sleep(1.0)
 
 
 class Front:
@@ -167,8 +116,15 @@ class Front:
         self.session: ClientSession | None = None
         self._keys = frozenset(settings.api_keys)
         self._engine_auth = settings.auth_headers
-        self.direct = DirectPorts(self) if (self.engine.name == "llama-server"
-                                            and not settings.max_loaded_models) else None
+        self.view = EngineView(self.engine)
+        # On the router, a request for a loaded model goes to the model's own server: it skips
+        # the router's hop (about 2 ms, and a new connection each time: the router closes every
+        # connection it proxies). The view's order of events keeps a freed port from being
+        # mistaken for its old model. Not with MAX_LOADED_MODELS: the router then evicts by its
+        # own record of last use, which only requests through it update. Not on llama-swap,
+        # which must see every request for its TTL and swaps.
+        self.direct = self.engine.name == "llama-server" and not settings.max_loaded_models
+        self.admission = Admission(settings, self.engine, self.view, self.usage)
 
     # --- names ------------------------------------------------------------------------------
     async def refresh_names(self) -> None:
@@ -202,6 +158,16 @@ class Front:
         act = self.activity.setdefault(route.served, ModelActivity())
         act.in_flight = max(0, act.in_flight - 1)
         act.last_ended = time.time()
+
+    def usage(self, engine_id: str) -> tuple[int, float]:
+        """Requests in flight for a model (by the engine's id) and when it was last used."""
+        in_flight, last_used = 0, 0.0
+        for served, act in self.activity.items():
+            route = self.names.find(served)
+            if (route.engine_id if route else served) == engine_id:
+                in_flight += act.in_flight
+                last_used = max(last_used, act.last_started, act.last_ended)
+        return in_flight, last_used
 
     def in_flight(self, engine_ids: list[str]) -> int:
         """Requests in flight for these models (by the engine's id; ALL: every model)."""
@@ -279,6 +245,8 @@ class Front:
             return self.hold
         if path == "/api/model_serve/release" and method == "POST":
             return self.release
+        if path.startswith("/upstream/"):
+            return self.upstream_request
         if self.engine.name == "llama-swap":
             # llama-swap serves its own API; only the original tool's form is ours.
             if path == "/unload" and method == "POST":
@@ -288,8 +256,6 @@ class Front:
             return self.running
         if path in ("/unload", "/api/models/unload") or path.startswith("/api/models/unload/"):
             return self.unload
-        if path.startswith("/upstream/"):
-            return self.upstream_request
         return None
 
     async def forward(self, request: web.Request, path_qs: str | None = None,
@@ -302,9 +268,14 @@ class Front:
                 body, sent, route = self._rename_request(body)
         if route is not None:
             await self.wait_if_held(route)
+            refused = await self.admission.admit(route.engine_id, route.footprint)
+            if refused is not None:
+                return _error(503, refused.message, "no_memory_for_model",
+                              retry_after=refused.retry_after)
             self.started(route)
-            if base is None and self.direct is not None:
-                base = self.direct.base(route.engine_id)
+            port = self.view.port(route.engine_id) if self.direct and base is None else None
+            if port:
+                base = f"http://127.0.0.1:{port}"
         try:
             return await self._proxy(request, body, path_qs or request.path_qs, base, sent,
                                      route)
@@ -343,11 +314,11 @@ class Front:
                     data=data, allow_redirects=False, auto_decompress=False)
                 break
             except client_errors.ClientConnectorError:
-                if not direct or self.direct is None or route is None:
+                if not direct or route is None:
                     return _error(503, "the engine is not answering (starting or restarting)",
                                   "engine_unavailable", retry_after=2)
                 # The model server went (unloaded, crashed): the router loads it again.
-                self.direct.forget(route.engine_id)
+                self.view.forget(route.engine_id)
                 base, direct = None, False
             except (client_errors.ServerDisconnectedError,
                     client_errors.ClientOSError) as exc:
@@ -465,33 +436,32 @@ class Front:
                 break
         if route is None:
             return _error(404, f"model not found: {rest}", "model_not_found")
-        port = await self._loaded_port(route)
-        if port is None:
-            return _error(503, f"{route.served} did not load", "model_unavailable",
-                          retry_after=5)
-        query = f"?{request.query_string}" if request.query_string else ""
+        refused = await self.admission.admit(route.engine_id, route.footprint)
+        if refused is not None:
+            return _error(503, refused.message, "no_memory_for_model",
+                          retry_after=refused.retry_after)
+        body = await request.read() if request.can_read_body else None
+        if self.engine.name == "llama-swap":  # its own /upstream, now that there is room
+            path_qs, base = request.path_qs, None
+        else:
+            port = await self._loaded_port(route)
+            if port is None:
+                return _error(503, f"{route.served} did not load", "model_unavailable",
+                              retry_after=5)
+            query = f"?{request.query_string}" if request.query_string else ""
+            path_qs, base = (tail or "/") + query, f"http://127.0.0.1:{port}"
         self.started(route)
         try:
-            return await self._proxy(request, await request.read() if request.can_read_body
-                                     else None, (tail or "/") + query,
-                                     f"http://127.0.0.1:{port}", None, None)
+            return await self._proxy(request, body, path_qs, base, None, None)
         finally:
             self.ended(route)
 
     async def _loaded_port(self, route: Route) -> int | None:
-        deadline = time.monotonic() + LOAD_WAIT
-        asked = False
-        while time.monotonic() < deadline:
-            models = await self.engine_models()
-            model = next((m for m in models if m.name == route.engine_id), None)
-            if model is not None and model.state == "loaded" and model.port:
-                return model.port
-            if not asked and (model is None or model.state not in LOADED_STATES):
-                await asyncio.to_thread(self.engine.request, "POST", "/models/load",
-                                        json={"model": route.engine_id})
-                asked = True
-            await asyncio.sleep(0.2)
-        return None
+        if self.view.port(route.engine_id) is None:
+            await asyncio.to_thread(self.engine.load, route.engine_id, LOAD_WAIT)
+            with contextlib.suppress(ModelServeError):
+                self.view.update(await self.engine_models())
+        return self.view.port(route.engine_id)
 
     async def activity_report(self, request: web.Request) -> web.StreamResponse:
         """Per served name: requests in flight, started, last use; keyed for the unloader by
@@ -500,7 +470,7 @@ class Front:
         for served, act in self.activity.items():
             route = self.names.find(served)
             engine_id = route.engine_id if route else served
-            direct = self.direct.ports.get(engine_id) if self.direct else None
+            direct = self.view.port(engine_id) if self.direct else None
             report[served] = {**act.to_json(), "engine_id": engine_id, "direct_port": direct}
         return web.json_response(report)
 
@@ -535,12 +505,11 @@ def make_app(front: Front) -> web.Application:
         front.session = ClientSession(connector=TCPConnector(limit=0, happy_eyeballs_delay=None),
                                       timeout=ClientTimeout(total=None, sock_connect=5),
                                       auto_decompress=False)
-        tasks = [asyncio.create_task(front.keep_names_fresh())]
-        if front.direct is not None:
-            tasks.append(asyncio.create_task(front.direct.follow()))
+        refresher = asyncio.create_task(front.keep_names_fresh())
+        front.view.start()
         yield
-        for task in tasks:
-            task.cancel()
+        front.view.stop()
+        refresher.cancel()
         await front.session.close()
 
     app.cleanup_ctx.append(open_session)

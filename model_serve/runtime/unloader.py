@@ -133,7 +133,7 @@ class PressureUnloader:
                 listing = ", ".join(f"{a.name} (idle {a.idle_seconds(now):.0f}s)"
                                     for a in candidates) or "none"
                 projected = f" + {need / 2**30:.2f} GiB for the load" if need else ""
-                why = (f"memory {reading.describe()}{projected} is over {threshold}%"
+                why = (f"memory {reading.describe()}{projected} is over {threshold:g}%"
                        if trigger == "percent" else
                        f"the kernel reports {reading.pressure_level} memory pressure "
                        f"(memory {reading.describe()}{projected})")
@@ -230,7 +230,7 @@ class PressureUnloader:
             self.stop.wait(1.0)
 
     def run(self) -> int:
-        log.info("pressure unloader started: threshold %d%%, check every %ds, min age %ds",
+        log.info("pressure unloader started: threshold %g%%, check every %ds, min age %ds",
                  self.settings.memory_pressure_threshold, self.settings.pressure_check_interval,
                  self.settings.min_model_age_seconds)
         threading.Thread(target=self.follow_events, name="events", daemon=True).start()

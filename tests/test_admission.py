@@ -1,0 +1,174 @@
+"""Room before a load, on the real router with three names of the real gemma model: with a
+threshold where two of them fit, alternating requests over the three never have three in
+memory at once, and none fails. The reference, in the same test: without the front (today's
+reactive unloader, which acts on the engine's `loading` event) the third load starts first.
+
+Each model's share of memory is measured first on this machine (a 32k context with a full
+sliding-window cache: a KV cache of about 580 MiB each), and the threshold is set between
+"two loaded plus one estimate" and "three loaded"."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+import psutil
+import pytest
+import requests
+from openai import OpenAI
+
+from model_serve.config.settings import load_settings
+from model_serve.engines.base import LOADED_STATES
+from tests.conftest import Env, running
+
+NAMES = ("ls/gemma-3:270m-q4_k_m", "ls/g2", "ls/g3")
+THREE = ("models:\n"
+         "  gemma-3:270m-q4_k_m:\n    sampler_args: \"--swa-full\"\n"
+         "  g2:\n    base_model: gemma-3:270m-q4_k_m\n    sampler_args: \"--swa-full\"\n"
+         "  g3:\n    base_model: gemma-3:270m-q4_k_m\n    sampler_args: \"--swa-full\"\n")
+
+
+def used() -> int:
+    memory = psutil.virtual_memory()
+    return memory.total - memory.available
+
+
+def ask(env: Env, name: str) -> None:
+    client = OpenAI(base_url=f"{env.base_url}/v1", api_key="x", max_retries=0, timeout=300)
+    reply = client.completions.create(model=name, prompt="Hi", max_tokens=1)
+    assert reply.usage.completion_tokens == 1
+
+
+def in_memory(env: Env) -> int:
+    """Models in memory (loading ones too), from the engine's own API."""
+    settings = load_settings(dict(env))
+    if settings.engine == "llama-swap":
+        running = requests.get(settings.engine_url + "/running", timeout=2).json()["running"]
+        return sum(m["state"] != "stopped" for m in running)
+    data = requests.get(settings.engine_url + "/models", timeout=2).json()["data"]
+    return sum(m["status"]["value"] in LOADED_STATES for m in data)
+
+
+@contextmanager
+def most_loaded_at_once(env: Env) -> Iterator[list[int]]:
+    """Sample the engine every 50 ms; the most models in memory at once so far."""
+    most = [0]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            with suppress(requests.RequestException, ValueError, KeyError):
+                most[0] = max(most[0], in_memory(env))
+            stop.wait(0.05)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield most
+    finally:
+        stop.set()
+        sampler.join()
+
+
+@pytest.fixture(params=["llama-server", "llama-swap"])
+def engine_env(request: pytest.FixtureRequest, env: Env, tmp_path: Path) -> Env:
+    from tests.test_llama_swap import llama_swap_binary, port_block
+
+    if request.param == "llama-swap":
+        env.port = port_block()
+        env.update({"ENGINE": "llama-swap", "LLAMA_SWAP_BIN": str(llama_swap_binary(tmp_path)),
+                    "LLAMA_SWAP_PORT": str(env.port)})
+    return env
+
+
+def measure(env: Env) -> tuple[int, int]:
+    """What one model takes in memory here once loaded, and its estimate (bytes)."""
+    with running(env):
+        listed = json.loads(env.run("list", "--json").stdout)
+        estimate = max(m["estimated_bytes"] for m in listed)
+        time.sleep(1)
+        before = used()
+        ask(env, NAMES[0])
+        time.sleep(1)
+        one = used() - before
+    assert one > 400 * 2**20, f"a model took only {one / 2**20:.0f} MiB: the test needs more"
+    time.sleep(2)
+    return one, estimate
+
+
+def percent(line: float) -> str:
+    return f"{100 * line / psutil.virtual_memory().total:.2f}"
+
+
+def prepare(env: Env, gemma_path: Path) -> None:
+    (env.models / gemma_path.name).symlink_to(gemma_path)
+    (env.home / "custom_models.yaml").write_text(THREE)
+    env.update({"DEFAULT_CTX_SIZE": "32768", "MIN_MODEL_AGE_SECONDS": "0",
+                "PRESSURE_CHECK_INTERVAL": "3600", "MEMORY_PRESSURE_THRESHOLD": "99"})
+
+
+def test_the_front_makes_room_before_a_load(engine_env: Env, gemma_path: Path) -> None:
+    env = engine_env
+    prepare(env, gemma_path)
+    one, estimate = measure(env)
+
+    def threshold() -> str:
+        # Two loaded and one more estimate fit; three loaded do not.
+        return percent(used() + 1.5 * one + estimate)
+
+    env.update({"MEMORY_PRESSURE_THRESHOLD": threshold()})
+    with running(env), most_loaded_at_once(env) as most:
+        for name in NAMES * 2:
+            ask(env, name)
+        log = (env.state / "logs" / "model_serve.log").read_text(errors="replace")
+    print(f"one model: {one / 2**20:.0f} MiB, estimate {estimate / 2**20:.0f} MiB; "
+          f"threshold {env['MEMORY_PRESSURE_THRESHOLD']}%; at once: {most[0]}")
+    assert most[0] == 2, f"{most[0]} models were in memory at once"
+    assert "admission:" in log and "unloading" in log
+
+    # The reference: the same requests without the front, where the unloader only reacts to
+    # the engine's announcement that the third model is loading.
+    env.update({"FRONT": "off", "MEMORY_PRESSURE_THRESHOLD": threshold()})
+    with running(env), most_loaded_at_once(env) as reference:
+        for name in NAMES:
+            ask(env, name)
+    assert reference[0] == 3, "without the front the third load starts before any room is made"
+
+
+def test_no_room_means_a_clear_503_never_a_load(env: Env, gemma_path: Path) -> None:
+    """One model fits. While it serves a request, a second one waits LOAD_QUEUE_TIMEOUT, then
+    gets 503 with Retry-After and the reason; it is never loaded. A line that no model fits
+    under at all is answered at once."""
+    prepare(env, gemma_path)
+    one, estimate = measure(env)
+    env.update({"MEMORY_PRESSURE_THRESHOLD": percent(used() + 0.5 * one + estimate),
+                "LOAD_QUEUE_TIMEOUT": "3"})
+    with running(env), most_loaded_at_once(env) as most:
+        busy = requests.post(f"{env.base_url}/v1/completions", stream=True, timeout=120,
+                             json={"model": NAMES[0], "prompt": "Count:", "stream": True,
+                                   "max_tokens": 3000, "ignore_eos": True})
+        lines = busy.iter_lines()
+        next(lines)  # the first model is loaded and generating
+        asked = time.monotonic()
+        answer = requests.post(f"{env.base_url}/v1/completions", timeout=60,
+                               json={"model": NAMES[1], "prompt": "Hi", "max_tokens": 1})
+        waited = time.monotonic() - asked
+        busy.close()
+        assert answer.status_code == 503
+        assert int(answer.headers["Retry-After"]) > 0
+        error = answer.json()["error"]
+        assert error["type"] == "no_memory_for_model" and NAMES[1].replace(":", "-") in \
+            error["message"] and "busy" in error["message"], error
+        assert waited >= 3
+    assert most[0] == 1
+
+    env.update({"MEMORY_PRESSURE_THRESHOLD": percent(used() + estimate / 2)})
+    with running(env):
+        answer = requests.post(f"{env.base_url}/v1/completions", timeout=60,
+                               json={"model": NAMES[0], "prompt": "Hi", "max_tokens": 1})
+        assert answer.status_code == 503 and "does not fit" in answer.json()["error"]["message"]
+        assert in_memory(env) == 0
