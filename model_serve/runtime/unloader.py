@@ -8,7 +8,8 @@ Two triggers:
   per PRESSURE_CHECK_INTERVAL;
 - events: when the engine announces that a model starts loading, its footprint (weights + KV
   cache at its context, from the GGUF header) is added to current use, and idle models are
-  unloaded first if the load would cross the threshold.
+  unloaded first if the load would cross the threshold. With the front, which made room
+  before it let the load start (runtime/admission.py), only current use is checked.
 
 A model with a request in flight, or used within MIN_MODEL_AGE_SECONDS, is never unloaded.
 Every decision is logged with its reason. Run as `python -m model_serve.runtime.unloader` (the
@@ -223,7 +224,10 @@ class PressureUnloader:
                             self.tracker.request_event(model, status == REQUEST_STARTED)
                         continue
                     if status == "loading":
-                        need = self.estimate(model)
+                        # The front admitted this load with its footprint counted: counting it
+                        # again (part of it is already in memory) would unload one model too
+                        # many. Only memory others took since then can be over the line.
+                        need = 0 if self.settings.front_enabled else self.estimate(model)
                         self.relieve(f"load of {model}", need=need, exclude={model})
             except Exception as exc:  # noqa: BLE001 - the stream must never kill the daemon
                 log.debug("event stream ended: %s", exc)
