@@ -172,3 +172,14 @@ def test_no_room_means_a_clear_503_never_a_load(env: Env, gemma_path: Path) -> N
                                json={"model": NAMES[0], "prompt": "Hi", "max_tokens": 1})
         assert answer.status_code == 503 and "does not fit" in answer.json()["error"]["message"]
         assert in_memory(env) == 0
+
+
+def test_requests_that_arrive_during_a_load_share_it(env: Env, gemma_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    prepare(env, gemma_path)
+    with running(env):
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda _: ask(env, NAMES[1]), range(4)))  # each asserts its reply
+        log = (env.state / "logs" / "model_serve.log").read_text(errors="replace")
+    assert log.count("spawning server instance with name=ls/g2 ") == 1

@@ -317,7 +317,9 @@ class Front:
                 if not direct or route is None:
                     return _error(503, "the engine is not answering (starting or restarting)",
                                   "engine_unavailable", retry_after=2)
-                # The model server went (unloaded, crashed): the router loads it again.
+                # The model server went (unloaded, crashed): once the router has seen that
+                # (else it would proxy to the dead port), it loads the model again.
+                await self._until_engine_sees_it_gone(route.engine_id, base or "")
                 self.view.forget(route.engine_id)
                 base, direct = None, False
             except (client_errors.ServerDisconnectedError,
@@ -360,6 +362,18 @@ class Front:
                     await response.write(rename(pending) if rename else pending)
             await response.write_eof()
             return response
+
+    async def _until_engine_sees_it_gone(self, engine_id: str, base: str,
+                                         timeout: float = 5.0) -> None:
+        port = int(base.rsplit(":", 1)[1]) if base.count(":") == 2 else None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(ModelServeError):
+                model = next((m for m in await self.engine_models() if m.name == engine_id),
+                             None)
+                if model is None or model.state != "loaded" or model.port != port:
+                    return
+            await asyncio.sleep(0.05)
 
     # --- our answers on every engine ---------------------------------------------------------
     async def engine_models(self) -> list[EngineModel]:
