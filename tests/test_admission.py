@@ -183,3 +183,20 @@ def test_requests_that_arrive_during_a_load_share_it(env: Env, gemma_path: Path)
             list(pool.map(lambda _: ask(env, NAMES[1]), range(4)))  # each asserts its reply
         log = (env.state / "logs" / "model_serve.log").read_text(errors="replace")
     assert log.count("spawning server instance with name=ls/g2 ") == 1
+
+
+def test_a_name_a_sync_just_removed_gets_the_engines_answer_at_once(env: Env,
+                                                                    gemma_path: Path) -> None:
+    """Right after a sync removes a model, the front may still know the name for up to 2 s;
+    the engine no longer lists it, so the request gets the engine's own 4xx, not a wait for a
+    load that cannot happen."""
+    prepare(env, gemma_path)
+    with running(env):
+        ask(env, NAMES[2])
+        (env.home / "custom_models.yaml").write_text(THREE.split("  g3:")[0])
+        assert env.run("sync").returncode == 0
+        asked = time.monotonic()
+        answer = requests.post(f"{env.base_url}/v1/completions", timeout=60,
+                               json={"model": NAMES[2], "prompt": "Hi", "max_tokens": 1})
+        assert 400 <= answer.status_code < 500, answer.text[:200]
+        assert time.monotonic() - asked < 10

@@ -219,12 +219,12 @@ class LlamaServerEngine(Engine):
 
         self.request("POST", "/models/load", json={"model": name}, timeout=30)
         # The answer comes at once (and is an error when a load is already under way): the
-        # model's state tells when it is done.
+        # model's state tells when it is done. A model the router does not list never loads.
 
         def state() -> str:
-            return next((m.state for m in self.models() if m.name == name), "unloaded")
+            return next((m.state for m in self.models() if m.name == name), "unknown")
 
-        wait_until(lambda: state() in ("loaded", "failed"), timeout, interval=0.1)
+        wait_until(lambda: state() in ("loaded", "failed", "unknown"), timeout, interval=0.1)
         return state() == "loaded"
 
     def restarted_by_reload(self, old_config: str, new_config: str) -> set[str] | None:

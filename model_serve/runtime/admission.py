@@ -74,6 +74,8 @@ class Admission:
             except ModelServeError:
                 return None  # the engine is away: the request gets its answer from the proxy
             self.view.update(models)
+            if engine_id not in self.view.models:
+                return None  # not (or no longer) served: the engine answers that itself
             state = self.view.state(engine_id)
             if state in ("loaded", "loading", "sleeping"):
                 return None
