@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from model_serve.config.settings import Settings
 from model_serve.errors import EngineError, NotRunningError
 from model_serve.fileio import write_if_changed
+from model_serve.loopback import Answer, LoopbackError, call, stream_lines
 from model_serve.models.names import dash_form, identity
 from model_serve.sse import sse_payloads
 
@@ -110,17 +111,14 @@ class Engine(ABC):
     def _headers(self) -> dict[str, str]:
         return self.settings.auth_headers
 
-    def request(self, method: str, path: str, timeout: float = 10, **kwargs: Any) -> Any:
-        import requests
-
-        url = self.settings.engine_url + path
+    def request(self, method: str, path: str, timeout: float = 10, json: Any = None,
+                params: dict[str, str] | None = None) -> Answer:
         try:
-            response = requests.request(method, url, headers=self._headers(), timeout=timeout,
-                                        **kwargs)
-        except requests.RequestException as exc:
+            return call(method, self.settings.engine_url + path, self._headers(), timeout,
+                        json_body=json, params=params)
+        except LoopbackError as exc:
             raise EngineError(f"the engine at {self.settings.engine_url} did not answer: {exc}",
                               "is the stack running? try 'model status'") from exc
-        return response
 
     def wait_unloaded(self, name: str, timeout: float = 30.0) -> bool:
         """After unload(): True once the engine reports `name` out of memory (the router
@@ -156,19 +154,16 @@ class Engine(ABC):
 
     def sse_json(self, path: str, stop: threading.Event) -> Iterator[Any]:
         """Each `data:` payload of a server-sent event stream, parsed as JSON (bad ones are
-        skipped); ends when the server closes the stream or `stop` is set."""
-        import requests
-
-        response = requests.get(self.settings.engine_url + path, stream=True,
-                                headers=self._headers(), timeout=(5, 3600))
+        skipped); ends when the server closes the stream or `stop` is set. LoopbackError when
+        it cannot be opened."""
+        lines = stream_lines(self.settings.engine_url + path, self._headers())
         try:
-            response.raise_for_status()
-            for payload in sse_payloads(response.iter_lines(decode_unicode=True)):
+            for payload in sse_payloads(lines):
                 if stop.is_set():
                     return
                 yield payload
         finally:
-            response.close()
+            lines.close()
 
     def events(self, stop: threading.Event) -> Iterator[tuple[str, str]]:
         """(model, status) as the engine reports changes; engines without a feed yield none."""

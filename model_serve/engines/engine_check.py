@@ -175,23 +175,23 @@ def _free_port() -> int:
 
 def _one_token(port: int, process: subprocess.Popen[bytes], deadline: float) -> str:
     """'' once the server answered one generated token, else why not (the process may die)."""
-    import requests
+    from model_serve.loopback import LoopbackError, call
 
     base = f"http://127.0.0.1:{port}"
     while time.monotonic() < deadline:
         if process.poll() is not None:
             return "died"
-        with contextlib.suppress(requests.RequestException):
-            if requests.get(base + "/health", timeout=2).status_code == 200:
+        with contextlib.suppress(LoopbackError):
+            if call("GET", base + "/health", timeout=2).status_code == 200:
                 break
         time.sleep(0.1)
     else:
         return f"no answer within {PROBE_TIMEOUT:.0f}s"
     try:
-        reply = requests.post(base + "/completion", timeout=max(1.0, deadline - time.monotonic()),
-                              json={"prompt": PROBE_PROMPT, "n_predict": 1,
-                                    "cache_prompt": False, "temperature": 0})
-    except requests.RequestException as exc:
+        reply = call("POST", base + "/completion", timeout=max(1.0, deadline - time.monotonic()),
+                     json_body={"prompt": PROBE_PROMPT, "n_predict": 1, "cache_prompt": False,
+                                "temperature": 0})
+    except LoopbackError as exc:
         return "died" if process.poll() is not None else f"the request failed: {exc}"
     if reply.status_code != 200:
         return f"answered HTTP {reply.status_code}: {reply.text[:200]}"

@@ -40,6 +40,7 @@ from model_serve.engines.base import (
 )
 from model_serve.engines.llama_server import check_option, option_spellings, resolve_llama_server
 from model_serve.errors import ConfigError, EngineError
+from model_serve.loopback import LineStream, LoopbackError, stream_lines
 from model_serve.programs import find_on_path
 from model_serve.runtime import procs
 
@@ -320,7 +321,6 @@ class LlamaSwapEngine(Engine):
         proof. SIGHUP (v205+) makes the reload happen now instead of at the next 2-second poll
         of --watch-config; a settings-only change keeps the same model set, so that set alone
         cannot tell."""
-        import requests
         import yaml
 
         try:
@@ -332,9 +332,9 @@ class LlamaSwapEngine(Engine):
                               f"{RELOAD_WAIT:.0f}s (it keeps the old one when it finds an "
                               "error)", "see 'model logs' for its reason")
         try:
-            stream = requests.get(self.settings.engine_url + "/api/events", stream=True,
-                                  headers=self._headers(), timeout=(5, RELOAD_WAIT + 5))
-        except requests.RequestException as exc:
+            stream = stream_lines(self.settings.engine_url + "/api/events", self._headers(),
+                                  read_timeout=RELOAD_WAIT + 5)
+        except LoopbackError as exc:
             raise EngineError(f"llama-swap's event stream did not open: {exc}",
                               "see 'model logs'") from exc
         try:
@@ -402,14 +402,14 @@ def _is_llama_swap(pid: int) -> bool:
         return False
 
 
-def _closes_before(stream: Any, deadline: float) -> bool:
+def _closes_before(stream: LineStream, deadline: float) -> bool:
     """True once the server closes `stream` before `deadline` (read in a thread: a read that
     times out would end the iteration for good)."""
     closed = threading.Event()
 
     def drain() -> None:
         with contextlib.suppress(Exception):  # closed under it, or cut off: both mean done
-            for _chunk in stream.iter_content(chunk_size=None):
+            for _line in stream:
                 pass
         closed.set()
 

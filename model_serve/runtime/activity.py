@@ -114,13 +114,13 @@ def front_record(settings: Settings) -> dict[str, dict[str, Any]] | None:
     not answer."""
     if not settings.front_enabled:
         return None
-    import requests
+    from model_serve.loopback import LoopbackError, call
 
     try:
-        answer = requests.get(f"{settings.base_url}/api/model_serve/activity",
-                              headers=settings.auth_headers, timeout=2)
+        answer = call("GET", f"{settings.base_url}/api/model_serve/activity",
+                      settings.auth_headers, timeout=2)
         record = answer.json() if answer.status_code == 200 else None
-    except (requests.RequestException, ValueError):
+    except (LoopbackError, ValueError):
         return None
     if not isinstance(record, dict):
         return None

@@ -139,16 +139,16 @@ def _requests_held(settings: Settings, engine: Engine, previous: str | None,
     if restarted is not None and not restarted:
         yield
         return
-    import requests
+    from model_serve.loopback import LoopbackError, call
 
     headers = settings.auth_headers
     loaded = [m.name for m in engine.models() if m.state in LOADED_STATES
               and (restarted is None or m.name in restarted)]
     try:
-        requests.post(f"{settings.base_url}/api/model_serve/hold", headers=headers,
-                      json={"models": None if restarted is None else sorted(restarted),
-                            "drain_seconds": DRAIN_SECONDS}, timeout=DRAIN_SECONDS + 10)
-    except requests.RequestException as exc:
+        call("POST", f"{settings.base_url}/api/model_serve/hold", headers, DRAIN_SECONDS + 10,
+             json_body={"models": None if restarted is None else sorted(restarted),
+                        "drain_seconds": DRAIN_SECONDS})
+    except LoopbackError as exc:
         log.warning("the front did not hold requests during the reload: %s", exc)
         yield
         return
@@ -159,10 +159,9 @@ def _requests_held(settings: Settings, engine: Engine, previous: str | None,
     finally:
         for _attempt in range(3):
             try:
-                requests.post(f"{settings.base_url}/api/model_serve/release", headers=headers,
-                              timeout=10)
+                call("POST", f"{settings.base_url}/api/model_serve/release", headers, 10)
                 break
-            except requests.RequestException as exc:
+            except LoopbackError as exc:
                 log.warning("releasing the held requests failed (%s); trying again", exc)
 
 
