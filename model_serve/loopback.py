@@ -5,12 +5,13 @@ front and tens of milliseconds of imports in each command."""
 
 from __future__ import annotations
 
-import http.client
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
-from urllib.parse import urlencode, urlsplit
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # imported when a call is made: commands that never call start faster
+    import http.client
 
 
 class LoopbackError(OSError):
@@ -32,6 +33,9 @@ class Answer:
 
 def _connect(url: str, params: dict[str, str] | None,
              timeout: float) -> tuple[http.client.HTTPConnection, str]:
+    import http.client
+    from urllib.parse import urlencode, urlsplit
+
     parts = urlsplit(url)
     query = "&".join(q for q in (parts.query, urlencode(params or {})) if q)
     target = (parts.path or "/") + (f"?{query}" if query else "")
@@ -42,6 +46,8 @@ def _connect(url: str, params: dict[str, str] | None,
 def call(method: str, url: str, headers: dict[str, str] | None = None, timeout: float = 10,
          json_body: Any = None, params: dict[str, str] | None = None) -> Answer:
     """One request; the whole answer."""
+    import http.client
+
     conn, target = _connect(url, params, timeout)
     sent = dict(headers or {})
     body = None
@@ -66,6 +72,8 @@ class LineStream:
         self.url, self._conn, self._response = url, conn, response
 
     def __iter__(self) -> Iterator[bytes]:
+        import http.client
+
         try:
             while line := self._response.readline():
                 yield line.rstrip(b"\r\n")
@@ -79,6 +87,8 @@ class LineStream:
 def stream_lines(url: str, headers: dict[str, str] | None = None, connect_timeout: float = 5,
                  read_timeout: float = 3600) -> LineStream:
     """Open a GET whose answer comes over time; LoopbackError unless it answers 200."""
+    import http.client
+
     conn, target = _connect(url, None, connect_timeout)
     try:
         conn.request("GET", target, headers=headers or {})
