@@ -38,6 +38,8 @@ FIELDS: dict[str, Field] = {
     "chat_template_file": Field(str, "path of a Jinja chat template file"),
     "chat_template_kwargs": Field(str, "JSON object passed to the chat template"),
     "parallel": Field(int, "parallel request slots"),
+    "swa_full": Field(bool, "full KV cache for sliding-window layers (--swa-full): more "
+                      "memory, and a saved conversation can be restored"),
 }
 
 

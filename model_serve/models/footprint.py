@@ -38,8 +38,9 @@ def _swa_layers(info: ModelInfo) -> list[bool]:
 
 
 def kv_cache_bytes(info: ModelInfo, ctx: int, parallel: int = 1,
-                   bytes_per_elem: float = _F16) -> int:
-    """KV cache of one loaded instance at context `ctx` (unified cache, llama-server's default)."""
+                   bytes_per_elem: float = _F16, swa_full: bool = False) -> int:
+    """KV cache of one loaded instance at context `ctx` (unified cache, llama-server's default).
+    With `swa_full` (llama-server --swa-full) sliding-window layers keep every cell too."""
     if info.block_count <= 0:
         return 0
     head_dim = info.embedding_length // info.head_count if info.head_count else 0
@@ -47,7 +48,7 @@ def kv_cache_bytes(info: ModelInfo, ctx: int, parallel: int = 1,
     value_dim = info.value_length or head_dim
     kv_heads = info.head_count_kv or [info.head_count]
     n_ctx = _round_up(max(ctx, 256))
-    swa = _swa_layers(info)
+    swa = [False] * info.block_count if swa_full else _swa_layers(info)
     swa_cells = _round_up(min(n_ctx, info.sliding_window * max(parallel, 1) + _UBATCH))
     total = 0.0
     for layer in range(info.block_count):
@@ -71,16 +72,17 @@ class Footprint:
 
 
 def estimate(info: ModelInfo, file_bytes: int, ctx: int, parallel: int = 1,
-             mmproj_bytes: int = 0) -> Footprint:
+             mmproj_bytes: int = 0, swa_full: bool = False) -> Footprint:
     weights = file_bytes + mmproj_bytes
     overhead = max(_OVERHEAD_FLOOR, int(weights * _OVERHEAD_RATIO))
-    return Footprint(weights, kv_cache_bytes(info, ctx, parallel), overhead)
+    return Footprint(weights, kv_cache_bytes(info, ctx, parallel, swa_full=swa_full), overhead)
 
 
 def largest_fitting_ctx(info: ModelInfo, file_bytes: int, wanted: int, budget: int,
-                        parallel: int = 1, floor: int = 2048) -> int:
+                        parallel: int = 1, floor: int = 2048, swa_full: bool = False) -> int:
     """The biggest context (multiple of 256, at most `wanted`) whose footprint fits `budget`."""
     ctx = wanted
-    while ctx > floor and estimate(info, file_bytes, ctx, parallel).total > budget:
+    while ctx > floor and estimate(info, file_bytes, ctx, parallel,
+                                   swa_full=swa_full).total > budget:
         ctx = max(floor, _round_up(ctx // 2))
     return ctx

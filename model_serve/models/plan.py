@@ -46,7 +46,12 @@ class ServedModel:
     @property
     def estimated_bytes(self) -> int:
         return footprint.estimate(self.model.info, self.model.size_bytes, self.ctx_size,
-                                  self.parallel, _file_size(self.options.get("mmproj"))).total
+                                  self.parallel, _file_size(self.options.get("mmproj")),
+                                  swa_full=self.swa_full).total
+
+    @property
+    def swa_full(self) -> bool:
+        return self.options.get("swa-full") == "true"
 
 
 def _file_size(path: str | None) -> int:
@@ -67,12 +72,13 @@ def _memory_budget(settings: Settings) -> int:
 
 
 def _choose_ctx(model: CatalogModel, wanted: int, source: str, parallel: int,
-                budget: int) -> tuple[int, str]:
+                budget: int, swa_full: bool) -> tuple[int, str]:
     trained = model.info.context_length
     ctx, reason = wanted, source
     if trained and ctx > trained:
         ctx, reason = trained, f"{source} {wanted} capped at the model's trained context {trained}"
-    fitted = footprint.largest_fitting_ctx(model.info, model.size_bytes, ctx, budget, parallel)
+    fitted = footprint.largest_fitting_ctx(model.info, model.size_bytes, ctx, budget, parallel,
+                                           swa_full=swa_full)
     if fitted < ctx:
         gib = budget / 2**30
         reason = f"{reason}; reduced from {ctx} so weights + KV cache fit {gib:.1f} GiB"
@@ -89,7 +95,6 @@ def _served(model: CatalogModel, name: str, entry: CustomEntry | None, custom: C
         wanted, source = get("ctx_size"), f"ctx_size {get('ctx_size')} from {where}"
     else:
         wanted, source = settings.default_ctx_size, f"DEFAULT_CTX_SIZE {settings.default_ctx_size}"
-    ctx, reason = _choose_ctx(model, wanted, source, parallel, budget)
     options: dict[str, str] = {}
     for key, option in _OLLAMA_PARAMS.items():
         if key in model.params and isinstance(model.params[key], (int, float)):
@@ -110,8 +115,14 @@ def _served(model: CatalogModel, name: str, entry: CustomEntry | None, custom: C
             options.update(sampler_options(get("sampler_args")))
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc.message}", exc.hint) from exc
+    if get("swa_full") is not None:  # llama-server has no flag to turn it off: unset is off
+        options.pop("swa-full", None)
+        if get("swa_full"):
+            options["swa-full"] = "true"
     if settings.model_threads and not {"threads", "t"} & options.keys():
         options["threads"] = str(settings.model_threads)
+    ctx, reason = _choose_ctx(model, wanted, source, parallel, budget,
+                              options.get("swa-full") == "true")
     aliases = [] if entry is None else list(get("aliases", []))
     return ServedModel(
         name=name, aliases=aliases, model=model, ctx_size=ctx, ctx_reason=reason,
