@@ -1,0 +1,89 @@
+"""A conversation's KV cache kept across its model server's exit, with the real llama-server
+and the real gemma model: saved before the server stops, restored into a new server, the next
+turn reuses it (timings.cache_n) and answers exactly as if the server had never stopped."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import requests
+
+from model_serve.config.settings import load_settings
+from model_serve.engines import slot_cache
+from model_serve.engines.engine_check import ensure_engine_computes
+from model_serve.engines.llama_server import resolve_llama_server
+from model_serve.runtime.procs import wait_until
+from tests.conftest import Env, free_port
+
+CONVERSATION = "".join(f"Line {i}: the lighthouse keeper counts {i} ships tonight.\n"
+                       for i in range(80))  # about 1,300 tokens
+
+
+@contextmanager
+def model_server(env: Env, model: Path, folder: Path) -> Iterator[str]:
+    settings = load_settings(dict(env))
+    binary = resolve_llama_server(settings.llama_server_bin)
+    args = ["-m", str(model), "--port", str(port := free_port()), "-c", "4096", "-np", "1",
+            "--swa-full", "--slot-save-path", str(folder)]
+    for option, value in ensure_engine_computes(settings, binary).options.items():
+        args += [f"--{option}"] if value == "true" else [f"--{option}", value]
+    proc = subprocess.Popen([str(binary), *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, **slot_cache.SERVER_ENV})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert wait_until(lambda: requests.get(url + "/health", timeout=1).ok, 60,
+                          ignore=(requests.RequestException,))
+        yield url
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def turn(url: str, prompt: str) -> tuple[str, int, int]:
+    """(reply, prompt tokens taken from the cache, prompt tokens)."""
+    reply = requests.post(url + "/completion", timeout=300, json={
+        "prompt": prompt, "n_predict": 8, "temperature": 0, "seed": 1, "cache_prompt": True,
+    }).json()
+    return reply["content"], reply["timings"]["cache_n"], reply["tokens_evaluated"]
+
+
+def test_a_saved_conversation_is_restored_into_a_new_server(env: Env, gemma_path: Path,
+                                                             tmp_path: Path) -> None:
+    folder = slot_cache.prepare_folder(slot_cache.model_folder(
+        tmp_path / "kv", "ls/gemma-3-270m-q4_k_m", slot_cache.cache_key(gemma_path, {})))
+    first = CONVERSATION + "Question: how many ships on line 3?"
+    follow_up = first + " Answer:"
+    with model_server(env, gemma_path, folder) as url:
+        turn(url, first)
+        never_stopped = turn(url, follow_up)
+        assert never_stopped[1] > 1000  # the reference: the cache was kept in memory
+        [saved] = slot_cache.save_slots(url, {}, folder)
+    assert saved.tokens > 1000 and (folder / saved.file).stat().st_size == saved.bytes
+    assert not list(folder.glob("*.partial"))
+
+    with model_server(env, gemma_path, folder) as url:  # a new process: nothing in memory
+        chosen = slot_cache.best_for(folder, follow_up)
+        assert chosen is not None and chosen.file == saved.file
+        assert slot_cache.restore(url, {}, folder, chosen) == saved.tokens
+        reply, cached, evaluated = turn(url, follow_up)
+    print(f"saved {saved.tokens} tokens in {saved.bytes / 2**20:.1f} MiB; after the restore "
+          f"{cached} of {evaluated} prompt tokens came from the cache")
+    assert cached > 1000, f"only {cached} of {evaluated} prompt tokens came from the cache"
+    assert reply == never_stopped[0]  # the same answer as without the restart
+    assert slot_cache.saved_slots(folder)[0].hits == 1
+
+
+def test_a_damaged_cache_file_is_refused_and_removed(env: Env, gemma_path: Path,
+                                                     tmp_path: Path) -> None:
+    folder = slot_cache.prepare_folder(tmp_path / "kv" / "m" / "k")
+    with model_server(env, gemma_path, folder) as url:
+        turn(url, CONVERSATION)
+        [saved] = slot_cache.save_slots(url, {}, folder)
+        (folder / saved.file).write_bytes(b"not a cache")
+        assert slot_cache.restore(url, {}, folder, saved) == 0
+        assert slot_cache.saved_slots(folder) == []
+        assert turn(url, CONVERSATION)[0]  # the server still serves
