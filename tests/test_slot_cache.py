@@ -87,3 +87,35 @@ def test_a_damaged_cache_file_is_refused_and_removed(env: Env, gemma_path: Path,
         assert slot_cache.restore(url, {}, folder, saved) == 0
         assert slot_cache.saved_slots(folder) == []
         assert turn(url, CONVERSATION)[0]  # the server still serves
+
+
+def test_the_stack_keeps_a_conversation_across_an_unload(env: Env, gemma_path: Path) -> None:
+    """Through the front on the router (KV_CACHE=on, the default): the unload saves the slot,
+    the next request loads the model, gets the saved conversation restored first, and
+    answers as before."""
+    from tests.conftest import running
+
+    (env.models / gemma_path.name).symlink_to(gemma_path)
+    env.update({"DEFAULT_CTX_SIZE": "4096"})
+    name = "ls/gemma-3:270m-q4_k_m"
+    follow_up = CONVERSATION + "Question: how many ships on line 3? Answer:"
+
+    def ask() -> tuple[str, int, int]:
+        reply = requests.post(f"{env.base_url}/completion", timeout=300, json={
+            "model": name, "prompt": follow_up, "n_predict": 8, "temperature": 0,
+            "seed": 1}).json()
+        return reply["content"], reply["timings"]["cache_n"], reply["tokens_evaluated"]
+
+    with running(env):
+        assert "swa-full = true" in (env.state / "models.ini").read_text()  # cheap here
+        ask()
+        never_evicted = ask()
+        assert never_evicted[1] > 1000
+        assert requests.post(f"{env.base_url}/unload", params={"model": name},
+                             timeout=60).status_code == 200
+        reply, cached, evaluated = ask()
+        log = (env.state / "logs" / "model_serve.log").read_text(errors="replace")
+    print(f"after the unload {cached} of {evaluated} prompt tokens came from the cache")
+    assert "saved 1 slot(s) of ls/gemma-3-270m-q4_k_m" in log
+    assert "restored" in log and cached > 1000
+    assert reply == never_evicted[0]

@@ -75,6 +75,12 @@ SETTINGS_TABLE: tuple[Setting, ...] = (
     Setting("LOAD_QUEUE_TIMEOUT", "120", "Seconds a request for a model that is not loaded "
             "may wait for room (every loaded model busy or recently used) before it gets HTTP "
             "503 with Retry-After.", "int", 1),
+    Setting("KV_CACHE", "on", "Keep each model's conversations (its KV cache) on disk when it "
+            "is unloaded, and restore the one that fits the next request when it loads again "
+            "(router engine, with the front).", "choice", choices=("on", "off")),
+    Setting("KV_CACHE_DIR", "", "Where saved KV caches go; empty = STATE_DIR/kv-cache.", "path"),
+    Setting("KV_CACHE_MAX_GB", "10", "Disk space saved KV caches may take; the least recently "
+            "used go first.", "number", 0),
     Setting("MAX_LOADED_MODELS", "0", "Most models loaded at once (0 = no limit; memory "
             "pressure decides).", "int", 0),
     Setting("BRIDGE_SCRIPT", "", "Program that links Ollama's models into MODELS_DIR/ollama; "
@@ -171,6 +177,9 @@ class Settings:
     pressure_check_interval: int
     min_model_age_seconds: int
     load_queue_timeout: int
+    kv_cache: str
+    kv_cache_dir: Path
+    kv_cache_max_gb: float
     max_loaded_models: int
     bridge_script: Path
     bridge_sync_interval: int
@@ -200,6 +209,12 @@ class Settings:
     @property
     def front_enabled(self) -> bool:
         return self.front == "on"
+
+    @property
+    def kv_cache_enabled(self) -> bool:
+        """Saved conversations need the front (it restores them before a request) and the
+        router (whose model servers it reaches by their own port)."""
+        return self.kv_cache == "on" and self.front_enabled
 
     @property
     def engine_host(self) -> str:
@@ -293,6 +308,7 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
     if sources["MODELS_DIR"] == "the defaults":
         values["models_dir"] = default_models_dir(values["models_dir"], env)
     values["state_dir"] = values["state_dir"] or home / "state"
+    values["kv_cache_dir"] = values["kv_cache_dir"] or values["state_dir"] / "kv-cache"
     values["custom_models_file"] = values["custom_models_file"] or home / "custom_models.yaml"
     values["bridge_script"] = values["bridge_script"] or BUNDLED_BRIDGE
     user_home = Path(env.get("HOME") or Path.home())

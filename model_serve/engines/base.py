@@ -143,6 +143,12 @@ class Engine(ABC):
     @abstractmethod
     def unload(self, name: str) -> None: ...
 
+    def restore_slots(self, name: str, request_path: str, body: dict[str, Any]) -> int:
+        """Right after `name` loaded, before this request reaches it: restore the saved
+        conversation that fits the request best; tokens restored (0: none). Engines that
+        cannot reach a model's own server restore nothing."""
+        return 0
+
     @abstractmethod
     def load(self, name: str, timeout: float = 300) -> bool:
         """Load `name` (by its id) and return once it is loaded: True, or False when it failed

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,11 +27,13 @@ from model_serve.fileio import replace_symlink, write_if_changed
 from model_serve.models.names import dash_form
 from model_serve.programs import find_on_path
 
+log = logging.getLogger("model_serve.engines")
+
 if TYPE_CHECKING:
     from model_serve.models.plan import ServedModel
 
 _INI_UNSAFE = re.compile(r"[;#\r\n]")
-_PATH_OPTIONS = ("model", "mmproj", "chat-template-file")
+_PATH_OPTIONS = ("model", "mmproj", "chat-template-file", "slot-save-path")
 # Options the router sets itself or that would break routing if a preset set them.
 RESERVED_OPTIONS = frozenset({"host", "port", "alias", "a", "m", "model", "models-preset",
                               "models-dir", "models-max", "api-key", "api-key-file"})
@@ -154,6 +158,17 @@ class LlamaServerEngine(Engine):
     def model_id(self, served_name: str) -> str:
         return dash_form(served_name)  # the preset parser rewrites ':' in a section name
 
+    def slot_folder(self, section: str, served: ServedModel) -> Path:
+        """Where this model's slots are saved; a new key (another file, context, slots or
+        option) starts an empty folder and removes the old one."""
+        from model_serve.engines import slot_cache
+
+        key = slot_cache.cache_key(served.path, {"ctx": served.ctx_size,
+                                                 "parallel": served.parallel,
+                                                 "options": served.options})
+        return slot_cache.prepare_folder(
+            slot_cache.model_folder(self.settings.kv_cache_dir, section, key))
+
     def _section(self, served: ServedModel, known: dict[str, str]) -> list[str]:
         section, *aliases = self.routed_names(served)
         values: dict[str, str] = {"model": str(served.path.absolute())}
@@ -163,6 +178,8 @@ class LlamaServerEngine(Engine):
         values["parallel"] = str(served.parallel)
         if served.ttl > 0:
             values["sleep-idle-seconds"] = str(served.ttl)
+        if self.settings.kv_cache_enabled:
+            values["slot-save-path"] = str(self.slot_folder(section, served))
         for option, value in served.options.items():
             check_option(served, option, known)
             values[option] = value
@@ -209,10 +226,64 @@ class LlamaServerEngine(Engine):
         return models_listed(response.json())
 
     def unload(self, name: str) -> None:
+        self.save_slots(name)
         response = self.request("POST", "/models/unload", json={"model": name}, timeout=60)
         if response.status_code != 200:
             raise EngineError(f"unloading {name} failed: HTTP {response.status_code} "
                               f"{response.text[:200]}", "see 'model logs'")
+
+    # --- saved conversations (KV_CACHE) ---------------------------------------------------
+    def slot_folder_of(self, name: str) -> Path | None:
+        """The folder the running config gives `name` for its saved slots, if any."""
+        try:
+            section = _ini_sections(self.config_path.read_text(encoding="utf-8")).get(name, [])
+        except OSError:
+            return None
+        for line in section:
+            key, _, value = line.partition("=")
+            if key.strip() == "slot-save-path":
+                return Path(value.strip())
+        return None
+
+    def save_slots(self, name: str) -> None:
+        """Before `name` leaves memory: save each of its slots that holds a conversation."""
+        if not self.settings.kv_cache_enabled:
+            return
+        from model_serve.engines import slot_cache
+
+        folder = self.slot_folder_of(name)
+        model = next((m for m in self.models() if m.name == name), None)
+        if folder is None or model is None or model.state != "loaded" or not model.port:
+            return
+        started = time.monotonic()
+        saved = slot_cache.save_slots(f"http://127.0.0.1:{model.port}", self._headers(),
+                                      folder)
+        if saved:
+            log.info("saved %d slot(s) of %s (%d tokens, %.1f MiB) in %.0f ms", len(saved),
+                     name, sum(s.tokens for s in saved), sum(s.bytes for s in saved) / 2**20,
+                     (time.monotonic() - started) * 1000)
+        slot_cache.keep_within(self.settings.kv_cache_dir,
+                               int(self.settings.kv_cache_max_gb * 2**30))
+
+    def restore_slots(self, name: str, request_path: str, body: dict[str, Any]) -> int:
+        if not self.settings.kv_cache_enabled:
+            return 0
+        from model_serve.engines import slot_cache
+
+        folder = self.slot_folder_of(name)
+        model = next((m for m in self.models() if m.name == name), None)
+        if folder is None or model is None or not model.port:
+            return 0
+        url = f"http://127.0.0.1:{model.port}"
+        prompt = _rendered_prompt(url, self._headers(), request_path, body)
+        chosen = slot_cache.best_for(folder, prompt) if prompt else None
+        if chosen is None:
+            return 0
+        started = time.monotonic()
+        restored = slot_cache.restore(url, self._headers(), folder, chosen)
+        log.info("restored %d tokens of a saved conversation into %s in %.0f ms", restored,
+                 name, (time.monotonic() - started) * 1000)
+        return restored
 
     def load(self, name: str, timeout: float = 300) -> bool:
         from model_serve.runtime.procs import wait_until
@@ -249,6 +320,24 @@ class LlamaServerEngine(Engine):
                 yield event["model"], (event.get("data") or {}).get("status", "")
             except (KeyError, TypeError, AttributeError):
                 continue
+
+
+def _rendered_prompt(url: str, headers: dict[str, str], path: str,
+                     body: dict[str, Any]) -> str | None:
+    """The text a request puts before the model: a completion's prompt, or a chat's messages
+    through the model's own template (its /apply-template)."""
+    from model_serve.loopback import LoopbackError, call
+
+    if isinstance(body.get("prompt"), str):
+        return body["prompt"]
+    if not isinstance(body.get("messages"), list):
+        return None
+    try:
+        answer = call("POST", url + "/apply-template", headers, timeout=30,
+                      json_body={"messages": body["messages"]})
+        return str(answer.json().get("prompt") or "") if answer.status_code == 200 else None
+    except (LoopbackError, ValueError, AttributeError):
+        return None
 
 
 def _ini_sections(text: str) -> dict[str, list[str]]:

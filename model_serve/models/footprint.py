@@ -86,3 +86,22 @@ def largest_fitting_ctx(info: ModelInfo, file_bytes: int, wanted: int, budget: i
                                    swa_full=swa_full).total > budget:
         ctx = max(floor, _round_up(ctx // 2))
     return ctx
+
+
+# --swa-full is turned on by itself (with KV_CACHE on) when its extra memory is at most this,
+# or at most SWA_FULL_SHARE of the model's footprint: a restored conversation saves seconds to
+# minutes of prompt processing, worth a small cost and not a large one.
+SWA_FULL_FREE = 256 * 1024 * 1024
+SWA_FULL_SHARE = 0.10
+
+
+def swa_full_extra(info: ModelInfo, ctx: int, parallel: int = 1) -> int:
+    """Bytes --swa-full adds to the KV cache (0 for a model without sliding-window layers)."""
+    return (kv_cache_bytes(info, ctx, parallel, swa_full=True)
+            - kv_cache_bytes(info, ctx, parallel))
+
+
+def swa_full_is_cheap(info: ModelInfo, file_bytes: int, ctx: int, parallel: int = 1) -> bool:
+    extra = swa_full_extra(info, ctx, parallel)
+    base = estimate(info, file_bytes, ctx, parallel).total
+    return 0 < extra <= max(SWA_FULL_FREE, int(base * SWA_FULL_SHARE))

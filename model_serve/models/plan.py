@@ -119,6 +119,9 @@ def _served(model: CatalogModel, name: str, entry: CustomEntry | None, custom: C
         options.pop("swa-full", None)
         if get("swa_full"):
             options["swa-full"] = "true"
+    elif settings.kv_cache_enabled and "swa-full" not in options and \
+            footprint.swa_full_is_cheap(model.info, model.size_bytes, wanted, parallel):
+        options["swa-full"] = "true"  # a restored cache is reused only with it
     if settings.model_threads and not {"threads", "t"} & options.keys():
         options["threads"] = str(settings.model_threads)
     ctx, reason = _choose_ctx(model, wanted, source, parallel, budget,

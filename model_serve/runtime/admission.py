@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from model_serve.config.settings import Settings
 from model_serve.engines.base import LOADED_STATES, Engine, EngineModel
@@ -57,14 +59,18 @@ class Admission:
         self.evicting: set[str] = set()
         self.refused: dict[str, float] = {}
 
-    async def admit(self, engine_id: str, need: int) -> Refusal | None:
-        """Return once `engine_id` is loaded or loading (None), or why it cannot be."""
+    async def admit(self, engine_id: str, need: int, path: str = "",
+                    body: bytes | None = None) -> Refusal | None:
+        """Return once `engine_id` is loaded or loading (None), or why it cannot be. A model
+        loaded here gets the saved conversation that fits this request (`path`, `body`)
+        before any request reaches it."""
         if self.view.state(engine_id) == "loaded" and engine_id not in self.evicting:
             return None  # the common case: no lock, no read, no await
         async with self.lock:
-            return await self._make_room_and_load(engine_id, need)
+            return await self._make_room_and_load(engine_id, need, path, body)
 
-    async def _make_room_and_load(self, engine_id: str, need: int) -> Refusal | None:
+    async def _make_room_and_load(self, engine_id: str, need: int, path: str,
+                                  body: bytes | None) -> Refusal | None:
         threshold = self.settings.memory_pressure_threshold
         deadline = time.monotonic() + self.settings.load_queue_timeout
         waiting_said = False
@@ -104,9 +110,12 @@ class Admission:
             await asyncio.sleep(QUEUE_POLL)
         log.info("admission: loading %s (%.2f GiB) with memory at %s", engine_id, need / GIB,
                  reading.describe())
-        await asyncio.to_thread(self.engine.load, engine_id, LOAD_WAIT)
+        loaded = await asyncio.to_thread(self.engine.load, engine_id, LOAD_WAIT)
         with contextlib.suppress(ModelServeError):
             self.view.update(await asyncio.to_thread(self.engine.models))
+            if loaded and body:
+                await asyncio.to_thread(self.engine.restore_slots, engine_id, path,
+                                        _json_object(body))
         return None
 
     def victim(self, models: list[EngineModel], target: str) -> str | None:
@@ -138,3 +147,11 @@ class Admission:
             self.refused[victim] = time.time() + REFUSED_BACKOFF
         finally:
             self.evicting.discard(victim)
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}

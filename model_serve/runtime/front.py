@@ -268,7 +268,8 @@ class Front:
                 body, sent, route = self._rename_request(body)
         if route is not None:
             await self.wait_if_held(route)
-            refused = await self.admission.admit(route.engine_id, route.footprint)
+            refused = await self.admission.admit(route.engine_id, route.footprint,
+                                                 request.path, body)
             if refused is not None:
                 return _error(503, refused.message, "no_memory_for_model",
                               retry_after=refused.retry_after)
@@ -318,9 +319,15 @@ class Front:
                     return _error(503, "the engine is not answering (starting or restarting)",
                                   "engine_unavailable", retry_after=2)
                 # The model server went (unloaded, crashed): once the router has seen that
-                # (else it would proxy to the dead port), it loads the model again.
+                # (else it would proxy to the dead port), it is loaded again as any other
+                # load is: room made first, its saved conversation restored.
                 await self._until_engine_sees_it_gone(route.engine_id, base or "")
                 self.view.forget(route.engine_id)
+                refused = await self.admission.admit(route.engine_id, route.footprint,
+                                                     request.path, body)
+                if refused is not None:
+                    return _error(503, refused.message, "no_memory_for_model",
+                                  retry_after=refused.retry_after)
                 base, direct = None, False
             except (client_errors.ServerDisconnectedError,
                     client_errors.ClientOSError) as exc:
@@ -431,6 +438,10 @@ class Front:
             for model in chosen:
                 if model.state in LOADED_STATES:
                     await asyncio.to_thread(self.engine.unload, model.name)
+                    # Answer once it is out of memory: a request right after must load it
+                    # again (through admission), not find the old server going away.
+                    await asyncio.to_thread(self.engine.wait_unloaded, model.name, 30)
+                    self.view.forget(model.name)
         except ModelServeError as exc:
             return _error(502, exc.message, "unload_failed")
         if path == "/api/models/unload":

@@ -141,10 +141,15 @@ class Supervisor:
             self._failed_start(child, f"{argv[0]} is missing or not executable")
             return
         log.info("starting %s: %s", child.name, " ".join(argv))
+        env = None
+        if child is self.engine_child and self.settings.kv_cache_enabled:
+            from model_serve.engines.slot_cache import SERVER_ENV
+
+            env = {**os.environ, **SERVER_ENV}  # model servers inherit the engine's
         try:
             child.process = subprocess.Popen(
                 guard_argv(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
+                stderr=subprocess.STDOUT, env=env,
                 start_new_session=True,  # its own process group: stop = signal the group
             )
         except OSError as exc:
