@@ -56,13 +56,26 @@ def test_kv_estimate_is_what_llama_server_allocates(env: Env, gemma_path: Path,
 def test_swa_full_reaches_the_engine_and_the_estimate(env: Env, gemma_path: Path) -> None:
     (env.models / gemma_path.name).symlink_to(gemma_path)
     (env.home / "custom_models.yaml").write_text(
-        "models:\n  g2:\n    base_model: gemma-3:270m-q4_k_m\n    swa_full: true\n")
-    env.update({"DEFAULT_CTX_SIZE": "8192"})
-    assert env.run("sync").returncode == 0
+        "models:\n  g2:\n    base_model: gemma-3:270m-q4_k_m\n    swa_full: true\n"
+        "  g3:\n    base_model: gemma-3:270m-q4_k_m\n    swa_full: false\n")
+
+    def sections() -> dict[str, str]:
+        assert env.run("sync").returncode == 0
+        config = (env.state / "models.ini").read_text()
+        return {part.split("]")[0]: part for part in config.split("\n[")[1:]}
+
+    # Without saved conversations, only the model that asks for it.
+    env.update({"DEFAULT_CTX_SIZE": "8192", "KV_CACHE": "off"})
+    shown = sections()
+    assert "swa-full = true" in shown["ls/g2"]
+    assert "swa-full" not in shown["ls/gemma-3-270m-q4_k_m"] + shown["ls/g3"]
     listed = {m["name"]: m for m in json.loads(env.run("list", "--json").stdout)}
     extra = listed["ls/g2"]["estimated_bytes"] - listed["ls/gemma-3:270m-q4_k_m"]["estimated_bytes"]
     assert extra == (144 - 39) * 2**20  # the full cache of the 15 sliding-window layers
-    config = (env.state / "models.ini").read_text()
-    section = config[config.index("[ls/g2]"):]
-    assert "swa-full = true" in section.split("\n\n")[0]
-    assert "swa-full" not in config[config.index("[ls/gemma-3-270m-q4_k_m]"):].split("\n\n")[0]
+
+    # With them (the default) it is on by itself where it is cheap (here +105 MiB), unless a
+    # model says no.
+    env.update({"KV_CACHE": "on"})
+    shown = sections()
+    assert "swa-full = true" in shown["ls/gemma-3-270m-q4_k_m"] and "swa-full" not in shown[
+        "ls/g3"]
