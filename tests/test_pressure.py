@@ -196,7 +196,8 @@ def test_a_load_event_makes_room_first(env: Env, gemma_path) -> None:
 
 
 def test_ttl_expiry_puts_the_model_to_sleep_and_stats_shows_it(env: Env, gemma_path) -> None:
-    _prepare(env, gemma_path, MODEL_TTL="2", MEMORY_PRESSURE_THRESHOLD="99")
+    # KV_CACHE=off: the router's own TTL puts the model to sleep (with it on, see below).
+    _prepare(env, gemma_path, MODEL_TTL="2", MEMORY_PRESSURE_THRESHOLD="99", KV_CACHE="off")
     try:
         _chat(env, A)
         loaded = json.loads(env.run("stats", "--json").stdout)
@@ -209,6 +210,24 @@ def test_ttl_expiry_puts_the_model_to_sleep_and_stats_shows_it(env: Env, gemma_p
         assert row["state"] == "sleeping"
         text = env.run("stats").stdout
         assert "System Memory:" in text and "sleeping" in text
+    finally:
+        env.run("stop")
+
+
+def test_with_kv_cache_the_ttl_saves_the_conversation_first(env: Env, gemma_path) -> None:
+    """KV_CACHE=on (the default): the unloader keeps the TTL, so the slot is saved before the
+    model goes, and the next request gets it back."""
+    _prepare(env, gemma_path, MODEL_TTL="2", MEMORY_PRESSURE_THRESHOLD="99")
+    try:
+        assert "sleep-idle-seconds" not in (env.state / "models.ini").read_text()
+        prompt = "".join(f"Line {i}: a lighthouse.\n" for i in range(60))
+        _client(env).completions.create(model=A, prompt=prompt, max_tokens=2)
+        _wait(lambda: _states(env)[A] == "unloaded", 30, "the TTL to expire")
+        log = (env.state / "logs" / "model_serve.log").read_text()
+        assert f"ttl: {A} idle" in log and f"saved 1 slot(s) of {A}" in log
+        reply = requests.post(f"{env.base_url}/completion", timeout=120, json={
+            "model": A, "prompt": prompt + "Line 60:", "n_predict": 2}).json()
+        assert reply["timings"]["cache_n"] > 300
     finally:
         env.run("stop")
 

@@ -176,7 +176,8 @@ class LlamaServerEngine(Engine):
             values["alias"] = ",".join(aliases)
         values["ctx-size"] = str(served.ctx_size)
         values["parallel"] = str(served.parallel)
-        if served.ttl > 0:
+        if served.ttl > 0 and not self.settings.kv_cache_enabled:
+            # With KV_CACHE the pressure unloader keeps the TTL, so the slots are saved first.
             values["sleep-idle-seconds"] = str(served.ttl)
         if self.settings.kv_cache_enabled:
             values["slot-save-path"] = str(self.slot_folder(section, served))

@@ -59,6 +59,7 @@ class PressureUnloader:
         self.decisions: list[dict[str, Any]] = []
         self._estimates: dict[str, int] = {}
         self._estimates_stamp: float | None = None
+        self._ttls: dict[str, int] = {}
         self._last_error = ""
         self._kernel_quiet_until = 0.0  # monotonic time before which the kernel level rests
 
@@ -88,10 +89,40 @@ class PressureUnloader:
             log.warning("footprint estimates unavailable: %s", exc.message)
             return {}
         estimates: dict[str, int] = {}
+        self._ttls = {}
         for served in plan:
             for name in self.engine.routed_names(served):
                 estimates[name] = served.estimated_bytes
+                self._ttls[name] = served.ttl
         return estimates
+
+    def ttl(self, name: str) -> int:
+        self.estimate(name)  # the plan is read again when the engine config changed
+        return self._ttls.get(name, 0)
+
+    @property
+    def keeps_ttl(self) -> bool:
+        """With KV_CACHE the router leaves TTL to us, so a model's slots are saved before it
+        goes (the engine's own sleep would drop them)."""
+        return self.engine.name == "llama-server" and self.settings.kv_cache_enabled
+
+    def expire_idle(self) -> list[str]:
+        """Unload the loaded models idle for their ttl or longer."""
+        if not self.keeps_ttl:
+            return []
+        expired = []
+        now = time.time()
+        with self.lock:
+            for act in list(self.tracker.models.values()):
+                ttl = self.ttl(act.name)
+                if act.state != "loaded" or ttl <= 0 or act.in_flight:
+                    continue
+                idle = act.idle_seconds(now)
+                if idle >= ttl:
+                    log.info("ttl: %s idle %.0fs (ttl %ds); unloading", act.name, idle, ttl)
+                    if self._unload(act):
+                        expired.append(act.name)
+        return expired
 
     # --- decisions ----------------------------------------------------------------------
     def candidates(self, exclude: set[str]) -> list[ModelActivity]:
@@ -244,7 +275,11 @@ class PressureUnloader:
             if os.getppid() != parent:  # the supervisor is gone: so is our reason to run
                 log.warning("the supervisor exited; the pressure unloader stops too")
                 break
-            self.refresh()
+            if self.refresh():
+                try:
+                    self.expire_idle()
+                except Exception:  # noqa: BLE001 - log and keep watching
+                    log.exception("ttl check failed")
             if time.monotonic() >= next_check:
                 next_check = time.monotonic() + self.settings.pressure_check_interval
                 try:
