@@ -36,7 +36,8 @@ def _measure(root: Path, reps: int, **settings: str) -> dict[str, list[float]]:
 
     figures: dict[str, list[float]] = {"latency_ms": [], "stream_tps": [], "cold_ttft_s": [],
                                        "unload_s": [], "keepalive_drops": []}
-    with running_stack(root, **settings) as stack:
+    # KV_CACHE off: only the router would restore conversations after an unload.
+    with running_stack(root, KV_CACHE="off", **settings) as stack:
         engine = select_engine(load_settings(stack.env))
         model_id = next(m.name for m in engine.models() if m.served_name == NAME)
         session = requests.Session()

@@ -102,7 +102,8 @@ def cold(root: Path, quick: bool) -> Outcome:
     reps = 2 if quick else 5
     via_stack: list[float] = []
     by_hand: list[float] = []
-    with running_stack(root) as stack:
+    # KV_CACHE off: a restored conversation would spare the stack work the reference does.
+    with running_stack(root, KV_CACHE="off") as stack:
         chat(stack.base_url, MODEL_A, 16)  # the file is in the page cache for both sides
         args = stack.args_of(MODEL_A)[1:]
         for i in range(reps):
