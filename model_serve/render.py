@@ -332,6 +332,9 @@ def stats(report: StatsReport, as_json: bool) -> None:
     for m in report.models:
         if m.last_exit:
             click.echo(f"{m.name}: its server last ended when not asked to: {m.last_exit}")
+        if m.saved_conversations:
+            click.echo(f"{m.name}: {m.saved_conversations} saved conversation(s), "
+                       f"{human_bytes(m.saved_bytes)} on disk, restored {m.restores} time(s)")
     loaded = sum(1 for m in report.models if m.rss_bytes)
     click.echo(f"TOTAL: {loaded} model process(es), {human_bytes(report.total_rss)} resident")
     click.echo(f"System Memory: {report.memory.describe()}")

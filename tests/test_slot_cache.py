@@ -4,6 +4,7 @@ turn reuses it (timings.cache_n) and answers exactly as if the server had never 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from collections.abc import Iterator
@@ -115,6 +116,12 @@ def test_the_stack_keeps_a_conversation_across_an_unload(env: Env, gemma_path: P
                              timeout=60).status_code == 200
         reply, cached, evaluated = ask()
         log = (env.state / "logs" / "model_serve.log").read_text(errors="replace")
+        stats = json.loads(env.run("stats", "--json").stdout)
+        text = env.run("stats").stdout
+    [row] = [m for m in stats["models"] if m["name"] == name]
+    assert row["saved_conversations"] == 1 and row["restores"] == 1
+    assert row["saved_bytes"] > 10 * 2**20
+    assert f"{name}: 1 saved conversation(s)" in text
     print(f"after the unload {cached} of {evaluated} prompt tokens came from the cache")
     assert "saved 1 slot(s) of ls/gemma-3-270m-q4_k_m" in log
     assert "restored" in log and cached > 1000

@@ -32,6 +32,9 @@ class ModelStats:
     predicted_tokens: int = 0
     port: int | None = None
     last_exit: str | None = None  # why its server last ended when nobody asked it to
+    saved_conversations: int = 0  # KV caches kept on disk (KV_CACHE), their size and restores
+    saved_bytes: int = 0
+    restores: int = 0
 
 
 @dataclass
@@ -75,6 +78,18 @@ def _rss_by_port(settings: Settings) -> dict[int, int]:
     return found
 
 
+def _saved_conversations(engine: Any, engine_id: str, stats: ModelStats) -> None:
+    folder = engine.slot_folder_of(engine_id) if hasattr(engine, "slot_folder_of") else None
+    if folder is None:
+        return
+    from model_serve.engines.slot_cache import saved_slots
+
+    slots = saved_slots(folder) if folder.is_dir() else []
+    stats.saved_conversations = len(slots)
+    stats.saved_bytes = sum(slot.bytes for slot in slots)
+    stats.restores = sum(slot.hits for slot in slots)
+
+
 def collect_stats(settings: Settings) -> StatsReport:
     from model_serve.runtime.sync import build_current_plan
 
@@ -97,6 +112,7 @@ def collect_stats(settings: Settings) -> StatsReport:
         stats = ModelStats(model.served_name, model.state, port=model.port)
         if served is not None:
             stats.ctx_size, stats.slots, stats.ttl = served.ctx_size, served.parallel, served.ttl
+        _saved_conversations(engine, model.name, stats)
         crash = exits.get(model.name)
         if crash is not None:
             stats.last_exit = crash.cause
