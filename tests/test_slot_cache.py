@@ -54,8 +54,9 @@ def turn(url: str, prompt: str) -> tuple[str, int, int]:
 
 def test_a_saved_conversation_is_restored_into_a_new_server(env: Env, gemma_path: Path,
                                                              tmp_path: Path) -> None:
-    folder = slot_cache.prepare_folder(slot_cache.model_folder(
-        tmp_path / "kv", "ls/gemma-3-270m-q4_k_m", slot_cache.cache_key(gemma_path, {})))
+    folder = slot_cache.model_folder(tmp_path / "kv", "ls/gemma-3-270m-q4_k_m",
+                                     slot_cache.cache_key(gemma_path, {}))
+    folder.mkdir(parents=True)
     first = CONVERSATION + "Question: how many ships on line 3?"
     follow_up = first + " Answer:"
     with model_server(env, gemma_path, folder) as url:
@@ -80,7 +81,8 @@ def test_a_saved_conversation_is_restored_into_a_new_server(env: Env, gemma_path
 
 def test_a_damaged_cache_file_is_refused_and_removed(env: Env, gemma_path: Path,
                                                      tmp_path: Path) -> None:
-    folder = slot_cache.prepare_folder(tmp_path / "kv" / "m" / "k")
+    folder = tmp_path / "kv" / "m" / "k"
+    folder.mkdir(parents=True)
     with model_server(env, gemma_path, folder) as url:
         turn(url, CONVERSATION)
         [saved] = slot_cache.save_slots(url, {}, folder)
@@ -126,3 +128,27 @@ def test_the_stack_keeps_a_conversation_across_an_unload(env: Env, gemma_path: P
     assert "saved 1 slot(s) of ls/gemma-3-270m-q4_k_m" in log
     assert "restored" in log and cached > 1000
     assert reply == never_evicted[0]
+
+
+def test_saved_caches_follow_the_config_in_effect(env: Env, gemma_path: Path) -> None:
+    """A config the router refuses leaves the saved caches of the one that stays; a config it
+    takes with other cache settings removes them (they could never be used)."""
+    from tests.conftest import running
+
+    (env.models / gemma_path.name).symlink_to(gemma_path)
+    name = "ls/gemma-3:270m-q4_k_m"
+    with running(env):
+        requests.post(f"{env.base_url}/completion", timeout=300, json={
+            "model": name, "prompt": CONVERSATION, "n_predict": 1})
+        assert env.run("unload", name).returncode == 0
+        saved = list((env.state / "kv-cache").glob("*/*/*.bin"))
+        assert len(saved) == 1
+        (env.home / "custom_models.yaml").write_text(
+            "models:\n  gemma-3:270m-q4_k_m:\n    sampler_args: '--min-hits 2'\n")
+        assert env.run("sync").returncode == 1  # refused; the last good config is put back
+        assert saved[0].is_file()
+        (env.home / "custom_models.yaml").write_text(
+            "models:\n  gemma-3:270m-q4_k_m:\n    ctx_size: 4096\n")
+        assert env.run("sync").returncode == 0
+        assert not saved[0].exists()
+        assert len(list((env.state / "kv-cache").glob("*/*"))) == 1  # the new key's folder

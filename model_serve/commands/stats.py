@@ -8,7 +8,7 @@ from typing import Any
 
 from model_serve.config.settings import Settings
 from model_serve.engines import select_engine
-from model_serve.engines.base import LOADED_STATES
+from model_serve.engines.base import LOADED_STATES, Engine
 from model_serve.errors import ModelServeError
 from model_serve.runtime import procs
 from model_serve.runtime.activity import front_record, load_activity
@@ -78,8 +78,8 @@ def _rss_by_port(settings: Settings) -> dict[int, int]:
     return found
 
 
-def _saved_conversations(engine: Any, engine_id: str, stats: ModelStats) -> None:
-    folder = engine.slot_folder_of(engine_id) if hasattr(engine, "slot_folder_of") else None
+def _saved_conversations(engine: Engine, engine_id: str, stats: ModelStats) -> None:
+    folder = engine.slot_folder_of(engine_id)
     if folder is None:
         return
     from model_serve.engines.slot_cache import saved_slots

@@ -143,6 +143,15 @@ class Engine(ABC):
     @abstractmethod
     def unload(self, name: str) -> None: ...
 
+    def config_taken(self) -> None:
+        """After a sync, once the config file is the one the engine runs on: tidy what only
+        the config in effect can tell is stale."""
+        return None
+
+    def slot_folder_of(self, name: str) -> Path | None:
+        """Where `name`'s conversations are saved; None where the engine saves none."""
+        return None
+
     def restore_slots(self, name: str, request_path: str, body: dict[str, Any]) -> int:
         """Right after `name` loaded, before this request reaches it: restore the saved
         conversation that fits the request best; tokens restored (0: none). Engines that

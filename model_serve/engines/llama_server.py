@@ -159,15 +159,31 @@ class LlamaServerEngine(Engine):
         return dash_form(served_name)  # the preset parser rewrites ':' in a section name
 
     def slot_folder(self, section: str, served: ServedModel) -> Path:
-        """Where this model's slots are saved; a new key (another file, context, slots or
-        option) starts an empty folder and removes the old one."""
+        """Where this model's slots are saved (llama-server wants the folder to exist); a new
+        key (another file, context, slots or option) starts an empty folder."""
         from model_serve.engines import slot_cache
 
         key = slot_cache.cache_key(served.path, {"ctx": served.ctx_size,
                                                  "parallel": served.parallel,
                                                  "options": served.options})
-        return slot_cache.prepare_folder(
-            slot_cache.model_folder(self.settings.kv_cache_dir, section, key))
+        folder = slot_cache.model_folder(self.settings.kv_cache_dir, section, key)
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def config_taken(self) -> None:
+        """Saved caches under keys the config in effect does not name are removed now, not
+        when a config is written: a config the router refuses is replaced by the last good
+        one, whose caches must stay."""
+        if not self.settings.kv_cache_dir.is_dir():
+            return
+        from model_serve.engines import slot_cache
+
+        try:
+            sections = _ini_sections(self.config_path.read_text(encoding="utf-8"))
+        except OSError:
+            return
+        slot_cache.remove_other_keys(self.settings.kv_cache_dir, {
+            folder for name in sections if (folder := self.slot_folder_of(name, sections))})
 
     def _section(self, served: ServedModel, known: dict[str, str]) -> list[str]:
         section, *aliases = self.routed_names(served)
@@ -234,13 +250,15 @@ class LlamaServerEngine(Engine):
                               f"{response.text[:200]}", "see 'model logs'")
 
     # --- saved conversations (KV_CACHE) ---------------------------------------------------
-    def slot_folder_of(self, name: str) -> Path | None:
+    def slot_folder_of(self, name: str,
+                       sections: dict[str, list[str]] | None = None) -> Path | None:
         """The folder the running config gives `name` for its saved slots, if any."""
-        try:
-            section = _ini_sections(self.config_path.read_text(encoding="utf-8")).get(name, [])
-        except OSError:
-            return None
-        for line in section:
+        if sections is None:
+            try:
+                sections = _ini_sections(self.config_path.read_text(encoding="utf-8"))
+            except OSError:
+                return None
+        for line in sections.get(name, []):
             key, _, value = line.partition("=")
             if key.strip() == "slot-save-path":
                 return Path(value.strip())

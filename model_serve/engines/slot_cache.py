@@ -66,15 +66,14 @@ def model_folder(root: Path, engine_id: str, key: str) -> Path:
     return root / safe / key
 
 
-def prepare_folder(folder: Path) -> Path:
-    """Create the model's folder and remove the ones of its earlier keys (stale caches)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for other in folder.parent.iterdir():
-        if other != folder and other.is_dir():
-            shutil.rmtree(other, ignore_errors=True)
+def remove_other_keys(root: Path, keep: set[Path]) -> None:
+    """Remove the folders of saved caches whose key the config in effect no longer names
+    (another file or other settings: they could never be used)."""
+    for folder in root.glob("*/*"):
+        if folder.is_dir() and folder not in keep:
+            shutil.rmtree(folder, ignore_errors=True)
             log.info("removed saved caches of %s made with other settings or another file",
                      folder.parent.name)
-    return folder
 
 
 def saved_slots(folder: Path) -> list[SavedSlot]:

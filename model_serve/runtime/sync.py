@@ -120,6 +120,7 @@ def run_sync(settings: Settings, *, bridge: bool = True, reload: bool = True,
                 write_if_changed(engine.config_path, previous, mode=0o600)
                 result.reload_error += f"; the last good {engine.config_path.name} was put back"
             log.warning("engine reload failed: %s", result.reload_error)
+    engine.config_taken()
     return result
 
 
