@@ -16,7 +16,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import cli_time, cpu_kernels, daemons, engines, front, serving, start_scale, sync_scale
+from bench import (
+    cli_time,
+    cpu_kernels,
+    daemons,
+    engines,
+    front,
+    kv_cache,
+    serving,
+    start_scale,
+    sync_scale,
+)
 from bench.harness import REPO, Outcome, Row, llama_server_binary
 
 BENCHMARKS: dict[str, Callable[[Path, bool], Outcome]] = {
@@ -31,6 +41,7 @@ BENCHMARKS: dict[str, Callable[[Path, bool], Outcome]] = {
     "engines": engines.run,
     "start": start_scale.run,
     "front": front.run,
+    "kv": kv_cache.run,
 }
 DEFAULT_RESULTS = Path(__file__).resolve().parent / "results"
 BUSY_PERCENT = 20.0

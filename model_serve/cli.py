@@ -161,11 +161,17 @@ def list_models(filter_text: str, served: bool, as_json: bool) -> None:
 def show(name: str, as_json: bool) -> None:
     """Show every generated setting of one model, and why each value was chosen."""
     from model_serve import render
+    from model_serve.engines import select_engine, slot_cache
     from model_serve.models.plan import find_served
     from model_serve.runtime.sync import build_current_plan
 
-    catalog, plan = build_current_plan(_settings())
-    render.show(find_served(plan, catalog, name), as_json)
+    settings = _settings()
+    engine = select_engine(settings)
+    catalog, plan = build_current_plan(settings, engine)
+    served = find_served(plan, catalog, name)
+    engine_id = engine.model_id(served.name)
+    check = slot_cache.check_of(slot_cache.folder_for(settings.kv_cache_dir, engine_id, served))
+    render.show(served, as_json, check if served.keeps_conversations else None)
 
 
 @main.command()

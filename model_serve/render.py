@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from model_serve.commands.stats import StatsReport
     from model_serve.engines.base import EngineModel
     from model_serve.engines.engine_check import EngineCheck
+    from model_serve.engines.slot_cache import RestoreCheck
     from model_serve.models.catalog import ScanProblem
     from model_serve.models.ollama import OllamaModel
     from model_serve.models.plan import ServedModel
@@ -206,6 +207,8 @@ def _served_json(served: ServedModel) -> dict[str, Any]:
         "options": served.options, "mmproj": str(model.mmproj) if model.mmproj else None,
         "estimated_bytes": served.estimated_bytes, "custom_settings": served.custom_line or None,
         "incompatible": model.info.incompatibility or None,
+        "keeps_conversations": served.keeps_conversations,
+        "conversations": served.conversations_reason,
     }
 
 
@@ -278,8 +281,14 @@ def doctor(checks: list[Check], as_json: bool) -> None:
             click.echo(f"       fix: {check.fix}")
 
 
-def show(served: ServedModel, as_json: bool) -> None:
+def show(served: ServedModel, as_json: bool, check: RestoreCheck | None = None) -> None:
+    """`check`: what the first reply after a restore of this model showed, if one came."""
     data = _served_json(served)
+    if check is not None:
+        data["keeps_conversations"] = served.keeps_conversations and check.reused
+        data["conversations"] = (f"{served.conversations_reason}; {check.describe()}"
+                                 if check.reused else
+                                 f"not saved any more: a restored cache was {check.describe()}")
     if as_json:
         _json(data)
         return

@@ -163,15 +163,21 @@ TWIN = "models:\n  g2:\n    base_model: gemma-3:270m-q4_k_m\n"
 
 
 @pytest.fixture(params=["llama-server", "llama-swap"])
-def both(request: pytest.FixtureRequest, env: Env, gemma_path: Path,
-         tmp_path: Path) -> Iterator[Env]:
-    """A running stack on one engine or the other, serving A and its twin B."""
+def engine_env(request: pytest.FixtureRequest, env: Env, tmp_path: Path) -> Env:
+    """The test's home, set up for one engine or the other (not started)."""
     from tests.test_llama_swap import llama_swap_binary, port_block
 
     if request.param == "llama-swap":
         env.port = port_block()
         env.update({"ENGINE": "llama-swap", "LLAMA_SWAP_BIN": str(llama_swap_binary(tmp_path)),
                     "LLAMA_SWAP_PORT": str(env.port)})
+    return env
+
+
+@pytest.fixture
+def both(engine_env: Env, gemma_path: Path) -> Iterator[Env]:
+    """A running stack on one engine or the other, serving A and its twin B."""
+    env = engine_env
     (env.models / gemma_path.name).symlink_to(gemma_path)
     (env.home / "custom_models.yaml").write_text(TWIN)
     with running(env, stop_timeout=90):

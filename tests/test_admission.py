@@ -17,7 +17,6 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import psutil
-import pytest
 import requests
 from openai import OpenAI
 
@@ -72,17 +71,6 @@ def most_loaded_at_once(env: Env) -> Iterator[list[int]]:
     finally:
         stop.set()
         sampler.join()
-
-
-@pytest.fixture(params=["llama-server", "llama-swap"])
-def engine_env(request: pytest.FixtureRequest, env: Env, tmp_path: Path) -> Env:
-    from tests.test_llama_swap import llama_swap_binary, port_block
-
-    if request.param == "llama-swap":
-        env.port = port_block()
-        env.update({"ENGINE": "llama-swap", "LLAMA_SWAP_BIN": str(llama_swap_binary(tmp_path)),
-                    "LLAMA_SWAP_PORT": str(env.port)})
-    return env
 
 
 def measure(env: Env) -> tuple[int, int]:

@@ -79,3 +79,35 @@ def test_swa_full_reaches_the_engine_and_the_estimate(env: Env, gemma_path: Path
     shown = sections()
     assert "swa-full = true" in shown["ls/gemma-3-270m-q4_k_m"] and "swa-full" not in shown[
         "ls/g3"]
+
+    # `model show` says which models keep their conversations across an unload, and why not.
+    def conversations(name: str) -> tuple[bool, str]:
+        shown = json.loads(env.run("show", name, "--json").stdout)
+        return shown["keeps_conversations"], shown["conversations"]
+
+    assert conversations("ls/gemma-3:270m-q4_k_m") == (
+        True, "saved before unload, restored at the next load (--swa-full on, +105 MiB)")
+    assert "slot-save-path" in shown["ls/gemma-3-270m-q4_k_m"]
+    keeps, why = conversations("ls/g3")
+    assert not keeps and "slot-save-path" not in shown["ls/g3"]
+    assert why == ("sliding-window attention without --swa-full, so a restored cache would not "
+                   "be reused (swa_full: false in custom_models.yaml); set swa_full: true for "
+                   "+105 MiB")
+    env.update({"KV_CACHE": "off"})
+    assert conversations("ls/g2") == (False, "KV_CACHE=off")
+
+
+def test_a_recurrent_model_keeps_no_conversations(env: Env) -> None:
+    """Mamba-style state (`<arch>.ssm.*` keys, alone or in a hybrid): llama-server does not
+    reuse a restored cache for it, so nothing is saved, and `model show` says why."""
+    from tests.ollama_store import gguf_bytes
+
+    (env.models / "hybrid.gguf").write_bytes(gguf_bytes(
+        arch="granitehybrid", name="hybrid", extra={"granitehybrid.ssm.state_size": 128,
+                                                    "granitehybrid.ssm.conv_kernel": 4}))
+    assert env.run("sync").returncode == 0
+    [listed] = json.loads(env.run("list", "--json").stdout)
+    assert listed["keeps_conversations"] is False
+    assert listed["conversations"] == ("granitehybrid keeps a recurrent state: llama-server "
+                                       "does not reuse a restored cache for it")
+    assert "slot-save-path" not in (env.state / "models.ini").read_text()

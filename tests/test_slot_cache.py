@@ -25,11 +25,13 @@ CONVERSATION = "".join(f"Line {i}: the lighthouse keeper counts {i} ships tonigh
 
 
 @contextmanager
-def model_server(env: Env, model: Path, folder: Path) -> Iterator[str]:
+def model_server(env: Env, model: Path, folder: Path, swa_full: bool = True,
+                 slots: int = 1) -> Iterator[str]:
     settings = load_settings(dict(env))
     binary = resolve_llama_server(settings.llama_server_bin)
-    args = ["-m", str(model), "--port", str(port := free_port()), "-c", "4096", "-np", "1",
-            "--swa-full", "--slot-save-path", str(folder)]
+    args = ["-m", str(model), "--port", str(port := free_port()), "-c", str(4096 * slots),
+            "-np", str(slots),
+            "--slot-save-path", str(folder), *(["--swa-full"] if swa_full else [])]
     for option, value in ensure_engine_computes(settings, binary).options.items():
         args += [f"--{option}"] if value == "true" else [f"--{option}", value]
     proc = subprocess.Popen([str(binary), *args], stdout=subprocess.DEVNULL,
@@ -44,18 +46,17 @@ def model_server(env: Env, model: Path, folder: Path) -> Iterator[str]:
         proc.wait(10)
 
 
-def turn(url: str, prompt: str) -> tuple[str, int, int]:
+def turn(url: str, prompt: str, **fields: int) -> tuple[str, int, int]:
     """(reply, prompt tokens taken from the cache, prompt tokens)."""
     reply = requests.post(url + "/completion", timeout=300, json={
         "prompt": prompt, "n_predict": 8, "temperature": 0, "seed": 1, "cache_prompt": True,
-    }).json()
+        **fields}).json()
     return reply["content"], reply["timings"]["cache_n"], reply["tokens_evaluated"]
 
 
 def test_a_saved_conversation_is_restored_into_a_new_server(env: Env, gemma_path: Path,
                                                              tmp_path: Path) -> None:
-    folder = slot_cache.model_folder(tmp_path / "kv", "ls/gemma-3-270m-q4_k_m",
-                                     slot_cache.cache_key(gemma_path, {}))
+    folder = tmp_path / "kv" / "gemma" / slot_cache.cache_key(gemma_path, {})
     folder.mkdir(parents=True)
     first = CONVERSATION + "Question: how many ships on line 3?"
     follow_up = first + " Answer:"
@@ -68,15 +69,67 @@ def test_a_saved_conversation_is_restored_into_a_new_server(env: Env, gemma_path
     assert not list(folder.glob("*.partial"))
 
     with model_server(env, gemma_path, folder) as url:  # a new process: nothing in memory
-        chosen = slot_cache.best_for(folder, follow_up)
-        assert chosen is not None and chosen.file == saved.file
-        assert slot_cache.restore(url, {}, folder, chosen) == saved.tokens
+        restored = slot_cache.restore_best(url, {}, folder, follow_up)
+        assert restored is not None and restored.tokens == saved.tokens
+        # The follow-up shares all but the reply's last words with it.
+        assert saved.tokens - 10 < restored.expected <= saved.tokens
         reply, cached, evaluated = turn(url, follow_up)
     print(f"saved {saved.tokens} tokens in {saved.bytes / 2**20:.1f} MiB; after the restore "
           f"{cached} of {evaluated} prompt tokens came from the cache")
     assert cached > 1000, f"only {cached} of {evaluated} prompt tokens came from the cache"
     assert reply == never_stopped[0]  # the same answer as without the restart
     assert slot_cache.saved_slots(folder)[0].hits == 1
+    check = slot_cache.record_check(folder, restored, cached)
+    assert check is not None and check.reused and slot_cache.saving_helps(folder)
+
+
+def test_every_slot_is_saved_and_comes_back(env: Env, gemma_path: Path,
+                                           tmp_path: Path) -> None:
+    """Two slots holding two conversations: both are saved; after a restart the one the
+    request continues goes to slot 0, the other to slot 1, and requests without `id_slot`
+    each find their own (llama-server picks the slot sharing most with the prompt)."""
+    folder = tmp_path / "kv" / "gemma" / "key"
+    folder.mkdir(parents=True)
+    other = CONVERSATION.replace("lighthouse keeper", "harbour master")
+    follow_ups = [text + "Question: how many ships on line 3? Answer:"
+                  for text in (CONVERSATION, other)]
+    with model_server(env, gemma_path, folder, slots=2) as url:
+        turn(url, CONVERSATION, id_slot=0)
+        turn(url, other, id_slot=1)
+        saved = slot_cache.save_slots(url, {}, folder)
+    assert len(saved) == 2 and all(s.tokens > 1000 for s in saved)
+    with model_server(env, gemma_path, folder, slots=2) as url:
+        restored = slot_cache.restore_best(url, {}, folder, follow_ups[1])
+        assert restored is not None
+        for follow_up in follow_ups:
+            _reply, cached, evaluated = turn(url, follow_up)
+            assert cached > 1000, f"{cached} of {evaluated} prompt tokens from the cache"
+
+
+def test_a_model_that_does_not_reuse_a_restored_cache_is_no_longer_saved(
+        env: Env, gemma_path: Path, tmp_path: Path) -> None:
+    """Gemma 3 without --swa-full: llama-server restores the file, but the next request
+    computes its whole prompt again. The first reply after the restore shows it (cache_n),
+    and from then on nothing is saved for that model and key."""
+    folder = tmp_path / "kv" / "gemma" / "key"
+    folder.mkdir(parents=True)
+    follow_up = CONVERSATION + "Question: how many ships on line 3? Answer:"
+    with model_server(env, gemma_path, folder, swa_full=False) as url:
+        turn(url, CONVERSATION)
+        [saved] = slot_cache.save_slots(url, {}, folder)
+    with model_server(env, gemma_path, folder, swa_full=False) as url:
+        restored = slot_cache.restore_best(url, {}, folder, follow_up)
+        assert restored is not None and restored.tokens == saved.tokens
+        _reply, cached, evaluated = turn(url, follow_up)
+        print(f"without --swa-full, {cached} of {evaluated} prompt tokens came from the "
+              "restored cache")
+        check = slot_cache.record_check(folder, restored, cached)
+        assert check is not None and not check.reused
+        assert "NOT reused" in check.describe()
+        assert slot_cache.saved_slots(folder) == []  # useless files are gone
+        turn(url, follow_up)
+        assert slot_cache.save_slots(url, {}, folder) == []  # and none are made
+    assert slot_cache.check_of(folder) == check
 
 
 def test_a_damaged_cache_file_is_refused_and_removed(env: Env, gemma_path: Path,
@@ -92,12 +145,14 @@ def test_a_damaged_cache_file_is_refused_and_removed(env: Env, gemma_path: Path,
         assert turn(url, CONVERSATION)[0]  # the server still serves
 
 
-def test_the_stack_keeps_a_conversation_across_an_unload(env: Env, gemma_path: Path) -> None:
-    """Through the front on the router (KV_CACHE=on, the default): the unload saves the slot,
-    the next request loads the model, gets the saved conversation restored first, and
-    answers as before."""
+def test_the_stack_keeps_a_conversation_across_an_unload(engine_env: Env,
+                                                         gemma_path: Path) -> None:
+    """Through the front, on the router and on llama-swap (KV_CACHE=on, the default): the
+    unload saves the slot, the next request loads the model, gets the saved conversation
+    restored first, and answers as before; `model show` reports what that reply showed."""
     from tests.conftest import running
 
+    env = engine_env
     (env.models / gemma_path.name).symlink_to(gemma_path)
     env.update({"DEFAULT_CTX_SIZE": "4096"})
     name = "ls/gemma-3:270m-q4_k_m"
@@ -110,24 +165,32 @@ def test_the_stack_keeps_a_conversation_across_an_unload(env: Env, gemma_path: P
         return reply["content"], reply["timings"]["cache_n"], reply["tokens_evaluated"]
 
     with running(env):
-        assert "swa-full = true" in (env.state / "models.ini").read_text()  # cheap here
+        config = next(env.state.glob("models.ini"), env.state / "config.yaml").read_text()
+        assert "swa-full" in config and "slot-save-path" in config  # cheap here
         ask()
         never_evicted = ask()
         assert never_evicted[1] > 1000
         assert requests.post(f"{env.base_url}/unload", params={"model": name},
                              timeout=60).status_code == 200
         reply, cached, evaluated = ask()
+        # The front judges the restore by the reply, once it is sent.
+        assert wait_until(lambda: (next((env.state / "kv-cache").glob("*/*/restore-check.json"),
+                                        None) is not None), 10)
         log = (env.state / "logs" / "model_serve.log").read_text(errors="replace")
         stats = json.loads(env.run("stats", "--json").stdout)
         text = env.run("stats").stdout
+        shown = json.loads(env.run("show", name, "--json").stdout)
     [row] = [m for m in stats["models"] if m["name"] == name]
     assert row["saved_conversations"] == 1 and row["restores"] == 1
     assert row["saved_bytes"] > 10 * 2**20
     assert f"{name}: 1 saved conversation(s)" in text
-    print(f"after the unload {cached} of {evaluated} prompt tokens came from the cache")
-    assert "saved 1 slot(s) of ls/gemma-3-270m-q4_k_m" in log
+    print(f"{env['ENGINE']}: after the unload {cached} of {evaluated} prompt tokens came from "
+          "the cache")
+    assert "saved 1 slot(s) of ls/gemma-3" in log
     assert "restored" in log and cached > 1000
     assert reply == never_evicted[0]
+    assert shown["keeps_conversations"] is True
+    assert f"took {cached} of " in shown["conversations"], shown["conversations"]
 
 
 def test_saved_caches_follow_the_config_in_effect(env: Env, gemma_path: Path) -> None:

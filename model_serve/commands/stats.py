@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from model_serve.config.settings import Settings
 from model_serve.engines import select_engine
-from model_serve.engines.base import LOADED_STATES, Engine
+from model_serve.engines.base import LOADED_STATES
 from model_serve.errors import ModelServeError
 from model_serve.runtime import procs
 from model_serve.runtime.activity import front_record, load_activity
@@ -78,8 +79,7 @@ def _rss_by_port(settings: Settings) -> dict[int, int]:
     return found
 
 
-def _saved_conversations(engine: Engine, engine_id: str, stats: ModelStats) -> None:
-    folder = engine.slot_folder_of(engine_id)
+def _saved_conversations(folder: Path | None, stats: ModelStats) -> None:
     if folder is None:
         return
     from model_serve.engines.slot_cache import saved_slots
@@ -105,6 +105,7 @@ def collect_stats(settings: Settings) -> StatsReport:
     activity.update(front_record(settings) or {})  # exact, when there is one
     exits = load_exits(settings)
     rss = _rss_by_port(settings)
+    folders = engine.slot_folders()
     now = time.time()
     report = StatsReport(engine.name, read_memory())
     for model in listed:
@@ -112,7 +113,7 @@ def collect_stats(settings: Settings) -> StatsReport:
         stats = ModelStats(model.served_name, model.state, port=model.port)
         if served is not None:
             stats.ctx_size, stats.slots, stats.ttl = served.ctx_size, served.parallel, served.ttl
-        _saved_conversations(engine, model.name, stats)
+        _saved_conversations(folders.get(model.name), stats)
         crash = exits.get(model.name)
         if crash is not None:
             stats.last_exit = crash.cause

@@ -77,7 +77,7 @@ SETTINGS_TABLE: tuple[Setting, ...] = (
             "503 with Retry-After.", "int", 1),
     Setting("KV_CACHE", "on", "Keep each model's conversations (its KV cache) on disk when it "
             "is unloaded, and restore the one that fits the next request when it loads again "
-            "(router engine, with the front).", "choice", choices=("on", "off")),
+            "(both engines, with the front).", "choice", choices=("on", "off")),
     Setting("KV_CACHE_DIR", "", "Where saved KV caches go; empty = STATE_DIR/kv-cache.", "path"),
     Setting("KV_CACHE_MAX_GB", "10", "Disk space saved KV caches may take; the least recently "
             "used go first.", "number", 0),

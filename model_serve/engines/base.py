@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -17,7 +18,10 @@ from model_serve.models.names import dash_form, identity
 from model_serve.sse import sse_payloads
 
 if TYPE_CHECKING:
+    from model_serve.engines import slot_cache
     from model_serve.models.plan import ServedModel
+
+log = logging.getLogger("model_serve.engines")
 
 # States that hold memory; both engines' vocabularies map onto these.
 LOADED_STATES = frozenset({"loaded", "loading", "sleeping", "stopping"})
@@ -143,20 +147,79 @@ class Engine(ABC):
     @abstractmethod
     def unload(self, name: str) -> None: ...
 
+    # --- saved conversations (KV_CACHE, engines/slot_cache.py) ---------------------------------
+    def slot_folders(self, config: str | None = None) -> dict[str, Path]:
+        """Engine id -> the folder a config (the file in effect when None) saves that model's
+        slots into; empty for an engine (or a config) that saves none."""
+        return {}
+
+    def _config_text(self, config: str | None) -> str:
+        if config is not None:
+            return config
+        try:
+            return self.config_path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            return ""
+
     def config_taken(self) -> None:
-        """After a sync, once the config file is the one the engine runs on: tidy what only
-        the config in effect can tell is stale."""
-        return None
+        """After a sync, once the config file is the one the engine runs on: saved caches
+        under keys it no longer names are removed now, not when a config is written (a config
+        the engine refuses is replaced by the last good one, whose caches must stay)."""
+        if self.settings.kv_cache_dir.is_dir():
+            from model_serve.engines import slot_cache
 
-    def slot_folder_of(self, name: str) -> Path | None:
-        """Where `name`'s conversations are saved; None where the engine saves none."""
-        return None
+            slot_cache.remove_other_keys(self.settings.kv_cache_dir,
+                                         set(self.slot_folders().values()))
 
-    def restore_slots(self, name: str, request_path: str, body: dict[str, Any]) -> int:
+    def _model_server(self, name: str) -> tuple[Path, str] | None:
+        """`name`'s slot folder and the address of its own llama-server, while it runs."""
+        folder = self.slot_folders().get(name) if self.settings.kv_cache_enabled else None
+        if folder is None:
+            return None
+        model = next((m for m in self.models() if m.name == name), None)
+        if model is None or model.state != "loaded" or not model.port:
+            return None
+        return folder, f"http://127.0.0.1:{model.port}"
+
+    def save_slots(self, name: str) -> None:
+        """Before `name` leaves memory: save each of its slots that holds a conversation."""
+        import time
+
+        from model_serve.engines import slot_cache
+
+        server = self._model_server(name)
+        if server is None:
+            return
+        folder, url = server
+        started = time.monotonic()
+        saved = slot_cache.save_slots(url, self._headers(), folder)
+        if saved:
+            log.info("saved %d slot(s) of %s (%d tokens, %.1f MiB) in %.0f ms", len(saved),
+                     name, sum(s.tokens for s in saved), sum(s.bytes for s in saved) / 2**20,
+                     (time.monotonic() - started) * 1000)
+        slot_cache.keep_within(self.settings.kv_cache_dir,
+                               int(self.settings.kv_cache_max_gb * 2**30))
+
+    def restore_slots(self, name: str, request_path: str,
+                      body: dict[str, Any]) -> slot_cache.Restored | None:
         """Right after `name` loaded, before this request reaches it: restore the saved
-        conversation that fits the request best; tokens restored (0: none). Engines that
-        cannot reach a model's own server restore nothing."""
-        return 0
+        conversation the request continues, if any."""
+        import time
+
+        from model_serve.engines import slot_cache
+
+        server = self._model_server(name)
+        if server is None:
+            return None
+        folder, url = server
+        prompt = slot_cache.rendered_prompt(url, self._headers(), request_path, body)
+        started = time.monotonic()
+        restored = slot_cache.restore_best(url, self._headers(), folder, prompt) \
+            if prompt else None
+        if restored is not None:
+            log.info("restored %d tokens of a saved conversation into %s in %.0f ms",
+                     restored.tokens, name, (time.monotonic() - started) * 1000)
+        return restored
 
     @abstractmethod
     def load(self, name: str, timeout: float = 300) -> bool:

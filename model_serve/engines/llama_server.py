@@ -16,7 +16,6 @@ import logging
 import os
 import re
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -158,32 +157,14 @@ class LlamaServerEngine(Engine):
     def model_id(self, served_name: str) -> str:
         return dash_form(served_name)  # the preset parser rewrites ':' in a section name
 
-    def slot_folder(self, section: str, served: ServedModel) -> Path:
-        """Where this model's slots are saved (llama-server wants the folder to exist); a new
-        key (another file, context, slots or option) starts an empty folder."""
-        from model_serve.engines import slot_cache
-
-        key = slot_cache.cache_key(served.path, {"ctx": served.ctx_size,
-                                                 "parallel": served.parallel,
-                                                 "options": served.options})
-        folder = slot_cache.model_folder(self.settings.kv_cache_dir, section, key)
-        folder.mkdir(parents=True, exist_ok=True)
-        return folder
-
-    def config_taken(self) -> None:
-        """Saved caches under keys the config in effect does not name are removed now, not
-        when a config is written: a config the router refuses is replaced by the last good
-        one, whose caches must stay."""
-        if not self.settings.kv_cache_dir.is_dir():
-            return
-        from model_serve.engines import slot_cache
-
-        try:
-            sections = _ini_sections(self.config_path.read_text(encoding="utf-8"))
-        except OSError:
-            return
-        slot_cache.remove_other_keys(self.settings.kv_cache_dir, {
-            folder for name in sections if (folder := self.slot_folder_of(name, sections))})
+    def slot_folders(self, config: str | None = None) -> dict[str, Path]:
+        folders = {}
+        for name, lines in _ini_sections(self._config_text(config)).items():
+            for line in lines:
+                key, _, value = line.partition("=")
+                if key.strip() == "slot-save-path":
+                    folders[name] = Path(value.strip())
+        return folders
 
     def _section(self, served: ServedModel, known: dict[str, str]) -> list[str]:
         section, *aliases = self.routed_names(served)
@@ -195,8 +176,12 @@ class LlamaServerEngine(Engine):
         if served.ttl > 0 and not self.settings.kv_cache_enabled:
             # With KV_CACHE the pressure unloader keeps the TTL, so the slots are saved first.
             values["sleep-idle-seconds"] = str(served.ttl)
-        if self.settings.kv_cache_enabled:
-            values["slot-save-path"] = str(self.slot_folder(section, served))
+        if served.keeps_conversations:
+            from model_serve.engines import slot_cache
+
+            folder = slot_cache.folder_for(self.settings.kv_cache_dir, section, served)
+            folder.mkdir(parents=True, exist_ok=True)  # llama-server wants it to exist
+            values["slot-save-path"] = str(folder)
         for option, value in served.options.items():
             check_option(served, option, known)
             values[option] = value
@@ -249,61 +234,6 @@ class LlamaServerEngine(Engine):
             raise EngineError(f"unloading {name} failed: HTTP {response.status_code} "
                               f"{response.text[:200]}", "see 'model logs'")
 
-    # --- saved conversations (KV_CACHE) ---------------------------------------------------
-    def slot_folder_of(self, name: str,
-                       sections: dict[str, list[str]] | None = None) -> Path | None:
-        """The folder the running config gives `name` for its saved slots, if any."""
-        if sections is None:
-            try:
-                sections = _ini_sections(self.config_path.read_text(encoding="utf-8"))
-            except OSError:
-                return None
-        for line in sections.get(name, []):
-            key, _, value = line.partition("=")
-            if key.strip() == "slot-save-path":
-                return Path(value.strip())
-        return None
-
-    def save_slots(self, name: str) -> None:
-        """Before `name` leaves memory: save each of its slots that holds a conversation."""
-        if not self.settings.kv_cache_enabled:
-            return
-        from model_serve.engines import slot_cache
-
-        folder = self.slot_folder_of(name)
-        model = next((m for m in self.models() if m.name == name), None)
-        if folder is None or model is None or model.state != "loaded" or not model.port:
-            return
-        started = time.monotonic()
-        saved = slot_cache.save_slots(f"http://127.0.0.1:{model.port}", self._headers(),
-                                      folder)
-        if saved:
-            log.info("saved %d slot(s) of %s (%d tokens, %.1f MiB) in %.0f ms", len(saved),
-                     name, sum(s.tokens for s in saved), sum(s.bytes for s in saved) / 2**20,
-                     (time.monotonic() - started) * 1000)
-        slot_cache.keep_within(self.settings.kv_cache_dir,
-                               int(self.settings.kv_cache_max_gb * 2**30))
-
-    def restore_slots(self, name: str, request_path: str, body: dict[str, Any]) -> int:
-        if not self.settings.kv_cache_enabled:
-            return 0
-        from model_serve.engines import slot_cache
-
-        folder = self.slot_folder_of(name)
-        model = next((m for m in self.models() if m.name == name), None)
-        if folder is None or model is None or not model.port:
-            return 0
-        url = f"http://127.0.0.1:{model.port}"
-        prompt = _rendered_prompt(url, self._headers(), request_path, body)
-        chosen = slot_cache.best_for(folder, prompt) if prompt else None
-        if chosen is None:
-            return 0
-        started = time.monotonic()
-        restored = slot_cache.restore(url, self._headers(), folder, chosen)
-        log.info("restored %d tokens of a saved conversation into %s in %.0f ms", restored,
-                 name, (time.monotonic() - started) * 1000)
-        return restored
-
     def load(self, name: str, timeout: float = 300) -> bool:
         from model_serve.runtime.procs import wait_until
 
@@ -339,24 +269,6 @@ class LlamaServerEngine(Engine):
                 yield event["model"], (event.get("data") or {}).get("status", "")
             except (KeyError, TypeError, AttributeError):
                 continue
-
-
-def _rendered_prompt(url: str, headers: dict[str, str], path: str,
-                     body: dict[str, Any]) -> str | None:
-    """The text a request puts before the model: a completion's prompt, or a chat's messages
-    through the model's own template (its /apply-template)."""
-    from model_serve.loopback import LoopbackError, call
-
-    if isinstance(body.get("prompt"), str):
-        return body["prompt"]
-    if not isinstance(body.get("messages"), list):
-        return None
-    try:
-        answer = call("POST", url + "/apply-template", headers, timeout=30,
-                      json_body={"messages": body["messages"]})
-        return str(answer.json().get("prompt") or "") if answer.status_code == 200 else None
-    except (LoopbackError, ValueError, AttributeError):
-        return None
 
 
 def _ini_sections(text: str) -> dict[str, list[str]]:

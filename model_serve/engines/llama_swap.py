@@ -51,6 +51,7 @@ HEALTH_CHECK_TIMEOUT = 300  # seconds a model may take to load (big models on sl
 CONCURRENCY_LIMIT = 64  # queued + in-flight requests per model before llama-swap answers 429
 FALLBACK_START_PORT = 5800  # llama-swap's own default, used when our port is near the top
 GROUP = "model_serve"
+SLOT_SAVE_PATH = "--slot-save-path"
 RELOAD_WAIT = 10.0  # llama-swap polls the file every 2 s
 MIN_UNLOAD_ONE = 161  # first release with POST /api/models/unload/<id>
 MIN_SIGHUP_RELOAD = 205  # SIGHUP reloads from here on; before, it ends llama-swap
@@ -163,7 +164,9 @@ class LlamaSwapEngine(Engine):
                 "cmd": self._cmd(served, server, spellings, machine_options),
                 "proxy": "http://127.0.0.1:${PORT}",
                 "checkEndpoint": "/health",
-                "ttl": int(served.ttl),
+                # With KV_CACHE the pressure unloader keeps the TTL, so the slots are saved
+                # before the model goes (llama-swap's own TTL would drop them).
+                "ttl": 0 if self.settings.kv_cache_enabled else int(served.ttl),
                 "concurrencyLimit": CONCURRENCY_LIMIT,
             }
             if aliases:
@@ -215,6 +218,16 @@ class LlamaSwapEngine(Engine):
                 "--parallel", str(served.parallel)]
         for option, value in {**machine_options, **served.options}.items():
             argv += _option_words(served, option, value, spellings)
+        if served.keeps_conversations:
+            from model_serve.engines import slot_cache
+
+            folder = slot_cache.folder_for(self.settings.kv_cache_dir, served.name, served)
+            if _CMD_UNSAFE.search(str(folder)):
+                raise ConfigError(f"KV_CACHE_DIR ({folder.parent.parent}) contains '${{' or a "
+                                  "line break, which llama-swap's cmd cannot carry",
+                                  "set KV_CACHE_DIR in .env to another folder")
+            folder.mkdir(parents=True, exist_ok=True)  # llama-server wants it to exist
+            argv += [SLOT_SAVE_PATH, str(folder)]
         # As the router's [*] section: context is sized by model_serve, so llama-server's
         # trial-fit pass only adds latency; metrics feed `model stats`.
         if "fit" in spellings and "fit" not in served.options:
@@ -264,6 +277,21 @@ class LlamaSwapEngine(Engine):
         except (OSError, yaml.YAMLError, TypeError, KeyError, AttributeError):
             return {}
 
+    def slot_folders(self, config: str | None = None) -> dict[str, Path]:
+        import yaml
+
+        try:
+            models = yaml.safe_load(self._config_text(config))["models"]
+        except (yaml.YAMLError, TypeError, KeyError):
+            return {}
+        folders = {}
+        for name, entry in models.items():
+            with contextlib.suppress(ValueError, TypeError, AttributeError):
+                words = shlex.split(entry.get("cmd", ""))
+                if SLOT_SAVE_PATH in words[:-1]:
+                    folders[str(name)] = Path(words[words.index(SLOT_SAVE_PATH) + 1])
+        return folders
+
     def load(self, name: str, timeout: float = 300) -> bool:
         # No load endpoint: a request through /upstream starts the model and is answered once
         # it is ready (as llama-swap's own UI loads models).
@@ -272,6 +300,7 @@ class LlamaSwapEngine(Engine):
         return response.status_code == 200
 
     def unload(self, name: str) -> None:
+        self.save_slots(name)
         # Blocks until the model's process has exited (TERM, then KILL after unloadTimeout).
         response = self.request("POST", f"/api/models/unload/{quote(name, safe='/:')}",
                                 timeout=60)

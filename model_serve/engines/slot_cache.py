@@ -11,7 +11,10 @@ into the folder its `--slot-save-path` names); this module decides what to keep 
 - each saved slot is a `.bin` written by llama-server under a temporary name and renamed when
   complete, and a `.json` beside it with the text it holds (prompt and reply) and its size;
   a slot file without its description, or one llama-server refuses, is never used;
-- a disk budget (KV_CACHE_MAX_GB) over all models: the least recently used files go first.
+- a disk budget (KV_CACHE_MAX_GB) over all models: the least recently used files go first;
+- the first reply after a restore tells (its `timings.cache_n`) whether the model really
+  reused the restored cache. Where it did not, the folder records that, nothing more is saved
+  for that model and key, and `model show` says so.
 """
 
 from __future__ import annotations
@@ -25,10 +28,13 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from model_serve.fileio import write_if_changed
 from model_serve.loopback import LoopbackError, call
+
+if TYPE_CHECKING:
+    from model_serve.models.plan import ServedModel
 
 log = logging.getLogger("model_serve.slot_cache")
 
@@ -36,6 +42,8 @@ MIN_SHARED_CHARS = 64  # a restore is worth it only when the prompts share at le
 # Makes llama-server's GET /slots show each slot's last prompt and reply (else only counts):
 # the text a saved slot is chosen by. It costs one copy of each reply.
 SERVER_ENV = {"LLAMA_SERVER_SLOTS_DEBUG": "1"}
+CHECK_FILE = "restore-check.json"
+MIN_CHECKED_TOKENS = 32  # a restore sharing fewer tokens with its request tells too little
 
 
 @dataclass
@@ -49,6 +57,31 @@ class SavedSlot:
     hits: int = 0
 
 
+@dataclass
+class Restored:
+    """A saved conversation put back into a freshly loaded model."""
+
+    folder: Path
+    tokens: int  # restored
+    expected: int  # of them, the ones the request shares (its prompt's beginning)
+
+
+@dataclass
+class RestoreCheck:
+    """What the first reply after a restore showed: did the model reuse the cache?"""
+
+    reused: bool
+    expected: int
+    cache_n: int  # tokens that reply took from the cache (llama-server's timings.cache_n)
+    checked_at: float
+
+    def describe(self) -> str:
+        verdict = "reused" if self.reused else "NOT reused"
+        return (f"{verdict}: the first reply after a restore took {self.cache_n} of "
+                f"{self.expected} shared tokens from the cache "
+                f"({time.strftime('%Y-%m-%d %H:%M', time.localtime(self.checked_at))})")
+
+
 def cache_key(model_path: Path, settings_shaping_cache: dict[str, Any]) -> str:
     """Changes when the model file or anything that shapes its KV cache changes."""
     try:
@@ -60,10 +93,41 @@ def cache_key(model_path: Path, settings_shaping_cache: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def model_folder(root: Path, engine_id: str, key: str) -> Path:
-    """`root/<model>/<key>`: the folder llama-server saves this model's slots into."""
+def folder_for(root: Path, engine_id: str, served: ServedModel) -> Path:
+    """`root/<model>/<key>`: the folder llama-server saves this model's slots into. A new key
+    (another file, context, slots or option) is a new, empty folder."""
+    key = cache_key(served.path, {"ctx": served.ctx_size, "parallel": served.parallel,
+                                  "options": served.options})
     safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in engine_id)
     return root / safe / key
+
+
+def record_check(folder: Path, restored: Restored, cache_n: int) -> RestoreCheck | None:
+    """Judge a restore by the first reply after it. A model that did not reuse the cache
+    gets no more saves under this key, and its saved files go (they cannot help)."""
+    if restored.expected < MIN_CHECKED_TOKENS:
+        return None
+    check = RestoreCheck(cache_n >= restored.expected // 2, restored.expected, cache_n,
+                         time.time())
+    write_if_changed(folder / CHECK_FILE, json.dumps(asdict(check)))
+    if not check.reused:
+        log.warning("%s: a restored conversation was %s; its conversations are no longer "
+                    "saved", folder.parent.name, check.describe())
+        for slot in saved_slots(folder):
+            remove(folder, slot)
+    return check
+
+
+def check_of(folder: Path) -> RestoreCheck | None:
+    try:
+        return RestoreCheck(**json.loads((folder / CHECK_FILE).read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def saving_helps(folder: Path) -> bool:
+    check = check_of(folder)
+    return check is None or check.reused
 
 
 def remove_other_keys(root: Path, keep: set[Path]) -> None:
@@ -95,6 +159,8 @@ def _describe(folder: Path, slot: SavedSlot) -> None:
 
 def save_slots(base_url: str, headers: dict[str, str], folder: Path) -> list[SavedSlot]:
     """Save every slot of the model server at `base_url` that holds tokens."""
+    if not saving_helps(folder):
+        return []
     try:
         slots = call("GET", base_url + "/slots", headers, timeout=10).json()
     except (LoopbackError, ValueError) as exc:
@@ -145,14 +211,42 @@ def shared_prefix(a: str, b: str) -> int:
     return len(os.path.commonprefix([a, b]))
 
 
-def best_for(folder: Path, prompt: str) -> SavedSlot | None:
-    """The saved slot sharing the longest beginning with `prompt` (at least MIN_SHARED_CHARS)."""
+def best_for(folder: Path, prompt: str) -> tuple[SavedSlot, int] | None:
+    """The saved slot sharing the longest beginning with `prompt` (at least MIN_SHARED_CHARS),
+    and how many characters it shares."""
     best, best_shared = None, MIN_SHARED_CHARS - 1
     for slot in saved_slots(folder):
         shared = shared_prefix(slot.text, prompt)
         if shared > best_shared:
             best, best_shared = slot, shared
-    return best
+    return (best, best_shared) if best is not None else None
+
+
+def restore_best(base_url: str, headers: dict[str, str], folder: Path,
+                 prompt: str) -> Restored | None:
+    """Restore the saved conversation `prompt` continues into slot 0; llama-server gives a
+    request the slot whose cache shares most with it, so the request gets this one. A model
+    with several slots gets the most recently used other conversations in the others."""
+    found = best_for(folder, prompt)
+    if found is None:
+        return None
+    slot, shared = found
+    tokens = restore(base_url, headers, folder, slot, 0)
+    if not tokens:
+        return None
+    others = sorted((s for s in saved_slots(folder) if s.file != slot.file),
+                    key=lambda s: s.last_used, reverse=True)
+    for slot_id, other in zip(range(1, _slot_count(base_url, headers)), others, strict=False):
+        restore(base_url, headers, folder, other, slot_id)
+    return Restored(folder, tokens, tokens * shared // max(len(slot.text), 1))
+
+
+def _slot_count(base_url: str, headers: dict[str, str]) -> int:
+    try:
+        slots = call("GET", base_url + "/slots", headers, timeout=10).json()
+    except (LoopbackError, ValueError):
+        return 1
+    return len(slots) if isinstance(slots, list) else 1
 
 
 def restore(base_url: str, headers: dict[str, str], folder: Path, slot: SavedSlot,
@@ -173,6 +267,22 @@ def restore(base_url: str, headers: dict[str, str], folder: Path, slot: SavedSlo
     slot.last_used, slot.hits = time.time(), slot.hits + 1
     _describe(folder, slot)
     return int(answer.json().get("n_restored", 0))
+
+
+def rendered_prompt(base_url: str, headers: dict[str, str], path: str,
+                    body: dict[str, Any]) -> str | None:
+    """The text a request puts before the model: a completion's prompt, or a chat's messages
+    through the model's own template (its /apply-template)."""
+    if isinstance(body.get("prompt"), str):
+        return body["prompt"]
+    if not isinstance(body.get("messages"), list):
+        return None
+    try:
+        answer = call("POST", base_url + "/apply-template", headers, timeout=30,
+                      json_body={"messages": body["messages"]})
+        return str(answer.json().get("prompt") or "") if answer.status_code == 200 else None
+    except (LoopbackError, ValueError, AttributeError):
+        return None
 
 
 def remove(folder: Path, slot: SavedSlot) -> None:

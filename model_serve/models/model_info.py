@@ -16,13 +16,15 @@ from typing import Any
 from model_serve.fileio import write_if_changed
 from model_serve.models import gguf
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: `recurrent`
 
 # Architectures whose Ollama-converted blobs embed vision/audio tensors stock llama.cpp rejects.
 _EMBEDDED_TOWER_ARCHS = frozenset({
     "gemma3", "gemma4", "mistral3", "qwen35", "qwen35moe", "llama4", "nemotron_h_omni",
     "nemotron_h_moe",
 })
+# Header keys only models with a recurrent state have (`<arch>.ssm.state_size`, ...).
+_RECURRENT_KEY_PARTS = ("ssm", "wkv", "shortconv")
 _EMBEDDED_TOWER_PREFIXES = ("v.", "mm.", "a.", "mtp.", "model.vision_tower.")
 # Architecture names only Ollama's converter writes; llama.cpp does not know them.
 _OLLAMA_ONLY_ARCHS = frozenset({
@@ -51,6 +53,9 @@ class ModelInfo:
     value_length: int = 0
     sliding_window: int = 0
     sliding_window_pattern: list[bool] = field(default_factory=list)
+    # A recurrent state (Mamba/RWKV/short-conv layers, alone or in a hybrid): llama-server
+    # cannot reuse a restored cache for it.
+    recurrent: bool = False
     split_count: int = 0
     has_chat_template: bool = False
     incompatibility: str = ""
@@ -87,6 +92,11 @@ def _incompatibility(header: gguf.GGUFHeader) -> str:
     return ""
 
 
+def _has_recurrent_state(header: gguf.GGUFHeader) -> bool:
+    prefixes = tuple(f"{header.architecture}.{part}." for part in _RECURRENT_KEY_PARTS)
+    return any(key.startswith(prefixes) for key in header.metadata)
+
+
 def info_from_header(header: gguf.GGUFHeader) -> ModelInfo:
     kv_heads = header.arch_key("attention.head_count_kv")
     if isinstance(kv_heads, list):
@@ -112,6 +122,7 @@ def info_from_header(header: gguf.GGUFHeader) -> ModelInfo:
         value_length=_int(header.arch_key("attention.value_length")),
         sliding_window=_int(header.arch_key("attention.sliding_window")),
         sliding_window_pattern=[bool(v) for v in pattern] if isinstance(pattern, list) else [],
+        recurrent=_has_recurrent_state(header),
         split_count=_int(header.get("split.count")),
         has_chat_template="tokenizer.chat_template" in header.metadata,
         incompatibility=_incompatibility(header),

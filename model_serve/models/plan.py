@@ -38,6 +38,8 @@ class ServedModel:
     options: dict[str, str] = field(default_factory=dict)  # llama-server long option -> value
     cmd: str | None = None  # llama-swap only: a full command override
     custom_line: str = ""  # where its custom settings came from
+    keeps_conversations: bool = False  # KV_CACHE: slots saved before unload, restored after
+    conversations_reason: str = ""
 
     @property
     def path(self) -> Path:
@@ -127,11 +129,39 @@ def _served(model: CatalogModel, name: str, entry: CustomEntry | None, custom: C
     ctx, reason = _choose_ctx(model, wanted, source, parallel, budget,
                               options.get("swa-full") == "true")
     aliases = [] if entry is None else list(get("aliases", []))
+    keeps, why = _conversations(settings, model, options, ctx, parallel, get("swa_full"))
+    if keeps and get("cmd"):
+        keeps, why = False, "cmd is set: model_serve does not add --slot-save-path to it"
     return ServedModel(
         name=name, aliases=aliases, model=model, ctx_size=ctx, ctx_reason=reason,
         ttl=get("ttl", settings.model_ttl), parallel=parallel, options=options,
-        cmd=get("cmd"), custom_line=where,
+        cmd=get("cmd"), custom_line=where, keeps_conversations=keeps, conversations_reason=why,
     )
+
+
+def _conversations(settings: Settings, model: CatalogModel, options: dict[str, str], ctx: int,
+                   parallel: int, swa_full_set: bool | None) -> tuple[bool, str]:
+    """Whether a restored KV cache can be reused by this model, and why (`model show`)."""
+    if settings.kv_cache != "on":
+        return False, "KV_CACHE=off"
+    if not settings.front_enabled:
+        return False, "FRONT=off (the front saves and restores them)"
+    info = model.info
+    if info.recurrent:
+        return False, (f"{info.architecture} keeps a recurrent state: llama-server does not "
+                       "reuse a restored cache for it")
+    extra = footprint.swa_full_extra(info, ctx, parallel)
+    if extra and options.get("swa-full") != "true":
+        cost = f"+{extra / 2**20:.0f} MiB"
+        why = ("swa_full: false in custom_models.yaml" if swa_full_set is False else
+               f"its cost ({cost}) is over {footprint.SWA_FULL_FREE // 2**20} MiB and "
+               f"{footprint.SWA_FULL_SHARE:.0%} of the model")
+        return False, ("sliding-window attention without --swa-full, so a restored cache "
+                       f"would not be reused ({why}); set swa_full: true for {cost}")
+    if extra:
+        return True, (f"saved before unload, restored at the next load (--swa-full on, "
+                      f"+{extra / 2**20:.0f} MiB)")
+    return True, "saved before unload, restored at the next load"
 
 
 def _match_entry(key: str, catalog: Catalog, custom: CustomModels,

@@ -25,6 +25,7 @@ from typing import Any
 
 from model_serve.config.settings import Settings
 from model_serve.engines.base import LOADED_STATES, Engine, EngineModel
+from model_serve.engines.slot_cache import Restored
 from model_serve.errors import ModelServeError
 from model_serve.runtime.engine_view import EngineView
 from model_serve.runtime.memory import MemoryReading, read_memory
@@ -58,6 +59,17 @@ class Admission:
         self.lock = asyncio.Lock()
         self.evicting: set[str] = set()
         self.refused: dict[str, float] = {}
+        # engine id -> (the body of the request a conversation was restored for, what was
+        # restored): the front checks that request's reply for the cache's reuse.
+        self.restored: dict[str, tuple[bytes, Restored]] = {}
+
+    def restored_for(self, engine_id: str, body: bytes | None) -> Restored | None:
+        """What was restored for this very request (its body), once."""
+        entry = self.restored.get(engine_id)
+        if entry is None or body is None or entry[0] is not body:
+            return None
+        del self.restored[engine_id]
+        return entry[1]
 
     async def admit(self, engine_id: str, need: int, path: str = "",
                     body: bytes | None = None) -> Refusal | None:
@@ -85,25 +97,26 @@ class Admission:
             state = self.view.state(engine_id)
             if state in ("loaded", "loading", "sleeping"):
                 return None
+            stopping = state in LOADED_STATES  # its memory is not free yet: wait for it
             reading = await asyncio.to_thread(self.read)
-            if state not in LOADED_STATES and not reading.over(threshold, need):
+            if not stopping and not reading.over(threshold, need):
                 break
             why = (f"loading {engine_id} needs {need / GIB:.2f} GiB; memory {reading.describe()}"
                    f" would cross {threshold:g}%")
-            victim = self.victim(models, engine_id) if state not in LOADED_STATES else None
-            if victim is not None:
-                await self._unload(victim, why)
-                continue
-            if state not in LOADED_STATES and not any(
-                    m.state in LOADED_STATES and m.name != engine_id for m in models):
-                return Refusal(f"{why}, and no other model is loaded: it does not fit. Lower "
-                               "its ctx_size in custom_models.yaml, or raise "
-                               "MEMORY_PRESSURE_THRESHOLD", 60)
+            if not stopping:
+                victim = self.victim(models, engine_id)
+                if victim is not None:
+                    await self._unload(victim, why)
+                    continue
+                if not any(m.state in LOADED_STATES and m.name != engine_id for m in models):
+                    return Refusal(f"{why}, and no other model is loaded: it does not fit. "
+                                   "Lower its ctx_size in custom_models.yaml, or raise "
+                                   "MEMORY_PRESSURE_THRESHOLD", 60)
             if time.monotonic() >= deadline:
                 return Refusal(f"{why}, and every loaded model is busy or was used in the last "
                                f"{self.settings.min_model_age_seconds}s (waited "
                                f"{self.settings.load_queue_timeout}s)", 10)
-            if not waiting_said and state not in LOADED_STATES:
+            if not waiting_said and not stopping:
                 log.info("admission: %s; every loaded model is busy or recently used: waiting",
                          why)
                 waiting_said = True
@@ -114,8 +127,10 @@ class Admission:
         with contextlib.suppress(ModelServeError):
             self.view.update(await asyncio.to_thread(self.engine.models))
             if loaded and body:
-                await asyncio.to_thread(self.engine.restore_slots, engine_id, path,
-                                        _json_object(body))
+                restored = await asyncio.to_thread(self.engine.restore_slots, engine_id, path,
+                                                   _json_object(body))
+                if restored is not None:
+                    self.restored[engine_id] = (body, restored)
         return None
 
     def victim(self, models: list[EngineModel], target: str) -> str | None:

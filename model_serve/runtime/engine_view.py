@@ -4,8 +4,8 @@ kept current by following the engine's own event feed, so no request waits for a
 A thread follows `Engine.events` (the router's /models/sse, llama-swap's /api/events) and, on
 every change of a model's state, reads the engine's whole list again (`Engine.models`) and
 hands it to the event loop. Events come in order, so a model's unload is seen before another
-model can load and take its port. While the feed is down the view is empty (`known` is
-False): the front then asks the engine itself.
+model can load and take its port. While the feed is down the view is empty: the front then
+asks the engine itself.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ class EngineView:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.models: dict[str, EngineModel] = {}  # engine id -> as the engine last listed it
-        self.known = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop = threading.Event()
 
@@ -41,7 +40,6 @@ class EngineView:
     def update(self, models: list[EngineModel]) -> None:
         """Take a fresh list (from the feed's thread, or from the front after its own read)."""
         self.models = {m.name: m for m in models}
-        self.known = True
 
     def forget(self, engine_id: str) -> None:
         self.models.pop(engine_id, None)
@@ -61,7 +59,7 @@ class EngineView:
             self._loop.call_soon_threadsafe(self.update, models)
 
     def _clear(self) -> None:
-        self.models, self.known = {}, False
+        self.models = {}
 
     def _follow(self) -> None:
         while not self._stop.is_set():
@@ -70,7 +68,7 @@ class EngineView:
                 for _model, status in self.engine.events(self._stop):
                     if status not in (REQUEST_STARTED, REQUEST_ENDED):
                         self._post(self.engine.models())
-            except (ModelServeError, OSError, ValueError) as exc:  # requests' errors are OSErrors
+            except (ModelServeError, OSError, ValueError) as exc:  # loopback errors are OSErrors
                 log.debug("engine feed: %s", exc)
             self._post(None)
             self._stop.wait(RECONNECT)

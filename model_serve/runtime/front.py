@@ -22,18 +22,21 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
 from aiohttp import client_exceptions as client_errors
+from yarl import URL
 
 from model_serve.config.settings import Settings, load_settings
-from model_serve.engines import Engine, select_engine
+from model_serve.engines import Engine, select_engine, slot_cache
 from model_serve.engines.base import LOADED_STATES, EngineModel
+from model_serve.engines.slot_cache import Restored
 from model_serve.errors import ModelServeError
 from model_serve.models.names import identity
 from model_serve.runtime.admission import Admission
@@ -159,24 +162,25 @@ class Front:
         act.in_flight = max(0, act.in_flight - 1)
         act.last_ended = time.time()
 
+    def _by_engine_id(self) -> Iterator[tuple[str, ModelActivity]]:
+        """Each served name's activity, with the engine id it reaches."""
+        for served, act in self.activity.items():
+            route = self.names.find(served)
+            yield (route.engine_id if route else served), act
+
     def usage(self, engine_id: str) -> tuple[int, float]:
         """Requests in flight for a model (by the engine's id) and when it was last used."""
         in_flight, last_used = 0, 0.0
-        for served, act in self.activity.items():
-            route = self.names.find(served)
-            if (route.engine_id if route else served) == engine_id:
+        for model, act in self._by_engine_id():
+            if model == engine_id:
                 in_flight += act.in_flight
                 last_used = max(last_used, act.last_started, act.last_ended)
         return in_flight, last_used
 
     def in_flight(self, engine_ids: list[str]) -> int:
         """Requests in flight for these models (by the engine's id; ALL: every model)."""
-        total = 0
-        for served, act in self.activity.items():
-            route = self.names.find(served)
-            if ALL in engine_ids or (route is not None and route.engine_id in engine_ids):
-                total += act.in_flight
-        return total
+        return sum(act.in_flight for model, act in self._by_engine_id()
+                   if ALL in engine_ids or model in engine_ids)
 
     # --- holds: a model the sync restarts gets no new request meanwhile ----------------------
     async def wait_if_held(self, route: Route) -> None:
@@ -247,21 +251,23 @@ class Front:
             return self.release
         if path.startswith("/upstream/"):
             return self.upstream_request
+        unloads = path in ("/unload", "/api/models/unload") or \
+            path.startswith("/api/models/unload/")
         if self.engine.name == "llama-swap":
-            # llama-swap serves its own API; only the original tool's form is ours.
-            if path == "/unload" and method == "POST":
+            # llama-swap serves its own API; only the original tool's form is ours, and its
+            # unloads while conversations are saved first (llama-swap would drop them).
+            if unloads and (self.settings.kv_cache_enabled or
+                            (path == "/unload" and method == "POST")):
                 return self.unload
             return None
         if path == "/running" and method == "GET":
             return self.running
-        if path in ("/unload", "/api/models/unload") or path.startswith("/api/models/unload/"):
-            return self.unload
-        return None
+        return self.unload if unloads else None
 
     async def forward(self, request: web.Request, path_qs: str | None = None,
                       base: str | None = None) -> web.StreamResponse:
         body: bytes | None = None
-        sent = route = None
+        sent = route = restored = None
         if request.method in ("POST", "PUT", "PATCH") and request.can_read_body:
             body = await request.read()
             if request.path.startswith(MODEL_PATHS) and body[:1] == b"{":
@@ -273,13 +279,14 @@ class Front:
             if refused is not None:
                 return _error(503, refused.message, "no_memory_for_model",
                               retry_after=refused.retry_after)
+            restored = self.admission.restored_for(route.engine_id, body)
             self.started(route)
             port = self.view.port(route.engine_id) if self.direct and base is None else None
             if port:
                 base = f"http://127.0.0.1:{port}"
         try:
             return await self._proxy(request, body, path_qs or request.path_qs, base, sent,
-                                     route)
+                                     route, CacheReuse(restored) if restored else None)
         finally:
             if route is not None:
                 self.ended(route)
@@ -299,8 +306,8 @@ class Front:
         return body, sent, route
 
     async def _proxy(self, request: web.Request, body: bytes | None, path_qs: str,
-                     base: str | None, sent: str | None,
-                     route: Route | None) -> web.StreamResponse:
+                     base: str | None, sent: str | None, route: Route | None,
+                     reuse: CacheReuse | None = None) -> web.StreamResponse:
         assert self.session is not None
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
         headers.update(self._engine_auth)
@@ -321,13 +328,15 @@ class Front:
                 # The model server went (unloaded, crashed): once the router has seen that
                 # (else it would proxy to the dead port), it is loaded again as any other
                 # load is: room made first, its saved conversation restored.
-                await self._until_engine_sees_it_gone(route.engine_id, base or "")
+                await self._until_engine_sees_it_gone(route.engine_id, URL(base or "").port)
                 self.view.forget(route.engine_id)
                 refused = await self.admission.admit(route.engine_id, route.footprint,
                                                      request.path, body)
                 if refused is not None:
                     return _error(503, refused.message, "no_memory_for_model",
                                   retry_after=refused.retry_after)
+                restored = self.admission.restored_for(route.engine_id, body)
+                reuse = CacheReuse(restored) if restored else reuse
                 base, direct = None, False
             except (client_errors.ServerDisconnectedError,
                     client_errors.ClientOSError) as exc:
@@ -347,6 +356,8 @@ class Front:
             length = upstream.headers.get("Content-Length")
             if rename is not None and length is not None:
                 payload = rename(await upstream.read())
+                if reuse is not None:
+                    reuse.feed(payload)
                 response.content_length = len(payload)
                 await response.prepare(request)
                 await response.write(payload)
@@ -356,6 +367,8 @@ class Front:
                 await response.prepare(request)
                 pending = b""
                 async for chunk in upstream.content.iter_any():
+                    if reuse is not None:
+                        reuse.feed(chunk)
                     if rename is None:
                         await response.write(chunk)
                         continue
@@ -368,11 +381,12 @@ class Front:
                 if pending:
                     await response.write(rename(pending) if rename else pending)
             await response.write_eof()
+            if reuse is not None:
+                await asyncio.to_thread(reuse.record)
             return response
 
-    async def _until_engine_sees_it_gone(self, engine_id: str, base: str,
+    async def _until_engine_sees_it_gone(self, engine_id: str, port: int | None,
                                          timeout: float = 5.0) -> None:
-        port = int(base.rsplit(":", 1)[1]) if base.count(":") == 2 else None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with contextlib.suppress(ModelServeError):
@@ -498,6 +512,28 @@ class Front:
             direct = self.view.port(engine_id) if self.direct else None
             report[served] = {**act.to_json(), "engine_id": engine_id, "direct_port": direct}
         return web.json_response(report)
+
+
+class CacheReuse:
+    """Reads `"cache_n": N` (llama-server's timings) from the reply to the request a saved
+    conversation was restored for: whether the model really reused the restored cache."""
+
+    PATTERN = re.compile(rb'"cache_n":\s*(\d+)')
+
+    def __init__(self, restored: Restored) -> None:
+        self.restored = restored
+        self.tail = b""
+        self.cache_n: int | None = None
+
+    def feed(self, chunk: bytes) -> None:
+        text = self.tail + chunk
+        for match in self.PATTERN.finditer(text):
+            self.cache_n = int(match.group(1))
+        self.tail = text[-32:]  # a key cut between two chunks is read whole next time
+
+    def record(self) -> None:
+        if self.cache_n is not None:
+            slot_cache.record_check(self.restored.folder, self.restored, self.cache_n)
 
 
 def _renamer(engine_id: str, sent: str | None) -> Callable[[bytes], bytes] | None:

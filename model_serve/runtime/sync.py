@@ -154,6 +154,7 @@ def _requests_held(settings: Settings, engine: Engine, previous: str | None,
         yield
         return
     try:
+        _save_conversations(engine, loaded, previous)
         yield
         for name in loaded:
             engine.wait_unloaded(name, timeout=30)
@@ -164,6 +165,19 @@ def _requests_held(settings: Settings, engine: Engine, previous: str | None,
                 break
             except LoopbackError as exc:
                 log.warning("releasing the held requests failed (%s); trying again", exc)
+
+
+def _save_conversations(engine: Engine, names: list[str], previous: str) -> None:
+    """The reload restarts these models (their requests drained): save their conversations
+    first, where the new config keeps their cache key (another key could not use them)."""
+    before, after = engine.slot_folders(previous), engine.slot_folders()
+    for name in names:
+        if after.get(name) is not None and after.get(name) == before.get(name):
+            try:
+                engine.save_slots(name)
+            except ModelServeError as exc:
+                log.warning("conversations of %s not saved before the reload: %s", name,
+                            exc.message)
 
 
 def _read_config(path: Path) -> str | None:

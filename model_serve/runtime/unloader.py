@@ -68,16 +68,19 @@ class PressureUnloader:
         return self.settings.state_dir / "activity.json"
 
     # --- footprint estimates ------------------------------------------------------------
-    def estimate(self, name: str) -> int:
-        """Bytes the model will take once loaded (0 when unknown)."""
-        config = self.engine.config_path
+    def _plan_read(self) -> None:
+        """Estimates and TTLs come from the plan, read again when the engine config changed."""
         try:
-            stamp = config.stat().st_mtime
+            stamp = self.engine.config_path.stat().st_mtime
         except OSError:
             stamp = None
         if stamp != self._estimates_stamp:
             self._estimates_stamp = stamp
             self._estimates = self._load_estimates()
+
+    def estimate(self, name: str) -> int:
+        """Bytes the model will take once loaded (0 when unknown)."""
+        self._plan_read()
         return self._estimates.get(name, 0)
 
     def _load_estimates(self) -> dict[str, int]:
@@ -97,14 +100,14 @@ class PressureUnloader:
         return estimates
 
     def ttl(self, name: str) -> int:
-        self.estimate(name)  # the plan is read again when the engine config changed
+        self._plan_read()
         return self._ttls.get(name, 0)
 
     @property
     def keeps_ttl(self) -> bool:
-        """With KV_CACHE the router leaves TTL to us, so a model's slots are saved before it
-        goes (the engine's own sleep would drop them)."""
-        return self.engine.name == "llama-server" and self.settings.kv_cache_enabled
+        """With KV_CACHE the engine leaves TTL to us, so a model's slots are saved before it
+        goes (the router's sleep and llama-swap's TTL would drop them)."""
+        return self.settings.kv_cache_enabled
 
     def expire_idle(self) -> list[str]:
         """Unload the loaded models idle for their ttl or longer."""
