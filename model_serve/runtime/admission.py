@@ -123,7 +123,10 @@ class Admission:
             await asyncio.sleep(QUEUE_POLL)
         log.info("admission: loading %s (%.2f GiB) with memory at %s", engine_id, need / GIB,
                  reading.describe())
+        started = time.monotonic()
         loaded = await asyncio.to_thread(self.engine.load, engine_id, LOAD_WAIT)
+        log.info("admission: %s %s in %.0f ms", engine_id, "loaded" if loaded else "did not load",
+                 (time.monotonic() - started) * 1000)
         with contextlib.suppress(ModelServeError):
             self.view.update(await asyncio.to_thread(self.engine.models))
             if loaded and body:
