@@ -215,3 +215,33 @@ def test_saved_caches_follow_the_config_in_effect(env: Env, gemma_path: Path) ->
         assert env.run("sync").returncode == 0
         assert not saved[0].exists()
         assert len(list((env.state / "kv-cache").glob("*/*"))) == 1  # the new key's folder
+
+
+def test_a_sync_that_restarts_a_model_saves_its_conversation_first(engine_env: Env,
+                                                                   gemma_path: Path) -> None:
+    """A config change the engine applies by restarting the model (here a new alias; llama-swap
+    restarts every model on any change) keeps the cache key, so the conversation is saved
+    before the restart and the next turn takes it from the restored cache."""
+    from tests.conftest import running
+
+    env = engine_env
+    (env.models / gemma_path.name).symlink_to(gemma_path)
+    env.update({"DEFAULT_CTX_SIZE": "4096"})
+    name = "ls/gemma-3:270m-q4_k_m"
+
+    def ask() -> int:
+        reply = requests.post(f"{env.base_url}/completion", timeout=300, json={
+            "model": name, "prompt": CONVERSATION + "Question: how many ships on line 3?",
+            "n_predict": 4, "temperature": 0}).json()
+        return reply["timings"]["cache_n"]
+
+    with running(env):
+        ask()
+        (env.home / "custom_models.yaml").write_text(
+            "models:\n  gemma-3:270m-q4_k_m:\n    aliases: [lighthouse]\n")
+        synced = env.run("sync")
+        assert synced.returncode == 0 and "reloaded" in synced.stdout, synced.stdout
+        assert len(list((env.state / "kv-cache").glob("*/*/*.bin"))) == 1
+        cached = ask()
+    print(f"{env['ENGINE']}: after the restart {cached} prompt tokens came from the cache")
+    assert cached > 1000
