@@ -302,6 +302,8 @@ def show(served: ServedModel, as_json: bool, check: RestoreCheck | None = None) 
             value = f"{human_bytes(value)} ({value} bytes)"
         elif isinstance(value, list):
             value = ", ".join(value)
+        elif isinstance(value, bool):
+            value = "yes" if value else "no"
         click.echo(f"{key}: {value if value not in (None, [], '') else '-'}")
 
 
