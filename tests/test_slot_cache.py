@@ -217,14 +217,18 @@ def test_saved_caches_follow_the_config_in_effect(env: Env, gemma_path: Path) ->
         assert len(list((env.state / "kv-cache").glob("*/*"))) == 1  # the new key's folder
 
 
-def test_a_sync_that_restarts_a_model_saves_its_conversation_first(engine_env: Env,
-                                                                   gemma_path: Path) -> None:
-    """A config change the engine applies by restarting the model (here a new alias; llama-swap
-    restarts every model on any change) keeps the cache key, so the conversation is saved
-    before the restart and the next turn takes it from the restored cache."""
+def test_a_sync_that_restarts_a_model_saves_its_conversation_first(
+        env: Env, gemma_path: Path, tmp_path: Path) -> None:
+    """llama-swap restarts every model on any config change. A change that keeps a model's
+    cache key (here a new alias) therefore saves its conversation before the restart, and
+    the next turn, streamed, takes it from the restored cache; the front reads cache_n from
+    the stream's last event. (The router keeps a model whose alias changed running.)"""
     from tests.conftest import running
+    from tests.test_llama_swap import llama_swap_binary, port_block
 
-    env = engine_env
+    env.port = port_block()
+    env.update({"ENGINE": "llama-swap", "LLAMA_SWAP_BIN": str(llama_swap_binary(tmp_path)),
+                "LLAMA_SWAP_PORT": str(env.port)})
     (env.models / gemma_path.name).symlink_to(gemma_path)
     env.update({"DEFAULT_CTX_SIZE": "4096"})
     name = "ls/gemma-3:270m-q4_k_m"
@@ -242,6 +246,17 @@ def test_a_sync_that_restarts_a_model_saves_its_conversation_first(engine_env: E
         synced = env.run("sync")
         assert synced.returncode == 0 and "reloaded" in synced.stdout, synced.stdout
         assert len(list((env.state / "kv-cache").glob("*/*/*.bin"))) == 1
-        cached = ask()
+        # Streamed this time: the front reads cache_n from the stream's last event.
+        answer = requests.post(f"{env.base_url}/v1/completions", timeout=300, stream=True, json={
+            "model": "lighthouse", "prompt": CONVERSATION + "Question: how many ships?",
+            "max_tokens": 4, "temperature": 0, "stream": True})
+        events = [json.loads(line[6:]) for line in answer.iter_lines()
+                  if line.startswith(b"data: {")]
+        cached = next(e["timings"]["cache_n"] for e in events if "timings" in e)
+        assert wait_until(lambda: next((env.state / "kv-cache").glob("*/*/restore-check.json"),
+                                       None) is not None, 10)
+        [check] = [slot_cache.check_of(f.parent)
+                   for f in (env.state / "kv-cache").glob("*/*/restore-check.json")]
     print(f"{env['ENGINE']}: after the restart {cached} prompt tokens came from the cache")
     assert cached > 1000
+    assert check is not None and check.reused and check.cache_n == cached

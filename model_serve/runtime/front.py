@@ -272,6 +272,11 @@ class Front:
             body = await request.read()
             if request.path.startswith(MODEL_PATHS) and body[:1] == b"{":
                 body, sent, route = self._rename_request(body)
+                if route is None and sent is not None:
+                    # A name a sync has just added: read the names now, not at the next
+                    # refresh, so its request gets admission (and a restored conversation).
+                    await self.refresh_names()
+                    body, sent, route = self._rename_request(body)
         if route is not None:
             await self.wait_if_held(route)
             refused = await self.admission.admit(route.engine_id, route.footprint,
@@ -367,8 +372,8 @@ class Front:
                 await response.prepare(request)
                 pending = b""
                 async for chunk in upstream.content.iter_any():
-                    if reuse is not None:
-                        reuse.feed(chunk)
+                    if reuse is not None and reuse.feed(chunk):
+                        reuse = None
                     if rename is None:
                         await response.write(chunk)
                         continue
@@ -381,8 +386,6 @@ class Front:
                 if pending:
                     await response.write(rename(pending) if rename else pending)
             await response.write_eof()
-            if reuse is not None:
-                await asyncio.to_thread(reuse.record)
             return response
 
     async def _until_engine_sees_it_gone(self, engine_id: str, port: int | None,
@@ -518,22 +521,29 @@ class CacheReuse:
     """Reads `"cache_n": N` (llama-server's timings) from the reply to the request a saved
     conversation was restored for: whether the model really reused the restored cache."""
 
-    PATTERN = re.compile(rb'"cache_n":\s*(\d+)')
+    PATTERN = re.compile(rb'"cache_n":\s*(\d+)\D')  # the whole number: one digit after
 
     def __init__(self, restored: Restored) -> None:
         self.restored = restored
         self.tail = b""
-        self.cache_n: int | None = None
 
-    def feed(self, chunk: bytes) -> None:
+    def feed(self, chunk: bytes) -> bool:
+        """True once the figure is read and its record started (then feed no more). The
+        record starts at once: a client that closes on the last event would cancel this
+        handler (handler_cancellation) before the reply ends."""
         text = self.tail + chunk
-        for match in self.PATTERN.finditer(text):
-            self.cache_n = int(match.group(1))
-        self.tail = text[-32:]  # a key cut between two chunks is read whole next time
+        match = self.PATTERN.search(text)
+        if match is None:
+            self.tail = text[-32:]  # a key cut between two chunks is read whole next time
+            return False
+        asyncio.get_running_loop().run_in_executor(None, self.record, int(match.group(1)))
+        return True
 
-    def record(self) -> None:
-        if self.cache_n is not None:
-            slot_cache.record_check(self.restored.folder, self.restored, self.cache_n)
+    def record(self, cache_n: int) -> None:
+        try:
+            slot_cache.record_check(self.restored.folder, self.restored, cache_n)
+        except OSError as exc:  # in the executor: nobody else would see it
+            log.warning("the check of a restored conversation was not recorded: %s", exc)
 
 
 def _renamer(engine_id: str, sent: str | None) -> Callable[[bytes], bytes] | None:
