@@ -248,7 +248,7 @@ def test_a_sync_that_restarts_a_model_saves_its_conversation_first(
         assert len(list((env.state / "kv-cache").glob("*/*/*.bin"))) == 1
         # Streamed this time: the front reads cache_n from the stream's last event.
         answer = requests.post(f"{env.base_url}/v1/completions", timeout=300, stream=True, json={
-            "model": "lighthouse", "prompt": CONVERSATION + "Question: how many ships?",
+            "model": name, "prompt": CONVERSATION + "Question: how many ships?",
             "max_tokens": 4, "temperature": 0, "stream": True})
         events = [json.loads(line[6:]) for line in answer.iter_lines()
                   if line.startswith(b"data: {")]
