@@ -61,3 +61,34 @@ def test_sync_rewrites_only_when_changed_and_the_router_reloads(env: Env, gemma_
         assert "ls/extra-1b-q4_k_m" in ids
     finally:
         env.run("stop")
+
+
+def test_what_a_reload_restarts_is_what_the_router_restarts(env: Env, gemma_path) -> None:
+    """The router compares a running model's preset without its aliases: a new alias keeps it
+    running (no hold, nothing saved), a new option restarts it."""
+    from model_serve.config.settings import load_settings
+    from model_serve.engines.llama_server import LlamaServerEngine
+    from tests.conftest import running
+
+    (env.models / gemma_path.name).symlink_to(gemma_path)
+    engine = LlamaServerEngine(load_settings(dict(env)))
+    model_id, ini = "ls/gemma-3-270m-q4_k_m", env.state / "models.ini"
+
+    def state() -> str:
+        return next(m.state for m in engine.models() if m.name == model_id)
+
+    def change(custom: str) -> set[str] | None:
+        before = ini.read_text()
+        (env.home / "custom_models.yaml").write_text(custom)
+        assert env.run("sync", "--no-bridge").returncode == 0
+        return engine.restarted_by_reload(before, ini.read_text())
+
+    with running(env):
+        requests.post(f"{env.base_url}/v1/completions", timeout=120, json={
+            "model": "ls/gemma-3:270m-q4_k_m", "prompt": "Hello", "max_tokens": 1})
+        assert state() == "loaded"
+        assert change("models:\n  gemma-3:270m-q4_k_m:\n    aliases: [lighthouse]\n") == set()
+        assert state() == "loaded"
+        assert change("models:\n  gemma-3:270m-q4_k_m:\n    aliases: [lighthouse]\n"
+                      "    sampler_args: '--temp 0.5'\n") == {model_id}
+        assert state() == "unloaded"

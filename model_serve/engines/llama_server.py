@@ -248,12 +248,19 @@ class LlamaServerEngine(Engine):
         return state() == "loaded"
 
     def restarted_by_reload(self, old_config: str, new_config: str) -> set[str] | None:
-        """The router restarts a model whose section changed or went; a change to the [*]
-        section restarts every one."""
+        """The router restarts a running model whose section changed or went, aliases aside
+        (it compares presets without host, port and alias); a change to the [*] section
+        restarts every one."""
         old, new = _ini_sections(old_config), _ini_sections(new_config)
         if old.get("*") != new.get("*"):
             return None
-        return {name for name, body in old.items() if name != "*" and new.get(name) != body}
+
+        def compared(lines: list[str] | None) -> list[str] | None:
+            return None if lines is None else [
+                line for line in lines if line.partition("=")[0].strip() != "alias"]
+
+        return {name for name, body in old.items()
+                if name != "*" and compared(new.get(name)) != compared(body)}
 
     def reload(self) -> None:
         response = self.request("GET", "/models", params={"reload": "1"}, timeout=30)
