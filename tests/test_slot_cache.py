@@ -221,8 +221,9 @@ def test_a_sync_that_restarts_a_model_saves_its_conversation_first(
         env: Env, gemma_path: Path, tmp_path: Path) -> None:
     """llama-swap restarts every model on any config change. A change that keeps a model's
     cache key (here a new alias) therefore saves its conversation before the restart, and
-    the next turn, streamed, takes it from the restored cache; the front reads cache_n from
-    the stream's last event. (The router keeps a model whose alias changed running.)"""
+    the next turn, streamed and by the new alias at once, takes it from the restored cache;
+    the front reads cache_n from the stream's last event. (The router keeps a model whose
+    alias changed running.)"""
     from tests.conftest import running
     from tests.test_llama_swap import llama_swap_binary, port_block
 
@@ -248,7 +249,7 @@ def test_a_sync_that_restarts_a_model_saves_its_conversation_first(
         assert len(list((env.state / "kv-cache").glob("*/*/*.bin"))) == 1
         # Streamed this time: the front reads cache_n from the stream's last event.
         answer = requests.post(f"{env.base_url}/v1/completions", timeout=300, stream=True, json={
-            "model": name, "prompt": CONVERSATION + "Question: how many ships?",
+            "model": "lighthouse", "prompt": CONVERSATION + "Question: how many ships?",
             "max_tokens": 4, "temperature": 0, "stream": True})
         events = [json.loads(line[6:]) for line in answer.iter_lines()
                   if line.startswith(b"data: {")]

@@ -53,6 +53,7 @@ FALLBACK_START_PORT = 5800  # llama-swap's own default, used when our port is ne
 GROUP = "model_serve"
 SLOT_SAVE_PATH = "--slot-save-path"
 RELOAD_WAIT = 10.0  # llama-swap polls the file every 2 s
+RESEND_EVERY = 1.0  # seconds between SIGHUPs until llama-swap starts the reload
 MIN_UNLOAD_ONE = 161  # first release with POST /api/models/unload/<id>
 MIN_SIGHUP_RELOAD = 205  # SIGHUP reloads from here on; before, it ends llama-swap
 
@@ -367,9 +368,17 @@ class LlamaSwapEngine(Engine):
             raise EngineError(f"llama-swap's event stream did not open: {exc}",
                               "see 'model logs'") from exc
         try:
+            closed = _watch_close(stream)
+            # llama-swap drops a SIGHUP that comes while a reload is under way, and a reload
+            # lasts until the old server has shut down (its models stopped, up to 30 s): a
+            # sync soon after another lost its reload that way. Asking again each second is
+            # safe: until this stream closes, our reload has not begun or is under way, and
+            # then every extra SIGHUP is dropped.
             self._ask_to_reload()
-            if not _closes_before(stream, deadline):
-                raise refused
+            while not closed.wait(RESEND_EVERY):
+                if time.monotonic() >= deadline:
+                    raise refused
+                self._ask_to_reload()
         finally:
             stream.close()
         while True:
@@ -431,9 +440,9 @@ def _is_llama_swap(pid: int) -> bool:
         return False
 
 
-def _closes_before(stream: LineStream, deadline: float) -> bool:
-    """True once the server closes `stream` before `deadline` (read in a thread: a read that
-    times out would end the iteration for good)."""
+def _watch_close(stream: LineStream) -> threading.Event:
+    """An event set once the server closes `stream` (read in a thread: a read that times out
+    would end the iteration for good)."""
     closed = threading.Event()
 
     def drain() -> None:
@@ -443,7 +452,7 @@ def _closes_before(stream: LineStream, deadline: float) -> bool:
         closed.set()
 
     threading.Thread(target=drain, daemon=True, name="reload-watch").start()
-    return closed.wait(max(0.0, deadline - time.monotonic()))
+    return closed
 
 
 def check_known_keys(config: dict[str, Any]) -> None:

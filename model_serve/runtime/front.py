@@ -272,6 +272,11 @@ class Front:
             body = await request.read()
             if request.path.startswith(MODEL_PATHS) and body[:1] == b"{":
                 body, sent, route = self._rename_request(body)
+                if route is None and sent is not None:
+                    # A name a sync has just added: read the names now, not at the next
+                    # refresh, so its request gets admission (and a restored conversation).
+                    await self.refresh_names()
+                    body, sent, route = self._rename_request(body)
         if route is not None:
             await self.wait_if_held(route)
             refused = await self.admission.admit(route.engine_id, route.footprint,

@@ -143,8 +143,9 @@ def _requests_held(settings: Settings, engine: Engine, previous: str | None,
     from model_serve.loopback import LoopbackError, call
 
     headers = settings.auth_headers
-    loaded = [m.name for m in engine.models() if m.state in LOADED_STATES
-              and (restarted is None or m.name in restarted)]
+    restarting = [m for m in engine.models() if m.state in LOADED_STATES
+                  and (restarted is None or m.name in restarted)]
+    loaded = [m.name for m in restarting]
     try:
         call("POST", f"{settings.base_url}/api/model_serve/hold", headers, DRAIN_SECONDS + 10,
              json_body={"models": None if restarted is None else sorted(restarted),
@@ -158,6 +159,7 @@ def _requests_held(settings: Settings, engine: Engine, previous: str | None,
         yield
         for name in loaded:
             engine.wait_unloaded(name, timeout=30)
+        _until_ports_closed([m.port for m in restarting if m.port])
     finally:
         for _attempt in range(3):
             try:
@@ -165,6 +167,16 @@ def _requests_held(settings: Settings, engine: Engine, previous: str | None,
                 break
             except LoopbackError as exc:
                 log.warning("releasing the held requests failed (%s); trying again", exc)
+
+
+def _until_ports_closed(ports: list[int], timeout: float = 30.0) -> None:
+    """The restarted models' old servers are gone: llama-swap lists the new config's models
+    as stopped at once, while the old processes may still be exiting on ports the new ones
+    will take, and a request released then can reach a dying server (HTTP 502)."""
+    from model_serve.runtime.procs import port_in_use, wait_until
+
+    wait_until(lambda: not any(port_in_use("127.0.0.1", port) for port in ports), timeout,
+               interval=0.1)
 
 
 def _save_conversations(engine: Engine, names: list[str], previous: str) -> None:
