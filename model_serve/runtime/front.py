@@ -117,6 +117,7 @@ class Front:
         self.activity: dict[str, ModelActivity] = {}
         self.held: dict[str, asyncio.Event] = {}  # engine id (or ALL) -> set on release
         self.session: ClientSession | None = None
+        self.fresh_session: ClientSession | None = None  # new connections only: retries
         self._keys = frozenset(settings.api_keys)
         self._engine_auth = settings.auth_headers
         self.view = EngineView(self.engine)
@@ -322,17 +323,34 @@ class Front:
         retried = False
         while True:
             try:
-                upstream = await self.session.request(
+                # A retry takes a new connection: the other kept-alive ones to a server that
+                # dropped one may be dead too (a killed model server reset two in a row).
+                session = self.fresh_session if retried and self.fresh_session else self.session
+                upstream = await session.request(
                     request.method, (base or self.upstream) + path_qs, headers=headers,
                     data=data, allow_redirects=False, auto_decompress=False)
                 break
-            except client_errors.ClientConnectorError:
+            except (client_errors.ClientOSError,  # refused, reset, or closed on us
+                    client_errors.ServerDisconnectedError) as exc:
+                refused_connection = isinstance(exc, client_errors.ClientConnectorError)
+                if not refused_connection and body is None:
+                    return _error(502, f"the engine closed the connection: {exc}",
+                                  "engine_disconnected")
+                if not refused_connection and not retried:
+                    # Dropped before any byte of the answer: safe to send again, once.
+                    retried = True
+                    log.info("upstream connection dropped before the answer; retrying once")
+                    continue
                 if not direct or route is None:
-                    return _error(503, "the engine is not answering (starting or restarting)",
-                                  "engine_unavailable", retry_after=2)
-                # The model server went (unloaded, crashed): once the router has seen that
-                # (else it would proxy to the dead port), it is loaded again as any other
-                # load is: room made first, its saved conversation restored.
+                    if refused_connection:
+                        return _error(503, "the engine is not answering (starting or "
+                                      "restarting)", "engine_unavailable", retry_after=2)
+                    return _error(502, f"the engine closed the connection: {exc}",
+                                  "engine_disconnected")
+                # The model server went (unloaded, crashed; or it failed the retry too): once
+                # the router has seen that (else it would proxy to the dead port), it is
+                # loaded again as any other load is: room made first, its saved conversation
+                # restored.
                 await self._until_engine_sees_it_gone(route.engine_id, URL(base or "").port)
                 self.view.forget(route.engine_id)
                 refused = await self.admission.admit(route.engine_id, route.footprint,
@@ -343,14 +361,6 @@ class Front:
                 restored = self.admission.restored_for(route.engine_id, body)
                 reuse = CacheReuse(restored) if restored else reuse
                 base, direct = None, False
-            except (client_errors.ServerDisconnectedError,
-                    client_errors.ClientOSError) as exc:
-                # Dropped before any byte of the answer: safe to send again, once.
-                if retried or body is None:
-                    return _error(502, f"the engine closed the connection: {exc}",
-                                  "engine_disconnected")
-                retried = True
-                log.info("upstream connection dropped before the answer; retrying once")
         async with upstream:
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
             for key, value in upstream.headers.items():
@@ -573,6 +583,9 @@ def make_app(front: Front) -> web.Application:
     async def open_session(_app: web.Application) -> Any:
         # The engine is one loopback address: no happy-eyeballs racing per new connection
         # (llama-server closes kept-alive connections often, so new ones are frequent).
+        front.fresh_session = ClientSession(
+            connector=TCPConnector(limit=0, happy_eyeballs_delay=None, force_close=True),
+            timeout=ClientTimeout(total=None, sock_connect=5), auto_decompress=False)
         front.session = ClientSession(connector=TCPConnector(limit=0, happy_eyeballs_delay=None),
                                       timeout=ClientTimeout(total=None, sock_connect=5),
                                       auto_decompress=False)
@@ -582,6 +595,7 @@ def make_app(front: Front) -> web.Application:
         front.view.stop()
         refresher.cancel()
         await front.session.close()
+        await front.fresh_session.close()
 
     app.cleanup_ctx.append(open_session)
     app.router.add_route("*", "/{tail:.*}", front.handle)
