@@ -200,8 +200,7 @@ class Engine(ABC):
         slot_cache.keep_within(self.settings.kv_cache_dir,
                                int(self.settings.kv_cache_max_gb * 2**30))
 
-    def restore_slots(self, name: str, request_path: str,
-                      body: dict[str, Any]) -> slot_cache.Restored | None:
+    def restore_slots(self, name: str, body: dict[str, Any]) -> slot_cache.Restored | None:
         """Right after `name` loaded, before this request reaches it: restore the saved
         conversation the request continues, if any."""
         import time
@@ -212,7 +211,7 @@ class Engine(ABC):
         if server is None:
             return None
         folder, url = server
-        prompt = slot_cache.rendered_prompt(url, self._headers(), request_path, body)
+        prompt = slot_cache.rendered_prompt(url, self._headers(), body)
         started = time.monotonic()
         restored = slot_cache.restore_best(url, self._headers(), folder, prompt) \
             if prompt else None

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import re
 import threading
@@ -25,8 +24,6 @@ from model_serve.errors import ConfigError, EngineError
 from model_serve.fileio import replace_symlink, write_if_changed
 from model_serve.models.names import dash_form
 from model_serve.programs import find_on_path
-
-log = logging.getLogger("model_serve.engines")
 
 if TYPE_CHECKING:
     from model_serve.models.plan import ServedModel

@@ -161,14 +161,12 @@ def save_slots(base_url: str, headers: dict[str, str], folder: Path) -> list[Sav
     """Save every slot of the model server at `base_url` that holds tokens."""
     if not saving_helps(folder):
         return []
-    try:
-        slots = call("GET", base_url + "/slots", headers, timeout=10).json()
-    except (LoopbackError, ValueError) as exc:
-        log.warning("cannot read the slots of %s: %s", base_url, exc)
+    slots = _slots(base_url, headers)
+    if slots is None:
         return []
     bos = _bos_text(base_url, headers)
     saved = []
-    for slot in slots if isinstance(slots, list) else []:
+    for slot in slots:
         if not slot.get("n_prompt_tokens") or slot.get("is_processing"):
             continue
         # The slot's prompt is shown with its special tokens; requests come without the BOS.
@@ -242,11 +240,18 @@ def restore_best(base_url: str, headers: dict[str, str], folder: Path,
 
 
 def _slot_count(base_url: str, headers: dict[str, str]) -> int:
+    slots = _slots(base_url, headers)
+    return len(slots) if slots else 1
+
+
+def _slots(base_url: str, headers: dict[str, str]) -> list[dict[str, Any]] | None:
+    """The model server's slots (GET /slots); None when it cannot tell."""
     try:
         slots = call("GET", base_url + "/slots", headers, timeout=10).json()
-    except (LoopbackError, ValueError):
-        return 1
-    return len(slots) if isinstance(slots, list) else 1
+    except (LoopbackError, ValueError) as exc:
+        log.warning("cannot read the slots of %s: %s", base_url, exc)
+        return None
+    return slots if isinstance(slots, list) else None
 
 
 def restore(base_url: str, headers: dict[str, str], folder: Path, slot: SavedSlot,
@@ -269,7 +274,7 @@ def restore(base_url: str, headers: dict[str, str], folder: Path, slot: SavedSlo
     return int(answer.json().get("n_restored", 0))
 
 
-def rendered_prompt(base_url: str, headers: dict[str, str], path: str,
+def rendered_prompt(base_url: str, headers: dict[str, str],
                     body: dict[str, Any]) -> str | None:
     """The text a request puts before the model: a completion's prompt, or a chat's messages
     through the model's own template (its /apply-template)."""

@@ -59,30 +59,20 @@ class Admission:
         self.lock = asyncio.Lock()
         self.evicting: set[str] = set()
         self.refused: dict[str, float] = {}
-        # engine id -> (the body of the request a conversation was restored for, what was
-        # restored): the front checks that request's reply for the cache's reuse.
-        self.restored: dict[str, tuple[bytes, Restored]] = {}
 
-    def restored_for(self, engine_id: str, body: bytes | None) -> Restored | None:
-        """What was restored for this very request (its body), once."""
-        entry = self.restored.get(engine_id)
-        if entry is None or body is None or entry[0] is not body:
-            return None
-        del self.restored[engine_id]
-        return entry[1]
-
-    async def admit(self, engine_id: str, need: int, path: str = "",
-                    body: bytes | None = None) -> Refusal | None:
-        """Return once `engine_id` is loaded or loading (None), or why it cannot be. A model
-        loaded here gets the saved conversation that fits this request (`path`, `body`)
-        before any request reaches it."""
+    async def admit(self, engine_id: str, need: int,
+                    body: bytes | None = None) -> Refusal | Restored | None:
+        """Return once `engine_id` is loaded or loading, or why it cannot be (Refusal). A
+        model this request loads gets the saved conversation that fits the request (its
+        `body`) before any request reaches it; what was restored is returned, for the front
+        to check in the reply."""
         if self.view.state(engine_id) == "loaded" and engine_id not in self.evicting:
             return None  # the common case: no lock, no read, no await
         async with self.lock:
-            return await self._make_room_and_load(engine_id, need, path, body)
+            return await self._make_room_and_load(engine_id, need, body)
 
-    async def _make_room_and_load(self, engine_id: str, need: int, path: str,
-                                  body: bytes | None) -> Refusal | None:
+    async def _make_room_and_load(self, engine_id: str, need: int,
+                                  body: bytes | None) -> Refusal | Restored | None:
         threshold = self.settings.memory_pressure_threshold
         deadline = time.monotonic() + self.settings.load_queue_timeout
         waiting_said = False
@@ -130,10 +120,8 @@ class Admission:
         with contextlib.suppress(ModelServeError):
             self.view.update(await asyncio.to_thread(self.engine.models))
             if loaded and body:
-                restored = await asyncio.to_thread(self.engine.restore_slots, engine_id, path,
-                                                   _json_object(body))
-                if restored is not None:
-                    self.restored[engine_id] = (body, restored)
+                return await asyncio.to_thread(self.engine.restore_slots, engine_id,
+                                               _json_object(body))
         return None
 
     def victim(self, models: list[EngineModel], target: str) -> str | None:

@@ -39,7 +39,7 @@ from model_serve.engines.base import LOADED_STATES, EngineModel
 from model_serve.engines.slot_cache import Restored
 from model_serve.errors import ModelServeError
 from model_serve.models.names import identity
-from model_serve.runtime.admission import Admission
+from model_serve.runtime.admission import Admission, Refusal
 from model_serve.runtime.engine_view import EngineView
 
 log = logging.getLogger("model_serve.front")
@@ -268,7 +268,7 @@ class Front:
     async def forward(self, request: web.Request, path_qs: str | None = None,
                       base: str | None = None) -> web.StreamResponse:
         body: bytes | None = None
-        sent = route = restored = None
+        sent = route = reuse = None
         if request.method in ("POST", "PUT", "PATCH") and request.can_read_body:
             body = await request.read()
             if request.path.startswith(MODEL_PATHS) and body[:1] == b"{":
@@ -280,22 +280,31 @@ class Front:
                     body, sent, route = self._rename_request(body)
         if route is not None:
             await self.wait_if_held(route)
-            refused = await self.admission.admit(route.engine_id, route.footprint,
-                                                 request.path, body)
-            if refused is not None:
-                return _error(503, refused.message, "no_memory_for_model",
-                              retry_after=refused.retry_after)
-            restored = self.admission.restored_for(route.engine_id, body)
+            admitted = await self._admit(route, body)
+            if isinstance(admitted, web.Response):
+                return admitted
+            reuse = admitted
             self.started(route)
             port = self.view.port(route.engine_id) if self.direct and base is None else None
             if port:
                 base = f"http://127.0.0.1:{port}"
         try:
             return await self._proxy(request, body, path_qs or request.path_qs, base, sent,
-                                     route, CacheReuse(restored) if restored else None)
+                                     route, reuse)
         finally:
             if route is not None:
                 self.ended(route)
+
+    async def _admit(self, route: Route,
+                     body: bytes | None) -> web.Response | CacheReuse | None:
+        """Room made and the model loaded (admission): None, or what to check in this
+        request's reply when a saved conversation was restored for it; else the 503 to
+        answer."""
+        admitted = await self.admission.admit(route.engine_id, route.footprint, body)
+        if isinstance(admitted, Refusal):
+            return _error(503, admitted.message, "no_memory_for_model",
+                          retry_after=admitted.retry_after)
+        return CacheReuse(admitted) if admitted is not None else None
 
     def _rename_request(self, body: bytes) -> tuple[bytes, str | None, Route | None]:
         try:
@@ -353,13 +362,10 @@ class Front:
                 # restored.
                 await self._until_engine_sees_it_gone(route.engine_id, URL(base or "").port)
                 self.view.forget(route.engine_id)
-                refused = await self.admission.admit(route.engine_id, route.footprint,
-                                                     request.path, body)
-                if refused is not None:
-                    return _error(503, refused.message, "no_memory_for_model",
-                                  retry_after=refused.retry_after)
-                restored = self.admission.restored_for(route.engine_id, body)
-                reuse = CacheReuse(restored) if restored else reuse
+                admitted = await self._admit(route, body)
+                if isinstance(admitted, web.Response):
+                    return admitted
+                reuse = admitted or reuse
                 base, direct = None, False
         async with upstream:
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
@@ -488,10 +494,9 @@ class Front:
                 break
         if route is None:
             return _error(404, f"model not found: {rest}", "model_not_found")
-        refused = await self.admission.admit(route.engine_id, route.footprint)
-        if refused is not None:
-            return _error(503, refused.message, "no_memory_for_model",
-                          retry_after=refused.retry_after)
+        admitted = await self._admit(route, None)
+        if isinstance(admitted, web.Response):
+            return admitted
         body = await request.read() if request.can_read_body else None
         if self.engine.name == "llama-swap":  # its own /upstream, now that there is room
             path_qs, base = request.path_qs, None

@@ -76,28 +76,31 @@ class PressureUnloader:
             stamp = None
         if stamp != self._estimates_stamp:
             self._estimates_stamp = stamp
-            self._estimates = self._load_estimates()
+            read = self._read_plan()
+            # No plan: no estimates, and the TTLs last read stay in force.
+            self._estimates, self._ttls = read if read else ({}, self._ttls)
 
     def estimate(self, name: str) -> int:
         """Bytes the model will take once loaded (0 when unknown)."""
         self._plan_read()
         return self._estimates.get(name, 0)
 
-    def _load_estimates(self) -> dict[str, int]:
+    def _read_plan(self) -> tuple[dict[str, int], dict[str, int]] | None:
+        """Footprint estimate and TTL by every name the engine routes; None without a plan."""
         from model_serve.runtime.sync import build_current_plan
 
         try:
             _catalog, plan = build_current_plan(self.settings, self.engine)
         except ModelServeError as exc:
             log.warning("footprint estimates unavailable: %s", exc.message)
-            return {}
+            return None
         estimates: dict[str, int] = {}
-        self._ttls = {}
+        ttls: dict[str, int] = {}
         for served in plan:
             for name in self.engine.routed_names(served):
                 estimates[name] = served.estimated_bytes
-                self._ttls[name] = served.ttl
-        return estimates
+                ttls[name] = served.ttl
+        return estimates, ttls
 
     def ttl(self, name: str) -> int:
         self._plan_read()
