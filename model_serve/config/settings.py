@@ -40,6 +40,18 @@ SETTINGS_TABLE: tuple[Setting, ...] = (
             "'Authorization: Bearer <key>'. Empty = no key needed.", "list"),
     Setting("API_KEYS_FILE", "", "A file holding API keys, one per line (keep it mode 0600), "
             "read when API_KEYS is empty; the login service gets its keys this way.", "path"),
+    Setting("ADMIN_KEYS", "", "Comma-separated keys for the control endpoints (unload, load, "
+            "llama-swap's logs, captures and cancel; the model servers' /slots). Empty = the "
+            "API_KEYS open them, and /slots stays closed to every client.", "list"),
+    Setting("CORS_ORIGINS", "", "Comma-separated web origins (https://app.example:8080) whose "
+            "pages may call the API from a browser. Empty = none: requests a browser sends from "
+            "another site are refused, and no origin is echoed.", "list"),
+    Setting("ALLOWED_HOSTS", "", "Comma-separated host names the API answers to besides "
+            "localhost and IP addresses (a LAN name, host.docker.internal for Open WebUI in "
+            "Docker); other Host headers are refused (DNS rebinding).", "list"),
+    Setting("LLAMA_SWAP_CAPTURE_MB", "0", "Megabytes llama-swap may keep of recent requests "
+            "and replies for its UI (its captureBuffer). 0 = off: it would hold prompts.",
+            "int", 0, 1024),
     Setting("FRONT", "on", "model_serve's own server on the port, in front of the engine: "
             "one set of model names, llama-swap's API on every engine, exact activity, "
             "retries of dropped connections. off = the engine itself on the port.", "choice",
@@ -164,6 +176,10 @@ class Settings:
     port: int
     host: str
     api_keys: tuple[str, ...]
+    admin_keys: tuple[str, ...]
+    cors_origins: tuple[str, ...]
+    allowed_hosts: tuple[str, ...]
+    llama_swap_capture_mb: int
     front: str
     engine_port_set: int
     engine: str
@@ -239,6 +255,11 @@ class Settings:
     @property
     def pid_file(self) -> Path:
         return self.state_dir / "supervisor.json"
+
+    @property
+    def internal_key_file(self) -> Path:
+        """The key model_serve itself uses behind the front (made anew at each start)."""
+        return self.state_dir / "internal-key"
 
     @property
     def log_file(self) -> Path:

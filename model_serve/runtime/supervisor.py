@@ -336,6 +336,10 @@ class Supervisor:
         log.info("supervisor %d starting: engine %s on %s, state in %s", os.getpid(),
                  self.engine.name, self.settings.base_url, self.settings.state_dir)
         self.engine_version = self.engine.version()
+        if self.settings.front_enabled:
+            from model_serve import internal_key
+
+            internal_key.make(self.settings)  # before the engine and the front read it
         self.sync_once("start")
         if not self.engine.config_path.exists():
             log.error("no engine config could be written; see the sync error above")
