@@ -33,6 +33,7 @@ from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
 from aiohttp import client_exceptions as client_errors
 from yarl import URL
 
+from model_serve import internal_key
 from model_serve.config.settings import Settings, load_settings
 from model_serve.engines import Engine, select_engine, slot_cache
 from model_serve.engines.base import LOADED_STATES, EngineModel
@@ -119,7 +120,7 @@ class Front:
         self.session: ClientSession | None = None
         self.fresh_session: ClientSession | None = None  # new connections only: retries
         self._keys = frozenset(settings.api_keys)
-        self._engine_auth = settings.auth_headers
+        self._engine_auth = internal_key.engine_headers(settings)
         self.view = EngineView(self.engine)
         # On the router, a request for a loaded model goes to the model's own server: it skips
         # the router's hop (about 2 ms, and a new connection each time: the router closes every
