@@ -9,7 +9,8 @@
   alias; replies carry the name the client sent; `/v1/models` lists the served names;
 - llama-swap's API on every engine (`/running`, `/unload`, `/api/models/unload[/<id>]`,
   `/upstream/<id>/...`), and the original tool's `POST /unload?model=NAME`;
-- API_KEYS checked on every path but `/health`;
+- the port answers to its owner (gate.py): Host, other web origins, and keys by what a path
+  does (API_KEYS, ADMIN_KEYS, model_serve's own key); paths routed as normalized;
 - the start, end and number in flight of every request, per model (`/api/model_serve/activity`);
 - on the router, a request for a loaded model goes to the model's own server (see Front).
 
@@ -25,6 +26,7 @@ import logging
 import re
 import sys
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,8 +42,17 @@ from model_serve.engines.base import LOADED_STATES, EngineModel
 from model_serve.engines.slot_cache import Restored
 from model_serve.errors import ModelServeError
 from model_serve.models.names import identity
+from model_serve.runtime import model_field
 from model_serve.runtime.admission import Admission, Refusal
 from model_serve.runtime.engine_view import EngineView
+from model_serve.runtime.gate import (
+    Access,
+    Gate,
+    access_of,
+    control_method_ok,
+    normalized_path,
+    request_key,
+)
 
 log = logging.getLogger("model_serve.front")
 
@@ -49,7 +60,7 @@ log = logging.getLogger("model_serve.front")
 # front sets itself.
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
                         "te", "trailer", "transfer-encoding", "upgrade", "host",
-                        "content-length", "authorization"})
+                        "content-length", "authorization", "x-api-key"})
 # Paths whose JSON body names a model.
 MODEL_PATHS = ("/v1/", "/completion", "/infill", "/embedding", "/rerank", "/apply-template",
                "/tokenize", "/detokenize")
@@ -116,11 +127,12 @@ class Front:
         self.upstream = settings.engine_url
         self.names = Names()
         self.activity: dict[str, ModelActivity] = {}
-        self.held: dict[str, asyncio.Event] = {}  # engine id (or ALL) -> set on release
+        self.holds: dict[str, Hold] = {}  # hold id -> what it holds
         self.session: ClientSession | None = None
         self.fresh_session: ClientSession | None = None  # new connections only: retries
-        self._keys = frozenset(settings.api_keys)
         self._engine_auth = internal_key.engine_headers(settings)
+        self.gate = Gate(settings, internal_key.read(settings) if settings.front_enabled
+                         else None)
         self.view = EngineView(self.engine)
         # On the router, a request for a loaded model goes to the model's own server: it skips
         # the router's hop (about 2 ms, and a new connection each time: the router closes every
@@ -186,10 +198,14 @@ class Front:
 
     # --- holds: a model the sync restarts gets no new request meanwhile ----------------------
     async def wait_if_held(self, route: Route) -> None:
-        gate = self.held.get(route.engine_id) or self.held.get(ALL)
-        if gate is not None:
+        deadline = time.monotonic() + HOLD_LIMIT
+        while True:
+            hold = next((h for h in self.holds.values()
+                         if ALL in h.models or route.engine_id in h.models), None)
+            if hold is None or time.monotonic() >= deadline:
+                return
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(gate.wait(), HOLD_LIMIT)
+                await asyncio.wait_for(hold.released.wait(), deadline - time.monotonic())
 
     async def hold(self, request: web.Request) -> web.StreamResponse:
         """Hold new requests for these models and wait (bounded) until the ones in flight
@@ -202,39 +218,68 @@ class Front:
             return _error(400, "expected {\"models\": [ids] or null, \"drain_seconds\": N}",
                           "invalid_request")
         ids = [ALL] if models is None else [str(m) for m in models]
-        for engine_id in ids:
-            self.held.setdefault(engine_id, asyncio.Event())
+        hold_id = uuid.uuid4().hex
+        self.holds[hold_id] = Hold(frozenset(ids), asyncio.Event(), time.monotonic())
         deadline = time.monotonic() + drain
         while self.in_flight(ids) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        return web.json_response({"held": ids, "in_flight": self.in_flight(ids)})
+        return web.json_response({"hold": hold_id, "held": ids,
+                                  "in_flight": self.in_flight(ids)})
 
     async def release(self, request: web.Request) -> web.StreamResponse:
-        released = sorted(self.held)
-        for gate in self.held.values():
-            gate.set()
-        self.held.clear()
-        return web.json_response({"released": released})
+        """Releases the one hold named (`{"hold": id}`): two syncs' holds are two holds."""
+        try:
+            hold_id = (await request.json()).get("hold")
+        except (ValueError, AttributeError, TypeError):
+            hold_id = None
+        hold = self.holds.pop(hold_id, None) if isinstance(hold_id, str) else None
+        if hold is None:
+            return _error(404, "no such hold: send {\"hold\": <the id hold answered>}",
+                          "hold_not_found")
+        hold.released.set()
+        return web.json_response({"released": sorted(hold.models)})
 
     # --- the request path -------------------------------------------------------------------
-    def authorized(self, request: web.Request) -> bool:
-        if not self._keys:
-            return True
-        header = request.headers.get("Authorization", "")
-        key = header[7:] if header[:7].lower() == "bearer " else request.headers.get("x-api-key")
-        return key in self._keys
+    def _refused(self, request: web.Request) -> web.Response | None:
+        """Whether the port answers this request at all (gate.py)."""
+        host = request.headers.get("Host")
+        if not self.gate.host_allowed(host):
+            return _error(403, f"this server does not answer to the name {host!r}: add it to "
+                          "ALLOWED_HOSTS in .env if it is yours", "host_not_allowed")
+        origin = request.headers.get("Origin")
+        if request.method == "OPTIONS" and origin is not None:  # a browser's preflight
+            if not self.gate.origin_allowed(origin, host):
+                return _error(403, f"the origin {origin} is not in CORS_ORIGINS",
+                              "origin_not_allowed")
+            return web.Response(status=204, headers=self.gate.preflight_headers(
+                origin, request.headers.get("Access-Control-Request-Headers")))
+        if self.gate.cross_site(request.headers, host):
+            return _error(403, "a page of another web site sent this request; list its origin "
+                          "in CORS_ORIGINS in .env to allow it", "origin_not_allowed")
+        access = access_of(request.method, request.path, dict(request.query))
+        refusal = self.gate.refusal(access, request_key(request.headers))
+        if refusal is not None:
+            return _error(refusal.status, refusal.message, refusal.kind)
+        if access is Access.CONTROL and not control_method_ok(request.method, request.path):
+            return _error(405, f"{request.path} acts on POST only"
+                          + (" (reload the config with 'model sync')"
+                             if "reload" in request.query else ""), "method_not_allowed")
+        return None
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        path = request.path
-        if path == "/health":
+        path = normalized_path(request.path)
+        if path != request.path:
+            request = request.clone(rel_url=URL.build(path=path,
+                                                      query_string=request.query_string))
+        refused = self._refused(request)
+        if refused is not None:
+            return refused
+        if path in ("/health", "/v1/health") and request.method in ("GET", "HEAD"):
             healthy = await asyncio.to_thread(self.engine.healthy, 1.0)
             if healthy:
                 return web.Response(text="OK")
             return _error(503, "the engine is not answering (starting or restarting)",
                           "engine_unavailable", retry_after=2)
-        if not self.authorized(request):
-            return _error(401, "a valid API key is needed: 'Authorization: Bearer <key>'",
-                          "invalid_api_key")
         special = self._special(request)
         if special is not None:
             return await special(request)
@@ -264,24 +309,36 @@ class Front:
             return None
         if path == "/running" and method == "GET":
             return self.running
+        if path == "/models/load" and method == "POST":
+            return self.load  # through admission, not around it
+        if path == "/models/unload" and method == "POST":
+            return self.unload  # its conversations saved first
         return self.unload if unloads else None
 
     async def forward(self, request: web.Request, path_qs: str | None = None,
                       base: str | None = None) -> web.StreamResponse:
         body: bytes | None = None
         sent = route = reuse = None
+        loads = True
         if request.method in ("POST", "PUT", "PATCH") and request.can_read_body:
             body = await request.read()
-            if request.path.startswith(MODEL_PATHS) and body[:1] == b"{":
-                body, sent, route = self._rename_request(body)
+            if request.path.startswith(MODEL_PATHS):
+                kind = request.headers.get("Content-Type", "")
+                body, sent, route = self._named_in_body(body, kind)
                 if route is None and sent is not None:
                     # A name a sync has just added: read the names now, not at the next
                     # refresh, so its request gets admission (and a restored conversation).
                     await self.refresh_names()
-                    body, sent, route = self._rename_request(body)
-        if route is not None:
+                    body, sent, route = self._named_in_body(body, kind)
+        if route is None and "model" in request.query and path_qs is None:
+            query, sent, route = self._named_in_query(request)
+            if query is not None:
+                path_qs = f"{request.path}?{query}"
+                # The router's `autoload=false` asks about a model without loading it.
+                loads = request.query.get("autoload", "").lower() != "false"
+        if route is not None and loads:
             await self.wait_if_held(route)
-            admitted = await self._admit(route, body)
+            admitted = await self._admit(route, body if body and body[:1] == b"{" else None)
             if isinstance(admitted, web.Response):
                 return admitted
             reuse = admitted
@@ -289,12 +346,13 @@ class Front:
             port = self.view.port(route.engine_id) if self.direct and base is None else None
             if port:
                 base = f"http://127.0.0.1:{port}"
+        counted = route if loads else None
         try:
             return await self._proxy(request, body, path_qs or request.path_qs, base, sent,
-                                     route, reuse)
+                                     counted, reuse)
         finally:
-            if route is not None:
-                self.ended(route)
+            if counted is not None:
+                self.ended(counted)
 
     async def _admit(self, route: Route,
                      body: bytes | None) -> web.Response | CacheReuse | None:
@@ -307,19 +365,20 @@ class Front:
                           retry_after=admitted.retry_after)
         return CacheReuse(admitted) if admitted is not None else None
 
-    def _rename_request(self, body: bytes) -> tuple[bytes, str | None, Route | None]:
-        try:
-            data = json.loads(body)
-        except ValueError:
-            return body, None, None
-        sent = data.get("model") if isinstance(data, dict) else None
-        route = self.names.find(sent) if isinstance(sent, str) else None
-        if route is None:
-            return body, sent if isinstance(sent, str) else None, None
-        if sent != route.engine_id:
-            data["model"] = route.engine_id
-            body = json.dumps(data, ensure_ascii=False).encode()
-        return body, sent, route
+    def _engine_id(self, name: str) -> str | None:
+        route = self.names.find(name)
+        return route.engine_id if route else None
+
+    def _named_in_body(self, body: bytes,
+                       content_type: str) -> tuple[bytes, str | None, Route | None]:
+        body, sent, engine_id = model_field.in_body(body, content_type, self._engine_id)
+        return body, sent, self.names.find(sent) if engine_id is not None and sent else None
+
+    def _named_in_query(self, request: web.Request
+                        ) -> tuple[str | None, str | None, Route | None]:
+        query, sent, engine_id = model_field.in_query(list(request.query.items()),
+                                                      self._engine_id)
+        return query, sent, self.names.find(sent) if engine_id is not None and sent else None
 
     async def _proxy(self, request: web.Request, body: bytes | None, path_qs: str,
                      base: str | None, sent: str | None, route: Route | None,
@@ -460,6 +519,10 @@ class Front:
             name = path[len("/api/models/unload/"):].lstrip("/")
         if path == "/unload" and request.method == "GET":
             name = ""  # llama-swap's GET /unload stops every model, whatever the query says
+        if path == "/models/unload":  # the router's own form: {"model": id}
+            name = await _model_in_json(request)
+            if not name:
+                return _error(400, 'expected {"model": NAME}', "invalid_request")
         try:
             models = await self.engine_models()
             if name:
@@ -480,7 +543,22 @@ class Front:
             return _error(502, exc.message, "unload_failed")
         if path == "/api/models/unload":
             return web.json_response({"msg": "ok"})
+        if path == "/models/unload":
+            return web.json_response({"success": True})
         return web.Response(text="OK")
+
+    async def load(self, request: web.Request) -> web.StreamResponse:
+        """The router's `POST /models/load {"model": id}`, made through admission: room first,
+        and the request answered once the model is loaded."""
+        await self.refresh_names()
+        name = await _model_in_json(request)
+        route = self.names.find(name) if name else None
+        if route is None:
+            return _error(404, f"model not found: {name}", "model_not_found")
+        admitted = await self._admit(route, None)
+        if isinstance(admitted, web.Response):
+            return admitted
+        return web.json_response({"success": True})
 
     async def upstream_request(self, request: web.Request) -> web.StreamResponse:
         """`/upstream/<id>/<path>`: the model's own server, loaded first when it is not."""
@@ -531,6 +609,24 @@ class Front:
             direct = self.view.port(engine_id) if self.direct else None
             report[served] = {**act.to_json(), "engine_id": engine_id, "direct_port": direct}
         return web.json_response(report)
+
+
+@dataclass
+class Hold:
+    """New requests for these models wait (the sync is restarting them) until released."""
+
+    models: frozenset[str]  # engine ids, or ALL
+    released: asyncio.Event
+    since: float
+
+
+async def _model_in_json(request: web.Request) -> str:
+    try:
+        data = await request.json()
+    except ValueError:
+        return ""
+    name = data.get("model") if isinstance(data, dict) else None
+    return name if isinstance(name, str) else ""
 
 
 class CacheReuse:
@@ -603,7 +699,15 @@ def make_app(front: Front) -> web.Application:
         await front.session.close()
         await front.fresh_session.close()
 
+    async def cors(request: web.Request, response: web.StreamResponse) -> None:
+        # The engines allow every origin; only the ones CORS_ORIGINS lists get through here.
+        for name in [k for k in response.headers if k.lower().startswith("access-control-")]:
+            del response.headers[name]
+        response.headers.update(front.gate.cors_headers(request.headers.get("Origin"),
+                                                        request.headers.get("Host")))
+
     app.cleanup_ctx.append(open_session)
+    app.on_response_prepare.append(cors)
     app.router.add_route("*", "/{tail:.*}", front.handle)
     return app
 

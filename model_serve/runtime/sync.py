@@ -147,10 +147,12 @@ def _requests_held(settings: Settings, engine: Engine, previous: str | None,
                   and (restarted is None or m.name in restarted)]
     loaded = [m.name for m in restarting]
     try:
-        call("POST", f"{settings.base_url}/api/model_serve/hold", headers, DRAIN_SECONDS + 10,
-             json_body={"models": None if restarted is None else sorted(restarted),
-                        "drain_seconds": DRAIN_SECONDS})
-    except LoopbackError as exc:
+        held = call("POST", f"{settings.base_url}/api/model_serve/hold", headers,
+                    DRAIN_SECONDS + 10,
+                    json_body={"models": None if restarted is None else sorted(restarted),
+                               "drain_seconds": DRAIN_SECONDS})
+        hold_id = held.json()["hold"]  # the release names it: it frees this hold only
+    except (LoopbackError, ValueError, KeyError, TypeError) as exc:
         log.warning("the front did not hold requests during the reload: %s", exc)
         yield
         return
@@ -163,7 +165,8 @@ def _requests_held(settings: Settings, engine: Engine, previous: str | None,
     finally:
         for _attempt in range(3):
             try:
-                call("POST", f"{settings.base_url}/api/model_serve/release", headers, 10)
+                call("POST", f"{settings.base_url}/api/model_serve/release", headers, 10,
+                     json_body={"hold": hold_id})
                 break
             except LoopbackError as exc:
                 log.warning("releasing the held requests failed (%s); trying again", exc)
