@@ -430,7 +430,9 @@ class Front:
         async with upstream:
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
             for key, value in upstream.headers.items():
-                if key.lower() not in HOP_BY_HOP:
+                # The engines allow every web origin: their CORS headers never pass.
+                if key.lower() not in HOP_BY_HOP and not key.lower().startswith(
+                        "access-control-"):
                     response.headers.add(key, value)
             rename = _renamer(route.engine_id, sent) if route and sent != route.engine_id \
                 else None
@@ -700,11 +702,11 @@ def make_app(front: Front) -> web.Application:
         await front.fresh_session.close()
 
     async def cors(request: web.Request, response: web.StreamResponse) -> None:
-        # The engines allow every origin; only the ones CORS_ORIGINS lists get through here.
-        for name in [k for k in response.headers if k.lower().startswith("access-control-")]:
-            del response.headers[name]
-        response.headers.update(front.gate.cors_headers(request.headers.get("Origin"),
-                                                        request.headers.get("Host")))
+        # Every answer but a preflight (which has its own): the engines' CORS headers were
+        # dropped by the proxy, and only the origins CORS_ORIGINS lists get one.
+        if "Access-Control-Allow-Origin" not in response.headers:
+            response.headers.update(front.gate.cors_headers(request.headers.get("Origin"),
+                                                            request.headers.get("Host")))
 
     app.cleanup_ctx.append(open_session)
     app.on_response_prepare.append(cors)
