@@ -236,12 +236,16 @@ class LlamaServerEngine(Engine):
 
         self.request("POST", "/models/load", json={"model": name}, timeout=30)
         # The answer comes at once (and is an error when a load is already under way): the
-        # model's state tells when it is done. A model the router does not list never loads.
+        # model's state tells when it is done. The router marks it loading before it answers,
+        # so `unloaded` now means the load was cut (a reload stopped it, or the router refused
+        # it): waiting on would hold every other load for the whole timeout. A model the
+        # router does not list never loads.
 
         def state() -> str:
             return next((m.state for m in self.models() if m.name == name), "unknown")
 
-        wait_until(lambda: state() in ("loaded", "failed", "unknown"), timeout, interval=0.1)
+        wait_until(lambda: state() in ("loaded", "failed", "unknown", "unloaded"), timeout,
+                   interval=0.1)
         return state() == "loaded"
 
     def restarted_by_reload(self, old_config: str, new_config: str) -> set[str] | None:
