@@ -336,18 +336,23 @@ class Front:
                 path_qs = f"{request.path}?{query}"
                 # The router's `autoload=false` asks about a model without loading it.
                 loads = request.query.get("autoload", "").lower() != "false"
-        if route is not None and loads:
-            await self.wait_if_held(route)
-            admitted = await self._admit(route, body if body and body[:1] == b"{" else None)
-            if isinstance(admitted, web.Response):
-                return admitted
-            reuse = admitted
-            self.started(route)
-            port = self.view.port(route.engine_id) if self.direct and base is None else None
-            if port:
-                base = f"http://127.0.0.1:{port}"
         counted = route if loads else None
+        if counted is not None:
+            await self.wait_if_held(counted)
+            # In flight from here: a sync's hold waits for a request inside admission too
+            # (waiting for room or loading), so a reload does not cut the load it waits on.
+            self.started(counted)
         try:
+            if counted is not None:
+                admitted = await self._admit(counted, body if body and body[:1] == b"{"
+                                             else None)
+                if isinstance(admitted, web.Response):
+                    return admitted
+                reuse = admitted
+                port = self.view.port(counted.engine_id) if self.direct and base is None \
+                    else None
+                if port:
+                    base = f"http://127.0.0.1:{port}"
             return await self._proxy(request, body, path_qs or request.path_qs, base, sent,
                                      counted, reuse)
         finally:
@@ -575,21 +580,22 @@ class Front:
                 break
         if route is None:
             return _error(404, f"model not found: {rest}", "model_not_found")
-        admitted = await self._admit(route, None)
-        if isinstance(admitted, web.Response):
-            return admitted
-        body = await request.read() if request.can_read_body else None
-        if self.engine.name == "llama-swap":  # its own /upstream, now that there is room
-            path_qs, base = request.path_qs, None
-        else:
-            port = await self._loaded_port(route)
-            if port is None:
-                return _error(503, f"{route.served} did not load", "model_unavailable",
-                              retry_after=5)
-            query = f"?{request.query_string}" if request.query_string else ""
-            path_qs, base = (tail or "/") + query, f"http://127.0.0.1:{port}"
-        self.started(route)
+        await self.wait_if_held(route)
+        self.started(route)  # in flight from admission on, as in forward()
         try:
+            admitted = await self._admit(route, None)
+            if isinstance(admitted, web.Response):
+                return admitted
+            body = await request.read() if request.can_read_body else None
+            if self.engine.name == "llama-swap":  # its own /upstream, now that there is room
+                path_qs, base = request.path_qs, None
+            else:
+                port = await self._loaded_port(route)
+                if port is None:
+                    return _error(503, f"{route.served} did not load", "model_unavailable",
+                                  retry_after=5)
+                query = f"?{request.query_string}" if request.query_string else ""
+                path_qs, base = (tail or "/") + query, f"http://127.0.0.1:{port}"
             return await self._proxy(request, body, path_qs, base, None, None)
         finally:
             self.ended(route)

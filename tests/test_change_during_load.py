@@ -1,0 +1,52 @@
+"""A config change that comes while a model loads loses no request and wedges no load, on both
+engines: the request inside admission counts for the sync's hold, so the reload waits for it,
+and a load a reload cuts anyway ends the wait at once instead of holding every other load."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import requests
+
+from model_serve.runtime.procs import wait_until
+from tests.conftest import TWIN, Env
+from tests.test_engines import states
+
+A, B = "ls/gemma-3:270m-q4_k_m", "ls/g2"
+
+
+def test_a_sync_during_a_load(both: Env) -> None:
+    assert states(both) == {A: "unloaded", B: "unloaded"}
+    answers: dict[str, tuple[int, float]] = {}
+
+    def ask(model: str) -> None:
+        started = time.monotonic()
+        try:
+            status = requests.post(f"{both.base_url}/v1/completions", timeout=100, json={
+                "model": model, "prompt": "Hello", "max_tokens": 2}).status_code
+        except requests.RequestException:
+            status = 0
+        answers[model] = (status, time.monotonic() - started)
+
+    loading = threading.Thread(target=ask, args=(B,))
+    loading.start()
+    assert wait_until(lambda: states(both)[B] in ("loading", "loaded"), 10, interval=0.02)
+    # B's settings change while it loads; A is asked for meanwhile.
+    (both.home / "custom_models.yaml").write_text(TWIN + "    sampler_args: '--temp 0.5'\n")
+    syncing = threading.Thread(target=lambda: answers.setdefault(
+        "sync", (both.run("sync", timeout=120).returncode, 0.0)))
+    syncing.start()
+    time.sleep(0.3)
+    other = threading.Thread(target=ask, args=(A,))
+    other.start()
+    for thread in (loading, syncing, other):
+        thread.join(timeout=120)
+    assert answers["sync"][0] == 0
+    assert answers[B][0] == 200, answers
+    assert answers[A][0] == 200, answers
+    assert answers[B][1] < 60 and answers[A][1] < 60, answers  # no wait behind a cut load
+    # And the next request for B runs with its new settings.
+    again = requests.post(f"{both.base_url}/v1/completions", timeout=100,
+                          json={"model": B, "prompt": "Hello", "max_tokens": 2})
+    assert again.status_code == 200
