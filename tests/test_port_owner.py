@@ -226,6 +226,12 @@ def test_paths_queries_and_holds(open_stack: Env) -> None:
                        {"Content-Type": "application/json"})
     assert status == 200 and json.loads(body)["model"] == A_DASH, body
     assert activity(env)[A]["requests"] == 1
+    # A lone surrogate in a body the front renames: a bad request, not a server error.
+    renamed = A if env["ENGINE"] == "llama-server" else A_DASH
+    status, body = raw(env, "POST", "/v1/completions",
+                       b'{"model": "%s", "prompt": "\\ud83d", "max_tokens": 1}'
+                       % renamed.encode(), {"Content-Type": "application/json"})
+    assert status == 400 and b"surrogate" in body, body
     # A model named in the query (the router's per-model GETs) or in a multipart body.
     status, body = raw(env, "GET", f"/props?model={B}")
     assert activity(env)[B]["requests"] == 1
@@ -284,3 +290,9 @@ def test_prompts_never_reach_the_log(open_stack: Env) -> None:
     assert logs
     for log_file in logs:
         assert "quetzalcoatl" not in log_file.read_text(errors="replace"), log_file
+
+
+def test_a_lone_surrogate_is_a_bad_request() -> None:
+    body = b'{"model": "ls/b", "prompt": "\\ud83d"}'
+    with pytest.raises(model_field.BadBody, match="lone surrogate"):
+        model_field.in_body(body, "application/json", lambda name: "ls-b")

@@ -324,12 +324,16 @@ class Front:
             body = await request.read()
             if request.path.startswith(MODEL_PATHS):
                 kind = request.headers.get("Content-Type", "")
-                body, sent, route = self._named_in_body(body, kind)
-                if route is None and sent is not None:
-                    # A name a sync has just added: read the names now, not at the next
-                    # refresh, so its request gets admission (and a restored conversation).
-                    await self.refresh_names()
+                try:
                     body, sent, route = self._named_in_body(body, kind)
+                    if route is None and sent is not None:
+                        # A name a sync has just added: read the names now, not at the next
+                        # refresh, so its request gets admission (and a restored
+                        # conversation).
+                        await self.refresh_names()
+                        body, sent, route = self._named_in_body(body, kind)
+                except model_field.BadBody as exc:
+                    return _error(400, str(exc), "invalid_request")
         if route is None and "model" in request.query and path_qs is None:
             query, sent, route = self._named_in_query(request)
             if query is not None:

@@ -13,6 +13,10 @@ from urllib.parse import parse_qsl, urlencode
 # name -> the engine's id for it (None: not a name we serve)
 Rename = Callable[[str], str | None]
 
+
+class BadBody(ValueError):
+    """A body no model could read (the front answers 400 with the message)."""
+
 _BOUNDARY = re.compile(r'boundary="?([^";]+)"?', re.IGNORECASE)
 _MODEL_PART = re.compile(rb'content-disposition:[^\r\n]*[; ]name="?model"?(?:[;\r\n]|$)',
                          re.IGNORECASE)
@@ -56,7 +60,11 @@ def _json(body: bytes, rename: Rename) -> tuple[bytes, str | None, str | None]:
     engine_id = rename(sent)
     if engine_id is not None and engine_id != sent:
         data["model"] = engine_id
-        body = json.dumps(data, ensure_ascii=False).encode()
+        try:
+            body = json.dumps(data, ensure_ascii=False).encode()
+        except UnicodeEncodeError as exc:  # "\ud83d" alone: JSON allows it, text does not
+            raise BadBody(f"the JSON body holds a lone surrogate ({exc.reason}): send whole "
+                          "characters (UTF-8)") from None
     return body, sent, engine_id
 
 
