@@ -6,26 +6,32 @@ import os
 from pathlib import Path
 
 
-def write_if_changed(path: Path, content: str, mode: int = 0o644) -> bool:
-    """Write `content` to `path` atomically; return False (and touch nothing) if unchanged."""
+def write_if_changed(path: Path, content: str, mode: int | None = None) -> bool:
+    """Write `content` to `path` atomically; return False (and leave the content) if unchanged.
+    `mode`: exactly these permissions, whatever the umask (0o600 for what holds prompts or
+    keys; an unchanged file gets them too); None: those of any new file (0o666 less the
+    umask)."""
     try:
         if path.read_text(encoding="utf-8") == content:
+            if mode is not None and (path.stat().st_mode & 0o777) != mode:
+                os.chmod(path, mode)
             return False
     except (FileNotFoundError, UnicodeDecodeError):
         pass
-    import tempfile  # here: it loads random and shutil, which most commands never need
-
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.parent / f".{path.name}.{os.urandom(4).hex()}.tmp"
+    # Created private when a mode is asked for, so it is never wider while being written.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 if mode is None else 0o600)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(content)
             handle.flush()
+            if mode is not None:
+                os.fchmod(handle.fileno(), mode)
             os.fsync(handle.fileno())
-        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return True
 

@@ -177,7 +177,7 @@ class LlamaServerEngine(Engine):
             from model_serve.engines import slot_cache
 
             folder = slot_cache.folder_for(self.settings.kv_cache_dir, section, served)
-            folder.mkdir(parents=True, exist_ok=True)  # llama-server wants it to exist
+            slot_cache.make_folder(folder)  # llama-server wants it to exist; 0700
             values["slot-save-path"] = str(folder)
         for option, value in served.options.items():
             check_option(served, option, known)

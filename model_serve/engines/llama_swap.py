@@ -227,7 +227,7 @@ class LlamaSwapEngine(Engine):
                 raise ConfigError(f"KV_CACHE_DIR ({folder.parent.parent}) contains '${{' or a "
                                   "line break, which llama-swap's cmd cannot carry",
                                   "set KV_CACHE_DIR in .env to another folder")
-            folder.mkdir(parents=True, exist_ok=True)  # llama-server wants it to exist
+            slot_cache.make_folder(folder)  # llama-server wants it to exist; 0700
             argv += [SLOT_SAVE_PATH, str(folder)]
         # As the router's [*] section: context is sized by model_serve, so llama-server's
         # trial-fit pass only adds latency; metrics feed `model stats`.

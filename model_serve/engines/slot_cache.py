@@ -9,8 +9,13 @@ into the folder its `--slot-save-path` names); this module decides what to keep 
   the settings that shape its cache (context, slots, options). A cache saved under another key
   could not be used, so folders of other keys are removed;
 - each saved slot is a `.bin` written by llama-server under a temporary name and renamed when
-  complete, and a `.json` beside it with the text it holds (prompt and reply) and its size;
-  a slot file without its description, or one llama-server refuses, is never used;
+  complete, and a `.json` beside it with its size and *hashes* of the text it holds (prompt and
+  reply), never the text: enough to find the saved slot a new prompt continues (see
+  BLOCK_CHARS). A slot file without its description, or one llama-server refuses, is never
+  used;
+- what users say to their models is theirs: every folder is 0700 and every file 0600,
+  whatever the umask (llama-server's `.bin` too); `secure_saved` makes files left by earlier
+  versions so at each start, and rewrites their descriptions that held the text;
 - a disk budget (KV_CACHE_MAX_GB) over all models: the least recently used files go first;
 - the first reply after a restore tells (its `timings.cache_n`) whether the model really
   reused the restored cache. Where it did not, the folder records that, nothing more is saved
@@ -19,13 +24,15 @@ into the folder its `--slot-save-path` names); this module decides what to keep 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
-import shutil
+import re
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,6 +46,20 @@ if TYPE_CHECKING:
 log = logging.getLogger("model_serve.slot_cache")
 
 MIN_SHARED_CHARS = 64  # a restore is worth it only when the prompts share at least this much
+# A description keeps no text: a hash of the text up to the end of each block of this many
+# characters (each hash covers the whole beginning, salted per slot) and one of the whole text.
+# The beginning a new prompt shares with a saved slot is then known to a block, or exactly when
+# the prompt continues the whole saved text (the next turn of a chat). As large as
+# MIN_SHARED_CHARS, so that minimum is one whole block; smaller blocks would make descriptions
+# larger (a 32k-token conversation: about 2,000 hashes of 64 characters) and each hash would
+# add fewer unknown characters to guess.
+BLOCK_CHARS = 64
+HASH_HEX = 16  # 64 bits of each hash: a false match between two prompts is out of reach
+PRIVATE_FOLDER, PRIVATE_FILE = 0o700, 0o600
+_KEY_NAME = re.compile(r"[0-9a-f]{16}")  # cache_key()'s folders: the only ones we touch
+# Our files in a key folder: slots, descriptions, llama-server's unfinished saves, and
+# write_if_changed's temporary files.
+_OUR_SUFFIXES = (".bin", ".json", ".partial", ".tmp")
 # Makes llama-server's GET /slots show each slot's last prompt and reply (else only counts):
 # the text a saved slot is chosen by. It costs one copy of each reply.
 SERVER_ENV = {"LLAMA_SERVER_SLOTS_DEBUG": "1"}
@@ -48,13 +69,75 @@ MIN_CHECKED_TOKENS = 32  # a restore sharing fewer tokens with its request tells
 
 @dataclass
 class SavedSlot:
+    """A saved slot's description: what it holds is known by hashes only (see BLOCK_CHARS)."""
+
     file: str  # the .bin's name inside the model's folder
-    text: str  # what the slot held: its last prompt and reply
+    salt: str  # random, per slot: equal texts in two files give unrelated hashes
+    blocks: list[str]  # hash of the text up to the end of each whole block
+    end: str  # hash of the whole text (its last prompt and reply)
+    length: int  # of the text, in characters
     tokens: int
     bytes: int
     saved_at: float
     last_used: float
     hits: int = 0
+
+    def __post_init__(self) -> None:  # a damaged description is skipped, never used
+        bytes.fromhex(self.salt)
+        if not isinstance(self.blocks, list) or not all(isinstance(b, str) for b in self.blocks):
+            raise TypeError("blocks must be a list of hashes")
+
+    @classmethod
+    def of_text(cls, file: str, text: str, tokens: int, size: int) -> SavedSlot:
+        now = time.time()
+        return cls(file, **_hashed(text), tokens=tokens, bytes=size, saved_at=now,
+                   last_used=now)
+
+    @classmethod
+    def from_json(cls, data: Any) -> SavedSlot:
+        """A description as read; one written before the text was hashed (it held the text)
+        gets its hashes here, and loses the text when it is written again."""
+        if isinstance(data, dict) and "text" in data:
+            data = {**data, **_hashed(str(data["text"]))}
+            del data["text"]
+        if not isinstance(data, dict):
+            raise TypeError("not a JSON object")
+        return cls(**data)
+
+    def shared_with(self, prompt: str) -> int:
+        """How many characters the beginning of `prompt` shares with the saved text: all of
+        it when `prompt` continues the whole text, else a whole number of blocks."""
+        if len(prompt) >= self.length and _hashes(self.salt, prompt[:self.length])[1] == self.end:
+            return self.length
+        running, shared = hashlib.sha256(bytes.fromhex(self.salt)), 0
+        for expected in self.blocks:
+            block = prompt[shared:shared + BLOCK_CHARS]
+            if len(block) < BLOCK_CHARS:
+                break
+            running.update(block.encode())
+            if running.hexdigest()[:HASH_HEX] != expected:
+                break
+            shared += BLOCK_CHARS
+        return shared
+
+
+def _hashed(text: str) -> dict[str, Any]:
+    """The fields that stand for `text` in a description."""
+    salt = os.urandom(16).hex()
+    blocks, end = _hashes(salt, text)
+    return {"salt": salt, "blocks": blocks, "end": end, "length": len(text)}
+
+
+def _hashes(salt: str, text: str) -> tuple[list[str], str]:
+    """The salted hash of `text` up to the end of each whole block, and of all of it."""
+    running = hashlib.sha256(bytes.fromhex(salt))
+    whole = len(text) - len(text) % BLOCK_CHARS
+    blocks = []
+    for start in range(0, whole, BLOCK_CHARS):
+        running.update(text[start:start + BLOCK_CHARS].encode())
+        blocks.append(running.hexdigest()[:HASH_HEX])
+    running.update(text[whole:].encode())
+    return blocks, running.hexdigest()[:HASH_HEX]
 
 
 @dataclass
@@ -98,8 +181,22 @@ def folder_for(root: Path, engine_id: str, served: ServedModel) -> Path:
     (another file, context, slots or option) is a new, empty folder."""
     key = cache_key(served.path, {"ctx": served.ctx_size, "parallel": served.parallel,
                                   "options": served.options})
-    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in engine_id)
-    return root / safe / key
+    return root / model_folder_name(engine_id) / key
+
+
+def model_folder_name(engine_id: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in engine_id)
+
+
+def make_folder(folder: Path) -> Path:
+    """Create `root/<model>/<key>` (llama-server saves only into a folder that exists), the
+    root and each level under it 0700 whatever the umask: they hold conversations."""
+    root = folder.parent.parent
+    root.parent.mkdir(parents=True, exist_ok=True)
+    for level in (root, folder.parent, folder):
+        level.mkdir(mode=PRIVATE_FOLDER, exist_ok=True)
+        os.chmod(level, PRIVATE_FOLDER)  # one an earlier version made 0755
+    return folder
 
 
 def record_check(folder: Path, restored: Restored, cache_n: int) -> RestoreCheck | None:
@@ -109,7 +206,7 @@ def record_check(folder: Path, restored: Restored, cache_n: int) -> RestoreCheck
         return None
     check = RestoreCheck(cache_n >= restored.expected // 2, restored.expected, cache_n,
                          time.time())
-    write_if_changed(folder / CHECK_FILE, json.dumps(asdict(check)))
+    write_if_changed(folder / CHECK_FILE, json.dumps(asdict(check)), mode=PRIVATE_FILE)
     if not check.reused:
         log.warning("%s: a restored conversation was %s; its conversations are no longer "
                     "saved", folder.parent.name, check.describe())
@@ -133,18 +230,125 @@ def saving_helps(folder: Path) -> bool:
 def remove_other_keys(root: Path, keep: set[Path]) -> None:
     """Remove the folders of saved caches whose key the config in effect no longer names
     (another file or other settings: they could never be used)."""
-    for folder in root.glob("*/*"):
-        if folder.is_dir() and folder not in keep:
-            shutil.rmtree(folder, ignore_errors=True)
+    for model, folder in _our_folders(root):
+        if folder not in keep:
+            _remove_files(folder, keep_check=False)
+            _remove_if_empty(folder)
+            _remove_if_empty(model)
             log.info("removed saved caches of %s made with other settings or another file",
-                     folder.parent.name)
+                     model.name)
+
+
+def remove_saved(root: Path, models: set[str] | None = None) -> tuple[int, int]:
+    """Delete the saved conversations of the models whose folders (model_folder_name) are
+    in `models`, or of all: every key's slots, descriptions and unfinished saves. What a
+    restore showed (CHECK_FILE) stays: it tells about the model, not a conversation.
+    Returns (conversations, bytes) removed."""
+    count = size = 0
+    for model, folder in _our_folders(root):
+        if models is None or model.name in models:
+            removed = _remove_files(folder, keep_check=True)
+            count += sum(1 for name, _size in removed if name.endswith(".bin"))
+            size += sum(each for _name, each in removed)
+            _remove_if_empty(folder)
+            _remove_if_empty(model)
+    return count, size
+
+
+def secure_saved(root: Path) -> int:
+    """At start: what earlier versions saved readable by others becomes the user's alone
+    (folders 0700, files 0600), and descriptions that held the text get its hashes instead.
+    Only our own folders (`<model>/<key>`) and files are touched; no link is followed, so
+    nothing outside `root` is either. Returns how many descriptions were rewritten."""
+    if not root.is_dir():
+        return 0
+    rewritten = 0
+    for path, mode in [(root, PRIVATE_FOLDER)] + [
+            (each, PRIVATE_FOLDER) for pair in _our_folders(root) for each in pair]:
+        _chmod(path, mode)
+    for _model, folder in _our_folders(root):
+        for path in _our_files(folder):
+            _chmod(path, PRIVATE_FILE)
+            if path.suffix == ".json" and path.name != CHECK_FILE:
+                rewritten += _rewrite_old_description(path)
+    if rewritten:
+        log.info("saved conversations: %d description(s) that held the text now hold its "
+                 "hashes", rewritten)
+    return rewritten
+
+
+def _rewrite_old_description(path: Path) -> bool:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict) or "text" not in data:
+            return False
+        slot = SavedSlot.from_json(data)
+    except (OSError, ValueError, TypeError) as exc:
+        log.warning("skipped %s: %s", path, exc)
+        return False
+    write_if_changed(path, json.dumps(asdict(slot)), mode=PRIVATE_FILE)
+    return True
+
+
+def _chmod(path: Path, mode: int) -> None:
+    try:
+        os.chmod(path, mode)
+    except OSError as exc:  # not ours (another owner): said, and the rest still done
+        log.warning("could not make %s private: %s", path, exc)
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    try:
+        with os.scandir(folder) as entries:
+            return [Path(e.path) for e in entries if e.is_dir(follow_symlinks=False)]
+    except OSError:
+        return []
+
+
+def _our_folders(root: Path) -> Iterator[tuple[Path, Path]]:
+    """(model folder, key folder) of every cache folder under `root`, links not followed:
+    KV_CACHE_DIR may hold other things, which are never touched."""
+    for model in _subfolders(root):
+        for folder in _subfolders(model):
+            if _KEY_NAME.fullmatch(folder.name):
+                yield model, folder
+
+
+def _our_files(folder: Path) -> list[Path]:
+    try:
+        with os.scandir(folder) as entries:
+            return [Path(e.path) for e in entries
+                    if e.is_file(follow_symlinks=False) and e.name.endswith(_OUR_SUFFIXES)]
+    except OSError:
+        return []
+
+
+def _remove_files(folder: Path, keep_check: bool) -> list[tuple[str, int]]:
+    removed = []
+    for path in _our_files(folder):
+        if keep_check and path.name == CHECK_FILE:
+            continue
+        try:
+            size = path.lstat().st_size
+            path.unlink()
+        except OSError:
+            continue
+        removed.append((path.name, size))
+    return removed
+
+
+def _remove_if_empty(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # not empty: something else is kept there
+        folder.rmdir()
 
 
 def saved_slots(folder: Path) -> list[SavedSlot]:
     slots = []
     for description in folder.glob("*.json"):
+        if description.name == CHECK_FILE:
+            continue
         try:
-            slot = SavedSlot(**json.loads(description.read_text(encoding="utf-8")))
+            slot = SavedSlot.from_json(json.loads(description.read_text(encoding="utf-8")))
         except (OSError, ValueError, TypeError) as exc:
             log.warning("skipped %s: %s", description, exc)
             continue
@@ -154,7 +358,8 @@ def saved_slots(folder: Path) -> list[SavedSlot]:
 
 
 def _describe(folder: Path, slot: SavedSlot) -> None:
-    write_if_changed(folder / f"{Path(slot.file).stem}.json", json.dumps(asdict(slot)))
+    write_if_changed(folder / f"{Path(slot.file).stem}.json", json.dumps(asdict(slot)),
+                     mode=PRIVATE_FILE)
 
 
 def save_slots(base_url: str, headers: dict[str, str], folder: Path) -> list[SavedSlot]:
@@ -165,6 +370,7 @@ def save_slots(base_url: str, headers: dict[str, str], folder: Path) -> list[Sav
     if slots is None:
         return []
     bos = _bos_text(base_url, headers)
+    known = saved_slots(folder)
     saved = []
     for slot in slots:
         if not slot.get("n_prompt_tokens") or slot.get("is_processing"):
@@ -177,8 +383,12 @@ def save_slots(base_url: str, headers: dict[str, str], folder: Path) -> list[Sav
             log.warning("slot %s of %s shows no text (started without %s): not saved",
                         slot.get("id"), base_url, ", ".join(SERVER_ENV))
             continue
-        digest = hashlib.sha256(text.encode()).hexdigest()[:16]
-        final, partial = f"{digest}.bin", f"{digest}.{uuid.uuid4().hex[:8]}.partial"
+        # The same conversation saved again (restored, not continued) replaces its file. A
+        # new one gets a random name: a hash of its text would be a fingerprint of it.
+        same = next((s for s in known if s.length == len(text)
+                     and s.shared_with(text) == s.length), None)
+        final = same.file if same else f"{uuid.uuid4().hex[:16]}.bin"
+        partial = f"{Path(final).stem}.{uuid.uuid4().hex[:8]}.partial"
         answer = call("POST", f"{base_url}/slots/{slot['id']}?action=save", headers,
                       timeout=120, json_body={"filename": partial})
         if answer.status_code != 200:
@@ -186,15 +396,34 @@ def save_slots(base_url: str, headers: dict[str, str], folder: Path) -> list[Sav
                         answer.status_code, answer.text[:200])
             (folder / partial).unlink(missing_ok=True)
             continue
+        # llama-server wrote it under its own umask; the slot holds the conversation's tokens.
+        os.chmod(folder / partial, PRIVATE_FILE)
         os.replace(folder / partial, folder / final)  # complete, or not there at all
         result = answer.json()
-        now = time.time()
-        entry = SavedSlot(final, text, int(result.get("n_saved", 0)),
-                          int(result.get("n_written", (folder / final).stat().st_size)), now,
-                          now)
+        entry = SavedSlot.of_text(final, text, int(result.get("n_saved", 0)),
+                                  int(result.get("n_written", (folder / final).stat().st_size)))
+        entry.hits = same.hits if same else 0
         _describe(folder, entry)
+        known.append(entry)
         saved.append(entry)
     return saved
+
+
+def erase_slots(base_url: str, headers: dict[str, str]) -> int:
+    """Empty every slot of the model server at `base_url` (`model forget`): an unload then
+    has nothing to save. How many held a conversation; a server started without a slot
+    folder (nothing of it is ever saved) refuses, and counts none."""
+    erased = 0
+    for slot in _slots(base_url, headers) or []:
+        try:
+            # Waits for a request the slot is serving, then empties it.
+            answer = call("POST", f"{base_url}/slots/{slot.get('id')}?action=erase", headers,
+                          timeout=300)
+            if answer.status_code == 200:
+                erased += int(bool(answer.json().get("n_erased")))
+        except (LoopbackError, ValueError, AttributeError) as exc:
+            log.warning("erasing slot %s of %s failed: %s", slot.get("id"), base_url, exc)
+    return erased
 
 
 def _bos_text(base_url: str, headers: dict[str, str]) -> str:
@@ -205,16 +434,12 @@ def _bos_text(base_url: str, headers: dict[str, str]) -> str:
         return ""
 
 
-def shared_prefix(a: str, b: str) -> int:
-    return len(os.path.commonprefix([a, b]))
-
-
 def best_for(folder: Path, prompt: str) -> tuple[SavedSlot, int] | None:
     """The saved slot sharing the longest beginning with `prompt` (at least MIN_SHARED_CHARS),
     and how many characters it shares."""
     best, best_shared = None, MIN_SHARED_CHARS - 1
     for slot in saved_slots(folder):
-        shared = shared_prefix(slot.text, prompt)
+        shared = slot.shared_with(prompt)
         if shared > best_shared:
             best, best_shared = slot, shared
     return (best, best_shared) if best is not None else None
@@ -236,7 +461,7 @@ def restore_best(base_url: str, headers: dict[str, str], folder: Path,
                     key=lambda s: s.last_used, reverse=True)
     for slot_id, other in zip(range(1, _slot_count(base_url, headers)), others, strict=False):
         restore(base_url, headers, folder, other, slot_id)
-    return Restored(folder, tokens, tokens * shared // max(len(slot.text), 1))
+    return Restored(folder, tokens, tokens * shared // max(slot.length, 1))
 
 
 def _slot_count(base_url: str, headers: dict[str, str]) -> int:

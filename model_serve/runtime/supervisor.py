@@ -151,6 +151,9 @@ class Supervisor:
                 guard_argv(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT, env=env,
                 start_new_session=True,  # its own process group: stop = signal the group
+                # What they write (llama-server's saved conversations among it; model servers
+                # inherit it) is the user's alone, whatever the umask we were started with.
+                umask=0o077,
             )
         except OSError as exc:
             self._failed_start(child, f"could not run {argv[0]}: {exc.strerror or exc}")
@@ -340,6 +343,7 @@ class Supervisor:
             from model_serve import internal_key
 
             internal_key.make(self.settings)  # before the engine and the front read it
+        self._secure_saved_conversations()
         self.sync_once("start")
         if not self.engine.config_path.exists():
             log.error("no engine config could be written; see the sync error above")
@@ -357,6 +361,17 @@ class Supervisor:
             self._stop.set()
             self._shutdown()
         return code
+
+    def _secure_saved_conversations(self) -> None:
+        """Conversations saved by an earlier version: made the user's alone, their text
+        hashed (KV_CACHE=off too: they are still on disk)."""
+        from model_serve.engines import slot_cache
+
+        try:
+            slot_cache.secure_saved(self.settings.kv_cache_dir)
+        except OSError as exc:  # the stack still starts; the next start tries again
+            log.warning("could not secure the saved conversations in %s: %s",
+                        self.settings.kv_cache_dir, exc)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -386,9 +401,24 @@ class Supervisor:
         log.info("supervisor stopped")
 
 
+class _PrivateLogHandler(logging.handlers.RotatingFileHandler):
+    """The log tells what models were asked and answered: 0600, whatever the umask (each
+    file it rotates to as well)."""
+
+    def _open(self) -> IO[str]:
+        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.fchmod(fd, 0o600)  # one an earlier version made 0644
+        return open(fd, self.mode, encoding=self.encoding, errors=self.errors)
+
+
 def setup_logging(settings: Settings, to_stderr: bool) -> None:
-    settings.log_file.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.handlers.RotatingFileHandler(
+    folder = settings.log_file.parent
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(folder, 0o700)
+    for old in folder.iterdir():  # rotated logs, serve-console.log: ours, and as private
+        if old.is_file() and not old.is_symlink():
+            os.chmod(old, 0o600)
+    handler = _PrivateLogHandler(
         settings.log_file, maxBytes=settings.log_max_bytes, backupCount=3, encoding="utf-8")
     fmt = logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s")
     handler.setFormatter(fmt)
