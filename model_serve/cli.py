@@ -237,6 +237,7 @@ def pull(name: str) -> None:
 def rm(name: str | None, filter_text: str | None, yes: bool) -> None:
     """Remove Ollama models (unloading them first), then sync so their names go."""
     from model_serve import render
+    from model_serve.commands.forget import forget_model
     from model_serve.commands.unload import unload_models
     from model_serve.engines import select_engine
     from model_serve.models import ollama
@@ -255,8 +256,12 @@ def rm(name: str | None, filter_text: str | None, yes: bool) -> None:
     for model in catalog.models:
         # Unload only what loses its last Ollama name (another tag may still use the blob).
         last_name = model.ollama_names and set(model.ollama_names) <= removing
+        # Its conversations go with it: the loaded ones erased first, so the unload saves none.
+        forgotten = forget_model(settings, engine, model.name, listed) if last_name else None
         if last_name and unload_models(engine, engine.resolve(model.name, listed)).unloaded:
             click.echo(f"unloaded {model.name}")
+        if forgotten is not None and (forgotten.saved or any(forgotten.erased.values())):
+            render.forgotten(forgotten, as_json=False)
     failures: list[ModelServeError] = []
     for target in targets:
         try:
@@ -375,6 +380,20 @@ def stats(as_json: bool, watch: bool) -> None:
             time.sleep(2)
         except KeyboardInterrupt:
             return
+
+
+@main.command()
+@click.argument("name", required=False)
+@click.option("--all", "forget_all", is_flag=True, help="Forget the conversations of every "
+              "model.")
+@json_option
+def forget(name: str | None, forget_all: bool, as_json: bool) -> None:
+    """Delete a model's saved conversations (KV_CACHE_DIR), and erase those it holds in
+    memory while loaded, so its next unload does not save them again."""
+    from model_serve import render
+    from model_serve.commands.forget import forget as forget_named
+
+    render.forgotten(forget_named(_settings(), name, forget_all), as_json)
 
 
 @main.command()

@@ -11,6 +11,7 @@ import click
 
 if TYPE_CHECKING:
     from model_serve.commands.doctor import Check
+    from model_serve.commands.forget import ForgetResult
     from model_serve.commands.stats import StatsReport
     from model_serve.engines.base import EngineModel
     from model_serve.engines.engine_check import EngineCheck
@@ -358,3 +359,18 @@ def unloaded(names: list[str], not_loaded: list[str] | None = None) -> None:
         click.echo(f"{name} was not loaded")
     if not names and not not_loaded:
         click.echo("no model was loaded")
+
+
+def forgotten(result: ForgetResult, as_json: bool) -> None:
+    if as_json:
+        _json({"models": result.models, "saved_removed": result.saved,
+               "saved_bytes_removed": result.saved_bytes, "slots_erased": result.erased})
+        return
+    whose = ", ".join(result.models) or "every model"
+    if result.saved:
+        click.echo(f"{whose}: {result.saved} saved conversation(s) deleted "
+                   f"({human_bytes(result.saved_bytes)})")
+    else:
+        click.echo(f"{whose}: no saved conversations")
+    for name, erased in result.erased.items():
+        click.echo(f"{name}: {erased} conversation(s) in memory erased")

@@ -1,7 +1,8 @@
 """What users say to their models stays theirs (issue 24, on disk): saved conversations and
 everything describing them are 0600 in 0700 folders whatever the umask, llama-server's own
 files included; their descriptions hold hashes, never the text; what earlier versions left is
-fixed at start. Real files, the real llama-server and the real gemma model."""
+fixed at start; `model forget` and `model rm` delete them, and erase a loaded model's slots so
+its next unload saves nothing. Real files, the real llama-server and the real gemma model."""
 
 from __future__ import annotations
 
@@ -19,11 +20,13 @@ from model_serve.config.settings import load_settings
 from model_serve.engines import select_engine, slot_cache
 from model_serve.fileio import write_if_changed
 from model_serve.runtime.sync import build_current_plan
-from tests.conftest import Env
+from tests.conftest import Env, llama_servers_under, running
+from tests.test_ollama_commands import ollama_env  # noqa: F401 - a fixture
 from tests.test_slot_cache import model_server
 
 MARKER = "My bank PIN is 4321"
 LINES = "".join(f"Line {i}: the lighthouse keeper counts {i} ships tonight.\n" for i in range(20))
+NAME = "ls/gemma-3:270m-q4_k_m"
 
 
 @contextmanager
@@ -37,6 +40,15 @@ def umask(mask: int) -> Iterator[None]:
 
 def mode(path: Path) -> int:
     return stat.S_IMODE(path.lstat().st_mode)
+
+
+def umask_of(pid: int) -> int | None:
+    """A process's umask (Linux 4.7+ shows it in /proc)."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return None
+    return next((int(line.split()[1], 8) for line in lines if line.startswith("Umask:")), None)
 
 
 def slot_folder(env: Env) -> Path:
@@ -214,3 +226,87 @@ def test_files_of_an_earlier_version_are_fixed_and_nothing_else_is_touched(
     assert {p: (mode(p), p.read_bytes()) for p in others} == before
     assert {p: mode(p) for p in folders_before} == folders_before
     assert slot_cache.secure_saved(root) == 0  # once is enough
+
+
+def test_forget_all_deletes_saved_conversations_only(env: Env) -> None:
+    """With the stack stopped: every model's saved conversations go; what a restore showed
+    and whatever else is in KV_CACHE_DIR stays."""
+    from model_serve.commands.forget import forget
+
+    settings = load_settings(dict(env))
+    root = settings.kv_cache_dir
+    kept = [root / "notes.txt", root / "ls_a" / "0123456789abcdef" / "restore-check.json"]
+    for model in ("ls_a", "ls_b"):
+        plant_old_save(root / model / "0123456789abcdef", LINES)
+    for path in kept:
+        path.write_text("{}")
+    size = sum(p.stat().st_size for p in saved_files(root) if p.name != "notes.txt")
+    result = forget(settings, None, True)
+    assert (result.saved, result.saved_bytes, result.erased) == (2, size, {})
+    assert sorted(p for p in root.rglob("*") if p.is_file()) == sorted(kept)
+    assert not (root / "ls_b").exists()  # emptied folders go
+    shown = env.run("forget", "--all", "--json")
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["saved_removed"] == 0
+    assert env.run("forget").returncode == 2  # neither a name nor --all
+
+
+def test_forget_erases_saved_and_loaded_conversations(engine_env: Env,
+                                                      gemma_path: Path) -> None:
+    """Through the stack under umask 022: what an earlier version saved is made private at
+    start, the engine's processes write with umask 077, and after `model forget` no saved
+    file of the model remains, and its next unload saves nothing (its slots were erased)."""
+    env = engine_env
+    (env.models / gemma_path.name).symlink_to(gemma_path)
+    env.update({"DEFAULT_CTX_SIZE": "4096"})
+    folder = slot_folder(env)
+    first = [user(MARKER + ". " + LINES)]
+    with umask(0o022):
+        binary, description = plant_old_save(folder, "an old, unrelated conversation " * 4)
+        with running(env):
+            assert [mode(p) for p in (folder.parent.parent, folder.parent, folder)] == \
+                [0o700] * 3
+            assert mode(binary) == mode(description) == 0o600
+            assert "text" not in json.loads(description.read_text())
+            reply, _cached = chat(env.base_url, first, model=NAME)
+            servers = llama_servers_under(env.home.parent)
+            assert servers and all(umask_of(pid) in (0o077, None) for pid in servers), \
+                {pid: umask_of(pid) for pid in servers}
+            assert env.run("unload", NAME).returncode == 0
+            new = [p for p in saved_files(folder) if p not in (binary, description)]
+            assert {p.suffix for p in new} == {".bin", ".json"}
+            assert {mode(p) for p in new} == {0o600}
+            for path in new:
+                if path.suffix == ".json":
+                    assert MARKER not in path.read_text()
+            # Loaded again, its conversation restored into its slot and continued.
+            chat(env.base_url, [*first, {"role": "assistant", "content": reply},
+                                user("And then?")], model=NAME)
+            forgotten = env.run("forget", NAME, "--json")
+            assert forgotten.returncode == 0, forgotten.stderr
+            result = json.loads(forgotten.stdout)
+            assert result["saved_removed"] == 2  # the old one and the new one
+            assert list(result["slots_erased"].values()) == [1]
+            assert saved_files(folder.parent.parent) == []
+            assert env.run("unload", NAME).returncode == 0
+            assert saved_files(folder.parent.parent) == []  # nothing saved again
+            again = env.run("forget", NAME)
+            assert "no saved conversations" in again.stdout
+
+
+def test_rm_forgets_the_models_conversations(ollama_env: Env) -> None:  # noqa: F811
+    """`model rm` of a loaded model: its slots are erased before the unload (which then
+    saves nothing), and what was saved before goes with it."""
+    env = ollama_env
+    assert env.run("pull", "gemma3:270m").returncode == 0
+    name = "ls/gemma3:268.10m-q4_k_m"
+    with running(env):
+        chat(env.base_url, [user(MARKER + ". " + LINES)], model=name)
+        assert env.run("unload", name).returncode == 0
+        assert len([p for p in saved_files(env.state / "kv-cache") if p.suffix == ".bin"]) == 1
+        chat(env.base_url, [user("Remember the harbour. " + LINES)], model=name)
+        removed = env.run("rm", "gemma3:270m", "--yes")
+        assert removed.returncode == 0, removed.stderr
+        assert "1 saved conversation(s) deleted" in removed.stdout, removed.stdout
+        assert "1 conversation(s) in memory erased" in removed.stdout, removed.stdout
+        assert saved_files(env.state / "kv-cache") == []
