@@ -20,6 +20,7 @@ import psutil
 import requests
 from openai import OpenAI
 
+from model_serve import internal_key
 from model_serve.config.settings import load_settings
 from model_serve.engines.base import LOADED_STATES
 from tests.conftest import Env, running
@@ -45,10 +46,12 @@ def ask(env: Env, name: str) -> None:
 def in_memory(env: Env) -> int:
     """Models in memory (loading ones too), from the engine's own API."""
     settings = load_settings(dict(env))
+    auth = internal_key.engine_headers(settings)  # the engine answers to model_serve only
     if settings.engine == "llama-swap":
-        running = requests.get(settings.engine_url + "/running", timeout=2).json()["running"]
+        running = requests.get(settings.engine_url + "/running", headers=auth,
+                               timeout=2).json()["running"]
         return sum(m["state"] != "stopped" for m in running)
-    data = requests.get(settings.engine_url + "/models", timeout=2).json()["data"]
+    data = requests.get(settings.engine_url + "/models", headers=auth, timeout=2).json()["data"]
     return sum(m["status"]["value"] in LOADED_STATES for m in data)
 
 

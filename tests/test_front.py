@@ -103,9 +103,12 @@ def test_a_client_that_leaves_stops_the_generation(front: Env) -> None:
         lines = reply.iter_lines()
         for _ in range(5):
             next(lines)
+        # The model server answers to model_serve's own key only (test_engine_key.py).
+        key = (front.state / "internal-key").read_text().strip()
 
         def busy() -> bool:
-            slots = requests.get(f"http://127.0.0.1:{port}/slots", timeout=5).json()
+            slots = requests.get(f"http://127.0.0.1:{port}/slots", timeout=5,
+                                 headers={"Authorization": f"Bearer {key}"}).json()
             return any(slot.get("is_processing") for slot in slots)
 
         assert busy()

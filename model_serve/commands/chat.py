@@ -31,7 +31,9 @@ def stream_reply(settings: Settings, model: str, messages: list[dict[str, str]])
     """Yield the reply's text pieces as the server streams them."""
     import requests
 
-    headers = settings.auth_headers
+    from model_serve import internal_key
+
+    headers = internal_key.own_headers(settings)
     try:
         yield from _stream(settings, model, messages, headers)
     except requests.ConnectionError as exc:

@@ -100,6 +100,23 @@ class Engine(ABC):
     @abstractmethod
     def command(self) -> list[str]: ...
 
+    def environment(self) -> dict[str, str]:
+        """Variables the engine is started with on top of ours (its model servers inherit
+        them): how keys reach it without a command line, where `ps` would show them."""
+        return {}
+
+    def server_key_file(self) -> Path | None:
+        """The file of keys the engine's model servers (and the router) answer to: behind the
+        front, the key made at each start, so only model_serve reaches them on loopback; with
+        FRONT=off and API_KEYS, the user's keys (written here, 0600); else None (open)."""
+        if self.settings.front_enabled:
+            return self.settings.internal_key_file
+        if not self.settings.api_keys:
+            return None
+        path = self.settings.state_dir / "api-keys"
+        write_if_changed(path, "\n".join(self.settings.api_keys) + "\n", mode=0o600)
+        return path
+
     def version(self) -> str:
         import subprocess
 
@@ -113,7 +130,9 @@ class Engine(ABC):
 
     # --- HTTP API -----------------------------------------------------------------------
     def _headers(self) -> dict[str, str]:
-        return self.settings.auth_headers
+        from model_serve import internal_key  # `model status` must not import `secrets`
+
+        return internal_key.engine_headers(self.settings)
 
     def request(self, method: str, path: str, timeout: float = 10, json: Any = None,
                 params: dict[str, str] | None = None) -> Answer:
@@ -255,7 +274,7 @@ class Engine(ABC):
             return None
         conn = http.client.HTTPConnection("127.0.0.1", model.port, timeout=timeout)
         try:
-            conn.request("GET", "/metrics")
+            conn.request("GET", "/metrics", headers=self._headers())
             response = conn.getresponse()
             if response.status != 200:
                 return None

@@ -115,23 +115,21 @@ class LlamaServerEngine(Engine):
     def binary(self) -> Path:
         return resolve_llama_server(self.settings.llama_server_bin)
 
-    @property
-    def api_key_file(self) -> Path:
-        return self.settings.state_dir / "api-keys"
-
     def command(self) -> list[str]:
-        argv = [
+        return [
             str(self.binary()),
             "--host", self.settings.engine_host,
             "--port", str(self.settings.engine_port),
             "--models-preset", str(self.config_path),
             "--models-max", str(self.settings.max_loaded_models),
         ]
-        if self.settings.api_keys:
-            # A file keeps the keys out of `ps`; the router does not pass them to its children.
-            write_if_changed(self.api_key_file, "\n".join(self.settings.api_keys) + "\n", 0o600)
-            argv += ["--api-key-file", str(self.api_key_file)]
-        return argv
+
+    def environment(self) -> dict[str, str]:
+        # The router drops --api-key-file from what it passes its model servers, but they
+        # inherit its environment, where llama-server reads the same option: so the key file
+        # goes there, and the router and every model server answer to its keys alone.
+        key_file = self.server_key_file()
+        return {"LLAMA_ARG_API_KEY_FILE": str(key_file)} if key_file else {}
 
     # --- config -------------------------------------------------------------------------
     def option_spellings(self) -> dict[str, str]:

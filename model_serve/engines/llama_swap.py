@@ -10,6 +10,9 @@ Config is a YAML file (config.yaml). Facts that shape it (design/reference/llama
   placed right above our own port (LLAMA_SWAP_PORT + 1, ...) so two stacks on different ports
   do not collide;
 - `concurrencyLimit` defaults to 10 (queued requests included, then HTTP 429), so it is raised;
+- keys: llama-swap and every model server it starts from a cmd model_serve writes answer to
+  the same keys (`apiKeys`; `--api-key-file` in the cmd); v225+ passes the client's key on to
+  the model server, and its own health check asks /health, which llama-server leaves open;
 - a reload stops every running model. From v205 `reload()` sends SIGHUP and waits for it;
   `--watch-config` (a stat poll every 2 s) would reload a second time a moment later and cut
   the requests the first reload's new processes were serving (seen with v250), so it is used
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import shlex
@@ -47,6 +51,8 @@ from model_serve.runtime import procs
 if TYPE_CHECKING:
     from model_serve.models.plan import ServedModel
 
+log = logging.getLogger("model_serve.engines")
+
 HEALTH_CHECK_TIMEOUT = 300  # seconds a model may take to load (big models on slow disks)
 CONCURRENCY_LIMIT = 64  # queued + in-flight requests per model before llama-swap answers 429
 FALLBACK_START_PORT = 5800  # llama-swap's own default, used when our port is near the top
@@ -56,6 +62,14 @@ RELOAD_WAIT = 10.0  # llama-swap polls the file every 2 s
 RESEND_EVERY = 1.0  # seconds between SIGHUPs until llama-swap starts the reload
 MIN_UNLOAD_ONE = 161  # first release with POST /api/models/unload/<id>
 MIN_SIGHUP_RELOAD = 205  # SIGHUP reloads from here on; before, it ends llama-swap
+MIN_ENV_MACROS = 184  # first release that fills ${env.NAME} in apiKeys
+# v179-v224 drop the client's key before the model server: a model server with a key of its
+# own would refuse every request there.
+MIN_KEY_FORWARDED = 225
+# Behind the front llama-swap's key comes from its environment through ${env.…}: config.yaml
+# stays the same from one start to the next (a last good copy put back keeps working), and
+# holds no key.
+KEY_ENV = "MODEL_SERVE_ENGINE_KEY"
 
 # Keys llama-swap reads (config-schema.json of v250). Anything else would be ignored silently.
 KNOWN_TOP_KEYS = frozenset({
@@ -136,6 +150,22 @@ class LlamaSwapEngine(Engine):
             argv.append("--watch-config")
         return argv
 
+    def environment(self) -> dict[str, str]:
+        number = self.version_number()
+        keyed = self.settings.front_enabled and _fills_env_macros(number)
+        if number is not None and number < MIN_KEY_FORWARDED and (
+                self.settings.front_enabled or self.settings.api_keys):
+            log.warning("llama-swap v%d cannot pass a key on to its model servers, so %s "
+                        "without one to any local program; v%d or newer closes them", number,
+                        "they answer" if keyed or not self.settings.front_enabled
+                        else "it and they answer", MIN_KEY_FORWARDED)
+        if not keyed:
+            return {}
+        from model_serve import internal_key
+
+        key = internal_key.read(self.settings)
+        return {KEY_ENV: key} if key else {}
+
     def _reloads_on_sighup(self) -> bool:
         number = self.version_number()
         return number is not None and number >= MIN_SIGHUP_RELOAD
@@ -158,11 +188,18 @@ class LlamaSwapEngine(Engine):
             if not key.strip() or re.search(r"\s", key):
                 raise ConfigError("API_KEYS holds a key with a space in it, which llama-swap "
                                   "refuses", "remove the spaces from the keys in API_KEYS")
+        number = self.version_number()
+        key_file = self.server_key_file() if number is None or number >= MIN_KEY_FORWARDED \
+            else None
+        if key_file is not None and _CMD_UNSAFE.search(str(key_file)):
+            raise ConfigError(f"STATE_DIR ({self.settings.state_dir}) contains '${{' or a "
+                              "line break, which llama-swap's cmd cannot carry",
+                              "set STATE_DIR in .env to another folder")
         models: dict[str, Any] = {}
         for served in plan:
             _id, *aliases = self.routed_names(served)
             entry: dict[str, Any] = {
-                "cmd": self._cmd(served, server, spellings, machine_options),
+                "cmd": self._cmd(served, server, spellings, machine_options, key_file),
                 "proxy": "http://127.0.0.1:${PORT}",
                 "checkEndpoint": "/health",
                 # With KV_CACHE the pressure unloader keeps the TTL, so the slots are saved
@@ -180,8 +217,13 @@ class LlamaSwapEngine(Engine):
             # llama-server's own output on stdout, so `model logs` shows why a model failed.
             "logToStdout": "both",
         }
-        if self.settings.api_keys:
+        if self.settings.front_enabled:
+            if _fills_env_macros(number):  # else open: no key a build before v184 can take
+                config["apiKeys"] = [_Quoted(f"${{env.{KEY_ENV}}}")]
+        elif self.settings.api_keys:
             config["apiKeys"] = list(self.settings.api_keys)
+        # What llama-swap keeps of requests and replies for its UI: prompts, so off by default.
+        config["captureBuffer"] = self.settings.llama_swap_capture_mb
         config["models"] = models
         if models:
             # Without this group llama-swap keeps only one model loaded at a time.
@@ -194,7 +236,7 @@ class LlamaSwapEngine(Engine):
                                   allow_unicode=True, width=1 << 30)
 
     def _cmd(self, served: ServedModel, server: Path, spellings: dict[str, str],
-             machine_options: dict[str, str]) -> str:
+             machine_options: dict[str, str], key_file: Path | None = None) -> str:
         where = served.custom_line or served.name
         model_path = str(served.path.absolute())
         if _CMD_UNSAFE.search(model_path):
@@ -217,6 +259,8 @@ class LlamaSwapEngine(Engine):
         argv = [str(server), "--host", "127.0.0.1", "--port", "${PORT}", "--model", model_path,
                 "--alias", served.name, "--ctx-size", str(served.ctx_size),
                 "--parallel", str(served.parallel)]
+        if key_file is not None:  # the key's file, never the key: `ps` shows command lines
+            argv += [spellings.get("api-key-file", "--api-key-file"), str(key_file)]
         for option, value in {**machine_options, **served.options}.items():
             argv += _option_words(served, option, value, spellings)
         if served.keeps_conversations:
@@ -410,6 +454,10 @@ class LlamaSwapEngine(Engine):
         if pid and _is_llama_swap(pid):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGHUP)
+
+
+def _fills_env_macros(number: int | None) -> bool:
+    return number is None or number >= MIN_ENV_MACROS
 
 
 def _request_events(data: dict[str, Any],

@@ -114,11 +114,12 @@ def front_record(settings: Settings) -> dict[str, dict[str, Any]] | None:
     not answer."""
     if not settings.front_enabled:
         return None
+    from model_serve import internal_key
     from model_serve.loopback import LoopbackError, call
 
     try:
         answer = call("GET", f"{settings.base_url}/api/model_serve/activity",
-                      settings.auth_headers, timeout=2)
+                      internal_key.own_headers(settings), timeout=2)
         record = answer.json() if answer.status_code == 200 else None
     except (LoopbackError, ValueError):
         return None

@@ -142,10 +142,12 @@ class Supervisor:
             return
         log.info("starting %s: %s", child.name, " ".join(argv))
         env = None
-        if child is self.engine_child and self.settings.kv_cache_enabled:
-            from model_serve.engines.slot_cache import SERVER_ENV
+        if child is self.engine_child:
+            env = {**os.environ, **self.engine.environment()}  # model servers inherit it
+            if self.settings.kv_cache_enabled:
+                from model_serve.engines.slot_cache import SERVER_ENV
 
-            env = {**os.environ, **SERVER_ENV}  # model servers inherit the engine's
+                env.update(SERVER_ENV)
         try:
             child.process = subprocess.Popen(
                 guard_argv(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,

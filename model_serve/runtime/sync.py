@@ -140,9 +140,10 @@ def _requests_held(settings: Settings, engine: Engine, previous: str | None,
     if restarted is not None and not restarted:
         yield
         return
+    from model_serve import internal_key
     from model_serve.loopback import LoopbackError, call
 
-    headers = settings.auth_headers
+    headers = internal_key.own_headers(settings)  # hold and release are the owner's to ask
     restarting = [m for m in engine.models() if m.state in LOADED_STATES
                   and (restarted is None or m.name in restarted)]
     loaded = [m.name for m in restarting]
