@@ -80,3 +80,17 @@ def test_readme_documents_every_setting() -> None:
     readme = (REPO / "README.md").read_text()
     missing = [s.name for s in SETTINGS_TABLE if f"`{s.name}`" not in readme]
     assert missing == []
+
+
+@pytest.mark.parametrize("where", ["models", "models/..", "home", "/"])
+def test_kv_cache_dir_never_holds_the_users_models_or_home(tmp_path: Path, where: str) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    folder = {"models": str(models), "models/..": str(tmp_path), "home": str(tmp_path / "h"),
+              "/": "/"}[where]
+    environ = {"MODEL_SERVE_HOME": str(tmp_path), "HOME": str(tmp_path / "h"),
+               "MODELS_DIR": str(models), "KV_CACHE_DIR": folder}
+    with pytest.raises(ConfigError, match="(?s)KV_CACHE_DIR=.*a folder of its own"):
+        load_settings(environ)
+    inside = load_settings({**environ, "KV_CACHE_DIR": str(tmp_path / "h" / "kv")})
+    assert inside.kv_cache_dir == tmp_path / "h" / "kv"

@@ -330,12 +330,31 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
         values["models_dir"] = default_models_dir(values["models_dir"], env)
     values["state_dir"] = values["state_dir"] or home / "state"
     values["kv_cache_dir"] = values["kv_cache_dir"] or values["state_dir"] / "kv-cache"
+    _check_kv_cache_dir(values["kv_cache_dir"], sources["KV_CACHE_DIR"], values["models_dir"],
+                        Path(env.get("HOME") or Path.home()))
     values["custom_models_file"] = values["custom_models_file"] or home / "custom_models.yaml"
     values["bridge_script"] = values["bridge_script"] or BUNDLED_BRIDGE
     user_home = Path(env.get("HOME") or Path.home())
     cache_root = Path(env["XDG_CACHE_HOME"]) if env.get("XDG_CACHE_HOME") else user_home / ".cache"
     return Settings(home=home, env_file=env_file, sources=sources, user_home=user_home,
                     cache_dir=cache_root / "model_serve", **values)
+
+
+def _check_kv_cache_dir(folder: Path, source: str, models_dir: Path, user_home: Path) -> None:
+    """Saved conversations are pruned and removed in there: never in a folder that holds the
+    user's models or everything else."""
+    def real(path: Path) -> Path:
+        return Path(os.path.realpath(path))
+
+    target = real(folder)
+    for other, what in ((models_dir, "MODELS_DIR"), (user_home, "your home folder"),
+                        (Path("/"), "the root folder")):
+        if target == real(other) or target in real(other).parents:
+            raise ConfigError(f"KV_CACHE_DIR={folder} (from {source}) is {what} or a folder "
+                              f"above it ({other}); model_serve removes old saved "
+                              "conversations there",
+                              "set KV_CACHE_DIR to a folder of its own, e.g. "
+                              "~/.cache/model_serve/kv-cache, or unset it")
 
 
 def default_models_dir(original: Path, env: dict[str, str]) -> Path:
