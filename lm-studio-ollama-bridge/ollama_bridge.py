@@ -14,6 +14,7 @@ import contextlib
 import functools
 import hashlib
 import json
+import logging
 import os
 import re
 import stat
@@ -22,7 +23,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 RECORD_NAME = ".ollama-bridge.json"
 RECORD_VERSION = 1
@@ -45,6 +46,9 @@ MAX_MANIFEST_BYTES = 4 << 20
 MAX_JSON_BLOB_BYTES = 1 << 20
 MAX_GGUF_KVS = 100_000
 MAX_GGUF_STRING = 1 << 20
+MAX_GGUF_ITEMS = 1 << 22  # keys and array elements walked in one header
+MAX_GGUF_DEPTH = 4  # arrays of arrays: real files nest one deep at most
+log = logging.getLogger("ollama_bridge")
 
 UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]")
 UNKNOWN_VALUES = {"", "unknown"}
@@ -249,12 +253,27 @@ def blob_path(store: Path, digest: Any) -> str:
     raise SkipManifest(f"blob sha256-{hex_digest[:12]}… is missing from {blobs}")
 
 
+def open_regular(path: str | Path) -> IO[bytes]:
+    """`path` opened for reading if it is a regular file (a link to one included). A FIFO
+    would block the open and every read, so the kind is checked before opening, the open
+    cannot block (O_NONBLOCK, in case the file was swapped in between), and what was opened
+    is checked again."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise OSError(f"{path} is not a regular file")
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(f"{path} is not a regular file")
+    return os.fdopen(fd, "rb")
+
+
 def read_capped(path: str, limit: int, what: str) -> bytes:
     try:
-        with open(path, "rb") as handle:
+        with open_regular(path) as handle:
             data = handle.read(limit + 1)
     except OSError as exc:
-        raise SkipManifest(f"cannot read {what} {path}: {exc.strerror}", unreadable=True) from exc
+        reason = exc.strerror or "not a regular file"
+        raise SkipManifest(f"cannot read {what} {path}: {reason}", unreadable=True) from exc
     if len(data) > limit:
         raise SkipManifest(f"{what} {path} is larger than {limit} bytes")
     return data
@@ -266,6 +285,8 @@ def read_json_blob(path: str, what: str) -> dict[str, Any]:
         value = json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
         raise SkipManifest(f"{what} {path} is not valid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise SkipManifest(f"{what} {path} is nested too deeply to be read") from exc
     if not isinstance(value, dict):
         raise SkipManifest(f"{what} {path} is not a JSON object")
     return value
@@ -273,10 +294,11 @@ def read_json_blob(path: str, what: str) -> dict[str, Any]:
 
 def check_gguf(path: str) -> None:
     try:
-        with open(path, "rb") as handle:
+        with open_regular(path) as handle:
             magic = handle.read(4)
     except OSError as exc:
-        raise SkipManifest(f"cannot read blob {path}: {exc.strerror}", unreadable=True) from exc
+        reason = exc.strerror or "not a regular file"
+        raise SkipManifest(f"cannot read blob {path}: {reason}", unreadable=True) from exc
     if magic != b"GGUF":
         raise SkipManifest(f"blob {os.path.basename(path)} is not a GGUF file")
 
@@ -287,10 +309,14 @@ _STRING, _ARRAY = 8, 9
 
 
 class _GGUFReader:
-    """Just enough of a GGUF v2/v3 reader to pick a few keys; arrays are skipped by seeking."""
+    """Just enough of a GGUF v2/v3 reader to pick a few keys; arrays are skipped by seeking.
+    Every count is checked against the file's size, arrays nest at most MAX_GGUF_DEPTH deep
+    and at most MAX_GGUF_ITEMS are walked: a hostile header costs no more than a real one."""
 
-    def __init__(self, handle: Any) -> None:
+    def __init__(self, handle: Any, size: int) -> None:
         self.handle = handle
+        self.size = size
+        self.items = 0
 
     def unpack(self, fmt: str) -> Any:
         size = struct.calcsize(fmt)
@@ -298,6 +324,14 @@ class _GGUFReader:
         if len(data) != size:
             raise ValueError("truncated GGUF header")
         return struct.unpack(fmt, data)[0]
+
+    def need(self, count: int) -> None:
+        """`count` more bytes must be in the file; one more item walked."""
+        self.items += 1
+        if self.items > MAX_GGUF_ITEMS:
+            raise ValueError("GGUF header has too many entries")
+        if count > self.size - self.handle.tell():
+            raise ValueError("GGUF header runs past the end of the file")
 
     def string(self) -> str:
         length = self.unpack("<Q")
@@ -309,7 +343,9 @@ class _GGUFReader:
         return data.decode("utf-8", "replace")
 
     def skip_string(self) -> None:
-        self.handle.seek(self.unpack("<Q"), os.SEEK_CUR)
+        length = self.unpack("<Q")
+        self.need(length)
+        self.handle.seek(length, os.SEEK_CUR)
 
     def value(self, vtype: int) -> Any:
         if vtype in _SCALAR_FORMATS:
@@ -319,18 +355,23 @@ class _GGUFReader:
         self.skip(vtype)
         return None
 
-    def skip(self, vtype: int) -> None:
+    def skip(self, vtype: int, depth: int = 0) -> None:
         if vtype in _SCALAR_FORMATS:
             self.handle.seek(struct.calcsize(_SCALAR_FORMATS[vtype]), os.SEEK_CUR)
         elif vtype == _STRING:
             self.skip_string()
         elif vtype == _ARRAY:
+            if depth >= MAX_GGUF_DEPTH:
+                raise ValueError("GGUF arrays nested too deeply")
             elem_type, count = self.unpack("<I"), self.unpack("<Q")
             if elem_type in _SCALAR_FORMATS:
-                self.handle.seek(count * struct.calcsize(_SCALAR_FORMATS[elem_type]), os.SEEK_CUR)
+                size = count * struct.calcsize(_SCALAR_FORMATS[elem_type])
+                self.need(size)
+                self.handle.seek(size, os.SEEK_CUR)
             else:
+                self.need(count * (8 if elem_type == _STRING else 12))  # each one's smallest
                 for _ in range(count):
-                    self.skip(elem_type)
+                    self.skip(elem_type, depth + 1)
         else:
             raise ValueError(f"unknown GGUF value type {vtype}")
 
@@ -338,8 +379,8 @@ class _GGUFReader:
 def read_gguf_keys(path: str, wanted: set[str]) -> dict[str, Any]:
     """Read the `wanted` metadata keys from a GGUF header; stops as soon as all are found."""
     found: dict[str, Any] = {}
-    with open(path, "rb") as handle:
-        reader = _GGUFReader(handle)
+    with open_regular(path) as handle:
+        reader = _GGUFReader(handle, os.fstat(handle.fileno()).st_size)
         if handle.read(4) != b"GGUF":
             raise ValueError("not a GGUF file")
         if reader.unpack("<I") not in (2, 3):
@@ -362,7 +403,7 @@ def is_projector_gguf(path: str) -> bool:
     """True for mmproj/CLIP files, which Ollama sometimes stores as a second model layer."""
     try:
         keys = read_gguf_keys(path, {"general.type", "general.architecture"})
-    except (OSError, ValueError, OverflowError, struct.error):
+    except (OSError, ValueError, OverflowError, struct.error, RecursionError, MemoryError):
         return False
     return keys.get("general.type") in ("mmproj", "projector") or (
         keys.get("general.architecture") == "clip"
@@ -423,6 +464,8 @@ def load_entry(store: Path, parts: tuple[str, ...], path: str) -> Entry:
         manifest = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise SkipManifest(f"manifest is not valid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise SkipManifest("manifest is nested too deeply to be read") from exc
     if not isinstance(manifest, dict) or not isinstance(manifest.get("layers", []), list):
         raise SkipManifest("manifest is not an Ollama manifest object")
     layers = [layer for layer in manifest.get("layers", []) if isinstance(layer, dict)]
@@ -505,6 +548,12 @@ def scan_store(store: Path) -> tuple[list[Entry], list[Skip], list[str]]:
             entry = load_entry(store, parts, path)
         except SkipManifest as skip:
             skips.append(Skip(path, skip.reason, skip.warning, name, skip.unreadable))
+            continue
+        except Exception as exc:  # noqa: BLE001 - one manifest's trouble must not stop the rest
+            log.debug("reading %s failed", path, exc_info=True)
+            # Counted as unreadable: the links made from it before are kept, not removed.
+            skips.append(Skip(path, f"cannot be read ({type(exc).__name__}: {str(exc)[:200]})",
+                              True, name, unreadable=True))
             continue
         entries.append(entry)
         if entry.has_adapter:
@@ -591,7 +640,8 @@ def load_record(dest: Path, warnings: list[str]) -> tuple[str | None, list[dict[
     """(store, links, raw text) of the previous run; unusable entries are dropped, not trusted."""
     path = dest / RECORD_NAME
     try:
-        text = path.read_text(encoding="utf-8")
+        with open_regular(path) as handle:
+            text = handle.read(MAX_MANIFEST_BYTES * 16).decode("utf-8")
     except FileNotFoundError:
         return None, [], ""
     except (OSError, UnicodeDecodeError) as exc:
@@ -599,7 +649,7 @@ def load_record(dest: Path, warnings: list[str]) -> tuple[str | None, list[dict[
         return None, [], ""
     try:
         record = json.loads(text)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         warnings.append(f"{path}: the record is not valid JSON ({exc}); starting a new one")
         return None, [], text
     if not isinstance(record, dict) or not isinstance(record.get("links"), list):

@@ -43,6 +43,39 @@ FIELDS: dict[str, Field] = {
 }
 
 
+# In a name, these would end or split it in an engine config: '[' and ']' a models.ini section
+# name, ';' and '#' start a comment there, ',' separates its aliases.
+_NAME_BREAKERS = re.compile(r"[\[\];#,]")
+NAME_FIX = ("rename it in custom_models.yaml; letters, digits and . _ - : / @ + are always safe "
+            "(e.g. my-model:7b-q4)")
+
+
+def name_problem(name: str) -> str:
+    """Why `name` cannot be a served name or alias, or '' when it can. Names become models.ini
+    section names and alias lists, llama-swap ids and command-line words: a line break in one
+    would start a line of its own (`model = ...`) in the file."""
+    if not name:
+        return "is empty"
+    if len(f".{name}.".splitlines()) > 1:
+        return "holds a line break"
+    if not name.isprintable():
+        return "holds a control character"
+    found = _NAME_BREAKERS.search(name)
+    if found:
+        return f"holds '{found.group()}'"
+    return ""
+
+
+def check_names(names: list[str], where: str, config: str) -> None:
+    """Refuse, before anything is written, a name `config` (an engine's file) cannot carry:
+    one that came past load_custom_models (MODEL_PREFIX, names.json, a bug) is stopped here."""
+    for name in names:
+        problem = name_problem(name)
+        if problem:
+            raise ConfigError(f"{where}: the served name or alias {name!r} {problem}, which "
+                              f"{config} cannot carry", f"the last good config stays; {NAME_FIX}")
+
+
 @dataclass
 class CustomEntry:
     key: str
@@ -66,7 +99,9 @@ def _scalar_value(node: Any, where: str, name: str) -> Any:
     import yaml
 
     if not isinstance(node, yaml.ScalarNode):
-        if isinstance(node, yaml.SequenceNode):
+        # One level of list (aliases): nothing deeper, so no alias-of-alias blow-up either.
+        if isinstance(node, yaml.SequenceNode) and all(
+                isinstance(item, yaml.ScalarNode) for item in node.value):
             return [_scalar_value(item, where, name) for item in node.value]
         raise ConfigError(f"{where}: '{name}' must be a single value",
                           f"{name}: {FIELDS[name].help}")
@@ -94,6 +129,11 @@ def _check_type(name: str, value: Any, where: str) -> Any:
         if not all(isinstance(v, str) and v.strip() for v in items):
             raise ConfigError(f"{where}: '{name}' must be a list of names", f"{name}: {spec.help}")
         value = [v.strip() for v in items]
+        for alias in value:
+            problem = name_problem(alias)
+            if problem:
+                raise ConfigError(f"{where}: the alias {alias!r} {problem}, which engine configs "
+                                  "cannot carry", f"give it another name: {NAME_FIX}")
     if name == "sampler_args":
         try:
             shlex.split(value)
@@ -123,6 +163,10 @@ def load_custom_models(path: Path) -> CustomModels:
 
     try:
         root = yaml.compose(text)
+    except RecursionError as exc:  # PyYAML composes nested nodes recursively
+        raise ConfigError(f"{path}: nested too deeply to read",
+                          "custom_models.yaml needs two levels: models, then one entry each") \
+            from exc
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
@@ -148,8 +192,15 @@ def load_custom_models(path: Path) -> CustomModels:
                           "indent one 'name:' entry per model under 'models:'")
     for key_node, value_node in models_node.value:
         line = key_node.start_mark.line + 1
-        key = str(key_node.value).strip()
         where = f"{path}:{line}"
+        if not isinstance(key_node, yaml.ScalarNode):
+            raise ConfigError(f"{where}: a model name must be text", NAME_FIX)
+        key = str(key_node.value).strip()
+        problem = name_problem(key)
+        if problem:
+            raise ConfigError(f"{where}: the model name {key!r} {problem}, which engine configs "
+                              "cannot carry (it would break models.ini or config.yaml)",
+                              f"the entry is not used and the last good config stays; {NAME_FIX}")
         if key in entries:
             raise ConfigError(f"{where}: model '{key}' is listed twice (first at line "
                               f"{entries[key].line})", "merge the two entries into one")

@@ -28,7 +28,8 @@ from model_serve.programs import find_on_path
 if TYPE_CHECKING:
     from model_serve.models.plan import ServedModel
 
-_INI_UNSAFE = re.compile(r"[;#\r\n]")
+# A value ends at ';', '#' or a line break; other control characters have no place in one.
+_INI_UNSAFE = re.compile("[;#\x00-\x1f\x7f\x85\u2028\u2029]")
 _PATH_OPTIONS = ("model", "mmproj", "chat-template-file", "slot-save-path")
 # Options the router sets itself or that would break routing if a preset set them.
 RESERVED_OPTIONS = frozenset({"host", "port", "alias", "a", "m", "model", "models-preset",
@@ -162,7 +163,11 @@ class LlamaServerEngine(Engine):
         return folders
 
     def _section(self, served: ServedModel, known: dict[str, str]) -> list[str]:
+        from model_serve.config.custom_models import check_names
+
         section, *aliases = self.routed_names(served)
+        # A line break in a section name or alias would add lines of its own (`model = ...`).
+        check_names([section, *aliases], served.custom_line or repr(served.name), "models.ini")
         values: dict[str, str] = {"model": str(served.path.absolute())}
         if aliases:
             values["alias"] = ",".join(aliases)
@@ -186,8 +191,9 @@ class LlamaServerEngine(Engine):
                 value = self._safe_path(value)
             elif _INI_UNSAFE.search(value):
                 raise ConfigError(f"{served.custom_line or served.name}: the value of '{key}' "
-                                  f"contains ';', '#' or a line break, which models.ini cannot "
-                                  f"hold", f"change the value of {key} for {served.name}")
+                                  f"contains ';', '#', a line break or another control "
+                                  f"character, which models.ini cannot hold",
+                                  f"change the value of {key} for {served.name}")
             lines.append(f"{key} = {value}")
         return lines
 

@@ -196,8 +196,14 @@ class LlamaSwapEngine(Engine):
                               "line break, which llama-swap's cmd cannot carry",
                               "set STATE_DIR in .env to another folder")
         models: dict[str, Any] = {}
+        from model_serve.config.custom_models import check_names
+
         for served in plan:
             _id, *aliases = self.routed_names(served)
+            # Quoted in YAML, but a name is also a word of cmd (--alias), where a line break
+            # would let llama-swap's comment filter drop what follows it.
+            check_names([_id, *aliases], served.custom_line or repr(served.name),
+                        "llama-swap's config.yaml")
             entry: dict[str, Any] = {
                 "cmd": self._cmd(served, server, spellings, machine_options, key_file),
                 "proxy": "http://127.0.0.1:${PORT}",

@@ -8,18 +8,22 @@ Split files count as one model; projector (mmproj) files are attached to a model
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
 import re
+import stat as stat_module
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from model_serve.config.custom_models import name_problem
 from model_serve.errors import ConfigError, ModelServeError
 from model_serve.fileio import write_if_changed
+from model_serve.models.gguf import open_regular
 from model_serve.models.model_info import InfoCache, ModelInfo
 from model_serve.models.names import dash_form, identity
 
@@ -31,6 +35,9 @@ log = logging.getLogger(__name__)
 NAMES_FILE = "names.json"
 SPLIT_RE = re.compile(r"^(?P<stem>.+)-(?P<part>\d{5})-of-(?P<total>\d{5})\.gguf$", re.IGNORECASE)
 _UNSAFE = re.compile(r"[^a-z0-9._-]+")
+# The bridge's record fields the names are made of: text, or they are left out.
+_RECORD_TEXT = ("path", "model", "model_type", "file_type", "tag", "namespace", "ollama_name",
+                "projector")
 
 
 @dataclass
@@ -90,21 +97,34 @@ class _Candidate:
     mmproj: Path | None = None
 
 
-def _read_bridge_record(models_dir: Path) -> dict[str, dict[str, Any]]:
+def _read_bridge_record(models_dir: Path,
+                        problems: list[ScanProblem]) -> dict[str, dict[str, Any]]:
+    """The bridge's record of its links. One it cannot read is a warning: the links are then
+    named as plain files until the bridge writes the record again."""
     record_path = models_dir / "ollama" / BRIDGE_RECORD
     try:
-        data = json.loads(record_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+        with open_regular(record_path) as handle:
+            data = json.loads(handle.read(64 << 20))
+    except ModelServeError as exc:
+        if isinstance(exc.__cause__, FileNotFoundError):
+            return {}
+        problems.append(ScanProblem(record_path, f"{exc.message}; run 'model sync' again (the "
+                                    "bridge rewrites it)"))
         return {}
-    except (OSError, ValueError) as exc:
-        raise ModelServeError(f"cannot read the bridge's record {record_path}: {exc}",
-                              "run 'model sync' again; the bridge rewrites it") from exc
+    except (OSError, ValueError, RecursionError) as exc:
+        problems.append(ScanProblem(record_path, f"cannot be read ({type(exc).__name__}); run "
+                                    "'model sync' again (the bridge rewrites it)"))
+        return {}
     links = data.get("links", []) if isinstance(data, dict) else []
-    return {
-        str((models_dir / "ollama" / entry["path"]).absolute()): entry
-        for entry in links
-        if isinstance(entry, dict) and isinstance(entry.get("path"), str)
-    }
+    records = {}
+    for entry in links if isinstance(links, list) else []:
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+            continue
+        clean = {k: v for k, v in entry.items() if k not in _RECORD_TEXT or isinstance(v, str)}
+        if not isinstance(clean.get("params"), dict):
+            clean.pop("params", None)
+        records[str((models_dir / "ollama" / entry["path"]).absolute())] = clean
+    return records
 
 
 class RealPaths:
@@ -159,27 +179,81 @@ def _is_projector_file(path: Path, info: ModelInfo | None) -> bool:
     return path.name.lower().startswith("mmproj") or (info is not None and info.is_projector)
 
 
+def _kind(mode: int) -> str:
+    return ("a FIFO" if stat_module.S_ISFIFO(mode) else "a folder" if stat_module.S_ISDIR(mode)
+            else "a socket" if stat_module.S_ISSOCK(mode)
+            else "a device" if stat_module.S_ISCHR(mode) or stat_module.S_ISBLK(mode)
+            else "a special file")
+
+
+def _path_problem(path: Path) -> str:
+    """Why a file's path cannot go into an engine config as it is, or ''."""
+    text = str(path)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "its path is not valid UTF-8, which engine configs cannot carry; rename it"
+    if any(ord(c) < 32 or ord(c) == 127 for c in text):
+        return ("its path holds a line break or another control character, which engine "
+                "configs cannot carry; rename it")
+    return ""
+
+
+def _stat_file(path: Path, real: str) -> tuple[os.stat_result | None, str]:
+    """The file's stat, or why it is no model file. Never opens it: a FIFO would block."""
+    try:
+        stat = os.stat(real)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return None, "broken link: it leads back to itself (a link loop)"
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            return None, "broken link: its target is gone"
+        return None, f"unreadable: {exc.strerror}"
+    if not stat_module.S_ISREG(stat.st_mode):
+        return None, (f"not a regular file ({_kind(stat.st_mode)}), so not a model; remove it "
+                      "from MODELS_DIR")
+    return stat, _path_problem(path)
+
+
+def _reason(exc: BaseException, *paths: str) -> str:
+    """One line for `model list` (which names the file already): the message and its fix,
+    or what a bug raised."""
+    if isinstance(exc, ModelServeError):
+        first = exc.message.splitlines()[0] if exc.message else type(exc).__name__
+        for path in paths:
+            if first.startswith(f"{path}: "):
+                first = first[len(path) + 2:]
+            elif first.startswith(f"{path} "):
+                first = first[len(path) + 1:]
+        return f"{first}; {exc.hint}" if exc.hint else first
+    if isinstance(exc, OSError):
+        return f"unreadable: {exc.strerror or exc}"
+    return f"could not be read ({type(exc).__name__}: {str(exc)[:200]})"
+
+
 def _scan(models_dir: Path, cache: InfoCache, problems: list[ScanProblem]) -> list[_Candidate]:
-    records = _read_bridge_record(models_dir)
+    records = _read_bridge_record(models_dir, problems)
     projectors: dict[Path, list[Path]] = {}
     split_parts: dict[tuple[Path, str], list[Path]] = {}
     candidates: list[_Candidate] = []
     real_paths = RealPaths()
     for path in _walk_gguf(models_dir, problems, real_paths):
-        real = real_paths.file(str(path))
+        # One file's trouble, whatever it is, is a warning on that file: the rest is served.
+        real = str(path)
         try:
-            stat = os.stat(real)
-        except OSError:
-            problems.append(ScanProblem(path, "broken link: its target is gone"))
-            continue
-        split = SPLIT_RE.match(path.name)
-        if split and split["part"] != "00001":
-            split_parts.setdefault((path.parent, split["stem"].lower()), []).append(path)
-            continue
-        try:
+            real = real_paths.file(str(path))
+            stat, problem = _stat_file(path, real)
+            if stat is None or problem:
+                problems.append(ScanProblem(path, problem))
+                continue
+            split = SPLIT_RE.match(path.name)
+            if split and split["part"] != "00001":
+                split_parts.setdefault((path.parent, split["stem"].lower()), []).append(path)
+                continue
             info = cache.get(path, real, stat)
-        except (ModelServeError, OSError) as exc:
-            problems.append(ScanProblem(path, str(exc).splitlines()[0]))
+        except Exception as exc:  # noqa: BLE001 - see above; the traceback goes to the log
+            log.debug("reading %s failed", path, exc_info=True)
+            problems.append(ScanProblem(path, _reason(exc, real, str(path))))
             continue
         if _is_projector_file(path, info):
             projectors.setdefault(path.parent, []).append(path)
@@ -190,7 +264,8 @@ def _scan(models_dir: Path, cache: InfoCache, problems: list[ScanProblem]) -> li
         split = SPLIT_RE.match(cand.path.name)
         if split:
             for part in split_parts.get((cand.path.parent, split["stem"].lower()), []):
-                cand.size_bytes += part.stat().st_size
+                with contextlib.suppress(OSError):  # gone since the walk: the next sync sees
+                    cand.size_bytes += part.stat().st_size
         cand.mmproj = _pick_projector(cand, projectors.get(cand.path.parent, []), models_dir)
     return candidates
 
@@ -363,7 +438,16 @@ def build_catalog(models_dir: Path, prefix: str, state_dir: Path | None = None) 
     names_path = state_dir / NAMES_FILE if state_dir else None
     with names_lock(names_path):
         previous, pinned = load_names(names_path, problems)
-        names = _assign_names(candidates, prefix, previous, pinned)
+        usable = {}
+        for real, name in pinned.items():  # names.json is a file anyone may have edited
+            problem = name_problem(name)
+            if problem:
+                problems.append(ScanProblem(names_path or models_dir, (
+                    f"the name {name!r} pinned to {real} {problem}, so it is not used; "
+                    "pin another with 'model add FILE --name NAME'")))
+            else:
+                usable[real] = name
+        names = _assign_names(candidates, prefix, previous, usable)
         if names_path is not None:
             # Pins of files that are gone are kept: a re-mounted disk brings its names back.
             save_names(names_path, names, pinned)

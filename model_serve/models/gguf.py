@@ -9,11 +9,18 @@ starts instead (a C-speed byte search for the key prefixes a GGUF uses), and tak
 only when everything after it parses: every remaining key and value, then the first tensor's
 description. A place inside the list would fail that; then the next one is tried, and when
 none holds, the list is walked as before.
+
+Files are input like any other (a hostile one included): every count and length is checked
+against the file before it is used, arrays nest at most MAX_ARRAY_DEPTH deep, what is decoded
+and walked is totalled and capped, and the places tried when jumping share one budget per
+file, so reading stays linear in the file. Every failure is a GGUFError naming the file.
 """
 
 from __future__ import annotations
 
 import mmap
+import os
+import stat
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -23,6 +30,7 @@ from typing import Any, BinaryIO
 from model_serve.errors import ModelServeError
 
 GGUF_MAGIC = b"GGUF"
+GGUF_VERSIONS = (2, 3)  # llama.cpp reads these; a byte-swapped (big-endian) file shows as 2^24+
 # Numeric arrays up to this length are decoded (per-layer head counts); longer ones are skipped.
 MAX_DECODED_ARRAY = 4096
 # String lists longer than this are jumped over (see the module docstring), shorter ones walked.
@@ -30,6 +38,17 @@ MIN_JUMPED_STRINGS = 2048
 MAX_KEY_LENGTH = 256
 GGML_MAX_DIMS = 4
 KEY_SEARCH_WINDOW = 1 << 20
+# Caps for hostile files, far above any real model's header (gemma-3: 262k tokens, 236 tensors).
+MAX_STRING = 1 << 24  # one decoded string (chat templates are tens of KB)
+MAX_DECODED_BYTES = 64 << 20  # all decoded strings and numbers together
+MAX_HEADER_ITEMS = 1 << 22  # keys, strings walked, nested arrays and tensors together
+MAX_ARRAY_DEPTH = 4  # an array of arrays of ...: real files nest one deep at most
+# Work all jumps of one file may do (candidates tried, what each parses, 4 KiB searched = 1);
+# past it, lists are walked. A real header spends a few thousand.
+JUMP_BUDGET = 1 << 16
+MAX_JUMP_SPAN = 64 << 20  # how far past a list's smallest possible end its next key is looked for
+_MIN_KV_BYTES = 13  # key length (8), type (4), the smallest value (1)
+_MIN_TENSOR_BYTES = 24  # name length (8), dimension count (4), type (4), offset (8)
 
 # value type id -> (struct format, size)
 _SCALARS: dict[int, tuple[str, int]] = {
@@ -37,6 +56,7 @@ _SCALARS: dict[int, tuple[str, int]] = {
     6: ("<f", 4), 7: ("<?", 1), 10: ("<Q", 8), 11: ("<q", 8), 12: ("<d", 8),
 }
 _STRING, _ARRAY = 8, 9
+CORRUPT_HINT = "download or pull it again, or move it out of MODELS_DIR"
 
 # llama_ftype values (llama.h); general.file_type.
 FILE_TYPES: dict[int, str] = {
@@ -51,6 +71,14 @@ FILE_TYPES: dict[int, str] = {
 
 class GGUFError(ModelServeError):
     """A file that is not a readable GGUF."""
+
+
+class GGUFOpenError(GGUFError):
+    """The file could not be opened (or is no regular file): nothing about its content."""
+
+
+class _OutOfJumps(GGUFError):
+    """The file's jump budget is spent: its lists are walked from here on."""
 
 
 @dataclass
@@ -89,22 +117,65 @@ class GGUFHeader:
 
 
 class _Reader:
-    def __init__(self, handle: BinaryIO, path: Path) -> None:
+    def __init__(self, handle: BinaryIO, path: Path, size: int) -> None:
         self.handle = handle
         self.path = path
+        self.size = size
         self._map: mmap.mmap | None = None
         self.key_prefixes: tuple[bytes, ...] = (b"general.", b"tokenizer.")
+        self.items = 0  # against MAX_HEADER_ITEMS
+        self.decoded = 0  # bytes, against MAX_DECODED_BYTES
+        self.jump_spent = 0  # against JUMP_BUDGET
+        self.trying = 0  # jump attempts under way (nested when a list follows a list)
 
     def close(self) -> None:
         if self._map is not None:
             self._map.close()
 
+    def corrupt(self, what: str) -> GGUFError:
+        return GGUFError(f"{self.path}: {what}", CORRUPT_HINT)
+
+    def truncated(self) -> GGUFError:
+        return GGUFError(f"{self.path}: GGUF header is truncated",
+                         "the file is incomplete; download or pull it again")
+
+    # --- accounting ---------------------------------------------------------------------------
+    def tick(self, count: int = 1) -> None:
+        """`count` more items walked (inside a jump attempt, also spent from its budget)."""
+        self.items += count
+        if self.items > MAX_HEADER_ITEMS:
+            raise self.corrupt(f"the GGUF header holds more than {MAX_HEADER_ITEMS} entries")
+        if self.trying:
+            self.spend(count)
+
+    def spend(self, count: int) -> None:
+        self.jump_spent += count
+        if self.jump_spent > JUMP_BUDGET:
+            raise _OutOfJumps(f"{self.path}: jump budget spent")
+
+    def decode(self, count: int) -> None:
+        self.decoded += count
+        if self.decoded > MAX_DECODED_BYTES:
+            raise self.corrupt(f"the GGUF header holds more than {MAX_DECODED_BYTES >> 20} MiB "
+                               "of text and numbers")
+
+    def need(self, count: int, what: str) -> None:
+        """The next `count` bytes must be in the file (a count read from it, times a size)."""
+        if count > self.size - self.handle.tell():
+            raise self.corrupt(f"{what} would run past the end of the file")
+
+    # --- reading ------------------------------------------------------------------------------
     def read(self, size: int) -> bytes:
+        if size > 1 << 16 and size > self.size - self.handle.tell():
+            raise self.truncated()  # before allocating it
         data = self.handle.read(size)
         if len(data) != size:
-            raise GGUFError(f"{self.path}: GGUF header is truncated",
-                            "the file is incomplete; download or pull it again")
+            raise self.truncated()
         return data
+
+    def skip(self, size: int) -> None:
+        if size > self.size or self.handle.seek(size, 1) > self.size:
+            raise self.truncated()
 
     def scalar(self, type_id: int) -> Any:
         fmt, size = _SCALARS[type_id]
@@ -112,25 +183,23 @@ class _Reader:
 
     def string(self) -> str:
         (length,) = struct.unpack("<Q", self.read(8))
-        if length > 1 << 24:
-            raise GGUFError(f"{self.path}: implausible string length {length} in GGUF header",
-                            "the file is corrupt; download or pull it again")
+        if length > MAX_STRING:
+            raise self.corrupt(f"implausible string length {length} in GGUF header")
+        self.decode(length)
         return self.read(length).decode("utf-8", errors="replace")
 
     def key(self) -> str:
         (length,) = struct.unpack("<Q", self.read(8))
         if not 0 < length <= MAX_KEY_LENGTH:
-            raise GGUFError(f"{self.path}: implausible key length {length} in GGUF header",
-                            "the file is corrupt; download or pull it again")
+            raise self.corrupt(f"implausible key length {length} in GGUF header")
         raw = self.read(length)
         if not raw.isascii() or not raw.decode().isprintable():
-            raise GGUFError(f"{self.path}: a GGUF key is not printable text",
-                            "the file is corrupt; download or pull it again")
+            raise self.corrupt("a GGUF key is not printable text")
         return raw.decode()
 
     def skip_string(self) -> None:
         (length,) = struct.unpack("<Q", self.read(8))
-        self.handle.seek(length, 1)
+        self.skip(length)
 
     def value(self, type_id: int) -> Any:
         if type_id in _SCALARS:
@@ -143,34 +212,45 @@ class _Reader:
         raise GGUFError(f"{self.path}: unknown GGUF value type {type_id}",
                         "the file is corrupt or from a newer GGUF version")
 
-    def array(self, elem_type: int, length: int) -> Any:
+    def array(self, elem_type: int, length: int, depth: int = 1) -> Any:
+        if depth > MAX_ARRAY_DEPTH:
+            raise self.corrupt(f"GGUF arrays nested more than {MAX_ARRAY_DEPTH} deep")
         if elem_type in _SCALARS:
             fmt, size = _SCALARS[elem_type]
+            self.need(size * length, f"an array of {length} numbers")
             if length <= MAX_DECODED_ARRAY:
+                self.decode(size * length)
                 raw = self.read(size * length)
                 return list(struct.unpack(f"<{length}{fmt[1]}", raw))
-            self.handle.seek(size * length, 1)
+            self.skip(size * length)
             return SkippedArray(elem_type, length)
         if elem_type == _STRING:
             # Token lists: lengths must be walked, but nothing is decoded.
+            self.need(8 * length, f"a list of {length} strings")
+            self.tick(length)
             for _ in range(length):
                 self.skip_string()
             return SkippedArray(elem_type, length)
         if elem_type == _ARRAY:
+            self.need(12 * length, f"an array of {length} arrays")
+            self.tick(length)
             for _ in range(length):
                 inner_type, inner_len = struct.unpack("<IQ", self.read(12))
-                self.array(inner_type, inner_len)
+                self.array(inner_type, inner_len, depth + 1)
             return SkippedArray(elem_type, length)
         raise GGUFError(f"{self.path}: unknown GGUF array type {elem_type}",
                         "the file is corrupt or from a newer GGUF version")
 
     # --- jumping over long string lists -------------------------------------------------------
-    def key_starts(self, data: mmap.mmap, start: int) -> Iterator[int]:
-        """Places after `start` where a key could begin: a length, then a known prefix.
-        Searched a window at a time, so a prefix that never comes costs one window."""
-        window_start = start + 8
-        while window_start < len(data):
-            window_end = min(window_start + KEY_SEARCH_WINDOW, len(data))
+    def key_starts(self, data: mmap.mmap, lowest: int) -> Iterator[int]:
+        """Places from `lowest` on where a key could begin: a length, then a known prefix.
+        Searched a window at a time, so a prefix that never comes costs one window; the
+        search and every place found are spent from the jump budget."""
+        window_start = lowest + 8
+        end = min(len(data), window_start + MAX_JUMP_SPAN)
+        while window_start < end:
+            window_end = min(window_start + KEY_SEARCH_WINDOW, end)
+            self.spend(1 + ((window_end - window_start) >> 12))
             hits = []
             for prefix in self.key_prefixes:
                 at = data.find(prefix, window_start, window_end + len(prefix) - 1)
@@ -180,44 +260,59 @@ class _Reader:
             for at, prefix_length in sorted(hits):
                 (length,) = struct.unpack_from("<Q", data, at - 8)
                 if prefix_length <= length <= MAX_KEY_LENGTH:
+                    self.spend(1)
                     yield at - 8
             window_start = window_end
 
     def read_kvs(self, count: int, metadata: dict[str, Any], tensor_count: int,
                  strict: bool = False) -> None:
         for index in range(count):
+            self.tick()
             key = self.key() if strict else self.string()
             (type_id,) = struct.unpack("<I", self.read(4))
             if type_id == _ARRAY:
                 elem_type, length = struct.unpack("<IQ", self.read(12))
                 if elem_type == _STRING and length > MIN_JUMPED_STRINGS:
+                    self.need(8 * length, f"a list of {length} strings")
                     metadata[key] = SkippedArray(elem_type, length)
-                    if self.jump_strings(count - index - 1, metadata, tensor_count):
+                    if self.jump_strings(count - index - 1, metadata, tensor_count, length):
                         return
                 metadata[key] = self.array(elem_type, length)
             else:
                 metadata[key] = self.value(type_id)
 
-    def jump_strings(self, remaining: int, metadata: dict[str, Any], tensor_count: int) -> bool:
-        """Past a long string list: parse the rest from the first place where all of it
-        parses (into `metadata`); False, with the position unchanged, when none does."""
+    def jump_strings(self, remaining: int, metadata: dict[str, Any], tensor_count: int,
+                     length: int) -> bool:
+        """Past a list of `length` strings: parse the rest from the first place where all of
+        it parses (into `metadata`); False, with the position unchanged, when none does."""
         start = self.handle.tell()
+        if self.jump_spent >= JUMP_BUDGET:
+            return False
         if self._map is None:
             try:
                 self._map = mmap.mmap(self.handle.fileno(), 0, access=mmap.ACCESS_READ)
-            except (OSError, ValueError):  # an empty or special file: walk the list
+            except (OSError, ValueError):  # an empty file: walk the list
                 return False
-        for candidate in self.key_starts(self._map, start):
-            self.handle.seek(candidate)
-            rest: dict[str, Any] = {}
-            try:
-                self.read_kvs(remaining, rest, tensor_count, strict=True)
-                if tensor_count:
-                    self.check_first_tensor()
-            except (GGUFError, struct.error, KeyError, UnicodeDecodeError):
-                continue
-            metadata.update(rest)
-            return True
+        try:
+            for candidate in self.key_starts(self._map, start + 8 * length):
+                self.handle.seek(candidate)
+                rest: dict[str, Any] = {}
+                self.trying += 1
+                try:
+                    self.read_kvs(remaining, rest, tensor_count, strict=True)
+                    if tensor_count:
+                        self.check_first_tensor()
+                except _OutOfJumps:
+                    raise
+                except (GGUFError, struct.error, KeyError, UnicodeDecodeError):
+                    continue
+                finally:
+                    self.trying -= 1
+                metadata.update(rest)
+                return True
+        except _OutOfJumps:
+            if self.trying:  # inside an outer attempt: that one fails too
+                raise
         self.handle.seek(start)
         return False
 
@@ -234,18 +329,59 @@ class _Reader:
             raise GGUFError(f"{self.path}: implausible first tensor", "")
         self.handle.seek(position)
 
+    def tensor_infos(self, count: int, keep_names: bool) -> list[str]:
+        """Walk the tensors' descriptions (name, dimensions, type, offset): a file cut short
+        within them is found here; their names when `keep_names`."""
+        self.need(count * _MIN_TENSOR_BYTES, f"a tensor count of {count}")
+        self.tick(count)
+        names: list[str] = []
+        for _ in range(count):
+            if keep_names:
+                names.append(self.string())
+            else:
+                self.skip_string()
+            (n_dims,) = struct.unpack("<I", self.read(4))
+            if n_dims > GGML_MAX_DIMS:
+                raise self.corrupt(f"a tensor with {n_dims} dimensions (at most "
+                                   f"{GGML_MAX_DIMS})")
+            self.read(8 * n_dims + 4 + 8)  # dims, type, offset
+        return names
+
+
+def open_regular(path: Path) -> BinaryIO:
+    """`path` opened for reading, when it is a regular file (a link to one included).
+
+    A FIFO would block the open and every read; a device or socket is no model either. So
+    its kind is checked first, and the open itself cannot block (O_NONBLOCK), in case the
+    path was swapped in between; the kind is checked again on what was opened."""
+    def refuse(mode: int) -> GGUFOpenError:
+        kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a folder" if stat.S_ISDIR(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+                else "a socket" if stat.S_ISSOCK(mode) else "a special file")
+        return GGUFOpenError(f"{path} is not a regular file ({kind})",
+                         "only GGUF files can be served; remove it from MODELS_DIR")
+
+    try:
+        mode = os.stat(path).st_mode
+        if not stat.S_ISREG(mode):
+            raise refuse(mode)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+    except OSError as exc:
+        raise GGUFOpenError(f"cannot open {path}: {exc.strerror}",
+                        "check that the file exists and is readable") from exc
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise refuse(mode)
+    return os.fdopen(fd, "rb", buffering=1 << 16)
+
 
 def read_header(path: Path, *,
                 tensor_names: bool | Callable[[dict[str, Any]], bool] = False) -> GGUFHeader:
     """Read a GGUF file's key/values (and, when `tensor_names` is true or says so for the
     key/values, its tensor names) without its weights."""
-    try:
-        handle = open(path, "rb", buffering=1 << 16)  # noqa: SIM115 - closed below
-    except OSError as exc:
-        raise GGUFError(f"cannot open {path}: {exc.strerror}",
-                        "check that the file exists and is readable") from exc
-    with handle:
-        reader = _Reader(handle, path)
+    with open_regular(path) as handle:
+        reader = _Reader(handle, path, os.fstat(handle.fileno()).st_size)
         try:
             if handle.read(4) != GGUF_MAGIC:
                 raise GGUFError(f"{path} is not a GGUF file (bad magic bytes)",
@@ -254,6 +390,12 @@ def read_header(path: Path, *,
             if version < 2:
                 raise GGUFError(f"{path}: GGUF version {version} is too old",
                                 "re-convert the model with a current llama.cpp")
+            if version not in GGUF_VERSIONS:
+                raise GGUFError(f"{path}: GGUF version {version} is not one llama.cpp reads "
+                                "(a newer format, or big-endian)",
+                                "convert the model with a current llama.cpp (little-endian)")
+            reader.need(kv_count * _MIN_KV_BYTES + tensor_count * _MIN_TENSOR_BYTES,
+                        f"a count of {kv_count} keys and {tensor_count} tensors")
             metadata: dict[str, Any] = {}
             if kv_count:  # the architecture comes first; its keys are a prefix to look for
                 metadata_first: dict[str, Any] = {}
@@ -264,12 +406,10 @@ def read_header(path: Path, *,
                     reader.key_prefixes += (arch.encode() + b".",)
                 reader.read_kvs(kv_count - 1, metadata, tensor_count)
             tensor_info_offset = handle.tell()
-            names: list[str] = []
-            if tensor_names is True or (callable(tensor_names) and tensor_names(metadata)):
-                for _ in range(tensor_count):
-                    names.append(reader.string())
-                    (n_dims,) = struct.unpack("<I", reader.read(4))
-                    handle.seek(8 * n_dims + 4 + 8, 1)  # dims, type, offset
+            keep = tensor_names is True or (callable(tensor_names) and tensor_names(metadata))
+            names = reader.tensor_infos(tensor_count, keep)
+        except (struct.error, OverflowError, ValueError) as exc:  # a bug's net: still this file
+            raise reader.corrupt(f"unreadable GGUF header ({exc})") from exc
         finally:
             reader.close()
     return GGUFHeader(path=path, version=version, tensor_count=tensor_count,

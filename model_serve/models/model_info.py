@@ -7,7 +7,9 @@ cached by (real path, size, mtime); a sync over hundreds of models then reads al
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +18,17 @@ from typing import Any
 from model_serve.fileio import write_if_changed
 from model_serve.models import gguf
 
-CACHE_VERSION = 2  # 2: `recurrent`
+CACHE_VERSION = 3  # 2: `recurrent`; 3: numbers checked, failures remembered
+
+# Header numbers that feed arithmetic (the footprint estimate walks the layers), with far more
+# than any real model has: a file beyond them is refused, the key named, so no estimate can
+# run out of memory or for minutes. A trained context beyond its cap only caps less.
+LIMITS: dict[str, int] = {
+    "block_count": 1 << 12, "embedding_length": 1 << 20, "head_count": 1 << 14,
+    "head_count_kv": 1 << 14, "key_length": 1 << 16, "value_length": 1 << 16,
+    "split_count": 1 << 16,
+}
+MAX_CONTEXT = 1 << 30  # context_length and sliding_window are clamped to it
 
 # Architectures whose Ollama-converted blobs embed vision/audio tensors stock llama.cpp rejects.
 _EMBEDDED_TOWER_ARCHS = frozenset({
@@ -66,7 +78,22 @@ class ModelInfo:
 
 
 def _int(value: Any) -> int:
-    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0
+    if isinstance(value, float):
+        return int(value) if math.isfinite(value) else 0
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _counted(header: gguf.GGUFHeader, key: str, value: Any, limit: int) -> int:
+    """A count the estimate computes with: 0 when absent, refused when no model has it."""
+    number = _int(value)
+    if isinstance(value, float) and not math.isfinite(value) or not 0 <= number <= limit:
+        raise gguf.GGUFError(f"{header.path}: {key} is {value!r}, which no real model has "
+                             f"(0 to {limit})", gguf.CORRUPT_HINT)
+    return number
+
+
+def _context(value: Any) -> int:
+    return min(max(_int(value), 0), MAX_CONTEXT)
 
 
 def _incompatibility(header: gguf.GGUFHeader) -> str:
@@ -98,13 +125,18 @@ def _has_recurrent_state(header: gguf.GGUFHeader) -> bool:
 
 
 def info_from_header(header: gguf.GGUFHeader) -> ModelInfo:
+    def count(key: str, value: Any = None) -> int:
+        value = header.arch_key(key) if value is None else value
+        field = key.rsplit(".", 1)[-1]
+        return _counted(header, f"{header.architecture}.{key}", value, LIMITS[field])
+
     kv_heads = header.arch_key("attention.head_count_kv")
     if isinstance(kv_heads, list):
-        head_count_kv = [_int(v) for v in kv_heads]
+        head_count_kv = [count("attention.head_count_kv", v) for v in kv_heads]
     elif kv_heads is None:
-        head_count_kv = [_int(header.arch_key("attention.head_count"))]
+        head_count_kv = [count("attention.head_count")]
     else:
-        head_count_kv = [_int(kv_heads)]
+        head_count_kv = [count("attention.head_count_kv", kv_heads)]
     pattern = header.arch_key("attention.sliding_window_pattern")
     return ModelInfo(
         architecture=header.architecture,
@@ -113,17 +145,18 @@ def info_from_header(header: gguf.GGUFHeader) -> ModelInfo:
         size_label=str(header.get("general.size_label", "") or ""),
         file_type=header.file_type,
         general_type=str(header.get("general.type", "") or ""),
-        context_length=_int(header.arch_key("context_length")),
-        block_count=_int(header.arch_key("block_count")),
-        embedding_length=_int(header.arch_key("embedding_length")),
-        head_count=_int(header.arch_key("attention.head_count")),
+        context_length=_context(header.arch_key("context_length")),
+        block_count=count("block_count"),
+        embedding_length=count("embedding_length"),
+        head_count=count("attention.head_count"),
         head_count_kv=head_count_kv,
-        key_length=_int(header.arch_key("attention.key_length")),
-        value_length=_int(header.arch_key("attention.value_length")),
-        sliding_window=_int(header.arch_key("attention.sliding_window")),
+        key_length=count("attention.key_length"),
+        value_length=count("attention.value_length"),
+        sliding_window=_context(header.arch_key("attention.sliding_window")),
         sliding_window_pattern=[bool(v) for v in pattern] if isinstance(pattern, list) else [],
         recurrent=_has_recurrent_state(header),
-        split_count=_int(header.get("split.count")),
+        split_count=_counted(header, "split.count", header.get("split.count"),
+                             LIMITS["split_count"]),
         has_chat_template="tokenizer.chat_template" in header.metadata,
         incompatibility=_incompatibility(header),
     )
@@ -136,8 +169,31 @@ def read_model_info(path: Path) -> ModelInfo:
     return info_from_header(header)
 
 
+def _sane(info: ModelInfo) -> bool:
+    """Whether a cached entry holds what info_from_header can give (the cache is a file a
+    user or an older version may have written)."""
+    for f in dataclasses.fields(ModelInfo):
+        value = getattr(info, f.name)
+        if f.name in LIMITS:
+            ok = type(value) is int and 0 <= value <= LIMITS[f.name]
+        elif f.name in ("context_length", "sliding_window"):
+            ok = type(value) is int and 0 <= value <= MAX_CONTEXT
+        elif f.name == "head_count_kv":
+            ok = isinstance(value, list) and all(
+                type(v) is int and 0 <= v <= LIMITS["head_count_kv"] for v in value)
+        elif f.name == "sliding_window_pattern":
+            ok = isinstance(value, list) and len(value) <= gguf.MAX_DECODED_ARRAY and all(
+                type(v) is bool for v in value)
+        else:
+            ok = isinstance(value, type(f.default))
+        if not ok:
+            return False
+    return True
+
+
 class InfoCache:
-    """ModelInfo per (real path, size, mtime), persisted as JSON under the state dir."""
+    """ModelInfo per (real path, size, mtime), persisted as JSON under the state dir. A file
+    whose header is refused is remembered too, so it costs one read, not one per sync."""
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
@@ -146,25 +202,35 @@ class InfoCache:
         if path is not None:
             try:
                 data = json.loads(path.read_text(encoding="utf-8"))
-                if data.get("version") == CACHE_VERSION:
-                    self.entries = data.get("entries", {})
-            except (OSError, ValueError, AttributeError):
+                if data.get("version") == CACHE_VERSION and isinstance(data.get("entries"), dict):
+                    self.entries = data["entries"]
+            except (OSError, ValueError, AttributeError, RecursionError):
                 self.entries = {}  # a damaged cache is only a slower sync
 
     def get(self, path: Path, real: str | None = None,
             stat: os.stat_result | None = None) -> ModelInfo:
-        """The file's info; `real` and `stat` when the caller has them already."""
+        """The file's info (or its GGUFError); `real` and `stat` when the caller has them."""
         real = real or os.path.realpath(path)
         stat = stat or os.stat(real)
         key = f"{real}|{stat.st_size}|{stat.st_mtime_ns}"
         self.used.add(key)
         cached = self.entries.get(key)
-        if cached is not None:
+        if isinstance(cached, dict):
+            if isinstance(cached.get("error"), str) and isinstance(cached.get("hint"), str):
+                raise gguf.GGUFError(cached["error"], cached["hint"])
             try:
-                return ModelInfo(**cached)
+                info = ModelInfo(**cached)
+                if _sane(info):
+                    return info
             except TypeError:
                 pass
-        info = read_model_info(Path(real))
+        try:
+            info = read_model_info(Path(real))
+        except gguf.GGUFOpenError:
+            raise  # about access, not content: tried again next time
+        except gguf.GGUFError as exc:
+            self.entries[key] = {"error": exc.message, "hint": exc.hint}
+            raise
         self.entries[key] = dict(vars(info))  # flat: lists of ints and bools at most
         return info
 

@@ -6,6 +6,7 @@ arguments, aliases) is decided once, here, with the reason recorded for `model s
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,6 +18,8 @@ from model_serve.errors import ConfigError
 from model_serve.models import footprint
 from model_serve.models.catalog import Catalog, CatalogModel, ScanProblem
 from model_serve.models.names import dash_form, identity
+
+log = logging.getLogger(__name__)
 
 # Ollama PARAMETER defaults that map onto llama-server options (custom sampler_args win).
 _OLLAMA_PARAMS = {
@@ -202,12 +205,19 @@ def build_plan(catalog: Catalog, custom: CustomModels, settings: Settings,
             extras.append((entry, base))
         elif (model := _match_entry(key, catalog, custom, entry)) is not None:
             by_model[model.name] = entry
-    plan = [
-        _served(model, model.name, by_model.get(model.name), custom, settings, budget)
-        for model in catalog.models
-    ]
-    for entry, base in extras:
-        plan.append(_served(base, prefix + entry.key, entry, custom, settings, budget))
+    plan: list[ServedModel] = []
+    wanted = [(model, model.name, by_model.get(model.name)) for model in catalog.models]
+    wanted += [(base, prefix + entry.key, entry) for entry, base in extras]
+    for model, name, entry in wanted:
+        try:
+            plan.append(_served(model, name, entry, custom, settings, budget))
+        except ConfigError:
+            raise  # the user's settings: the last good config stays until they are fixed
+        except Exception as exc:  # noqa: BLE001 - one model's trouble is a warning on it
+            log.debug("planning %s failed", name, exc_info=True)
+            catalog.problems.append(ScanProblem(model.path, (
+                f"not served: its settings could not be worked out ({type(exc).__name__}: "
+                f"{str(exc)[:200]})")))
     _check_unique(plan, routes or (lambda served: [served.name, *served.aliases]))
     return sorted(plan, key=lambda s: s.name)
 

@@ -153,8 +153,11 @@ class Front:
             return
         try:
             names = await asyncio.to_thread(build_names, self.settings, self.engine)
-        except ModelServeError as exc:
-            log.warning("model names not refreshed: %s", exc.message)
+        except Exception as exc:  # noqa: BLE001 - the task must outlive any one bad scan
+            message = exc.message if isinstance(exc, ModelServeError) else \
+                f"{type(exc).__name__}: {exc}"
+            log.warning("model names not refreshed: %s", message)
+            log.debug("refreshing the model names failed", exc_info=True)
             return
         names.stamp = stamp
         self.names = names

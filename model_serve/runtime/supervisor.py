@@ -346,7 +346,12 @@ class Supervisor:
 
             internal_key.make(self.settings)  # before the engine and the front read it
         self._secure_saved_conversations()
-        self.sync_once("start")
+        try:
+            self.sync_once("start")
+        except Exception as exc:  # noqa: BLE001 - as the interval sync: a last good config serves
+            log.exception("sync (start) failed")
+            self.sync_status.restarts += 1
+            self._set("sync", self.sync_status, Phase.BACKOFF, f"{type(exc).__name__}: {exc}")
         if not self.engine.config_path.exists():
             log.error("no engine config could be written; see the sync error above")
             self.settings.pid_file.unlink(missing_ok=True)
