@@ -175,13 +175,28 @@ def test_a_folder_named_like_a_model_is_a_folder(env: Env, gemma_path: Path) -> 
     assert "nested" in warned_about(stderr, env.models / "y.gguf" / "nest.gguf")
 
 
-def test_a_hostile_bridge_record_is_a_warning(env: Env, gemma_path: Path) -> None:
+def test_hostile_state_files_are_warnings(env: Env, gemma_path: Path) -> None:
+    """The bridge's record and names.json nested past Python's stack, and a header cache
+    holding a block_count no model has (an older version, or anyone, may have written it)."""
+    from model_serve.models.model_info import CACHE_VERSION, ModelInfo
+
     good_model(env, gemma_path)
+    deep = "[" * 100_000 + "]" * 100_000
     (env.models / "ollama").mkdir()
-    (env.models / "ollama" / ".ollama-bridge.json").write_text("[" * 100_000 + "]" * 100_000)
+    (env.models / "ollama" / ".ollama-bridge.json").write_text(deep)
+    env.state.mkdir()
+    (env.state / "names.json").write_text(deep)
+    real = os.path.realpath(gemma_path)
+    stat = os.stat(real)
+    poisoned = {**vars(ModelInfo(architecture="gemma3", block_count=1 << 40, head_count=4,
+                                 embedding_length=640)), "head_count_kv": [1]}
+    (env.state / "model-info-cache.json").write_text(json.dumps({
+        "version": CACHE_VERSION,
+        "entries": {f"{real}|{stat.st_size}|{stat.st_mtime_ns}": poisoned}}))
     names, stderr = listed(env)
     assert names == ["ls/gemma-3:270m-q4_k_m"]
     assert "bridge" in warned_about(stderr, env.models / "ollama" / ".ollama-bridge.json")
+    assert list(env.state.glob("names.json.corrupt-*"))  # kept aside, names given anew
 
 
 def test_the_bridge_survives_hostile_manifests_and_blobs(env: Env, tmp_path: Path) -> None:
@@ -225,6 +240,37 @@ def test_the_reader_refuses_each_with_a_reason_and_quickly(tmp_path: Path) -> No
             read_model_info(path)
         assert time.monotonic() - started < 2.0, case
         assert str(path) in caught.value.message, case
+
+
+def test_the_header_cache_is_used_remembers_refusals_and_checks_entries(
+        tmp_path: Path, gemma_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from model_serve.models import model_info
+
+    bad = tmp_path / "nested.gguf"
+    bad.write_bytes(nested_arrays())
+    cache_file = tmp_path / "cache.json"
+    cache = model_info.InfoCache(cache_file)
+    good = cache.get(gemma_path)
+    with pytest.raises(gguf.GGUFError):
+        cache.get(bad)
+    cache.save()
+    reads: list[Path] = []
+    real_read = model_info.read_model_info
+    monkeypatch.setattr(model_info, "read_model_info",
+                        lambda path: reads.append(path) or real_read(path))
+    again = model_info.InfoCache(cache_file)
+    assert again.get(gemma_path) == good
+    with pytest.raises(gguf.GGUFError) as refused:
+        again.get(bad)
+    assert "nested" in refused.value.message and reads == []  # both from the cache
+    # An entry no header could give (an older version's, or anyone's) is read anew.
+    data = json.loads(cache_file.read_text())
+    for entry in data["entries"].values():
+        if "block_count" in entry:
+            entry["block_count"] = 1 << 40
+    cache_file.write_text(json.dumps(data))
+    assert model_info.InfoCache(cache_file).get(gemma_path) == good
+    assert reads == [Path(os.path.realpath(gemma_path))]
 
 
 def test_the_real_header_still_reads_fast(gemma_path: Path) -> None:

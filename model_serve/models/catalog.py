@@ -395,7 +395,7 @@ def load_names(path: Path | None,
         data = json.loads(text)
         return ({str(k): str(v) for k, v in data.get("names", {}).items()},
                 {str(k): str(v) for k, v in data.get("pinned", {}).items()})
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):  # nested past Python's stack too
         aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
         os.replace(path, aside)
         log.warning("%s was not valid JSON; kept as %s, names given anew", path, aside)

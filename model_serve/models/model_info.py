@@ -174,13 +174,13 @@ def _sane(info: ModelInfo) -> bool:
     user or an older version may have written)."""
     for f in dataclasses.fields(ModelInfo):
         value = getattr(info, f.name)
-        if f.name in LIMITS:
+        if f.name == "head_count_kv":
+            ok = isinstance(value, list) and all(
+                type(v) is int and 0 <= v <= LIMITS["head_count_kv"] for v in value)
+        elif f.name in LIMITS:
             ok = type(value) is int and 0 <= value <= LIMITS[f.name]
         elif f.name in ("context_length", "sliding_window"):
             ok = type(value) is int and 0 <= value <= MAX_CONTEXT
-        elif f.name == "head_count_kv":
-            ok = isinstance(value, list) and all(
-                type(v) is int and 0 <= v <= LIMITS["head_count_kv"] for v in value)
         elif f.name == "sliding_window_pattern":
             ok = isinstance(value, list) and len(value) <= gguf.MAX_DECODED_ARRAY and all(
                 type(v) is bool for v in value)
