@@ -273,6 +273,21 @@ def test_the_header_cache_is_used_remembers_refusals_and_checks_entries(
     assert reads == [Path(os.path.realpath(gemma_path))]
 
 
+def test_long_lists_in_a_row_are_read_without_deep_recursion(tmp_path: Path) -> None:
+    """600 string lists long enough to be jumped, one after another (11 MB, and valid): each
+    jump is tried inside the one before, so an unbounded reader nests 600 deep."""
+    strings = string("a") * (gguf.MIN_JUMPED_STRINGS + 1)
+    lists = [kv(f"tokenizer.l{i:04d}", _ARRAY, struct.pack("<IQ", _STRING,
+                                                            gguf.MIN_JUMPED_STRINGS + 1) + strings)
+             for i in range(600)]
+    path = tmp_path / "lists.gguf"
+    path.write_bytes(header(601, kv("general.architecture", _STRING, string("llama")), *lists))
+    started = time.monotonic()
+    read = gguf.read_header(path)
+    assert time.monotonic() - started < 5.0
+    assert len(read.metadata) == 601
+
+
 def test_the_real_header_still_reads_fast(gemma_path: Path) -> None:
     started = time.monotonic()
     header = gguf.read_header(gemma_path, tensor_names=True)

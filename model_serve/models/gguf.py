@@ -47,6 +47,7 @@ MAX_ARRAY_DEPTH = 4  # an array of arrays of ...: real files nest one deep at mo
 # past it, lists are walked. A real header spends a few thousand.
 JUMP_BUDGET = 1 << 16
 MAX_JUMP_SPAN = 64 << 20  # how far past a list's smallest possible end its next key is looked for
+MAX_JUMP_NESTING = 4  # a jump tried while trying one (tokens, then merges): deeper lists are walked
 _MIN_KV_BYTES = 13  # key length (8), type (4), the smallest value (1)
 _MIN_TENSOR_BYTES = 24  # name length (8), dimension count (4), type (4), offset (8)
 
@@ -286,7 +287,7 @@ class _Reader:
         """Past a list of `length` strings: parse the rest from the first place where all of
         it parses (into `metadata`); False, with the position unchanged, when none does."""
         start = self.handle.tell()
-        if self.jump_spent >= JUMP_BUDGET:
+        if self.jump_spent >= JUMP_BUDGET or self.trying >= MAX_JUMP_NESTING:
             return False
         if self._map is None:
             try:
