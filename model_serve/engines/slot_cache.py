@@ -192,10 +192,18 @@ def make_folder(folder: Path) -> Path:
     """Create `root/<model>/<key>` (llama-server saves only into a folder that exists), the
     root and each level under it 0700 whatever the umask: they hold conversations."""
     root = folder.parent.parent
-    root.parent.mkdir(parents=True, exist_ok=True)
-    for level in (root, folder.parent, folder):
-        level.mkdir(mode=PRIVATE_FOLDER, exist_ok=True)
-        os.chmod(level, PRIVATE_FOLDER)  # one an earlier version made 0755
+    for attempt in range(3):
+        try:
+            root.parent.mkdir(parents=True, exist_ok=True)
+            for level in (root, folder.parent, folder):
+                level.mkdir(mode=PRIVATE_FOLDER, exist_ok=True)
+                os.chmod(level, PRIVATE_FOLDER)  # one an earlier version made 0755
+            return folder
+        except FileNotFoundError:
+            # Another command's sync ended on a config without this key and removed the
+            # empty folder in between: make it again.
+            if attempt == 2:
+                raise
     return folder
 
 
