@@ -23,7 +23,7 @@ from model_serve.models.gguf import GGUFError
 from model_serve.models.model_info import read_model_info
 
 ADDED_DIR = "added"
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]*")
 
 
 def add_model(settings: Settings, source: Path, name: str | None = None) -> Path:
@@ -69,7 +69,7 @@ def _served_name(settings: Settings, name: str) -> str:
     if not name.startswith(settings.model_prefix):
         name = settings.model_prefix + name
     bare = name[len(settings.model_prefix):]
-    if not bare or not _NAME_RE.match(bare):
+    if not bare or not _NAME_RE.fullmatch(bare):
         raise ConfigError(f"'{name}' is not a usable model name",
                           "use letters, digits and . _ - : / @ + (e.g. my-model:7b-q4)")
     return name
