@@ -9,8 +9,10 @@ import shlex
 import shutil
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 from model_serve.commands import doctor
@@ -280,3 +282,43 @@ def test_rosetta_is_refused_with_a_fix(tmp_path: Path, settings: dict[str, str],
     else:
         assert result.returncode == 1 and refusal in result.stderr
         assert "  fix: " in result.stderr and "native" not in result.stdout
+
+
+_REFUSE_PROC: list[bool] = []
+_PACKAGE = str(REPO / "model_serve")
+
+
+def _no_proc_for_model_serve(event: str, args: tuple) -> None:
+    """While _REFUSE_PROC is set, model_serve's own code finds no /proc or /sys, as on macOS;
+    psutil (which reads /proc here) still works."""
+    if event != "open" or not _REFUSE_PROC or not str(args[0]).startswith(("/proc", "/sys")):
+        return
+    frame = sys._getframe(1)
+    while frame is not None and not frame.f_code.co_filename.startswith(
+            (_PACKAGE, os.path.dirname(psutil.__file__))):
+        frame = frame.f_back
+    if frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+        raise FileNotFoundError(2, "No such file or directory (as on macOS)", str(args[0]))
+
+
+def test_a_live_process_is_alive_where_there_is_no_proc(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On macOS every process read as dead (a /proc fast path answered 'no such process')."""
+    if _no_proc_for_model_serve not in getattr(sys, "_model_serve_hooks", []):
+        sys.addaudithook(_no_proc_for_model_serve)  # hooks cannot be removed: it has a switch
+        sys._model_serve_hooks = [_no_proc_for_model_serve]  # type: ignore[attr-defined]
+    monkeypatch.setattr(sys, "platform", "darwin")
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        ref = procs.ProcRef.of(child.pid)
+        assert ref is not None
+        _REFUSE_PROC.append(True)
+        try:
+            assert ref.alive()
+            child.kill()
+            child.wait(timeout=10)
+            assert not ref.alive()
+        finally:
+            _REFUSE_PROC.clear()
+    finally:
+        child.kill()
+        child.wait(timeout=10)

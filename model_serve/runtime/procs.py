@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -58,12 +59,17 @@ class ProcRef:
 
 def _linux_alive(ref: ProcRef) -> bool | None:
     """ProcRef.alive from /proc alone (psutil costs `model status` 13 ms to import): the
-    same start time psutil computes, boot time + start ticks / clock rate. None elsewhere."""
+    same start time psutil computes, boot time + start ticks / clock rate. None where there
+    is no Linux /proc (macOS): then psutil answers."""
+    if sys.platform != "linux":
+        return None
     try:
         with open(f"/proc/{ref.pid}/stat", "rb") as handle:
             stat = handle.read()
     except FileNotFoundError:
-        return False
+        # No such process, or no /proc at all (a container without it): only the first
+        # means dead.
+        return False if os.path.isdir("/proc/self") else None
     except OSError:
         return None
     # The name (field 2) may hold spaces and ')': the fields after it follow the last ')'.
