@@ -1,33 +1,52 @@
-"""The key model_serve uses to reach its own servers behind the front.
+"""The keys model_serve uses to reach its own servers.
 
 With the front on the port, nobody but model_serve should reach the engine or a model's own
-server on loopback: they answer to a key the supervisor makes at each start, kept in a 0600
-file (never on a command line, where `ps` would show it). The front accepts it too, as the
-owner's key: the sync's hold and release, and the CLI's control calls, use it.
+server on loopback: they answer to the *engine key*, which the supervisor makes at each start
+and keeps in a 0600 file (never on a command line, where `ps` would show it). The front
+accepts another one, the *owner key*, as the owner's: the sync's hold and release and the
+CLI's control calls use it. Two keys, because the engine key travels (to every model
+server's loopback port, in llama-swap's environment): a program that catches it there still
+cannot open the front's control endpoints or `/slots`.
 With FRONT=off the engine is the port, and the user's API_KEYS are its keys.
 """
 
 from __future__ import annotations
 
 import secrets
+from pathlib import Path
 
 from model_serve.config.settings import Settings
 from model_serve.fileio import write_if_changed
 
 
+def owner_key_file(settings: Settings) -> Path:
+    return settings.state_dir / "owner-key"
+
+
 def make(settings: Settings) -> str:
-    """A new key for this start (the old one stops working when the engine restarts)."""
+    """New keys for this start (the old ones stop working when the engine restarts); the
+    engine key is returned."""
+    write_if_changed(owner_key_file(settings), secrets.token_urlsafe(32) + "\n", mode=0o600)
     key = secrets.token_urlsafe(32)
     write_if_changed(settings.internal_key_file, key + "\n", mode=0o600)
     return key
 
 
-def read(settings: Settings) -> str | None:
+def _read(path: Path) -> str | None:
     try:
-        key = settings.internal_key_file.read_text(encoding="utf-8").strip()
+        key = path.read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError):
         return None
     return key or None
+
+
+def read(settings: Settings) -> str | None:
+    """The engine key."""
+    return _read(settings.internal_key_file)
+
+
+def read_owner(settings: Settings) -> str | None:
+    return _read(owner_key_file(settings))
 
 
 def engine_headers(settings: Settings) -> dict[str, str]:
@@ -39,7 +58,7 @@ def engine_headers(settings: Settings) -> dict[str, str]:
 
 
 def own_headers(settings: Settings) -> dict[str, str]:
-    """What model_serve sends to its own port: the internal key where the front runs (it opens
+    """What model_serve sends to its own port: the owner key where the front runs (it opens
     the control endpoints), else the user's first API key."""
-    key = read(settings) if settings.front_enabled else None
+    key = read_owner(settings) if settings.front_enabled else None
     return {"Authorization": f"Bearer {key}"} if key else settings.auth_headers

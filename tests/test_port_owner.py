@@ -107,10 +107,10 @@ def test_what_each_path_needs() -> None:
 
 
 def test_host_names_and_origins(env: Env) -> None:
-    env.update({"ALLOWED_HOSTS": "studio.lan", "CORS_ORIGINS": APP})
+    env.update({"ALLOWED_HOSTS": "studio.lan,docker.internal:17311", "CORS_ORIGINS": APP})
     gate = Gate(load_settings(dict(env)), "own")
     for host in ("localhost:5847", "127.0.0.1:5847", "[::1]:5847", "192.168.1.20:5847",
-                 "studio.lan:5847", "STUDIO.LAN", None):
+                 "studio.lan:5847", "STUDIO.LAN", "docker.internal:5847", None):
         assert gate.host_allowed(host), host
     for host in ("evil.example:5847", "attacker.localhost.evil.example", "studio.lan.evil"):
         assert not gate.host_allowed(host), host
@@ -145,6 +145,15 @@ def test_the_model_a_form_or_multipart_body_or_query_names() -> None:
                                                   rename)
     assert query == "model=ls-b&autoload=false" and engine_id == "ls-b"
     assert model_field.in_query([("model", "other")], rename) == (None, "other", None)
+    # JSON after blanks or a byte-order mark is JSON; a second "model" is refused.
+    for start in (b"\n  ", b"\xef\xbb\xbf"):
+        assert model_field.in_body(start + b'{"model": "ls/b"}', "text/plain", rename)[2] == \
+            "ls-b"
+    with pytest.raises(model_field.BadBody, match="more than once"):
+        model_field.in_body(b'{"model": "ls/b", "model": "x"}', "application/json", rename)
+    extended = multipart.replace(b'name="model"', b"name*=UTF-8''model")
+    assert model_field.in_body(extended, "multipart/form-data; boundary=XyZ", rename)[2] == \
+        "ls-b"
 
 
 # --- the port, on both engines ---------------------------------------------------------------
@@ -216,6 +225,21 @@ def test_control_endpoints_need_the_admin_key_and_post(owned: Env) -> None:
     if owned["ENGINE"] == "llama-swap":
         cancel = requests.post(f"{base}/api/inflight/1/cancel", headers=auth(KEY), timeout=10)
         assert cancel.status_code == 403
+    assert requests.get(f"{base}/api/events", headers=auth(KEY), timeout=10).status_code == 403
+    # No other method acts on control endpoints; the router's downloads and deletes of model
+    # files are not served.
+    for method, path in [("OPTIONS", "/api/models/unload"), ("HEAD", "/unload"),
+                         ("DELETE", "/api/models/unload"), ("POST", "/models"),
+                         ("DELETE", "/models?model=x/y")]:
+        answer = requests.request(method, base + path, headers=auth(ADMIN), timeout=30,
+                                  json={"model": "ggml-org/x"} if method == "POST" else None)
+        assert answer.status_code == 405, (method, path, answer.text)
+    assert states(owned)[A] == "loaded"
+    # The key model_serve sends behind the front does not open the front; the owner's does.
+    engine_key = (owned.state / "internal-key").read_text().strip()
+    owner_key = (owned.state / "owner-key").read_text().strip()
+    assert raw(owned, "GET", f"/upstream/{A}/slots", headers=auth(engine_key))[0] == 403
+    assert raw(owned, "GET", f"/upstream/{A}/slots", headers=auth(owner_key))[0] == 200
 
 
 def test_paths_queries_and_holds(open_stack: Env) -> None:
@@ -232,6 +256,32 @@ def test_paths_queries_and_holds(open_stack: Env) -> None:
                        b'{"model": "%s", "prompt": "\\ud83d", "max_tokens": 1}'
                        % renamed.encode(), {"Content-Type": "application/json"})
     assert status == 400 and b"surrogate" in body, body
+    # Blanks before the JSON, two names for one request, a name the router does not serve.
+    status, body = raw(env, "POST", "/v1/completions",
+                       b'\n {"model": "%s", "prompt": "Hi", "max_tokens": 1}' % A.encode(),
+                       {"Content-Type": "text/plain"})
+    assert status == 200 and activity(env)[A]["requests"] == 2, body
+    for target, payload in [
+            ("/v1/completions", b'{"model": "%s", "model": "%s"}' % (A.encode(), B.encode())),
+            (f"/v1/completions?model={B}", b'{"model": "%s"}' % A.encode()),
+            (f"/props?model={A}&model={B}", None)]:
+        status, body = raw(env, "POST" if payload else "GET", target, payload,
+                           {"Content-Type": "application/json"})
+        assert status == 400, (target, body)
+    if env["ENGINE"] == "llama-server":
+        status, body = raw(env, "POST", "/v1/completions", b'{"model": "org/cached:Q4"}',
+                           {"Content-Type": "application/json"})
+        assert status == 404 and b"model list" in body, body
+        # A GET reaches the router without its (form) body, which it would read.
+        raw(env, "GET", "/props", b"model=" + B.encode(),
+            {"Content-Type": "application/x-www-form-urlencoded"})
+        assert states(env)[B] == "unloaded"
+    else:  # llama-swap's versionless paths are named requests too
+        status, body = raw(env, "POST", "/v/completions",
+                           json.dumps({"model": A_DASH, "prompt": "Hi",
+                                       "max_tokens": 1}).encode(),
+                           {"Content-Type": "application/json"})
+        assert activity(env)[A]["requests"] == 3, body
     # A model named in the query (the router's per-model GETs) or in a multipart body.
     status, body = raw(env, "GET", f"/props?model={B}")
     assert activity(env)[B]["requests"] == 1

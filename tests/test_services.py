@@ -583,3 +583,16 @@ def test_model_start_goes_through_an_installed_service(linux: Service, env: Env,
     finally:
         env.run("stop", timeout=60)
     assert llama_servers_under(env.home.parent) == []
+
+
+def test_admin_keys_never_go_into_a_service_file(env: Env) -> None:
+    env["ADMIN_KEYS"] = "sk-admin-secret"
+    settings = load_settings(dict(env))
+    spec = service_files.spec_for(settings, dict(env))
+    for kind in ("systemd", "launchd", "cron"):
+        assert "sk-admin-secret" not in service_files.render(kind, spec)
+    keys_file = Path(spec.environment["ADMIN_KEYS_FILE"])
+    assert keys_file.read_text() == "sk-admin-secret\n"
+    assert keys_file.stat().st_mode & 0o777 == 0o600
+    service_env = {k: v for k, v in env.items() if k != "ADMIN_KEYS"} | spec.environment
+    assert load_settings(service_env).admin_keys == ("sk-admin-secret",)

@@ -43,6 +43,9 @@ SETTINGS_TABLE: tuple[Setting, ...] = (
     Setting("ADMIN_KEYS", "", "Comma-separated keys for the control endpoints (unload, load, "
             "llama-swap's logs, captures and cancel; the model servers' /slots). Empty = the "
             "API_KEYS open them, and /slots stays closed to every client.", "list"),
+    Setting("ADMIN_KEYS_FILE", "", "A file holding admin keys, one per line (keep it mode "
+            "0600), read when ADMIN_KEYS is empty; the login service gets its keys this way.",
+            "path"),
     Setting("CORS_ORIGINS", "", "Comma-separated web origins (https://app.example:8080) whose "
             "pages may call the API from a browser. Empty = none: requests a browser sends from "
             "another site are refused, and no origin is echoed.", "list"),
@@ -323,7 +326,12 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
         raise ConfigError(f"unknown setting {name} in {env_file}", hint)
     keys_file = values.pop("api_keys_file")
     if not values["api_keys"] and keys_file is not None:
-        values["api_keys"] = _read_keys_file(keys_file, sources["API_KEYS_FILE"])
+        values["api_keys"] = _read_keys_file(keys_file, sources["API_KEYS_FILE"],
+                                             "API_KEYS_FILE")
+    admin_file = values.pop("admin_keys_file")
+    if not values["admin_keys"] and admin_file is not None:
+        values["admin_keys"] = _read_keys_file(admin_file, sources["ADMIN_KEYS_FILE"],
+                                               "ADMIN_KEYS_FILE")
     if values["models_dir"] is None:
         raise ConfigError("MODELS_DIR is empty", "set MODELS_DIR to the folder of your models")
     if sources["MODELS_DIR"] == "the defaults":
@@ -366,16 +374,16 @@ def default_models_dir(original: Path, env: dict[str, str]) -> Path:
     return original
 
 
-def _read_keys_file(path: Path, source: str) -> tuple[str, ...]:
+def _read_keys_file(path: Path, source: str, name: str) -> tuple[str, ...]:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"API_KEYS_FILE={path} (from {source}) cannot be read: {exc}",
+        raise ConfigError(f"{name}={path} (from {source}) cannot be read: {exc}",
                           "fix the path or the file's permissions") from exc
     keys = tuple(line.strip() for line in text.splitlines() if line.strip())
     if not keys:
-        raise ConfigError(f"API_KEYS_FILE={path} (from {source}) holds no key",
-                          "put one key per line in it, or unset API_KEYS_FILE")
+        raise ConfigError(f"{name}={path} (from {source}) holds no key",
+                          f"put one key per line in it, or unset {name}")
     return keys
 
 

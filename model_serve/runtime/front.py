@@ -42,7 +42,7 @@ from model_serve.engines.base import LOADED_STATES, EngineModel
 from model_serve.engines.slot_cache import Restored
 from model_serve.errors import ModelServeError
 from model_serve.models.names import identity
-from model_serve.runtime import model_field
+from model_serve.runtime import gate, model_field
 from model_serve.runtime.admission import Admission, Refusal
 from model_serve.runtime.engine_view import EngineView
 from model_serve.runtime.gate import (
@@ -62,7 +62,8 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy
                         "te", "trailer", "transfer-encoding", "upgrade", "host",
                         "content-length", "authorization", "x-api-key"})
 # Paths whose JSON body names a model.
-MODEL_PATHS = ("/v1/", "/completion", "/infill", "/embedding", "/rerank", "/apply-template",
+MODEL_PATHS = ("/v1/", "/v/", "/sdapi/", "/audioapi/", "/completion", "/infill", "/embedding",
+               "/rerank", "/apply-template",
                "/tokenize", "/detokenize")
 NAMES_REFRESH = 2.0  # seconds between checks of the engine config (names follow every sync)
 LOAD_WAIT = 300.0  # seconds /upstream waits for a model to load
@@ -131,8 +132,9 @@ class Front:
         self.session: ClientSession | None = None
         self.fresh_session: ClientSession | None = None  # new connections only: retries
         self._engine_auth = internal_key.engine_headers(settings)
-        self.gate = Gate(settings, internal_key.read(settings) if settings.front_enabled
-                         else None)
+        self.gate = Gate(settings, internal_key.read_owner(settings)
+                         if settings.front_enabled else None)
+        self._warned: set[str] = set()
         self.view = EngineView(self.engine)
         # On the router, a request for a loaded model goes to the model's own server: it skips
         # the router's hop (about 2 ms, and a new connection each time: the router closes every
@@ -203,6 +205,11 @@ class Front:
     async def wait_if_held(self, route: Route) -> None:
         deadline = time.monotonic() + HOLD_LIMIT
         while True:
+            now = time.monotonic()
+            for hold_id in [i for i, h in self.holds.items() if now - h.since > HOLD_LIMIT]:
+                log.warning("hold %s on %s expired after %.0fs without its release", hold_id,
+                            ", ".join(sorted(self.holds[hold_id].models)), HOLD_LIMIT)
+                self.holds.pop(hold_id).released.set()
             hold = next((h for h in self.holds.values()
                          if ALL in h.models or route.engine_id in h.models), None)
             if hold is None or time.monotonic() >= deadline:
@@ -247,7 +254,10 @@ class Front:
         """Whether the port answers this request at all (gate.py)."""
         host = request.headers.get("Host")
         if not self.gate.host_allowed(host):
-            return _error(403, f"this server does not answer to the name {host!r}: add it to "
+            name = gate.host_name(host or "")
+            self._warn_once(f"refused a request for the host name {name!r} (a DNS rebinding "
+                            "guard): add it to ALLOWED_HOSTS in .env if it is yours")
+            return _error(403, f"this server does not answer to the name {name!r}: add it to "
                           "ALLOWED_HOSTS in .env if it is yours", "host_not_allowed")
         origin = request.headers.get("Origin")
         if request.method == "OPTIONS" and origin is not None:  # a browser's preflight
@@ -257,17 +267,30 @@ class Front:
             return web.Response(status=204, headers=self.gate.preflight_headers(
                 origin, request.headers.get("Access-Control-Request-Headers")))
         if self.gate.cross_site(request.headers, host):
+            self._warn_once(f"refused a request a page of another web site sent (Origin "
+                            f"{origin or 'not given'}): list it in CORS_ORIGINS to allow it")
             return _error(403, "a page of another web site sent this request; list its origin "
                           "in CORS_ORIGINS in .env to allow it", "origin_not_allowed")
         access = access_of(request.method, request.path, dict(request.query))
         refusal = self.gate.refusal(access, request_key(request.headers))
         if refusal is not None:
             return _error(refusal.status, refusal.message, refusal.kind)
-        if access is Access.CONTROL and not control_method_ok(request.method, request.path):
-            return _error(405, f"{request.path} acts on POST only"
-                          + (" (reload the config with 'model sync')"
-                             if "reload" in request.query else ""), "method_not_allowed")
+        if access is Access.CONTROL and not control_method_ok(request.method, request.path,
+                                                              dict(request.query)):
+            if request.path in ("/models", "/v1/models"):
+                hint = ("reload the config with 'model sync'" if "reload" in request.query
+                        else "model_serve manages the model files: 'model pull', 'model rm'")
+                return _error(405, f"{request.method} {request.path} is not served here: "
+                              f"{hint}", "method_not_allowed")
+            return _error(405, f"{request.path} acts on POST only", "method_not_allowed")
         return None
+
+    def _warn_once(self, message: str) -> None:
+        """One log line per distinct refusal: a setup the checks break shows in `model
+        logs`, and a page that retries cannot fill the log."""
+        if message not in self._warned and len(self._warned) < 100:
+            self._warned.add(message)
+            log.warning("%s", message)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         path = normalized_path(request.path)
@@ -337,12 +360,22 @@ class Front:
                         body, sent, route = self._named_in_body(body, kind)
                 except model_field.BadBody as exc:
                     return _error(400, str(exc), "invalid_request")
+        if len(request.query.getall("model", [])) > 1 or (
+                sent is not None and request.query.get("model", sent) != sent):
+            # Engines read the query and the body by other rules: one name, one model.
+            return _error(400, "the request names more than one model (query and body)",
+                          "invalid_request")
         if route is None and "model" in request.query and path_qs is None:
             query, sent, route = self._named_in_query(request)
             if query is not None:
                 path_qs = f"{request.path}?{query}"
                 # The router's `autoload=false` asks about a model without loading it.
                 loads = request.query.get("autoload", "").lower() != "false"
+        if route is None and sent is not None and self.engine.name == "llama-server":
+            # The router also serves files of its own download cache by name, without
+            # admission: only the names model_serve serves reach it.
+            return _error(404, f"model not found: {sent} (see 'model list')",
+                          "model_not_found")
         counted = route if loads else None
         if counted is not None:
             await self.wait_if_held(counted)
@@ -398,9 +431,18 @@ class Front:
         assert self.session is not None
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
         headers.update(self._engine_auth)
+        if body is not None and route is not None and body[:1] == b"{":
+            # Read as JSON here (its model admitted): the engine must read it so too, whatever
+            # the client called it (llama-swap reads a text/plain body's model otherwise).
+            for key in [k for k in headers if k.lower() == "content-type"]:
+                del headers[key]
+            headers["Content-Type"] = "application/json"
         direct = base is not None and route is not None and base != self.upstream
-        data: Any = body if body is not None else (request.content if request.can_read_body
-                                                   else None)
+        # A body only where the method has one: a GET with a form body is read by the router.
+        data: Any = body if body is not None else (
+            request.content if request.can_read_body and request.method in ("POST", "PUT",
+                                                                            "PATCH")
+            else None)
         retried = False
         while True:
             try:

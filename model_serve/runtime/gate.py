@@ -78,23 +78,30 @@ def access_of(method: str, path: str, query: dict[str, str]) -> Access:
         return Access.CONTROL  # a model server's settings, for every client of it
     if path.startswith("/upstream/"):
         return Access.CLIENT  # read-only, or a load through admission
-    if path in ("/unload", "/api/models/unload") or path.startswith(
+    if path in ("/unload", "/api/models/unload", "/api/events") or path.startswith(
             ("/api/models/unload/", "/api/model_serve/hold", "/api/model_serve/release",
              "/models/load", "/models/unload", "/api/inflight/", "/api/captures",
              "/logs", "/api/profiles/active")):
         return Access.CONTROL
-    if path in ("/models", "/v1/models") and "reload" in query:
-        return Access.CONTROL
+    if path in ("/models", "/v1/models") and ("reload" in query or method not in
+                                              ("GET", "HEAD")):
+        return Access.CONTROL  # a reload; the router's download (POST) and delete (DELETE)
     return Access.CLIENT
 
 
-def control_method_ok(method: str, path: str) -> bool:
-    """Control acts on POST only; reading logs is a GET, and llama-swap documents
-    `GET /unload` for its clients."""
-    if method in ("POST", "OPTIONS"):
+def control_method_ok(method: str, path: str, query: dict[str, str]) -> bool:
+    """Control acts on POST only (PUT where llama-swap wants it); reading logs, captures and
+    events is a GET, and llama-swap documents `GET /unload` for its clients. Never a reload
+    by GET, nor the router's downloads and deletes of model files (model_serve manages
+    them)."""
+    if path in ("/models", "/v1/models"):
+        return False
+    if method == "POST":
         return True
-    if method in ("GET", "HEAD"):
-        return path == "/unload" or path.startswith(("/logs", "/api/captures"))
+    if method == "PUT":
+        return path == "/api/profiles/active"
+    if method == "GET":
+        return path in ("/unload", "/api/events") or path.startswith(("/logs", "/api/captures"))
     return False
 
 
@@ -106,7 +113,7 @@ def request_key(headers: dict[str, str] | object) -> str | None:
     return get("x-api-key")
 
 
-def _host_name(host_header: str) -> str:
+def host_name(host_header: str) -> str:
     host = host_header.strip().lower()
     if host.startswith("["):  # [::1]:5847
         return host[1:host.find("]")] if "]" in host else host
@@ -129,9 +136,9 @@ class Gate:
         self.admin_keys = frozenset(settings.admin_keys)
         self.own_key = own_key
         self.origins = frozenset(o.rstrip("/").lower() for o in settings.cors_origins)
-        self.hosts = {h.lower().rstrip(".") for h in settings.allowed_hosts}
+        self.hosts = {host_name(h) for h in settings.allowed_hosts}
         if settings.host not in ("", "0.0.0.0", "::"):
-            self.hosts.add(_host_name(settings.host))
+            self.hosts.add(host_name(settings.host))
 
     # --- where the request comes from --------------------------------------------------
     def host_allowed(self, host_header: str | None) -> bool:
@@ -139,7 +146,7 @@ class Gate:
         names never leave the machine; any other name must be listed."""
         if not host_header:
             return True  # HTTP/1.0 without Host: no browser sends that
-        name = _host_name(host_header)
+        name = host_name(host_header)
         return (name == "localhost" or name.endswith(".localhost") or _is_ip(name)
                 or name in self.hosts or "*" in self.hosts)
 

@@ -18,17 +18,20 @@ class BadBody(ValueError):
     """A body no model could read (the front answers 400 with the message)."""
 
 _BOUNDARY = re.compile(r'boundary="?([^";]+)"?', re.IGNORECASE)
-_MODEL_PART = re.compile(rb'content-disposition:[^\r\n]*[; ]name="?model"?(?:[;\r\n]|$)',
-                         re.IGNORECASE)
+_MODEL_PART = re.compile(rb"content-disposition:[^\r\n]*[; ]name\*?=(?:utf-8'[^']*')?\"?model\"?"
+                         rb"(?:[;\r\n]|$)", re.IGNORECASE)
+_BLANK = b" \t\r\n"
 
 
 def in_body(body: bytes, content_type: str,
             rename: Rename) -> tuple[bytes, str | None, str | None]:
     """(body with the engine's id, the name sent, the engine's id); the name is None when
-    the body names no model, the id None when the name is not one we serve."""
+    the body names no model, the id None when the name is not one we serve. A JSON body
+    comes back without blanks or a byte-order mark before it."""
     kind = content_type.split(";", 1)[0].strip().lower()
-    if body[:1] == b"{":
-        return _json(body, rename)
+    bare = body.lstrip(_BLANK).removeprefix(b"\xef\xbb\xbf").lstrip(_BLANK)
+    if bare[:1] == b"{":
+        return _json(bare, rename)  # the engines read it only without what went before
     if kind == "application/x-www-form-urlencoded":
         return _form(body, rename)
     if kind == "multipart/form-data":
@@ -49,9 +52,18 @@ def in_query(pairs: list[tuple[str, str]],
     return urlencode(renamed), sent, engine_id
 
 
+def _no_second_model(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    if sum(key == "model" for key, _value in pairs) > 1:
+        # Engines disagree on which one counts (llama-swap takes the first, Python the last).
+        raise BadBody("the JSON body names \"model\" more than once")
+    return dict(pairs)
+
+
 def _json(body: bytes, rename: Rename) -> tuple[bytes, str | None, str | None]:
     try:
-        data = json.loads(body)
+        data = json.loads(body, object_pairs_hook=_no_second_model)
+    except BadBody:
+        raise
     except ValueError:
         return body, None, None
     sent = data.get("model") if isinstance(data, dict) else None

@@ -82,23 +82,25 @@ def service_environment(settings: Settings, environ: Mapping[str, str]) -> dict[
     return {**carried_environment(environ), **resolved_programs(settings, environ)}
 
 
-def service_keys_file(settings: Settings) -> Path:
-    return settings.state_dir / "service-api-keys"
+def service_keys_file(settings: Settings, kind: str = "api") -> Path:
+    return settings.state_dir / f"service-{kind}-keys"
 
 
 def spec_for(settings: Settings, environ: Mapping[str, str] | None = None,
              checkout: Path = PROJECT_ROOT) -> ServiceSpec:
-    """What the service runs, with the shell's settings. API keys exported in the shell never
+    """What the service runs, with the shell's settings. Keys exported in the shell never
     go into a unit, plist or crontab (readable by others): they go into a file only the user
     can read, which the service names in API_KEYS_FILE."""
     env = os.environ if environ is None else environ
     carried = service_environment(settings, env)
-    if carried.pop("API_KEYS", "").strip() and settings.api_keys:
-        from model_serve.fileio import write_if_changed
+    for kind, keys in (("api", settings.api_keys), ("admin", settings.admin_keys)):
+        name = f"{kind.upper()}_KEYS"
+        if carried.pop(name, "").strip() and keys:
+            from model_serve.fileio import write_if_changed
 
-        keys_file = service_keys_file(settings)
-        write_if_changed(keys_file, "\n".join(settings.api_keys) + "\n", mode=0o600)
-        carried["API_KEYS_FILE"] = str(keys_file)
+            keys_file = service_keys_file(settings, kind)
+            write_if_changed(keys_file, "\n".join(keys) + "\n", mode=0o600)
+            carried[f"{name}_FILE"] = str(keys_file)
     spec = ServiceSpec(checkout=checkout, port=settings.port,
                        log_dir=settings.log_file.parent, environment=carried)
     values = {"the checkout path": str(checkout), "the log folder": str(spec.log_dir),
