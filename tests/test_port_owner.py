@@ -42,16 +42,6 @@ def owned(engine_env: Env, gemma_path: Path) -> Iterator[Env]:
         yield env
 
 
-@pytest.fixture
-def open_stack(engine_env: Env, gemma_path: Path) -> Iterator[Env]:
-    """The default: no keys."""
-    env = engine_env
-    (env.models / gemma_path.name).symlink_to(gemma_path)
-    (env.home / "custom_models.yaml").write_text(TWIN)
-    with running(env, stop_timeout=90):
-        yield env
-
-
 def auth(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
@@ -242,8 +232,8 @@ def test_control_endpoints_need_the_admin_key_and_post(owned: Env) -> None:
     assert raw(owned, "GET", f"/upstream/{A}/slots", headers=auth(owner_key))[0] == 200
 
 
-def test_paths_queries_and_holds(open_stack: Env) -> None:
-    env, base = open_stack, open_stack.base_url
+def test_paths_queries_and_holds(both: Env) -> None:
+    env, base = both, both.base_url
     # A path with dots goes through the names, admission and accounting as its plain form.
     status, body = raw(env, "POST", "/x/../v1/completions",
                        json.dumps({"model": A_DASH, "prompt": "Hi", "max_tokens": 1}).encode(),
@@ -330,13 +320,13 @@ def test_paths_queries_and_holds(open_stack: Env) -> None:
                          timeout=10).status_code == 404
 
 
-def test_prompts_never_reach_the_log(open_stack: Env) -> None:
+def test_prompts_never_reach_the_log(both: Env) -> None:
     secret = "My bank PIN is 4321, the marker word is quetzalcoatl"
-    answer = requests.post(f"{open_stack.base_url}/v1/chat/completions", timeout=120, json={
+    answer = requests.post(f"{both.base_url}/v1/chat/completions", timeout=120, json={
         "model": A, "max_tokens": 4, "messages": [{"role": "user", "content": secret}]})
     assert answer.status_code == 200
-    requests.post(f"{open_stack.base_url}/unload", params={"model": A}, timeout=60)
-    logs = list((open_stack.state / "logs").glob("*"))
+    requests.post(f"{both.base_url}/unload", params={"model": A}, timeout=60)
+    logs = list((both.state / "logs").glob("*"))
     assert logs
     for log_file in logs:
         assert "quetzalcoatl" not in log_file.read_text(errors="replace"), log_file

@@ -541,18 +541,21 @@ def test_cron_without_crontab(env: Env, tmp_path: Path) -> None:
     assert "apt-get install cron" in result.stderr
 
 
-def test_api_keys_never_go_into_a_service_file(env: Env) -> None:
-    env["API_KEYS"] = "sk-secret-1,sk-secret-2"
+@pytest.mark.parametrize("kind", ["API", "ADMIN"])
+def test_keys_never_go_into_a_service_file(env: Env, kind: str) -> None:
+    env[f"{kind}_KEYS"] = "sk-secret-1,sk-secret-2"
     settings = load_settings(dict(env))
     spec = service_files.spec_for(settings, dict(env))
-    for kind in ("systemd", "launchd", "cron"):
-        assert "sk-secret" not in service_files.render(kind, spec)
-    keys_file = Path(spec.environment["API_KEYS_FILE"])
+    for service in ("systemd", "launchd", "cron"):
+        assert "sk-secret" not in service_files.render(service, spec)
+    keys_file = Path(spec.environment[f"{kind}_KEYS_FILE"])
     assert keys_file.read_text() == "sk-secret-1\nsk-secret-2\n"
     assert keys_file.stat().st_mode & 0o777 == 0o600
     # The service, started with what the unit carries, has the keys.
-    service_env = {k: v for k, v in env.items() if k != "API_KEYS"} | spec.environment
-    assert load_settings(service_env).api_keys == ("sk-secret-1", "sk-secret-2")
+    service_env = {k: v for k, v in env.items() if k != f"{kind}_KEYS"} | spec.environment
+    loaded = load_settings(service_env)
+    assert (loaded.api_keys if kind == "API" else loaded.admin_keys) == ("sk-secret-1",
+                                                                          "sk-secret-2")
     keys_file.write_text("")
     with pytest.raises(ConfigError, match="holds no key"):
         load_settings(service_env)
@@ -584,15 +587,3 @@ def test_model_start_goes_through_an_installed_service(linux: Service, env: Env,
         env.run("stop", timeout=60)
     assert llama_servers_under(env.home.parent) == []
 
-
-def test_admin_keys_never_go_into_a_service_file(env: Env) -> None:
-    env["ADMIN_KEYS"] = "sk-admin-secret"
-    settings = load_settings(dict(env))
-    spec = service_files.spec_for(settings, dict(env))
-    for kind in ("systemd", "launchd", "cron"):
-        assert "sk-admin-secret" not in service_files.render(kind, spec)
-    keys_file = Path(spec.environment["ADMIN_KEYS_FILE"])
-    assert keys_file.read_text() == "sk-admin-secret\n"
-    assert keys_file.stat().st_mode & 0o777 == 0o600
-    service_env = {k: v for k, v in env.items() if k != "ADMIN_KEYS"} | spec.environment
-    assert load_settings(service_env).admin_keys == ("sk-admin-secret",)
