@@ -211,13 +211,18 @@ class Engine(ABC):
             return
         folder, url = server
         started = time.monotonic()
-        saved = slot_cache.save_slots(url, self._headers(), folder)
+        try:
+            saved = slot_cache.save_slots(url, self._headers(), folder)
+            slot_cache.keep_within(self.settings.kv_cache_dir,
+                                   int(self.settings.kv_cache_max_gb * 2**30))
+        except Exception as exc:  # noqa: BLE001 - a full disk or a timeout must not stop the unload
+            log.warning("saving the conversations of %s failed (%s); it is unloaded without "
+                        "them", name, exc)
+            return
         if saved:
             log.info("saved %d slot(s) of %s (%d tokens, %.1f MiB) in %.0f ms", len(saved),
                      name, sum(s.tokens for s in saved), sum(s.bytes for s in saved) / 2**20,
                      (time.monotonic() - started) * 1000)
-        slot_cache.keep_within(self.settings.kv_cache_dir,
-                               int(self.settings.kv_cache_max_gb * 2**30))
 
     def restore_slots(self, name: str, body: dict[str, Any]) -> slot_cache.Restored | None:
         """Right after `name` loaded, before this request reaches it: restore the saved
