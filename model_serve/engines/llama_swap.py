@@ -42,7 +42,8 @@ from model_serve.engines.base import (
     Engine,
     EngineModel,
 )
-from model_serve.engines.llama_server import check_option, option_spellings, resolve_llama_server
+from model_serve.engines.llama_server import check_option, resolve_llama_server
+from model_serve.engines.server_options import option_spellings
 from model_serve.errors import ConfigError, EngineError
 from model_serve.loopback import LineStream, LoopbackError, stream_lines
 from model_serve.programs import find_on_path
