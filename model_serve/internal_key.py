@@ -32,6 +32,17 @@ def make(settings: Settings) -> str:
     return key
 
 
+def write_keys_file(path: Path, keys: tuple[str, ...]) -> Path:
+    """Keys for a program that reads them from a file (never a command line): one a line,
+    0600."""
+    write_if_changed(path, "\n".join(keys) + "\n", mode=0o600)
+    return path
+
+
+def _bearer(key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
 def _read(path: Path) -> str | None:
     try:
         key = path.read_text(encoding="utf-8").strip()
@@ -53,12 +64,11 @@ def engine_headers(settings: Settings) -> dict[str, str]:
     """What model_serve sends to the engine and to the model servers."""
     if not settings.front_enabled:
         return settings.auth_headers
-    key = read(settings)
-    return {"Authorization": f"Bearer {key}"} if key else {}
+    return _bearer(read(settings))
 
 
 def own_headers(settings: Settings) -> dict[str, str]:
     """What model_serve sends to its own port: the owner key where the front runs (it opens
     the control endpoints), else the user's first API key."""
     key = read_owner(settings) if settings.front_enabled else None
-    return {"Authorization": f"Bearer {key}"} if key else settings.auth_headers
+    return _bearer(key) or settings.auth_headers

@@ -324,25 +324,21 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
         near = difflib.get_close_matches(name, SETTINGS_BY_NAME, n=1)
         hint = f"did you mean {near[0]}?" if near else "see .env.example for every setting"
         raise ConfigError(f"unknown setting {name} in {env_file}", hint)
-    keys_file = values.pop("api_keys_file")
-    if not values["api_keys"] and keys_file is not None:
-        values["api_keys"] = _read_keys_file(keys_file, sources["API_KEYS_FILE"],
-                                             "API_KEYS_FILE")
-    admin_file = values.pop("admin_keys_file")
-    if not values["admin_keys"] and admin_file is not None:
-        values["admin_keys"] = _read_keys_file(admin_file, sources["ADMIN_KEYS_FILE"],
-                                               "ADMIN_KEYS_FILE")
+    for keys in ("api_keys", "admin_keys"):
+        keys_file, name = values.pop(f"{keys}_file"), f"{keys.upper()}_FILE"
+        if not values[keys] and keys_file is not None:
+            values[keys] = _read_keys_file(keys_file, sources[name], name)
     if values["models_dir"] is None:
         raise ConfigError("MODELS_DIR is empty", "set MODELS_DIR to the folder of your models")
     if sources["MODELS_DIR"] == "the defaults":
         values["models_dir"] = default_models_dir(values["models_dir"], env)
     values["state_dir"] = values["state_dir"] or home / "state"
     values["kv_cache_dir"] = values["kv_cache_dir"] or values["state_dir"] / "kv-cache"
+    user_home = Path(env.get("HOME") or Path.home())
     _check_kv_cache_dir(values["kv_cache_dir"], sources["KV_CACHE_DIR"], values["models_dir"],
-                        Path(env.get("HOME") or Path.home()))
+                        user_home)
     values["custom_models_file"] = values["custom_models_file"] or home / "custom_models.yaml"
     values["bridge_script"] = values["bridge_script"] or BUNDLED_BRIDGE
-    user_home = Path(env.get("HOME") or Path.home())
     cache_root = Path(env["XDG_CACHE_HOME"]) if env.get("XDG_CACHE_HOME") else user_home / ".cache"
     return Settings(home=home, env_file=env_file, sources=sources, user_home=user_home,
                     cache_dir=cache_root / "model_serve", **values)

@@ -113,9 +113,10 @@ class Engine(ABC):
             return self.settings.internal_key_file
         if not self.settings.api_keys:
             return None
-        path = self.settings.state_dir / "api-keys"
-        write_if_changed(path, "\n".join(self.settings.api_keys) + "\n", mode=0o600)
-        return path
+        from model_serve import internal_key
+
+        return internal_key.write_keys_file(self.settings.state_dir / "api-keys",
+                                            self.settings.api_keys)
 
     def version(self) -> str:
         import subprocess

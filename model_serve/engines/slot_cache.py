@@ -192,7 +192,8 @@ def make_folder(folder: Path) -> Path:
     """Create `root/<model>/<key>` (llama-server saves only into a folder that exists), the
     root and each level under it 0700 whatever the umask: they hold conversations."""
     root = folder.parent.parent
-    for attempt in range(3):
+    attempts = 3
+    while True:
         try:
             root.parent.mkdir(parents=True, exist_ok=True)
             for level in (root, folder.parent, folder):
@@ -202,9 +203,9 @@ def make_folder(folder: Path) -> Path:
         except FileNotFoundError:
             # Another command's sync ended on a config without this key and removed the
             # empty folder in between: make it again.
-            if attempt == 2:
+            attempts -= 1
+            if not attempts:
                 raise
-    return folder
 
 
 def record_check(folder: Path, restored: Restored, cache_n: int) -> RestoreCheck | None:
@@ -271,10 +272,10 @@ def secure_saved(root: Path) -> int:
     if not root.is_dir():
         return 0
     rewritten = 0
-    for path, mode in [(root, PRIVATE_FOLDER)] + [
-            (each, PRIVATE_FOLDER) for pair in _our_folders(root) for each in pair]:
-        _chmod(path, mode)
-    for _model, folder in _our_folders(root):
+    _chmod(root, PRIVATE_FOLDER)
+    for model, folder in _our_folders(root):
+        _chmod(model, PRIVATE_FOLDER)
+        _chmod(folder, PRIVATE_FOLDER)
         for path in _our_files(folder):
             _chmod(path, PRIVATE_FILE)
             if path.suffix == ".json" and path.name != CHECK_FILE:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from model_serve.config.custom_models import name_problem
 from model_serve.errors import ConfigError, ModelServeError
 from model_serve.fileio import write_if_changed
-from model_serve.models.gguf import open_regular
+from model_serve.models.gguf import file_kind, open_regular
 from model_serve.models.model_info import InfoCache, ModelInfo
 from model_serve.models.names import dash_form, identity
 
@@ -179,13 +179,6 @@ def _is_projector_file(path: Path, info: ModelInfo | None) -> bool:
     return path.name.lower().startswith("mmproj") or (info is not None and info.is_projector)
 
 
-def _kind(mode: int) -> str:
-    return ("a FIFO" if stat_module.S_ISFIFO(mode) else "a folder" if stat_module.S_ISDIR(mode)
-            else "a socket" if stat_module.S_ISSOCK(mode)
-            else "a device" if stat_module.S_ISCHR(mode) or stat_module.S_ISBLK(mode)
-            else "a special file")
-
-
 def _path_problem(path: Path) -> str:
     """Why a file's path cannot go into an engine config as it is, or ''."""
     text = str(path)
@@ -210,7 +203,7 @@ def _stat_file(path: Path, real: str) -> tuple[os.stat_result | None, str]:
             return None, "broken link: its target is gone"
         return None, f"unreadable: {exc.strerror}"
     if not stat_module.S_ISREG(stat.st_mode):
-        return None, (f"not a regular file ({_kind(stat.st_mode)}), so not a model; remove it "
+        return None, (f"not a regular file ({file_kind(stat.st_mode)}), so not a model; remove it "
                       "from MODELS_DIR")
     return stat, _path_problem(path)
 

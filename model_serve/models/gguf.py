@@ -349,6 +349,13 @@ class _Reader:
         return names
 
 
+def file_kind(mode: int) -> str:
+    """What a file that is no regular file is, for a message."""
+    return ("a FIFO" if stat.S_ISFIFO(mode) else "a folder" if stat.S_ISDIR(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            else "a socket" if stat.S_ISSOCK(mode) else "a special file")
+
+
 def open_regular(path: Path) -> BinaryIO:
     """`path` opened for reading, when it is a regular file (a link to one included).
 
@@ -356,10 +363,7 @@ def open_regular(path: Path) -> BinaryIO:
     its kind is checked first, and the open itself cannot block (O_NONBLOCK), in case the
     path was swapped in between; the kind is checked again on what was opened."""
     def refuse(mode: int) -> GGUFOpenError:
-        kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a folder" if stat.S_ISDIR(mode)
-                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
-                else "a socket" if stat.S_ISSOCK(mode) else "a special file")
-        return GGUFOpenError(f"{path} is not a regular file ({kind})",
+        return GGUFOpenError(f"{path} is not a regular file ({file_kind(mode)})",
                          "only GGUF files can be served; remove it from MODELS_DIR")
 
     try:

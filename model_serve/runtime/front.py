@@ -275,8 +275,7 @@ class Front:
         refusal = self.gate.refusal(access, request_key(request.headers))
         if refusal is not None:
             return _error(refusal.status, refusal.message, refusal.kind)
-        if access is Access.CONTROL and not control_method_ok(request.method, request.path,
-                                                              dict(request.query)):
+        if access is Access.CONTROL and not control_method_ok(request.method, request.path):
             if request.path in ("/models", "/v1/models"):
                 hint = ("reload the config with 'model sync'" if "reload" in request.query
                         else "model_serve manages the model files: 'model pull', 'model rm'")

@@ -89,7 +89,7 @@ def access_of(method: str, path: str, query: dict[str, str]) -> Access:
     return Access.CLIENT
 
 
-def control_method_ok(method: str, path: str, query: dict[str, str]) -> bool:
+def control_method_ok(method: str, path: str) -> bool:
     """Control acts on POST only (PUT where llama-swap wants it); reading logs, captures and
     events is a GET, and llama-swap documents `GET /unload` for its clients. Never a reload
     by GET, nor the router's downloads and deletes of model files (model_serve manages

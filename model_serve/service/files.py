@@ -96,11 +96,10 @@ def spec_for(settings: Settings, environ: Mapping[str, str] | None = None,
     for kind, keys in (("api", settings.api_keys), ("admin", settings.admin_keys)):
         name = f"{kind.upper()}_KEYS"
         if carried.pop(name, "").strip() and keys:
-            from model_serve.fileio import write_if_changed
+            from model_serve.internal_key import write_keys_file
 
-            keys_file = service_keys_file(settings, kind)
-            write_if_changed(keys_file, "\n".join(keys) + "\n", mode=0o600)
-            carried[f"{name}_FILE"] = str(keys_file)
+            carried[f"{name}_FILE"] = str(write_keys_file(service_keys_file(settings, kind),
+                                                          keys))
     spec = ServiceSpec(checkout=checkout, port=settings.port,
                        log_dir=settings.log_file.parent, environment=carried)
     values = {"the checkout path": str(checkout), "the log folder": str(spec.log_dir),
