@@ -171,10 +171,22 @@ class LlamaSwapEngine(Engine):
         number = self.version_number()
         return number is not None and number >= MIN_SIGHUP_RELOAD
 
+    _read_version: tuple[tuple[str, int, int] | None, int | None] | None = None
+
     def version_number(self) -> int | None:
-        """The release number (`version: v250 (abc), built at …` -> 250); None when unknown."""
-        match = _VERSION_RE.search(self.version())
-        return int(match.group(1)) if match else None
+        """The release number (`version: v250 (abc), built at …` -> 250); None when unknown.
+        Asked once per binary file: a start needs it for the command, the keys and the config,
+        and each ask runs the program."""
+        try:
+            binary = self.binary()
+            info = binary.stat()
+            stamp: tuple[str, int, int] | None = (str(binary), info.st_size, info.st_mtime_ns)
+        except (EngineError, OSError):
+            stamp = None
+        if stamp is None or self._read_version is None or self._read_version[0] != stamp:
+            match = _VERSION_RE.search(self.version())
+            self._read_version = (stamp, int(match.group(1)) if match else None)
+        return self._read_version[1]
 
     # --- config -------------------------------------------------------------------------
     def render_config(self, plan: list[ServedModel]) -> str:
