@@ -12,7 +12,7 @@ from tests.conftest import REPO
 PACKAGE = REPO / "model_serve"
 # Higher imports lower; equal ranks may import each other. Shared helpers sit below all.
 RANKS = {"errors": 0, "fileio": 0, "sse": 0, "programs": 0, "machine_code": 0,
-         "loopback": 0, "config": 1,
+         "loopback": 0, "machine": 0, "config": 1,
          "internal_key": 1, "models": 2, "engines": 3, "runtime": 3, "service": 3,
          "commands": 4, "cli": 5, "render": 5,
          "__main__": 6}

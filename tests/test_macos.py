@@ -12,9 +12,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import psutil
 import pytest
 
+from model_serve import machine
 from model_serve.commands import doctor
 from model_serve.config.settings import load_settings
 from model_serve.models.catalog import ensure_models_dir
@@ -284,41 +284,28 @@ def test_rosetta_is_refused_with_a_fix(tmp_path: Path, settings: dict[str, str],
         assert "  fix: " in result.stderr and "native" not in result.stdout
 
 
-_REFUSE_PROC: list[bool] = []
-_PACKAGE = str(REPO / "model_serve")
-
-
-def _no_proc_for_model_serve(event: str, args: tuple) -> None:
-    """While _REFUSE_PROC is set, model_serve's own code finds no /proc or /sys, as on macOS;
-    psutil (which reads /proc here) still works."""
-    if event != "open" or not _REFUSE_PROC or not str(args[0]).startswith(("/proc", "/sys")):
-        return
-    frame = sys._getframe(1)
-    while frame is not None and not frame.f_code.co_filename.startswith(
-            (_PACKAGE, os.path.dirname(psutil.__file__))):
-        frame = frame.f_back
-    if frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
-        raise FileNotFoundError(2, "No such file or directory (as on macOS)", str(args[0]))
-
-
-def test_a_live_process_is_alive_where_there_is_no_proc(monkeypatch: pytest.MonkeyPatch) -> None:
-    """On macOS every process read as dead (a /proc fast path answered 'no such process')."""
-    if _no_proc_for_model_serve not in getattr(sys, "_model_serve_hooks", []):
-        sys.addaudithook(_no_proc_for_model_serve)  # hooks cannot be removed: it has a switch
-        sys._model_serve_hooks = [_no_proc_for_model_serve]  # type: ignore[attr-defined]
-    monkeypatch.setattr(sys, "platform", "darwin")
+def test_a_live_process_is_alive_where_there_is_no_proc(monkeypatch: pytest.MonkeyPatch,
+                                                         tmp_path: Path) -> None:
+    """On macOS every process read as dead (a /proc fast path answered 'no such process').
+    Here model_serve's own code believes it is on darwin and finds no /proc or /sys (the
+    portable lane's guard); psutil still reads /proc, as it reads sysctl on a Mac."""
+    machine.install_guard()
+    refusals = tmp_path / "refused"
+    monkeypatch.setenv(machine.REFUSALS_VARIABLE, str(refusals))
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         ref = procs.ProcRef.of(child.pid)
         assert ref is not None
-        _REFUSE_PROC.append(True)
-        try:
+        with monkeypatch.context() as darwin:
+            darwin.setattr(sys, "platform", "darwin")
+            machine._proc_start(child.pid)  # the Linux fast path, called as a mistake would
+            assert f"open /proc/{child.pid}/stat from {machine.__file__}" in refusals.read_text()
+            refusals.unlink()
             assert ref.alive()
             child.kill()
             child.wait(timeout=10)
             assert not ref.alive()
-        finally:
-            _REFUSE_PROC.clear()
+        assert not refusals.exists(), refusals.read_text()
     finally:
         child.kill()
         child.wait(timeout=10)

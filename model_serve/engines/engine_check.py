@@ -14,7 +14,6 @@ import contextlib
 import hashlib
 import json
 import os
-import platform
 import signal
 import subprocess
 import tempfile
@@ -23,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from model_serve import machine
 from model_serve.config.settings import Settings
 from model_serve.errors import EngineError
 from model_serve.fileio import write_if_changed
@@ -128,25 +128,7 @@ def option_words(options: dict[str, str]) -> list[str]:
 
 def cpu_signature() -> str:
     """What a native build depends on: the CPU's model and instruction flags."""
-    text = platform.machine()
-    with contextlib.suppress(OSError):
-        cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-        for line in cpuinfo.splitlines():
-            if line.startswith(("model name", "flags", "Features")):
-                text += "|" + line.split(":", 1)[-1].strip()
-                if line.startswith(("flags", "Features")):
-                    break
-    if platform.system() == "Darwin":
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
-            text += "|" + subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"],
-                                         capture_output=True, text=True, timeout=5).stdout
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def cpu_has_amx() -> bool:
-    with contextlib.suppress(OSError):
-        return " amx_tile" in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    return False
+    return hashlib.sha256(machine.cpu_description().encode()).hexdigest()[:16]
 
 
 def binary_stamp(binary: Path) -> str:

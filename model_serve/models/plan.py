@@ -7,11 +7,11 @@ arguments, aliases) is decided once, here, with the reason recorded for `model s
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from model_serve import machine
 from model_serve.config.custom_models import CustomEntry, CustomModels, sampler_options
 from model_serve.config.settings import Settings
 from model_serve.errors import ConfigError
@@ -67,13 +67,7 @@ def _file_size(path: str | None) -> int:
 
 
 def _memory_budget(settings: Settings) -> int:
-    try:  # the machine's RAM without loading psutil (Linux and macOS both answer)
-        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):
-        import psutil
-
-        total = psutil.virtual_memory().total
-    return int(total * settings.memory_pressure_threshold // 100)
+    return int(machine.physical_memory() * settings.memory_pressure_threshold // 100)
 
 
 def _choose_ctx(model: CatalogModel, wanted: int, source: str, parallel: int,

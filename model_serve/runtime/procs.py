@@ -6,10 +6,11 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from model_serve import machine
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,7 @@ class ProcRef:
 
         try:
             proc = psutil.Process(self.pid)
-            if abs(proc.create_time() - self.create_time) > 0.5:
+            if abs(proc.create_time() - self.create_time) > machine.START_TIME_SLACK:
                 return None  # the PID now belongs to someone else
             if proc.status() == psutil.STATUS_ZOMBIE:
                 return None
@@ -42,8 +43,7 @@ class ProcRef:
             return None
 
     def alive(self) -> bool:
-        linux = _linux_alive(self)
-        return linux if linux is not None else self.process() is not None
+        return machine.same_process(self.pid, self.create_time)
 
     def to_json(self) -> list[float]:
         return [self.pid, self.create_time]
@@ -55,42 +55,6 @@ class ProcRef:
             return cls(int(pid), float(created))
         except (TypeError, ValueError):
             return None
-
-
-def _linux_alive(ref: ProcRef) -> bool | None:
-    """ProcRef.alive from /proc alone (psutil costs `model status` 13 ms to import): the
-    same start time psutil computes, boot time + start ticks / clock rate. None where there
-    is no Linux /proc (macOS): then psutil answers."""
-    if sys.platform != "linux":
-        return None
-    try:
-        with open(f"/proc/{ref.pid}/stat", "rb") as handle:
-            stat = handle.read()
-    except FileNotFoundError:
-        # No such process, or no /proc at all (a container without it): only the first
-        # means dead.
-        return False if os.path.isdir("/proc/self") else None
-    except OSError:
-        return None
-    # The name (field 2) may hold spaces and ')': the fields after it follow the last ')'.
-    fields = stat[stat.rfind(b")") + 2:].split()
-    try:
-        state, start_ticks = fields[0], int(fields[19])
-        created = _boot_time() + start_ticks / os.sysconf("SC_CLK_TCK")
-    except (IndexError, ValueError, OSError):
-        return None
-    return state != b"Z" and abs(created - ref.create_time) <= 0.5
-
-
-_BOOT_TIME: list[float] = []
-
-
-def _boot_time() -> float:
-    if not _BOOT_TIME:
-        with open("/proc/stat", "rb") as handle:
-            line = next(row for row in handle if row.startswith(b"btime "))
-        _BOOT_TIME.append(float(line.split()[1]))
-    return _BOOT_TIME[0]
 
 
 def descendants(ref: ProcRef) -> list[ProcRef]:
@@ -133,6 +97,12 @@ def _signal(ref: ProcRef, proc, sig: int) -> None:
     import psutil
 
     try:
+        # Checked again at each signal: after the stop wait the pid may belong to a newer
+        # process, and killpg (unlike psutil's send_signal) does not look. A zombie leader is
+        # still ours (its pid cannot be reused): its group may hold live children.
+        if abs(psutil.Process(ref.pid).create_time() - ref.create_time) \
+                > machine.START_TIME_SLACK:
+            return
         if os.getpgid(ref.pid) == ref.pid:
             os.killpg(ref.pid, sig)  # the group leader: its children go too
         else:
