@@ -37,14 +37,21 @@ TOTAL = 32 * GIB
 PAGE = 16384
 
 
-def vm_stat(active: int, wired: int, compressor: int, inactive: int, stored: int = 0) -> str:
-    """`vm_stat` output with these page counts (16 KiB pages); free pages are the rest."""
-    free = TOTAL // PAGE - (active + wired + compressor + inactive + 4210)
+G = GIB // PAGE  # pages in a GiB
+
+
+def vm_stat(*, active: int, wired: int, occupied: int, stored: int, inactive: int,
+            swapouts: int = 0) -> str:
+    """`vm_stat` output of a 32 GiB Mac with these page counts (16 KiB pages); free pages are
+    the rest, as on a Mac where every page is in one of vm_stat's queues."""
+    speculative = 4210
+    free = TOTAL // PAGE - (active + inactive + speculative + wired + occupied)
+    assert free >= 0 and stored >= occupied, "not a state a Mac can be in"
     return f"""Mach Virtual Memory Statistics: (page size of {PAGE} bytes)
 Pages free:                               {free}.
 Pages active:                             {active}.
 Pages inactive:                           {inactive}.
-Pages speculative:                          4210.
+Pages speculative:                        {speculative}.
 Pages throttled:                               0.
 Pages wired down:                         {wired}.
 Pages purgeable:                            1877.
@@ -54,23 +61,43 @@ Pages zero filled:                     402371245.
 Pages reactivated:                       3320148.
 Pages purged:                             811294.
 File-backed pages:                        301233.
-Anonymous pages:                          {active + inactive - 301233}.
+Anonymous pages:                          {active + inactive + speculative - 301233}.
 Pages stored in compressor:               {stored}.
-Pages occupied by compressor:             {compressor}.
+Pages occupied by compressor:             {occupied}.
 Decompressions:                          2291842.
 Compressions:                            4012773.
 Pageins:                                 9012345.
 Pageouts:                                  10234.
-Swapins:                                       0.
-Swapouts:                                      0.
+Swapins:                                 {swapouts // 3}.
+Swapouts:                                {swapouts}.
 """
 
 
-# Pressure rises: a model server wires 3.5 GiB more, macOS compresses 6 GiB of app memory into
-# 3.25 GiB more of compressor pages, and free pages fall from 2.7 to 1.9 GiB.
-BEFORE = vm_stat(active=1_048_576, wired=655_360, compressor=16_384, inactive=196_608)
-UNDER_PRESSURE = vm_stat(active=655_360, wired=884_736, compressor=229_376, inactive=196_608,
-                         stored=393_216)
+def old_percent(text: str) -> float:
+    """The reading before compressed memory counted at its original size."""
+    pages = parse_vm_stat(text)[1]
+    physical = ("Pages active", "Pages wired down", "Pages occupied by compressor")
+    return 100 * sum(pages[name] for name in physical) * PAGE / TOTAL
+
+
+def percent(text: str) -> float:
+    return MemoryReading(TOTAL, macos_used_bytes(text)).percent
+
+
+# 16 GiB of app memory, 10 GiB wired (a model among it), a small compressor (1.75:1).
+BEFORE = vm_stat(active=16 * G, wired=10 * G, occupied=G // 4, stored=28_672,
+                 inactive=3 * G)
+# Compression alone: macOS compresses 6 GiB of app memory into 3.25 GiB more compressor pages;
+# the 2.75 GiB it saves become free pages.
+COMPRESSED = vm_stat(active=10 * G, wired=10 * G, occupied=G * 7 // 2, stored=28_672 + 6 * G,
+                     inactive=3 * G)
+# Then a model server wires 3.5 GiB of those free pages.
+UNDER_PRESSURE = vm_stat(active=10 * G, wired=27 * G // 2, occupied=G * 7 // 2,
+                         stored=28_672 + 6 * G, inactive=3 * G)
+# A calm Mac after weeks up: idle apps compressed 9:1 into 4 GiB, most of it swapped out, the
+# compressor storing 36 GiB, more than the RAM; a 7 GiB model loaded, 8.5 GiB of file cache.
+CALM = vm_stat(active=7 * G, wired=10 * G, occupied=4 * G, stored=36 * G,
+               inactive=17 * G // 2, swapouts=5_123_456)
 
 
 def test_vm_stat_parses_page_size_and_counts() -> None:
@@ -79,22 +106,35 @@ def test_vm_stat_parses_page_size_and_counts() -> None:
     assert counts["Pages active"] == 1_048_576
     assert counts["Translation faults"] == 912830112
     assert counts["Pages occupied by compressor"] == 16_384
+    assert counts["Pages stored in compressor"] == 28_672
     assert counts["Pages free"] == 176_014
 
 
-def test_used_counts_active_wired_and_the_compressor() -> None:
-    assert macos_used_bytes(BEFORE) == (1_048_576 + 655_360 + 16_384) * PAGE
-    assert macos_used_bytes(BEFORE) / TOTAL == pytest.approx(0.8203, abs=1e-3)
+def test_used_counts_active_wired_and_the_compressor_at_what_it_stores() -> None:
+    # Its 0.19 GiB saving fits under both bounds (the free pages, the compressor's own pages).
+    assert macos_used_bytes(BEFORE) == (1_048_576 + 655_360 + 28_672) * PAGE
+    assert percent(BEFORE) == pytest.approx(82.6, abs=0.1)
 
 
-def test_compression_under_pressure_raises_the_percent() -> None:
-    before = MemoryReading(TOTAL, macos_used_bytes(BEFORE))
-    after = MemoryReading(TOTAL, macos_used_bytes(UNDER_PRESSURE))
-    assert after.percent > before.percent > 75
-    assert after.percent == pytest.approx(84.4, abs=0.1)
-    # Active + wired alone (the reading before the compressor counted) fell under the line.
-    pages = parse_vm_stat(UNDER_PRESSURE)[1]
-    assert (pages["Pages active"] + pages["Pages wired down"]) * PAGE / TOTAL < 0.75
+def test_compression_does_not_lower_the_percent() -> None:
+    assert percent(COMPRESSED) == pytest.approx(percent(BEFORE))
+    assert old_percent(COMPRESSED) == pytest.approx(73.4, abs=0.1), "fell under the line"
+    assert percent(UNDER_PRESSURE) > percent(COMPRESSED) > 75
+    assert percent(UNDER_PRESSURE) == pytest.approx(90.4, abs=0.1)
+
+
+def test_a_calm_mac_whose_compressor_stores_more_than_its_ram_stays_under_the_line() -> None:
+    pages = parse_vm_stat(CALM)[1]
+    assert pages["Pages stored in compressor"] * PAGE > TOTAL
+    assert percent(CALM) < 75
+    # Counted: its physical pages and its free pages (2.4 GiB), not the cache, not 36 GiB.
+    free = pages["Pages free"] * PAGE
+    assert macos_used_bytes(CALM) == (7 + 10 + 4) * GIB + free
+    # A big app quitting frees 5 GiB: the percent falls, the idle compressed apps stay cold.
+    quit_app = vm_stat(active=2 * G, wired=10 * G, occupied=4 * G, stored=36 * G,
+                       inactive=17 * G // 2, swapouts=5_123_456)
+    assert percent(quit_app) < percent(CALM) - 10
+    assert macos_used_bytes(quit_app) == (2 + 10 + 4 + 4) * GIB, "at most a 2:1 saving counted"
 
 
 def test_the_page_size_comes_from_the_header() -> None:
@@ -104,7 +144,8 @@ def test_the_page_size_comes_from_the_header() -> None:
 
 @pytest.mark.parametrize("text", ["", "Pages active: 12.\n",
                                   "Mach Virtual Memory Statistics: (page size of 4096 bytes)\n"
-                                  "Pages active: 1.\n"])
+                                  "Pages active: 1.\n",
+                                  BEFORE.replace("Pages stored in compressor", "Stored")])
 def test_unusable_vm_stat_output_is_refused(text: str) -> None:
     with pytest.raises(ValueError):
         macos_used_bytes(text)

@@ -132,7 +132,8 @@ class RecordedReadings:
         return self.readings.pop(0) if len(self.readings) > 1 else self.readings[0]
 
 
-def test_the_kernel_level_unloads_one_model_per_interval(three: Env) -> None:
+def test_the_kernel_level_unloads_one_model_per_interval_at_warn_per_check_at_critical(
+        three: Env) -> None:
     env = three
     gib = 2**30
     warn = MemoryReading(32 * gib, 16 * gib, "warn")  # 50%: under the 75% line by percent
@@ -157,6 +158,22 @@ def test_the_kernel_level_unloads_one_model_per_interval(three: Env) -> None:
                          MemoryReading(32 * gib, 20 * gib, None)]
     assert unloader.relieve("memory check") == [C]
     assert unloader.decisions[-1]["trigger"] == "percent"
+    # Critical: one model at every check and load event, with no quiet period between.
+    for model in (A, B, C):
+        _chat(env, model)
+        assert unloader.refresh()
+        time.sleep(1.1)
+    critical = MemoryReading(32 * gib, 16 * gib, "critical")
+    readings.readings, readings.reads = [critical], 0
+    assert unloader.relieve("memory check") == [A]
+    assert unloader.relieve("memory check") == [B], "critical does not wait an interval"
+    assert readings.reads == 2, "one read per check: the lagging level takes one model each"
+    assert unloader.decisions[-1]["trigger"] == "kernel"
+    readings.readings = [warn]  # back to warn: the interval since the last unload applies
+    assert unloader.relieve("memory check") == []
+    readings.readings = [critical]
+    assert unloader.relieve(f"load of {A}", need=gib, exclude={A}) == [C]
+    assert _states(env) == {A: "unloaded", B: "unloaded", C: "unloaded"}
 
 
 def test_daemon_unloads_idle_models_under_pressure(env: Env, gemma_path) -> None:

@@ -1,11 +1,28 @@
 """How full memory is, read the way each OS means it.
 
 Linux: psutil's percent is (total - available) / total, which already leaves reclaimable cache
-out. macOS: used is active + wired + the pages the compressor occupies, read from `vm_stat`.
-Under pressure macOS compresses app memory, so active pages shrink while the compressor's grow;
-leaving the compressor out would make the percent *drop* as pressure rises. Inactive and
-speculative pages stay out: the kernel reclaims them without unloading anything. The kernel's
-own pressure level (warn/critical) is read too; how far it may act is the unloader's call.
+out.
+
+macOS (`vm_stat`): used is active + wired pages + the compressor's pages + part of what the
+compressor saved. Inactive and speculative pages (the file cache) stay out: the kernel
+reclaims them without unloading anything.
+
+Compressed memory is demand: the apps whose pages macOS compressed take them back at their
+original size when they touch them. Counting only the pages the compressor occupies made the
+percent *fall* as macOS compresses (a page compressed 2:1 frees half a page) just when memory
+runs short. So the compressor's saving ("stored" - "occupied" pages) counts too, with two
+bounds, because a calm Mac's compressor can store more than its RAM (idle apps compressed,
+then swapped out, over days) and counting all of it would read 150% with nothing pressing:
+- up to the free pages. Compressing moves exactly the saving into the free pages, so while
+  this bound or none applies, the percent holds steady as macOS compresses. Free memory
+  beyond the saving is free, and the cache is never counted, so a Mac with long-idle
+  compressed apps reads at most everything but its cache;
+- up to the compressor's own pages (a 2:1 saving). Past that the compressor holds mostly cold
+  memory, and without this bound a big app quitting (many free pages at once) would read as
+  pressure. While this bound applies, compressing at better than 2:1 lowers the percent a
+  little, still much less than without the saving.
+The kernel's own pressure level (warn/critical) is read too and acts whatever the percent
+says; how far it may act is the unloader's call.
 """
 
 from __future__ import annotations
@@ -19,8 +36,9 @@ _MACOS_LEVELS = {1: "normal", 2: "warn", 4: "critical"}
 KERNEL_LEVELS = ("warn", "critical")  # the levels at which macOS itself asks for memory back
 _VM_STAT_PAGE_SIZE = re.compile(r"page size of (\d+) bytes")
 _VM_STAT_LINE = re.compile(r'^"?([^":]+)"?:\s+(\d+)\.?\s*$')
-# vm_stat's names of the pages counted as used on macOS (see the module docstring).
+# vm_stat's names of the pages read on macOS (see the module docstring).
 MACOS_USED_PAGES = ("Pages active", "Pages wired down", "Pages occupied by compressor")
+MACOS_PAGES = (*MACOS_USED_PAGES, "Pages stored in compressor", "Pages free")
 
 
 @dataclass(frozen=True)
@@ -65,11 +83,15 @@ def parse_vm_stat(text: str) -> tuple[int, dict[str, int]]:
 
 
 def macos_used_bytes(vm_stat_text: str) -> int:
+    """Bytes in use on macOS, compressed memory partly at its original size (module docstring)."""
     page_size, counts = parse_vm_stat(vm_stat_text)
-    missing = [name for name in MACOS_USED_PAGES if name not in counts]
+    missing = [name for name in MACOS_PAGES if name not in counts]
     if missing:
         raise ValueError(f"vm_stat output lacks {', '.join(missing)}")
-    return page_size * sum(counts[name] for name in MACOS_USED_PAGES)
+    occupied = counts["Pages occupied by compressor"]
+    saving = max(0, counts["Pages stored in compressor"] - occupied)
+    counted_saving = min(saving, counts["Pages free"], occupied)
+    return page_size * (sum(counts[name] for name in MACOS_USED_PAGES) + counted_saving)
 
 
 def macos_pressure_level(sysctl_output: str | None = None) -> str | None:

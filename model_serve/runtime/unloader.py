@@ -3,9 +3,10 @@
 Two triggers:
 - polling: every PRESSURE_CHECK_INTERVAL seconds memory is read; above the threshold, idle
   models are unloaded one at a time, least recently used first, re-reading memory after each.
-  macOS's own pressure level (warn/critical) also counts, but it lags behind what an unload
-  frees, so re-reading it would empty the machine in one pass: it unloads at most one model
-  per PRESSURE_CHECK_INTERVAL;
+  macOS's own pressure level also counts, but it lags behind what an unload frees, so
+  re-reading it would empty the machine in one pass: a check takes one model for it. At
+  warn, then none for PRESSURE_CHECK_INTERVAL (load events included); at critical, at every
+  check and load event;
 - events: when the engine announces that a model starts loading, its footprint (weights + KV
   cache at its context, from the GGUF header) is added to current use, and idle models are
   unloaded first if the load would cross the threshold. With the front, which made room
@@ -149,13 +150,16 @@ class PressureUnloader:
         """Why memory must be freed now: "percent", "kernel" (macOS level), or None."""
         if reading.over(self.settings.memory_pressure_threshold, need):
             return "percent"
+        if reading.pressure_level == "critical":
+            return "kernel"
         if reading.kernel_asks and time.monotonic() >= self._kernel_quiet_until:
             return "kernel"
         return None
 
     def relieve(self, reason: str, need: int = 0, exclude: set[str] | None = None) -> list[str]:
         """Unload LRU idle models until memory (plus `need` bytes) is under the threshold; for
-        the kernel's level alone, one model, then not again for PRESSURE_CHECK_INTERVAL."""
+        the kernel's level alone, one model, then (at warn) not again for
+        PRESSURE_CHECK_INTERVAL."""
         exclude = exclude or set()
         threshold = self.settings.memory_pressure_threshold
         unloaded: list[str] = []
