@@ -24,6 +24,7 @@ from bench import (
     front,
     kv_cache,
     serving,
+    soak,
     start_scale,
     sync_scale,
 )
@@ -42,6 +43,7 @@ BENCHMARKS: dict[str, Callable[[Path, bool], Outcome]] = {
     "start": start_scale.run,
     "front": front.run,
     "kv": kv_cache.run,
+    "soak": soak.run,
 }
 DEFAULT_RESULTS = Path(__file__).resolve().parent / "results"
 BUSY_PERCENT = 20.0
