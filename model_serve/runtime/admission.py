@@ -10,6 +10,8 @@ starts the load.
   never chosen. When no room can be made, the request waits; after LOAD_QUEUE_TIMEOUT it gets
   HTTP 503 with Retry-After. A load that would cross the line is never started.
 - Memory others take (other apps) is still the pressure unloader's job (polls and load events).
+- On Apple Silicon the loaded models' footprints together also stay under Metal's working-set
+  limit (engines/metal.py), which llama-server checks per process only.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 
 from model_serve.config.settings import Settings
 from model_serve.engines.base import LOADED_STATES, Engine, EngineModel
+from model_serve.engines.metal import GpuLimit, GpuShortfall, gpu_shortfall, read_gpu_limit
 from model_serve.engines.slot_cache import Restored
 from model_serve.errors import ModelServeError
 from model_serve.runtime.engine_view import EngineView
@@ -50,7 +53,8 @@ class Refusal:
 class Admission:
     def __init__(self, settings: Settings, engine: Engine, view: EngineView,
                  usage: Callable[[str], tuple[int, float]],
-                 read: Callable[[], MemoryReading] = read_memory) -> None:
+                 read: Callable[[], MemoryReading] = read_memory,
+                 gpu_limit: Callable[[], GpuLimit | None] | None = None) -> None:
         self.settings = settings
         self.engine = engine
         self.view = view
@@ -59,6 +63,9 @@ class Admission:
         self.lock = asyncio.Lock()
         self.evicting: set[str] = set()
         self.refused: dict[str, float] = {}
+        self.gpu_limit = gpu_limit or (lambda: read_gpu_limit(settings.llama_server_bin,
+                                                              settings.cache_dir))
+        self.footprints: dict[str, int] = {}  # engine id -> its footprint, as last admitted
 
     async def admit(self, engine_id: str, need: int,
                     body: bytes | None = None) -> Refusal | Restored | None:
@@ -66,6 +73,7 @@ class Admission:
         model this request loads gets the saved conversation that fits the request (its
         `body`) before any request reaches it; what was restored is returned, for the front
         to check in the reply."""
+        self.footprints[engine_id] = need
         if self.view.state(engine_id) == "loaded" and engine_id not in self.evicting:
             return None  # the common case: no lock, no read, no await
         async with self.lock:
@@ -89,10 +97,13 @@ class Admission:
                 return None
             stopping = state in LOADED_STATES  # its memory is not free yet: wait for it
             reading = await asyncio.to_thread(self.read)
-            if not stopping and not reading.over(threshold, need):
+            gpu = await self._gpu_shortfall(models, engine_id, need)
+            if not stopping and not reading.over(threshold, need) and gpu is None:
                 break
             why = (f"loading {engine_id} needs {need / GIB:.2f} GiB; memory {reading.describe()}"
-                   f" would cross {threshold:g}%")
+                   f" would cross {threshold:g}%") if gpu is None else \
+                f"loading {engine_id} needs {need / GIB:.2f} GiB; {gpu.why}"
+            fix = "raise MEMORY_PRESSURE_THRESHOLD" if gpu is None else gpu.fix
             if not stopping:
                 victim = self.victim(models, engine_id)
                 if victim is not None:
@@ -100,12 +111,12 @@ class Admission:
                     continue
                 if not any(m.state in LOADED_STATES and m.name != engine_id for m in models):
                     return Refusal(f"{why}, and no other model is loaded: it does not fit. "
-                                   "Lower its ctx_size in custom_models.yaml, or raise "
-                                   "MEMORY_PRESSURE_THRESHOLD", 60)
+                                   f"Lower its ctx_size in custom_models.yaml, or {fix}", 60)
             if time.monotonic() >= deadline:
                 return Refusal(f"{why}, and every loaded model is busy or was used in the last "
                                f"{self.settings.min_model_age_seconds}s (waited "
-                               f"{self.settings.load_queue_timeout}s)", 10)
+                               f"{self.settings.load_queue_timeout}s)"
+                               + (f"; or {gpu.fix}" if gpu else ""), 10)
             if not waiting_said and not stopping:
                 log.info("admission: %s; every loaded model is busy or recently used: waiting",
                          why)
@@ -123,6 +134,17 @@ class Admission:
                 return await asyncio.to_thread(self.engine.restore_slots, engine_id,
                                                _json_object(body))
         return None
+
+    async def _gpu_shortfall(self, models: list[EngineModel], engine_id: str,
+                             need: int) -> GpuShortfall | None:
+        """Whether the models in memory plus this one would pass Metal's working-set limit
+        (Apple Silicon only); a model not admitted here counts its last admitted footprint."""
+        limit = await asyncio.to_thread(self.gpu_limit)
+        if limit is None:
+            return None
+        held = [self.footprints.get(m.name, 0) for m in models
+                if m.state in LOADED_STATES and m.name != engine_id]
+        return gpu_shortfall(limit, held, need)
 
     def victim(self, models: list[EngineModel], target: str) -> str | None:
         """The loaded, idle, old enough model used least recently."""

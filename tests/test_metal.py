@@ -1,0 +1,165 @@
+"""Metal's working-set limit (Apple Silicon): the figures macOS and llama-server give, the
+decision made from them, and admission keeping the loaded models under the limit.
+
+There is no Mac here. The parsers are fed what the programs print: `sysctl -n` prints the bare
+value; llama-server's --list-devices prints "  %s: %s (%zu MiB, %zu MiB free)" per device
+(the format string in its libllama-common), where ggml-metal's total is
+recommendedMaxWorkingSetSize; its start log prints that size in MB of 10^6 bytes. The M4 figures
+are from a published start log ("recommendedMaxWorkingSetSize  = 26800.60 MB", "using device
+Metal (Apple M4) (unknown id) - 25557 MiB free"); the --list-devices line is that device in
+that format. The machine is an argument, so the Mac's path runs on Linux."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import psutil
+import pytest
+
+from model_serve.config.settings import load_settings
+from model_serve.engines import select_engine
+from model_serve.engines.base import LOADED_STATES
+from model_serve.engines.llama_server import resolve_llama_server
+from model_serve.engines.metal import (
+    CACHE_NAME,
+    GIB,
+    MIB,
+    GpuLimit,
+    choose_limit,
+    default_working_set,
+    device_report,
+    gpu_shortfall,
+    parse_device_report,
+    parse_wired_limit,
+    read_gpu_limit,
+)
+from model_serve.machine_code import Machine
+from model_serve.runtime.admission import Admission, Refusal
+from model_serve.runtime.engine_view import EngineView
+from tests.conftest import TWIN, Env, running
+
+APPLE_SILICON = Machine("darwin", "arm64")
+M4_LIST_DEVICES = "Available devices:\n  MTL0: Apple M4 (25558 MiB, 25557 MiB free)\n"
+M4_START_LOG = """\
+ggml_metal_device_init: has unified memory    = true
+ggml_metal_device_init: use residency sets    = true
+ggml_metal_device_init: recommendedMaxWorkingSetSize  = 26800.60 MB
+llama_model_load_from_file_impl: using device Metal (Apple M4) (unknown id) - 25557 MiB free
+"""
+OLDER_BUILD = "Available devices:\n  Metal: Apple M1 (10922 MiB, 10922 MiB free)\n"
+LINUX_CPU_BUILD = "Available devices:\n  (none)\n"  # this machine's llama-server, verbatim
+
+
+@pytest.mark.parametrize(("text", "size"), [
+    (M4_LIST_DEVICES, 25558 * MIB),
+    (M4_START_LOG, 26_800_600_000),
+    (OLDER_BUILD, 10922 * MIB),
+    ("Available devices:\n  BLAS: Accelerate (0 MiB, 0 MiB free)\n", None),
+    (LINUX_CPU_BUILD, None),
+    ("error: unknown argument: --list-devices\n", None),
+])
+def test_the_metal_device_is_read_from_llama_servers_report(text: str,
+                                                            size: int | None) -> None:
+    assert parse_device_report(text) == size
+
+
+@pytest.mark.parametrize(("text", "mib"), [("0\n", 0), ("24576\n", 24576), ("", 0),
+                                           ("sysctl: unknown oid 'iogpu.wired_limit_mb'", 0)])
+def test_the_wired_limit_is_read_from_sysctl(text: str, mib: int) -> None:
+    assert parse_wired_limit(text) == mib
+
+
+def test_the_limit_comes_from_the_user_then_llama_server_then_the_default() -> None:
+    ram = 32 * GIB
+    assert choose_limit(28672, 25558 * MIB, ram).bytes == 28 * GIB
+    assert "iogpu.wired_limit_mb=28672" in choose_limit(28672, None, ram).source
+    assert choose_limit(0, 25558 * MIB, ram).bytes == 25558 * MIB
+    assert "recommendedMaxWorkingSetSize" in choose_limit(0, 25558 * MIB, ram).source
+    assert choose_limit(0, None, ram).bytes == ram * 2 // 3
+    assert default_working_set(16 * GIB) == 16 * GIB * 2 // 3
+    assert default_working_set(36 * GIB) == 24 * GIB
+    assert default_working_set(64 * GIB) == 48 * GIB
+    assert "3/4 of RAM" in choose_limit(0, None, 128 * GIB).source
+
+
+def test_a_load_that_would_pass_the_limit_is_named_with_the_sysctl_that_raises_it() -> None:
+    limit = choose_limit(0, 25558 * MIB, 32 * GIB)  # the M4 above: 24.96 GiB
+    assert gpu_shortfall(limit, [8 * GIB, 9 * GIB], 7 * GIB) is None  # 24 GiB fit
+    short = gpu_shortfall(limit, [8 * GIB, 9 * GIB], 8 * GIB)
+    assert short is not None
+    assert "working-set limit is 25.0 GiB (Metal's recommendedMaxWorkingSetSize" in short.why
+    assert "(17.00 GiB) plus this one come to 25.00 GiB" in short.why
+    assert "sudo sysctl iogpu.wired_limit_mb=25600" in short.fix  # 25 GiB, whole GiB up
+    alone = gpu_shortfall(limit, [], 26 * GIB)
+    assert alone is not None and "this model alone passes it" in alone.why
+    assert "iogpu.wired_limit_mb=26624" in alone.fix
+    # More than a Mac of this size can give the GPU: no sysctl would help.
+    too_big = gpu_shortfall(limit, [], 30 * GIB)
+    assert too_big is not None and "sysctl" not in too_big.fix
+    assert "smaller quantization" in too_big.fix
+
+
+def test_the_report_is_read_once_per_binary_and_only_on_apple_silicon(tmp_path: Path) -> None:
+    """The real llama-server here (a CPU build: no Metal device) is asked once; its answer is
+    kept for that binary file. Off Apple Silicon nothing is read at all."""
+    binary = resolve_llama_server(None)
+    assert read_gpu_limit(None, tmp_path, Machine("linux", "x86_64")) is None
+    assert read_gpu_limit(None, tmp_path, Machine("darwin", "x86_64")) is None  # Intel Mac
+    assert not (tmp_path / CACHE_NAME).exists()
+    limit = read_gpu_limit(None, tmp_path, APPLE_SILICON)
+    ram = psutil.virtual_memory().total
+    assert limit == choose_limit(0, None, ram)  # no report, no sysctl here: the default
+    records = json.loads((tmp_path / CACHE_NAME).read_text())
+    assert list(records.values()) == [None] and str(binary.resolve()) in next(iter(records))
+    # A recorded report is used as it is, without running the program again.
+    (tmp_path / CACHE_NAME).write_text(json.dumps({next(iter(records)): 25558 * MIB}))
+    assert device_report(binary, tmp_path) == 25558 * MIB
+    assert read_gpu_limit(None, tmp_path, APPLE_SILICON) == choose_limit(0, 25558 * MIB, ram)
+
+
+def test_admission_keeps_the_loaded_models_under_the_gpu_limit(env: Env,
+                                                                gemma_path: Path) -> None:
+    """Two names of the real gemma model on the real router, with a recorded limit that holds
+    one of them but not two, and memory plenty (threshold 99%): loading the second unloads the
+    first; with the first busy, the second gets the 503 that names the GPU's limit and the
+    sysctl; a model larger than the limit alone is refused at once."""
+    (env.models / gemma_path.name).symlink_to(gemma_path)
+    (env.home / "custom_models.yaml").write_text(TWIN)
+    env.update({"MIN_MODEL_AGE_SECONDS": "0", "PRESSURE_CHECK_INTERVAL": "3600",
+                "MEMORY_PRESSURE_THRESHOLD": "99", "LOAD_QUEUE_TIMEOUT": "2"})
+    need = GIB
+    limit = GpuLimit(need * 3 // 2, "recorded", 32 * GIB)
+    busy: set[str] = set()
+    with running(env):
+        settings = load_settings(dict(env))
+        engine = select_engine(settings)
+        first, second = (engine.model_id(n) for n in ("ls/gemma-3:270m-q4_k_m", "ls/g2"))
+        admission = Admission(settings, engine, EngineView(engine),
+                              lambda name: (int(name in busy), 0.0), gpu_limit=lambda: limit)
+
+        def in_memory() -> set[str]:
+            return {m.name for m in engine.models() if m.state in LOADED_STATES}
+
+        async def scenario() -> tuple[Refusal | None, Refusal | None]:
+            assert await admission.admit(first, need) is None
+            assert in_memory() == {first}
+            assert await admission.admit(second, need) is None
+            assert in_memory() == {second}  # the first went before the second loaded
+            busy.add(second)
+            waited = await admission.admit(first, need)
+            busy.clear()
+            engine.unload(second)
+            engine.wait_unloaded(second, 30)
+            return waited, await admission.admit(first, 2 * need)
+
+        waited, alone = asyncio.run(scenario())
+        assert in_memory() == set()
+    assert isinstance(waited, Refusal), waited
+    assert "GPU's working-set limit is 1.5 GiB (recorded)" in waited.message
+    assert "busy" in waited.message
+    assert "sudo sysctl iogpu.wired_limit_mb=2048" in waited.message
+    assert isinstance(alone, Refusal), alone
+    assert "does not fit" in alone.message and "this model alone passes it" in alone.message
+    assert "MEMORY_PRESSURE_THRESHOLD" not in alone.message
