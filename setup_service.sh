@@ -167,12 +167,16 @@ launchd_load() {
 
 launchd_unload() {
     launchctl bootout "$domain/$service" 2>/dev/null || true
-    # bootout returns before launchd lets go of the service; a bootstrap until then fails
-    # with "Bootstrap failed: 5: Input/output error".
-    local waited=0
+    # bootout returns before launchd lets go of the service, which has the plist's ExitTimeOut
+    # for its orderly stop (saving conversations) before launchd kills it; a bootstrap until
+    # then fails with "Bootstrap failed: 5: Input/output error" and leaves the agent unloaded.
+    launchd_loaded || return 0
+    local waited=0 limit
+    limit=$(( $(files stop-timeout) + 5 ))
+    say "waiting for launchd to stop the old agent (the stack may take up to $limit s)"
     while launchd_loaded; do
-        if [ "$waited" -ge 100 ]; then
-            say "warning: $service is still loaded 20 s after bootout"
+        if [ "$waited" -ge $((limit * 5)) ]; then  # steps of 0.2 s
+            say "warning: $service is still loaded $limit s after bootout"
             return 0
         fi
         sleep 0.2

@@ -431,6 +431,27 @@ def test_launchd_reinstall_waits_for_the_old_agent_to_go(macos: Service, env: En
     assert between[-1] == f"enable {domain}/{label}"
 
 
+def test_launchd_reinstall_waits_as_long_as_the_agents_exit_timeout(env: Env,
+                                                                    tmp_path: Path) -> None:
+    """The old agent's orderly stop (saving conversations) may take the plist's ExitTimeOut:
+    launchd lets go of it 44 s after bootout here. `sleep` is a stand-in that returns at once
+    and records what it was asked, so the test checks the wait without taking it."""
+    service = Service(env, tmp_path, "Darwin")
+    launchctl_standin(service, linger=220)  # 220 prints, 0.2 s apart: 44 s
+    sleeps = tmp_path / "sleeps.txt"
+    recording_tool(service.bin, "sleep", sleeps)
+    assert service.run("setup_service.sh", "install").returncode == 0
+    env["MODEL_TTL"] = "600"  # a changed setting: the agent must run the new plist
+    result = service.run("setup_service.sh", "install")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Input/output error" not in result.stderr and "still loaded" not in result.stdout
+    agent = plistlib.loads(service_files.file_path("launchd", env.port, env).read_bytes())
+    assert f"up to {agent['ExitTimeOut'] + 5} s" in result.stdout
+    waited = sum(float(line) for line in calls_of(sleeps))
+    assert waited == pytest.approx(219 * 0.2), "a step between each two of the 220 prints"
+    assert service.calls_made[-1].startswith("bootstrap "), "loaded once the old one went"
+
+
 def test_a_long_launchctl_print_still_reads_as_running(env: Env, tmp_path: Path) -> None:
     service = Service(env, tmp_path, "Darwin")
     launchctl_standin(service, long_print=True)

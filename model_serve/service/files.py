@@ -296,6 +296,8 @@ ACTIONS = {
     "remove": (FILE_KINDS, "remove our unit/plist; print removed or absent"),
     "carried": ((), "print the settings taken from this environment (and the programs it "
                     "finds), space-separated"),
+    "stop-timeout": ((), "print the seconds the service manager gives the stack's orderly stop "
+                         "(ExitTimeOut, TimeoutStopSec)"),
 }
 
 
@@ -317,6 +319,8 @@ def _parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> str:
     from model_serve.config.settings import load_settings
 
+    if args.action == "stop-timeout":
+        return str(STOP_TIMEOUT)
     settings = load_settings()
     port = settings.port
     if args.action == "name":
