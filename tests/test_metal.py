@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import psutil
@@ -163,3 +164,23 @@ def test_admission_keeps_the_loaded_models_under_the_gpu_limit(env: Env,
     assert isinstance(alone, Refusal), alone
     assert "does not fit" in alone.message and "this model alone passes it" in alone.message
     assert "MEMORY_PRESSURE_THRESHOLD" not in alone.message
+
+
+def test_doctor_shows_the_limit_and_warns_of_a_llama_server_without_metal(
+        env: Env, tmp_path: Path) -> None:
+    """This machine's llama-server, asked as if on Apple Silicon, names no Metal device: on a
+    Mac that build would run every model on the CPU, and doctor says so."""
+    from model_serve.commands import doctor
+
+    settings = replace(load_settings(dict(env)), cache_dir=tmp_path / "cache")
+    check = doctor._gpu_limit(settings, APPLE_SILICON)
+    assert check.status == "warn" and "named no Metal device" in check.detail
+    assert "macOS's usual default, 2/3 of RAM" in check.detail
+    assert "brew install llama.cpp" in check.fix
+    reported = settings.cache_dir / CACHE_NAME
+    records = json.loads(reported.read_text())
+    reported.write_text(json.dumps({key: 25558 * MIB for key in records}))
+    check = doctor._gpu_limit(settings, APPLE_SILICON)
+    assert check.status == "ok" and "25.0 of" in check.detail
+    assert "recommendedMaxWorkingSetSize" in check.detail
+    assert doctor._gpu_limit(settings, Machine("darwin", "x86_64")).status == "ok"

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from model_serve.config.settings import Settings
 from model_serve.errors import ModelServeError
+from model_serve.machine_code import Machine
 
 
 @dataclass
@@ -235,7 +236,25 @@ CHECKS: tuple[Callable[[Settings], Check], ...] = (
     _engine, _engine_computes, _models_dir, _catalog, _port, _exposure, _ollama, _store,
     _service, _threads,
 )
-MACOS_CHECKS: tuple[Callable[[Settings], Check], ...] = (_privacy,)
+def _gpu_limit(settings: Settings, machine: Machine | None = None) -> Check:
+    """What Metal lets the GPU wire, which admission keeps the loaded models under; a
+    llama-server that names no Metal device runs every model on the CPU."""
+    from model_serve.engines.metal import GIB, read_gpu_limit
+
+    limit = read_gpu_limit(settings.llama_server_bin, settings.cache_dir, machine)
+    if limit is None:
+        return Check("gpu limit", "ok", "not Apple Silicon: the GPU has memory of its own")
+    detail = (f"{limit.bytes / GIB:.1f} of {limit.ram / GIB:.0f} GiB may be wired by the GPU "
+              f"({limit.source}); the loaded models together stay under it")
+    if limit.guessed:
+        return Check("gpu limit", "warn", f"{detail}; but 'llama-server --list-devices' named "
+                     "no Metal device: a build without Metal runs models on the CPU only, "
+                     "many times slower", "install Homebrew's build: brew install llama.cpp "
+                     "(or point LLAMA_SERVER_BIN at a build with Metal)")
+    return Check("gpu limit", "ok", detail + " (raise it: sudo sysctl iogpu.wired_limit_mb=N)")
+
+
+MACOS_CHECKS: tuple[Callable[[Settings], Check], ...] = (_privacy, _gpu_limit)
 
 
 def run_checks(settings: Settings) -> list[Check]:

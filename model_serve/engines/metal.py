@@ -31,6 +31,7 @@ MIB, GIB = 2**20, 2**30
 LARGE_RAM = 36 * GIB  # above this macOS lets the GPU wire 3/4 of RAM, below about 2/3
 RESERVE = 4 * GIB  # at least this much stays macOS's when a larger limit is suggested
 CACHE_NAME = "metal-device.json"
+DEFAULT_SOURCE = "macOS's usual default"
 # `llama-server --list-devices`: "  MTL0: Apple M2 Pro (21845 MiB, 21845 MiB free)"; older
 # builds name the device "Metal".
 _DEVICE_LINE = re.compile(r"^\s*(MTL\d*|Metal)\s*: .*\((\d+) MiB, \d+ MiB free\)\s*$", re.M)
@@ -45,6 +46,11 @@ class GpuLimit:
     bytes: int
     source: str
     ram: int
+
+    @property
+    def guessed(self) -> bool:
+        """Neither the user nor llama-server gave it (a llama-server without Metal?)."""
+        return self.source.startswith(DEFAULT_SOURCE)
 
 
 @dataclass(frozen=True)
@@ -84,7 +90,7 @@ def choose_limit(wired_limit_mb: int, reported: int | None, ram: int) -> GpuLimi
         return GpuLimit(reported, "Metal's recommendedMaxWorkingSetSize, as llama-server "
                         "reports it", ram)
     share = "2/3" if ram <= LARGE_RAM else "3/4"
-    return GpuLimit(default_working_set(ram), f"macOS's usual default, {share} of RAM", ram)
+    return GpuLimit(default_working_set(ram), f"{DEFAULT_SOURCE}, {share} of RAM", ram)
 
 
 def gpu_shortfall(limit: GpuLimit, loaded: Iterable[int], need: int) -> GpuShortfall | None:
