@@ -213,8 +213,9 @@ def test_a_load_event_makes_room_first(env: Env, gemma_path) -> None:
 
 
 def test_ttl_expiry_puts_the_model_to_sleep_and_stats_shows_it(env: Env, gemma_path) -> None:
-    # KV_CACHE=off: the router's own TTL puts the model to sleep (with it on, see below).
-    _prepare(env, gemma_path, MODEL_TTL="2", MEMORY_PRESSURE_THRESHOLD="99", KV_CACHE="off")
+    # FRONT=off: the router's own TTL puts the model to sleep (with the front, model_serve
+    # keeps the TTL: see below).
+    _prepare(env, gemma_path, MODEL_TTL="2", MEMORY_PRESSURE_THRESHOLD="99", FRONT="off")
     try:
         _chat(env, A)
         loaded = json.loads(env.run("stats", "--json").stdout)

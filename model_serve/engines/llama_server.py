@@ -148,8 +148,9 @@ class LlamaServerEngine(Engine):
             values["alias"] = ",".join(aliases)
         values["ctx-size"] = str(served.ctx_size)
         values["parallel"] = str(served.parallel)
-        if served.ttl > 0 and not self.settings.kv_cache_enabled:
-            # With KV_CACHE the pressure unloader keeps the TTL, so the slots are saved first.
+        if served.ttl > 0 and not self.settings.front_enabled:
+            # With the front the pressure unloader keeps the TTL: the slots are saved first,
+            # and Ollama clients' keep_alive applies.
             values["sleep-idle-seconds"] = str(served.ttl)
         if served.keeps_conversations:
             from model_serve.engines import slot_cache

@@ -232,9 +232,10 @@ class LlamaSwapEngine(Engine):
                 "cmd": self._cmd(served, server, spellings, machine_options, key_file),
                 "proxy": "http://127.0.0.1:${PORT}",
                 "checkEndpoint": "/health",
-                # With KV_CACHE the pressure unloader keeps the TTL, so the slots are saved
-                # before the model goes (llama-swap's own TTL would drop them).
-                "ttl": 0 if self.settings.kv_cache_enabled else int(served.ttl),
+                # With the front the pressure unloader keeps the TTL: the slots are saved
+                # before the model goes (llama-swap's own TTL would drop them), and Ollama
+                # clients' keep_alive applies.
+                "ttl": 0 if self.settings.front_enabled else int(served.ttl),
                 "concurrencyLimit": CONCURRENCY_LIMIT,
             }
             if aliases:

@@ -36,6 +36,7 @@ class ModelActivity:
     prompt_tokens: int = 0
     predicted_tokens: int = 0
     work: float = -1.0  # sum of the work counters at the last probe (-1: never probed)
+    keep_alive: float | None = None  # an Ollama client's keep_alive (seconds, -1 never)
 
     def idle_seconds(self, now: float) -> float:
         return 0.0 if self.in_flight else max(0.0, now - self.last_used)
@@ -80,6 +81,8 @@ class ActivityTracker:
                 record = front.get(model.name, {})
                 act.in_flight = int(record.get("in_flight", 0))
                 act.last_used = max(act.last_used, float(record.get("last_used", 0.0)))
+                keep = record.get("keep_alive")
+                act.keep_alive = float(keep) if isinstance(keep, (int, float)) else None
             elif model.state == "loaded":
                 self._probe(act, model, now)
             busy = self.requests_in_flight.get(model.name, 0)

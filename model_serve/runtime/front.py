@@ -31,7 +31,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
+from aiohttp import ClientResponse, ClientSession, ClientTimeout, TCPConnector, web
 from aiohttp import client_exceptions as client_errors
 from yarl import URL
 
@@ -42,6 +42,7 @@ from model_serve.engines.base import LOADED_STATES, EngineModel
 from model_serve.engines.slot_cache import Restored
 from model_serve.errors import ModelServeError
 from model_serve.models.names import identity
+from model_serve.models.plan import ServedModel
 from model_serve.runtime import gate, model_field
 from model_serve.runtime.admission import Admission, Refusal
 from model_serve.runtime.engine_view import EngineView
@@ -53,6 +54,7 @@ from model_serve.runtime.gate import (
     normalized_path,
     request_key,
 )
+from model_serve.runtime.ollama_routes import OllamaApi
 
 log = logging.getLogger("model_serve.front")
 
@@ -69,6 +71,9 @@ NAMES_REFRESH = 2.0  # seconds between checks of the engine config (names follow
 LOAD_WAIT = 300.0  # seconds /upstream waits for a model to load
 HOLD_LIMIT = 300.0  # seconds a request waits at most for a model the sync is restarting
 ALL = "*"  # a hold on every model (llama-swap restarts them all on a config change)
+# Writes the client's reply from the engine's (a translation); sees each chunk it reads.
+Answer = Callable[[web.Request, ClientResponse, Callable[[bytes], None]],
+                  Awaitable[web.StreamResponse]]
 
 
 @dataclass
@@ -100,6 +105,7 @@ class Names:
 
     routes: dict[str, Route] = field(default_factory=dict)  # identity(name) -> Route
     aliases: dict[str, list[str]] = field(default_factory=dict)  # served -> other names
+    models: dict[str, ServedModel] = field(default_factory=dict)  # served -> its plan
     stamp: float | None = None
 
     def find(self, name: str) -> Route | None:
@@ -116,6 +122,7 @@ def build_names(settings: Settings, engine: Engine) -> Names:
                       served.estimated_bytes)
         routed = engine.routed_names(served)
         names.aliases[served.name] = [n for n in routed if n != served.name]
+        names.models[served.name] = served
         for name in routed:
             names.routes[identity(name)] = route
     return names
@@ -144,6 +151,7 @@ class Front:
         # which must see every request for its TTL and swaps.
         self.direct = self.engine.name == "llama-server" and not settings.max_loaded_models
         self.admission = Admission(settings, self.engine, self.view, self.usage)
+        self.ollama = OllamaApi(self)  # Ollama's API, translated onto the paths below
 
     # --- names ------------------------------------------------------------------------------
     async def refresh_names(self) -> None:
@@ -305,7 +313,7 @@ class Front:
                 return web.Response(text="OK")
             return _error(503, "the engine is not answering (starting or restarting)",
                           "engine_unavailable", retry_after=2)
-        special = self._special(request)
+        special = self.ollama.route(request) or self._special(request)
         if special is not None:
             return await special(request)
         return await self.forward(request)
@@ -341,24 +349,27 @@ class Front:
         return self.unload if unloads else None
 
     async def forward(self, request: web.Request, path_qs: str | None = None,
-                      base: str | None = None) -> web.StreamResponse:
-        body: bytes | None = None
+                      base: str | None = None, body: bytes | None = None,
+                      answer: Answer | None = None) -> web.StreamResponse:
+        """`body` and `path_qs` given: another request in place of the client's (a
+        translation); `answer` then writes the reply from the engine's."""
         sent = route = reuse = None
         loads = True
-        if request.method in ("POST", "PUT", "PATCH") and request.can_read_body:
+        if body is None and request.method in ("POST", "PUT", "PATCH") and \
+                request.can_read_body:
             body = await request.read()
-            if request.path.startswith(MODEL_PATHS):
-                kind = request.headers.get("Content-Type", "")
-                try:
+        if body is not None and (path_qs or request.path).startswith(MODEL_PATHS):
+            kind = request.headers.get("Content-Type", "")
+            try:
+                body, sent, route = self._named_in_body(body, kind)
+                if route is None and sent is not None:
+                    # A name a sync has just added: read the names now, not at the next
+                    # refresh, so its request gets admission (and a restored
+                    # conversation).
+                    await self.refresh_names()
                     body, sent, route = self._named_in_body(body, kind)
-                    if route is None and sent is not None:
-                        # A name a sync has just added: read the names now, not at the next
-                        # refresh, so its request gets admission (and a restored
-                        # conversation).
-                        await self.refresh_names()
-                        body, sent, route = self._named_in_body(body, kind)
-                except model_field.BadBody as exc:
-                    return _error(400, str(exc), "invalid_request")
+            except model_field.BadBody as exc:
+                return _error(400, str(exc), "invalid_request")
         if len(request.query.getall("model", [])) > 1 or (
                 sent is not None and request.query.get("model", sent) != sent):
             # Engines read the query and the body by other rules: one name, one model.
@@ -393,10 +404,14 @@ class Front:
                 if port:
                     base = f"http://127.0.0.1:{port}"
             return await self._proxy(request, body, path_qs or request.path_qs, base, sent,
-                                     counted, reuse)
+                                     counted, reuse, answer)
         finally:
             if counted is not None:
                 self.ended(counted)
+
+    async def admit(self, route: Route) -> web.Response | CacheReuse | None:
+        """A load with no request to send yet (the router's /models/load, Ollama's)."""
+        return await self._admit(route, None)
 
     async def _admit(self, route: Route,
                      body: bytes | None) -> web.Response | CacheReuse | None:
@@ -426,7 +441,8 @@ class Front:
 
     async def _proxy(self, request: web.Request, body: bytes | None, path_qs: str,
                      base: str | None, sent: str | None, route: Route | None,
-                     reuse: CacheReuse | None = None) -> web.StreamResponse:
+                     reuse: CacheReuse | None = None,
+                     answer: Answer | None = None) -> web.StreamResponse:
         assert self.session is not None
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
         headers.update(self._engine_auth)
@@ -481,6 +497,13 @@ class Front:
                 reuse = admitted or reuse
                 base, direct = None, False
         async with upstream:
+            if answer is not None:
+                def seen(chunk: bytes) -> None:
+                    nonlocal reuse
+                    if reuse is not None and reuse.feed(chunk):
+                        reuse = None
+
+                return await answer(request, upstream, seen)
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
             for key, value in upstream.headers.items():
                 # The engines allow every web origin: their CORS headers never pass.
@@ -663,7 +686,8 @@ class Front:
             route = self.names.find(served)
             engine_id = route.engine_id if route else served
             direct = self.view.port(engine_id) if self.direct else None
-            report[served] = {**act.to_json(), "engine_id": engine_id, "direct_port": direct}
+            report[served] = {**act.to_json(), "engine_id": engine_id, "direct_port": direct,
+                              "keep_alive": self.ollama.keep_alive_of(served)}
         return web.json_response(report)
 
 

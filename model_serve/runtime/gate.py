@@ -9,8 +9,9 @@ Checked on every request, before anything reaches the engine:
 - keys, by what the path does:
   - client: inference and reading (API_KEYS, when set);
   - control: what changes the stack's state (unload, load, hold, release, llama-swap's
-    cancel, captures, logs, profiles): ADMIN_KEYS when set, else API_KEYS; POST only
-    (llama-swap's `GET /unload` is kept for its clients);
+    cancel, captures, logs, profiles, Ollama's pull and delete): ADMIN_KEYS when set, else
+    API_KEYS; POST only (llama-swap's `GET /unload` is kept for its clients, Ollama's
+    delete is a DELETE);
   - secret: what shows prompts (the model servers' `/slots`): only ADMIN_KEYS, closed when
     none is set;
   model_serve's own key (internal_key) opens everything.
@@ -78,7 +79,8 @@ def access_of(method: str, path: str, query: dict[str, str]) -> Access:
         return Access.CONTROL  # a model server's settings, for every client of it
     if path.startswith("/upstream/"):
         return Access.CLIENT  # read-only, or a load through admission
-    if path in ("/unload", "/api/models/unload", "/api/events") or path.startswith(
+    if path in ("/unload", "/api/models/unload", "/api/events", "/api/pull",
+                "/api/delete") or path.startswith(
             ("/api/models/unload/", "/api/model_serve/hold", "/api/model_serve/release",
              "/models/load", "/models/unload", "/api/inflight/", "/api/captures",
              "/logs", "/api/profiles/active")):
@@ -100,6 +102,8 @@ def control_method_ok(method: str, path: str) -> bool:
         return True
     if method == "PUT":
         return path == "/api/profiles/active"
+    if method == "DELETE":
+        return path == "/api/delete"
     if method == "GET":
         return path in ("/unload", "/api/events") or path.startswith(("/logs", "/api/captures"))
     return False

@@ -109,9 +109,10 @@ class PressureUnloader:
 
     @property
     def keeps_ttl(self) -> bool:
-        """With KV_CACHE the engine leaves TTL to us, so a model's slots are saved before it
-        goes (the router's sleep and llama-swap's TTL would drop them)."""
-        return self.settings.kv_cache_enabled
+        """With the front the engine leaves TTL to us: a model's slots are saved before it
+        goes (the router's sleep and llama-swap's TTL would drop them), and an Ollama
+        client's keep_alive can lengthen or shorten it."""
+        return self.settings.front_enabled
 
     def expire_idle(self) -> list[str]:
         """Unload the loaded models idle for their ttl or longer."""
@@ -121,7 +122,7 @@ class PressureUnloader:
         now = time.time()
         with self.lock:
             for act in list(self.tracker.models.values()):
-                ttl = self.ttl(act.name)
+                ttl = self.ttl(act.name) if act.keep_alive is None else act.keep_alive
                 if act.state != "loaded" or ttl <= 0 or act.in_flight:
                     continue
                 idle = act.idle_seconds(now)

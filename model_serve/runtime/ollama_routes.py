@@ -1,0 +1,412 @@
+"""Ollama's API on the port (`/api/chat`, `/api/tags`, ... and `GET /`), on every engine.
+
+Not a second proxy: each request is translated (ollama_shapes.py) and sent through the front's
+own path, with its names, admission, restore and accounting; the engine's answer is translated
+back. Model management (`/api/pull`, `/api/delete`) goes to the user's own Ollama (OLLAMA_HOST),
+then the models are synced. A keep_alive a request sets holds for that model until the next
+Ollama request for it; the pressure unloader reads it from the front's activity record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from aiohttp import ClientResponse, web
+from aiohttp import client_exceptions as client_errors
+
+from model_serve.engines.base import LOADED_STATES
+from model_serve.errors import ModelServeError
+from model_serve.models.names import identity
+from model_serve.runtime import ollama_shapes as shapes
+from model_serve.runtime.ollama_shapes import OllamaError, Reply, Translated
+
+if TYPE_CHECKING:
+    from model_serve.models.plan import ServedModel
+    from model_serve.runtime.front import Front, Route
+
+log = logging.getLogger("model_serve.ollama")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+NDJSON = "application/x-ndjson"
+# Ollama's endpoints that change its own store in ways model_serve leaves to Ollama itself.
+NOT_SERVED = ("/api/copy", "/api/create", "/api/push", "/api/blobs/")
+LOOPBACK = ("127.0.0.1", "localhost", "::1", "0.0.0.0", "::", "")
+
+
+def _error(status: int, message: str, retry_after: str | None = None) -> web.Response:
+    headers = {"Retry-After": retry_after} if retry_after else None
+    return web.json_response(shapes.error_body(message), status=status, headers=headers)
+
+
+def _browser(request: web.Request) -> bool:
+    """A page load (the router's web UI, llama-swap's /ui redirect), not an API client."""
+    return "text/html" in request.headers.get("Accept", "") or \
+        request.headers.get("Sec-Fetch-Mode", "") == "navigate"
+
+
+def ollama_url(setting: str) -> str:
+    """OLLAMA_HOST as a URL: `host:port` gets http://, a bare host Ollama's port."""
+    url = setting.strip().rstrip("/")
+    if "://" not in url:
+        url = "http://" + url
+    parts = urlsplit(url)
+    if parts.port is None and parts.hostname:
+        url = f"{parts.scheme}://{parts.netloc}:{443 if parts.scheme == 'https' else 11434}"
+    return url
+
+
+def points_at(url: str, host: str, port: int) -> bool:
+    """Whether `url` reaches the server listening on host:port (model_serve itself)."""
+    parts = urlsplit(url)
+    name = (parts.hostname or "").lower()
+    return parts.port == port and (name in LOOPBACK or name == host.lower())
+
+
+class OllamaApi:
+    def __init__(self, front: Front) -> None:
+        self.front = front
+        self.keep_alive: dict[str, float] = {}  # served name -> seconds (-1: never)
+        self._ignored_said: set[str] = set()
+
+    # --- routing ----------------------------------------------------------------------------
+    def route(self, request: web.Request) -> Handler | None:
+        path, method = request.path, request.method
+        if path == "/":
+            return self.banner if method in ("GET", "HEAD") and not _browser(request) else None
+        if not path.startswith("/api/"):
+            return None
+        get = method in ("GET", "HEAD")
+        handler = {
+            ("/api/version", True): self.version, ("/api/tags", True): self.tags,
+            ("/api/ps", True): self.ps, ("/api/show", False): self.show,
+            ("/api/chat", False): self.chat, ("/api/generate", False): self.generate,
+            ("/api/embed", False): self.embed, ("/api/embeddings", False): self.embeddings,
+            ("/api/pull", False): self.pull,
+        }.get((path, get))
+        if handler is not None and (get or method == "POST"):
+            return handler
+        if path == "/api/delete" and method == "DELETE":
+            return self.delete
+        if path.startswith(NOT_SERVED):
+            return self.not_served
+        return None
+
+    # --- names ------------------------------------------------------------------------------
+    def find(self, name: Any) -> tuple[Route, ServedModel] | None:
+        """A served name, its dash form, an alias or an Ollama name; `X:latest` is `X`."""
+        if not isinstance(name, str) or not name:
+            return None
+        names = self.front.names
+        for candidate in (name, shapes.strip_latest(name)):
+            route = names.find(candidate)
+            if route is not None and route.served in names.models:
+                return route, names.models[route.served]
+        wanted = {identity(name), identity(shapes.strip_latest(name))}
+        for served in names.models.values():
+            ollama = {identity(shapes.strip_latest(n)) for n in served.model.ollama_names}
+            if wanted & ollama:
+                route = names.find(served.name)
+                if route is not None:
+                    return route, served
+        return None
+
+    async def _named(self, data: dict[str, Any]) -> tuple[str, Route, ServedModel]:
+        name = data.get("model") or data.get("name")
+        if not isinstance(name, str) or not name:
+            raise OllamaError("model is required")
+        found = self.find(name)
+        if found is None:
+            await self.front.refresh_names()  # a name a sync has just added
+            found = self.find(name)
+        if found is None:
+            raise OllamaError(f"model '{name}' not found", 404)
+        return name, *found
+
+    # --- facts ------------------------------------------------------------------------------
+    def facts(self, served: ServedModel) -> shapes.ModelFacts:
+        model = served.model
+        real = os.path.realpath(model.path)
+        try:
+            stat = os.stat(real)
+            size, mtime = stat.st_size, stat.st_mtime
+        except OSError:
+            size, mtime = model.size_bytes, 0.0
+        info = model.info
+        return shapes.ModelFacts(
+            name=served.name, size=model.size_bytes or size,
+            digest=shapes.digest(real, size, mtime), modified=mtime,
+            architecture=info.architecture, size_label=info.size_label,
+            quantization=info.file_type, context_length=info.context_length,
+            serving_context=served.ctx_size, embedding_length=info.embedding_length,
+            block_count=info.block_count, path=str(model.path),
+            vision=bool(served.options.get("mmproj") or model.mmproj),
+            chat_template=info.has_chat_template or "chat-template-file" in served.options,
+            parameters=dict(model.params))
+
+    def ttl(self, route: Route) -> float:
+        """Seconds the model stays loaded once idle (<= 0: never)."""
+        return self.keep_alive.get(route.served, route.ttl)
+
+    def keep_alive_of(self, served: str) -> float | None:
+        return self.keep_alive.get(served)
+
+    # --- read-only answers -------------------------------------------------------------------
+    async def banner(self, request: web.Request) -> web.StreamResponse:
+        return web.Response(text="Ollama is running")
+
+    async def version(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response({"version": shapes.OLLAMA_VERSION})
+
+    async def tags(self, request: web.Request) -> web.StreamResponse:
+        await self.front.refresh_names()
+        models = [self.facts(s).tag() for _n, s in sorted(self.front.names.models.items())]
+        return web.json_response({"models": models})
+
+    async def ps(self, request: web.Request) -> web.StreamResponse:
+        try:
+            listed = await self.front.engine_models()
+        except ModelServeError as exc:
+            return _error(503, exc.message, "2")
+        now = time.time()
+        running = []
+        for model in listed:
+            route = self.front.names.find(model.name) if model.state in LOADED_STATES else None
+            served = self.front.names.models.get(route.served) if route else None
+            if route is None or served is None:
+                continue
+            act = self.front.activity.get(route.served)
+            last_used = max(act.last_started, act.last_ended) if act else now
+            expires = shapes.expires_at(last_used or now, act.in_flight if act else 0,
+                                        self.ttl(route), now)
+            size = route.footprint or served.model.size_bytes
+            running.append(self.facts(served).running(expires, size, sys.platform == "darwin"))
+        return web.json_response({"models": running})
+
+    async def show(self, request: web.Request) -> web.StreamResponse:
+        try:
+            _sent, _route, served = await self._named(await _json(request))
+        except OllamaError as exc:
+            return _error(exc.status, exc.message)
+        return web.json_response(self.facts(served).show())
+
+    async def not_served(self, request: web.Request) -> web.StreamResponse:
+        return _error(501, f"{request.path} is not served by model_serve: run it against your "
+                      "own Ollama (OLLAMA_HOST); model_serve serves what that Ollama holds")
+
+    # --- inference ---------------------------------------------------------------------------
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._infer(request, "chat")
+
+    async def generate(self, request: web.Request) -> web.StreamResponse:
+        return await self._infer(request, "generate")
+
+    async def embed(self, request: web.Request) -> web.StreamResponse:
+        return await self._infer(request, "embed")
+
+    async def embeddings(self, request: web.Request) -> web.StreamResponse:
+        return await self._infer(request, "embeddings")
+
+    async def _infer(self, request: web.Request, kind: str) -> web.StreamResponse:
+        try:
+            data = await _json(request)
+            sent, route, served = await self._named(data)
+            keep = shapes.parse_keep_alive(data.get("keep_alive"))
+            if kind == "chat":
+                empty = not data.get("messages")
+                translated = None if empty else shapes.chat_request(data, served.name)
+            elif kind == "generate":
+                empty = not data.get("prompt") and not data.get("suffix")
+                translated = None if empty else shapes.generate_request(data, served.name)
+            else:
+                empty = False
+                translated = shapes.embed_request(data, served.name, kind == "embeddings")
+        except OllamaError as exc:
+            return _error(exc.status, exc.message)
+        self._set_keep_alive(route, keep)
+        reply = Reply(sent, chat=kind == "chat")
+        if translated is None or empty:
+            # Ollama's clients load (`ollama run`) or unload (`ollama stop`) a model this way.
+            if keep == 0:
+                failed = await self.unload(route)
+                return failed or web.json_response(reply.final("unload"))
+            failed = await self.load(route)
+            return failed or web.json_response(reply.final("load"))
+        if translated.ignored:
+            self._say_ignored(served.name, translated.ignored)
+        context = data.get("context")
+        if isinstance(context, list):
+            reply.context = [t for t in context if isinstance(t, int)]
+
+        async def answer(req: web.Request, upstream: ClientResponse,
+                         seen: Callable[[bytes], None]) -> web.StreamResponse:
+            return await self._answer(req, upstream, seen, translated, reply, kind)
+
+        response = await self.front.forward(request, path_qs=translated.path,
+                                            body=translated.encoded(), answer=answer)
+        if keep == 0:
+            await self.unload(route)
+        return _as_ollama_error(response)
+
+    async def _answer(self, request: web.Request, upstream: ClientResponse,
+                      seen: Callable[[bytes], None], translated: Translated, reply: Reply,
+                      kind: str) -> web.StreamResponse:
+        native = translated.path in ("/completion", "/infill")
+        if upstream.status >= 400:
+            return _error(upstream.status, shapes.error_message(await upstream.read()),
+                          upstream.headers.get("Retry-After"))
+        if not translated.stream:
+            payload = await upstream.read()
+            seen(payload)
+            try:
+                data = json.loads(payload)
+            except ValueError:
+                return _error(502, "the engine's answer was not JSON")
+            if kind in ("embed", "embeddings"):
+                return web.json_response(reply.embed(data, kind == "embeddings"))
+            return web.json_response(reply.from_native(data) if native else
+                                     reply.from_openai(data))
+        response = web.StreamResponse(status=200, headers={"Content-Type": NDJSON})
+        await response.prepare(request)
+        translator = shapes.StreamTranslator(reply, native)
+        async for chunk in upstream.content.iter_any():
+            seen(chunk)
+            for line in translator.feed(chunk):
+                await response.write(line)
+        for line in translator.finish():
+            await response.write(line)
+        await response.write_eof()
+        return response
+
+    def _say_ignored(self, served: str, ignored: list[str]) -> None:
+        said = f"{served}:{','.join(ignored)}"
+        if said not in self._ignored_said and len(self._ignored_said) < 100:
+            self._ignored_said.add(said)
+            log.info("%s: load-time options %s do not change a loaded model (set ctx_size "
+                     "and the like in custom_models.yaml)", served, ", ".join(ignored))
+
+    def _set_keep_alive(self, route: Route, keep: float | None) -> None:
+        if keep is None or keep == 0:
+            self.keep_alive.pop(route.served, None)  # back to the model's own TTL
+        else:
+            self.keep_alive[route.served] = keep
+
+    async def load(self, route: Route) -> web.Response | None:
+        """The model loaded through admission, as any request loads it."""
+        front = self.front
+        await front.wait_if_held(route)
+        front.started(route)
+        try:
+            admitted = await front.admit(route)
+        finally:
+            front.ended(route)
+        return _as_ollama_error(admitted) if isinstance(admitted, web.Response) else None
+
+    async def unload(self, route: Route) -> web.Response | None:
+        front = self.front
+        try:
+            for model in front.engine.resolve(route.engine_id, await front.engine_models()):
+                if model.state in LOADED_STATES:
+                    await asyncio.to_thread(front.engine.unload, model.name)
+                    await asyncio.to_thread(front.engine.wait_unloaded, model.name, 30)
+                    front.view.forget(model.name)
+        except ModelServeError as exc:
+            return _error(502, exc.message)
+        return None
+
+    # --- the user's own Ollama ----------------------------------------------------------------
+    def _own_ollama(self) -> str | web.Response:
+        settings = self.front.settings
+        url = ollama_url(settings.ollama_host)
+        if points_at(url, settings.host, settings.port):
+            return _error(502, f"OLLAMA_HOST ({settings.ollama_host}) points at model_serve "
+                          "itself: set OLLAMA_HOST in model_serve's .env to where your own "
+                          "Ollama serves (its default is http://127.0.0.1:11434); Ollama's "
+                          "clients keep their own OLLAMA_HOST pointing here")
+        return url
+
+    async def pull(self, request: web.Request) -> web.StreamResponse:
+        return await self._manage(request, "POST", "/api/pull")
+
+    async def delete(self, request: web.Request) -> web.StreamResponse:
+        return await self._manage(request, "DELETE", "/api/delete")
+
+    async def _manage(self, request: web.Request, method: str,
+                      path: str) -> web.StreamResponse:
+        """Sent to the user's own Ollama, then synced: what it pulled is served (and what it
+        deleted is not) by the time the answer ends."""
+        url = self._own_ollama()
+        if isinstance(url, web.Response):
+            return url
+        body = await request.read()
+        try:
+            data = json.loads(body or b"{}")
+        except ValueError:
+            return _error(400, "the body must be JSON")
+        stream = path == "/api/pull" and data.get("stream", True) is not False
+        assert self.front.session is not None
+        try:
+            upstream = await self.front.session.request(
+                method, url + path, data=body, headers={"Content-Type": "application/json"})
+        except (client_errors.ClientError, OSError) as exc:
+            return _error(502, f"no Ollama answers at {url} ({exc}): start it (`ollama "
+                          "serve`, or the app) to pull and delete models; model_serve then "
+                          "serves what it holds")
+        async with upstream:
+            if upstream.status >= 400 or not stream:
+                payload = await upstream.read()
+                if upstream.status < 400:
+                    await self._sync()
+                if upstream.status >= 400:
+                    return _error(upstream.status, shapes.error_message(payload))
+                return web.Response(body=payload, status=upstream.status,
+                                    content_type=upstream.content_type)
+            response = web.StreamResponse(headers={"Content-Type": NDJSON})
+            await response.prepare(request)
+            pending = b""
+            async for chunk in upstream.content.iter_any():
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    if b'"success"' in line:  # said once the model is served
+                        await self._sync()
+                    await response.write(line + b"\n")
+            if pending:
+                await response.write(pending)
+            await response.write_eof()
+            return response
+
+    async def _sync(self) -> None:
+        from model_serve.runtime.sync import run_sync
+
+        try:
+            await asyncio.to_thread(run_sync, self.front.settings)
+        except ModelServeError as exc:
+            log.warning("sync after an Ollama pull or delete failed: %s", exc.message)
+        await self.front.refresh_names()
+
+
+async def _json(request: web.Request) -> dict[str, Any]:
+    try:
+        data = json.loads(await request.read() or b"{}")
+    except ValueError:
+        raise OllamaError("the body must be JSON") from None
+    if not isinstance(data, dict):
+        raise OllamaError("the body must be a JSON object")
+    return data
+
+
+def _as_ollama_error(response: web.StreamResponse) -> web.StreamResponse:
+    """The front's own refusals (no room, a held model, a bad body) in Ollama's shape."""
+    if isinstance(response, web.Response) and not response.prepared and \
+            response.status >= 400 and isinstance(response.body, bytes):
+        return _error(response.status, shapes.error_message(response.body),
+                      response.headers.get("Retry-After"))
+    return response
