@@ -21,7 +21,7 @@ import pytest
 
 from model_serve.config.settings import load_settings
 from model_serve.engines import select_engine
-from model_serve.engines.base import LOADED_STATES
+from model_serve.engines.base import LOADED_STATES, EngineModel
 from model_serve.engines.llama_server import resolve_llama_server
 from model_serve.engines.metal import (
     CACHE_NAME,
@@ -32,6 +32,7 @@ from model_serve.engines.metal import (
     default_working_set,
     device_report,
     gpu_shortfall,
+    held_by_others,
     parse_device_report,
     parse_wired_limit,
     read_gpu_limit,
@@ -184,3 +185,30 @@ def test_doctor_shows_the_limit_and_warns_of_a_llama_server_without_metal(
     assert check.status == "ok" and "25.0 of" in check.detail
     assert "recommendedMaxWorkingSetSize" in check.detail
     assert doctor._gpu_limit(settings, Machine("darwin", "x86_64")).status == "ok"
+
+
+def test_what_the_other_models_hold() -> None:
+    """Loading, loaded and stopping models hold Metal buffers; a sleeping one (the router's
+    sleep freed its weights and KV cache), an unloaded or failed one, and the model being
+    admitted do not."""
+    models = [EngineModel("a", "loaded"), EngineModel("b", "loading"),
+              EngineModel("c", "stopping"), EngineModel("d", "sleeping"),
+              EngineModel("e", "unloaded"), EngineModel("f", "failed"),
+              EngineModel("g", "loaded"), EngineModel("target", "stopping")]
+    footprints = {"a": 1, "b": 2, "c": 4, "d": 8, "e": 16, "f": 32, "target": 64}
+    assert held_by_others(models, footprints, "target") == [1, 2, 4, 0]  # g: none recorded
+
+
+def test_the_front_tells_admission_every_models_footprint(env: Env, gemma_path: Path) -> None:
+    """A front started while models are loaded (restarted by the supervisor) counts them
+    against the GPU's limit before any request for them arrives."""
+    from model_serve.runtime.front import Front
+
+    (env.models / gemma_path.name).symlink_to(gemma_path)
+    (env.home / "custom_models.yaml").write_text(TWIN)
+    env.run("sync", check=True)
+    front = Front(load_settings(dict(env)))
+    asyncio.run(front.refresh_names())
+    routes = {r.engine_id: r.footprint for r in front.names.routes.values()}
+    assert len(routes) == 2 and all(size > 100 * MIB for size in routes.values())
+    assert front.admission.footprints == routes

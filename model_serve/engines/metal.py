@@ -19,10 +19,11 @@ import contextlib
 import json
 import re
 import subprocess
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from model_serve.engines.base import LOADED_STATES, EngineModel
 from model_serve.engines.engine_check import binary_stamp
 from model_serve.fileio import write_if_changed
 from model_serve.machine_code import Machine, this_machine
@@ -32,6 +33,7 @@ LARGE_RAM = 36 * GIB  # above this macOS lets the GPU wire 3/4 of RAM, below abo
 RESERVE = 4 * GIB  # at least this much stays macOS's when a larger limit is suggested
 CACHE_NAME = "metal-device.json"
 DEFAULT_SOURCE = "macOS's usual default"
+HOLDING_STATES = LOADED_STATES - {"sleeping"}
 # `llama-server --list-devices`: "  MTL0: Apple M2 Pro (21845 MiB, 21845 MiB free)"; older
 # builds name the device "Metal".
 _DEVICE_LINE = re.compile(r"^\s*(MTL\d*|Metal)\s*: .*\((\d+) MiB, \d+ MiB free\)\s*$", re.M)
@@ -91,6 +93,15 @@ def choose_limit(wired_limit_mb: int, reported: int | None, ram: int) -> GpuLimi
                         "reports it", ram)
     share = "2/3" if ram <= LARGE_RAM else "3/4"
     return GpuLimit(default_working_set(ram), f"{DEFAULT_SOURCE}, {share} of RAM", ram)
+
+
+def held_by_others(models: Iterable[EngineModel], footprints: Mapping[str, int],
+                   target: str) -> list[int]:
+    """The footprints of the models other than `target` that hold Metal buffers: loading,
+    loaded or still stopping. A sleeping model server (the router's) has freed its weights and
+    KV cache; a model with no recorded footprint counts 0."""
+    return [footprints.get(m.name, 0) for m in models
+            if m.state in HOLDING_STATES and m.name != target]
 
 
 def gpu_shortfall(limit: GpuLimit, loaded: Iterable[int], need: int) -> GpuShortfall | None:

@@ -27,7 +27,13 @@ from typing import Any
 
 from model_serve.config.settings import Settings
 from model_serve.engines.base import LOADED_STATES, Engine, EngineModel
-from model_serve.engines.metal import GpuLimit, GpuShortfall, gpu_shortfall, read_gpu_limit
+from model_serve.engines.metal import (
+    GpuLimit,
+    GpuShortfall,
+    gpu_shortfall,
+    held_by_others,
+    read_gpu_limit,
+)
 from model_serve.engines.slot_cache import Restored
 from model_serve.errors import ModelServeError
 from model_serve.runtime.engine_view import EngineView
@@ -138,13 +144,11 @@ class Admission:
     async def _gpu_shortfall(self, models: list[EngineModel], engine_id: str,
                              need: int) -> GpuShortfall | None:
         """Whether the models in memory plus this one would pass Metal's working-set limit
-        (Apple Silicon only); a model not admitted here counts its last admitted footprint."""
+        (Apple Silicon only); each counts its footprint as last admitted here."""
         limit = await asyncio.to_thread(self.gpu_limit)
         if limit is None:
             return None
-        held = [self.footprints.get(m.name, 0) for m in models
-                if m.state in LOADED_STATES and m.name != engine_id]
-        return gpu_shortfall(limit, held, need)
+        return gpu_shortfall(limit, held_by_others(models, self.footprints, engine_id), need)
 
     def victim(self, models: list[EngineModel], target: str) -> str | None:
         """The loaded, idle, old enough model used least recently."""

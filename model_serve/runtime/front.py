@@ -171,6 +171,10 @@ class Front:
             return
         names.stamp = stamp
         self.names = names
+        # Admission sums what loaded models hold (Metal's limit), those loaded before this
+        # front started too: each model's footprint, as its requests bring it.
+        self.admission.footprints.update({r.engine_id: r.footprint
+                                          for r in names.routes.values()})
 
     async def keep_names_fresh(self) -> None:
         while True:
