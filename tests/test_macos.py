@@ -27,7 +27,7 @@ from model_serve.runtime.memory import (
     parse_vm_stat,
 )
 from model_serve.runtime.procs import lsof_listener_pid, parse_lsof_pids
-from model_serve.service.privacy import privacy_warnings, protected_area
+from model_serve.service.privacy import privacy_fix, privacy_warnings, protected_area
 from tests import ollama_store
 from tests.conftest import REPO, Env
 from tests.test_services import tool
@@ -225,6 +225,63 @@ def test_privacy_warnings_name_each_folder_and_doctor_reports_them(tmp_path: Pat
     clean = load_settings({"HOME": str(home), "MODEL_SERVE_HOME": str(tmp_path / "ms"),
                            "MODELS_DIR": str(tmp_path)})
     assert privacy_warnings(clean, checkout=tmp_path / "checkout") == []
+
+
+def test_privacy_checks_programs_the_kv_cache_and_keys_files(tmp_path: Path) -> None:
+    home = tmp_path / "user"
+    server = home / "Downloads" / "llama.cpp" / "build" / "bin" / "llama-server"
+    swap = home / "Desktop" / "bin" / "llama-swap"  # found on this shell's PATH
+    for program in (server, swap):
+        program.parent.mkdir(parents=True)
+        program.write_text("#!/bin/sh\n")
+        program.chmod(0o755)
+    keys = home / "Documents" / "keys.txt"
+    keys.parent.mkdir()
+    keys.write_text("sk-local-1\n")
+    keys.chmod(0o600)
+    environ = {"HOME": str(home), "MODEL_SERVE_HOME": str(tmp_path / "ms"),
+               "MODELS_DIR": str(tmp_path / "models"), "LLAMA_SERVER_BIN": str(server),
+               "KV_CACHE_DIR": str(home / "Library" / "CloudStorage" / "Box" / "kv"),
+               "API_KEYS_FILE": str(keys), "PATH": f"{swap.parent}:/usr/bin:/bin"}
+    settings = load_settings(environ)
+    warnings = privacy_warnings(settings, checkout=tmp_path / "checkout", environ=environ)
+    named = sorted(warning.split(" (")[0] for warning in warnings)
+    assert named == ["API_KEYS_FILE", "KV_CACHE_DIR", "LLAMA_SERVER_BIN", "LLAMA_SWAP_BIN"]
+    assert any(f"LLAMA_SWAP_BIN ({swap}) is in ~/Desktop" in warning for warning in warnings)
+
+
+def homebrew_link(link: Path, target: str) -> None:
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(target)
+
+
+def test_full_disk_access_hint_names_the_programs_that_open_the_folders(tmp_path: Path) -> None:
+    """Homebrew's layout: bin/ and opt/ links into Cellar/<formula>/<version>, which changes at
+    every upgrade; a .venv made by Homebrew's Python points at its opt/ link."""
+    brew = tmp_path / "homebrew"
+    for real in ("Cellar/bash/5.2.37/bin/bash", "Cellar/python@3.12/3.12.8/bin/python3.12"):
+        (brew / real).parent.mkdir(parents=True)
+        (brew / real).write_text("#!/bin/sh\n")
+        (brew / real).chmod(0o755)
+    homebrew_link(brew / "bin" / "bash", "../Cellar/bash/5.2.37/bin/bash")
+    homebrew_link(brew / "opt" / "python@3.12", "../Cellar/python@3.12/3.12.8")
+    checkout = tmp_path / "checkout"
+    homebrew_link(checkout / ".venv" / "bin" / "python3.12",
+                  f"{brew}/opt/python@3.12/bin/python3.12")
+    homebrew_link(checkout / ".venv" / "bin" / "python", "python3.12")
+    fix = privacy_fix(checkout, service_path=f"{brew}/bin:/usr/bin:/bin")
+    assert f"{brew}/bin/bash (runs ./model; Homebrew's: if the service fails after a " \
+           "'brew upgrade', give access again)" in fix
+    assert f"{brew}/opt/python@3.12/bin/python3.12 (.venv's Python; Homebrew's" in fix
+    assert "Cellar" not in fix, "never a folder the next upgrade replaces"
+    assert fix.endswith("for the cron keep-alive /usr/sbin/cron")
+    # Without Homebrew's bash, the system's; a Python outside Homebrew by its real path.
+    (checkout / ".venv" / "bin" / "python3.12").unlink()
+    homebrew_link(checkout / ".venv" / "bin" / "python3.12", sys.executable)
+    plain = privacy_fix(checkout, service_path="/usr/bin:/bin")
+    bash = os.path.realpath(shutil.which("bash", path="/usr/bin:/bin") or "")
+    assert f"{bash} (runs ./model) and {os.path.realpath(sys.executable)} (.venv's Python);" \
+        in plain
 
 
 # --- who holds the port ---------------------------------------------------------------------------

@@ -221,13 +221,13 @@ def _threads(settings: Settings) -> Check:
 
 
 def _privacy(settings: Settings) -> Check:
-    from model_serve.service.privacy import PRIVACY_FIX, privacy_warnings
+    from model_serve.service.privacy import privacy_fix, privacy_warnings
 
     warnings = privacy_warnings(settings)
     if warnings:
         more = f" (and {len(warnings) - 1} more)" if len(warnings) > 1 else ""
         return Check("privacy", "warn", warnings[0] + more,
-                     PRIVACY_FIX.format(python=os.path.realpath(sys.executable)))
+                     privacy_fix())
     return Check("privacy", "ok", "no folder of the stack is in one macOS protects from "
                  "launchd and cron")
 

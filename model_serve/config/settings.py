@@ -180,6 +180,8 @@ class Settings:
     host: str
     api_keys: tuple[str, ...]
     admin_keys: tuple[str, ...]
+    api_keys_file: Path | None  # where the keys came from (the privacy check reads it)
+    admin_keys_file: Path | None
     cors_origins: tuple[str, ...]
     allowed_hosts: tuple[str, ...]
     llama_swap_capture_mb: int
@@ -325,7 +327,7 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
         hint = f"did you mean {near[0]}?" if near else "see .env.example for every setting"
         raise ConfigError(f"unknown setting {name} in {env_file}", hint)
     for keys in ("api_keys", "admin_keys"):
-        keys_file, name = values.pop(f"{keys}_file"), f"{keys.upper()}_FILE"
+        keys_file, name = values[f"{keys}_file"], f"{keys.upper()}_FILE"
         if not values[keys] and keys_file is not None:
             values[keys] = _read_keys_file(keys_file, sources[name], name)
     if values["models_dir"] is None:
