@@ -5,6 +5,7 @@ engine serves every test of this module. The translations are tested on their ow
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -261,10 +262,12 @@ def test_generate_raw_context_json_format_and_errors(served: Env) -> None:
     lib = client(served)
     out = lib.generate(model=A, prompt="The sky is", raw=True, stream=False,
                        options={"num_predict": 3, "temperature": 0})
-    assert out.done and out.response and out.context and len(out.context) == 3
+    # The context holds the prompt's tokens (BOS, "The", " sky", " is") and the 3 generated.
+    assert out.done and out.response and out.context and len(out.context) == 4 + 3
     more = lib.generate(model=A, prompt=" and", raw=True, context=out.context, stream=False,
                         options={"num_predict": 2, "temperature": 0})
-    assert more.prompt_eval_count >= 1 and more.context[:3] == out.context
+    assert more.context[:7] == out.context and len(more.context) == 7 + 1 + 2
+    assert more.prompt_eval_count <= 2  # the context was in the model's cache
     data = lib.generate(model=A, prompt="Give a JSON object with key a", format="json",
                         stream=False, options={"num_predict": 20, "temperature": 0})
     assert data.response.lstrip().startswith("{")
@@ -320,3 +323,67 @@ def test_embed_errors_and_pull_without_an_ollama(served: Env) -> None:
     assert deleted.status_code == 502
     ran = cli(served, "run", "tinyllama", "hi")  # unknown: the CLI pulls, as with Ollama
     assert ran.returncode != 0 and "no Ollama answers" in ran.stderr
+
+
+# --- pull and delete through the user's own Ollama (the real 0.32.15 server) ------------------
+@contextlib.contextmanager
+def real_ollama(root: Path, gguf: Path) -> Iterator[tuple[str, Path]]:
+    """The real Ollama server with a private store holding `gemma3-test` (made offline by
+    `ollama create` from the test GGUF); yields its URL and store."""
+    store, home = root / "ollama-store", root / "ollama-home"
+    store.mkdir()
+    home.mkdir()
+    host = f"127.0.0.1:{free_port()}"
+    environ = {"PATH": os.environ.get("PATH", ""), "HOME": str(home), "OLLAMA_HOST": host,
+               "OLLAMA_MODELS": str(store), "OLLAMA_NO_CLOUD": "1"}
+    log = (root / "ollama-serve.log").open("wb")
+    server = subprocess.Popen([str(OLLAMA_CLI), "serve"], env=environ, stdout=log,
+                              stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with contextlib.suppress(requests.ConnectionError):
+                requests.get(f"http://{host}/api/version", timeout=2)
+                break
+            time.sleep(0.2)
+        (root / "Modelfile").write_text(f"FROM {gguf}\n")
+        subprocess.run([str(OLLAMA_CLI), "create", "gemma3-test", "-f", str(root / "Modelfile")],
+                       env=environ, check=True, capture_output=True, timeout=120)
+        yield f"http://{host}", store
+    finally:
+        server.terminate()
+        try:
+            server.wait(15)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        log.close()
+
+
+def test_delete_and_pull_go_to_the_users_ollama_then_sync(env: Env, gemma_path: Path,
+                                                          tmp_path: Path) -> None:
+    with real_ollama(tmp_path, gemma_path) as (url, store):
+        env.update({"OLLAMA_HOST": url, "OLLAMA_MODELS": str(store)})
+        manifest = json.loads((store / "manifests" / "registry.ollama.ai" / "library" /
+                               "gemma3-test" / "latest").read_text())
+        [layer] = [x for x in manifest["layers"] if x["mediaType"].endswith("image.model")]
+        with running(env):
+            tags = requests.get(f"{env.base_url}/api/tags", timeout=10).json()["models"]
+            [served] = [m for m in tags if "gemma3-test" in m["name"]]
+            assert served["digest"] == layer["digest"].removeprefix("sha256:")  # the blob's
+            shown = requests.post(f"{env.base_url}/api/show", timeout=10,
+                                  json={"model": "gemma3-test:latest"})  # the Ollama name
+            assert shown.status_code == 200
+            pulled = requests.post(f"{env.base_url}/api/pull", timeout=120,
+                                   json={"model": "no-such-model-here"})
+            lines = [json.loads(line) for line in pulled.text.splitlines() if line]
+            assert any("error" in line for line in lines)  # Ollama's own answer, offline
+            gone = requests.delete(f"{env.base_url}/api/delete", timeout=60,
+                                   json={"model": "gemma3-test"})
+            assert gone.status_code == 200, gone.text
+            assert requests.get(f"{url}/api/tags", timeout=10).json()["models"] == []
+            tags = requests.get(f"{env.base_url}/api/tags", timeout=10).json()["models"]
+            assert not [m for m in tags if "gemma3-test" in m["name"]]  # synced
+            again = requests.delete(f"{env.base_url}/api/delete", timeout=60,
+                                    json={"model": "gemma3-test"})
+            assert again.status_code == 404 and set(again.json()) == {"error"}

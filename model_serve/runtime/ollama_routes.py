@@ -241,9 +241,12 @@ class OllamaApi:
             return failed or web.json_response(reply.final("load"))
         if translated.ignored:
             self._say_ignored(served.name, translated.ignored)
-        context = data.get("context")
-        if isinstance(context, list):
-            reply.context = [t for t in context if isinstance(t, int)]
+        if translated.text is not None:
+            tokens = await self._tokenize(request, route, translated)
+            if isinstance(tokens, web.StreamResponse):
+                return _as_ollama_error(tokens)
+            reply.context = [*translated.context, *tokens]
+            translated = translated.with_tokens(tokens)
 
         async def answer(req: web.Request, upstream: ClientResponse,
                          seen: Callable[[bytes], None]) -> web.StreamResponse:
@@ -284,6 +287,36 @@ class OllamaApi:
             await response.write(line)
         await response.write_eof()
         return response
+
+    async def _tokenize(self, request: web.Request, route: Route,
+                        translated: Translated) -> list[int] | web.StreamResponse:
+        """The prompt's tokens from the model itself (through the front, like the request
+        that follows), so the reply's context holds them. llama-swap does not route
+        /tokenize: there it goes to the model's /upstream, once admission has loaded it."""
+        found: list[int] = []
+        path = "/tokenize"
+        if self.front.engine.name == "llama-swap":
+            failed = await self.load(route)
+            if failed is not None:
+                return failed
+            path = f"/upstream/{route.engine_id}/tokenize"
+
+        async def answer(req: web.Request, upstream: ClientResponse,
+                         seen: Callable[[bytes], None]) -> web.StreamResponse:
+            payload = await upstream.read()
+            if upstream.status >= 400:
+                return _error(upstream.status, shapes.error_message(payload))
+            try:
+                found.extend(t for t in json.loads(payload).get("tokens", [])
+                             if isinstance(t, int))
+            except (ValueError, AttributeError):
+                return _error(502, "the engine's /tokenize answer was not JSON")
+            return web.Response()
+
+        body = json.dumps({"model": route.served, "content": translated.text,
+                           "add_special": not translated.context}).encode()
+        response = await self.front.forward(request, path_qs=path, body=body, answer=answer)
+        return response if response.status >= 400 else found
 
     def _say_ignored(self, served: str, ignored: list[str]) -> None:
         said = f"{served}:{','.join(ignored)}"

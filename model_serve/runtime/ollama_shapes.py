@@ -111,6 +111,14 @@ class Translated:
     body: dict[str, Any]
     stream: bool
     ignored: list[str] = field(default_factory=list)  # load-time options not applied
+    # /completion: the prompt's text, to be tokenized and put after `context` (the reply's
+    # context is then the whole conversation's tokens, as Ollama's is)
+    text: str | None = None
+    context: list[int] = field(default_factory=list)
+
+    def with_tokens(self, tokens: list[int]) -> Translated:
+        self.body["prompt"] = [*self.context, *tokens]
+        return self
 
     def encoded(self) -> bytes:
         return json.dumps(self.body, ensure_ascii=False).encode()
@@ -274,7 +282,7 @@ def generate_request(data: dict[str, Any], model: str) -> Translated:
                                           "input_suffix": suffix, "prompt": ""},
                               stream, ignored)
         body["prompt"] = [*context, text] if context else text
-        return Translated("/completion", body, stream, ignored)
+        return Translated("/completion", body, stream, ignored, text, context)
     messages: list[dict[str, Any]] = []
     if data.get("system"):
         messages.append({"role": "system", "content": data["system"]})
