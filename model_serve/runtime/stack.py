@@ -273,5 +273,18 @@ def stop_stack(settings: Settings, timeout: float = 30.0) -> StopReport:
         _stopped, killed = procs.stop_processes(leftovers, timeout=10)
         report.orphans = len(leftovers)
         report.killed += killed
-    settings.pid_file.unlink(missing_ok=True)
+    _forget_state(settings)
     return report
+
+
+def _forget_state(settings: Settings) -> None:
+    """Delete the state file of the stack just stopped, unless a supervisor runs again by now:
+    systemd restarts a failed one within seconds, and that one's state must stay (without it
+    the stack runs unseen: `model status` says stopped, `model start` finds the port taken).
+    A running supervisor holds the lock for its whole life; holding it here, no new one can
+    start before the file is gone."""
+    try:
+        with supervisor_lock(settings):
+            settings.pid_file.unlink(missing_ok=True)
+    except EngineError:
+        pass  # another supervisor runs: the file is its own
