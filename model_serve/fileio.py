@@ -1,4 +1,8 @@
-"""Atomic, change-only writes for every file the stack generates."""
+"""Atomic, change-only writes for every file the stack generates.
+
+Durable too: the file's data is synced before the rename, and the folder after it (the rename
+lives in the folder; without that sync a power cut can bring back the old file, or none).
+"""
 
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ def write_if_changed(path: Path, content: str, mode: int | None = None) -> bool:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    sync_folder(path.parent)
     return True
 
 
@@ -44,10 +49,13 @@ def write_bytes_atomically(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    sync_folder(path.parent)
 
 
 def replace_symlink(link: Path, target: str | Path) -> None:
@@ -57,3 +65,19 @@ def replace_symlink(link: Path, target: str | Path) -> None:
     tmp.unlink(missing_ok=True)
     os.symlink(target, tmp)
     os.replace(tmp, link)
+    sync_folder(link.parent)
+
+
+def sync_folder(folder: Path) -> None:
+    """Make the names in `folder` (a rename, a new link) survive a crash. Where a system or
+    file system cannot sync a folder, the write itself has still happened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

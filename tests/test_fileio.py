@@ -1,0 +1,68 @@
+"""Generated files survive a crash: each write syncs the file's data before its rename and the
+folder after it (where the rename is recorded). The syncs are seen by wrapping os.fsync, which
+still syncs; each call is recorded by the inode it synced."""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from model_serve.fileio import replace_symlink, write_bytes_atomically, write_if_changed
+
+
+@pytest.fixture
+def synced(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, bool]]:
+    """(inode, is a folder) of every fsync, in order."""
+    calls: list[tuple[int, bool]] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        info = os.fstat(fd)
+        calls.append((info.st_ino, stat.S_ISDIR(info.st_mode)))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return calls
+
+
+WRITES: dict[str, Callable[[Path], None]] = {
+    "write_if_changed": lambda path: write_if_changed(path, "new content\n"),
+    "write_if_changed with a mode": lambda path: write_if_changed(path, "key\n", mode=0o600),
+    "write_bytes_atomically": lambda path: write_bytes_atomically(path, b"GGUF..."),
+}
+
+
+@pytest.mark.parametrize("write", WRITES)
+def test_a_write_syncs_the_file_then_its_folder(write: str, tmp_path: Path,
+                                                synced: list[tuple[int, bool]]) -> None:
+    path = tmp_path / "state" / "file"
+    path.parent.mkdir()
+    path.write_text("old content\n")
+    WRITES[write](path)
+    folder = path.parent.stat().st_ino
+    assert (path.stat().st_ino, False) in synced, "the new file's data was not synced"
+    assert synced[-1] == (folder, True), "the folder was not synced after the rename"
+    assert path.read_bytes() != b"old content\n"
+
+
+def test_a_replaced_link_syncs_its_folder(tmp_path: Path,
+                                          synced: list[tuple[int, bool]]) -> None:
+    link = tmp_path / "models" / "a.gguf"
+    link.parent.mkdir()
+    link.symlink_to(tmp_path / "old.gguf")
+    replace_symlink(link, tmp_path / "new.gguf")
+    assert os.readlink(link) == str(tmp_path / "new.gguf")
+    assert synced == [(link.parent.stat().st_ino, True)]
+
+
+def test_an_unchanged_file_is_not_written_or_synced(tmp_path: Path,
+                                                    synced: list[tuple[int, bool]]) -> None:
+    path = tmp_path / "file"
+    write_if_changed(path, "same\n")
+    synced.clear()
+    assert write_if_changed(path, "same\n") is False
+    assert synced == []
