@@ -180,6 +180,49 @@ def test_models_dir_default_follows_lm_studio(tmp_path: Path, present: tuple[str
         sorted({chosen, *present})
 
 
+def gguf_file(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"GGUF" + bytes(60))
+    return path
+
+
+def test_both_lm_studio_folders_the_one_with_your_own_models_wins_and_stays(
+        tmp_path: Path) -> None:
+    home = tmp_path / "user"
+    original, current = home / ".cache" / "lm-studio" / "models", home / ".lmstudio" / "models"
+    # The original holds only what model_serve put there: the bridge's links into Ollama's
+    # store and a `model add` link; current LM Studio downloaded a model of the user's own.
+    blob = gguf_file(home / ".ollama" / "models" / "blobs" / "sha256-1f2e")
+    bridged = original / "ollama" / "gemma3" / "gemma3-27b-27.4B-Q8_0.gguf"
+    bridged.parent.mkdir(parents=True)
+    bridged.symlink_to(blob)
+    (original / "ollama" / ".ollama-bridge.json").write_text("{}")
+    (original / "added").mkdir()
+    (original / "added" / "mine.gguf").symlink_to(gguf_file(home / "elsewhere" / "mine.gguf"))
+    gguf_file(current / "lmstudio-community" / "Qwen3-8B-GGUF" / "Qwen3-8B-Q4_K_M.gguf")
+    environ = {"HOME": str(home), "MODEL_SERVE_HOME": str(tmp_path / "ms")}
+
+    settings = load_settings(environ)
+    assert settings.models_dir == current
+    ensure_models_dir(settings)  # the stack uses it: the choice is kept from now on
+    assert (settings.state_dir / "models-dir").read_text() == f"{current}\n"
+    # A model of the user's own appears in the original too: no flip.
+    gguf_file(original / "bartowski" / "Llama-3.2-1B-GGUF" / "Llama-3.2-1B-Q4_K_M.gguf")
+    kept = load_settings(environ)
+    assert kept.models_dir == current
+    assert doctor._models_dir(kept).fix == f"set MODELS_DIR={original} in .env to serve that " \
+                                           "one instead"
+    # Both folders hold the user's models, nothing kept yet: the original, as before.
+    fresh = {**environ, "MODEL_SERVE_HOME": str(tmp_path / "ms2")}
+    assert load_settings(fresh).models_dir == original
+    # The kept folder removed: chosen again, and that choice kept.
+    shutil.rmtree(current)
+    again = load_settings(environ)
+    assert again.models_dir == original
+    ensure_models_dir(again)
+    assert (again.state_dir / "models-dir").read_text() == f"{original}\n"
+
+
 def test_a_models_dir_the_user_set_is_kept(tmp_path: Path) -> None:
     home = tmp_path / "user"
     (home / ".lmstudio" / "models").mkdir(parents=True)

@@ -6,6 +6,7 @@ import os
 import re
 from pathlib import Path
 
+from model_serve.config.models_dir import ADDED_DIR
 from model_serve.config.settings import Settings
 from model_serve.errors import ConfigError
 from model_serve.fileio import replace_symlink
@@ -22,7 +23,6 @@ from model_serve.models.catalog import (
 from model_serve.models.gguf import GGUFError
 from model_serve.models.model_info import read_model_info
 
-ADDED_DIR = "added"
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]*")
 
 

@@ -121,7 +121,7 @@ def _store_access_fix(store: Path, platform: str = sys.platform) -> str:
 
 
 def _models_dir(settings: Settings) -> Check:
-    from model_serve.config.settings import LM_STUDIO_MODELS
+    from model_serve.config.settings import LM_STUDIO_MODELS, SETTINGS_BY_NAME
 
     path = settings.models_dir
     default = settings.sources.get("MODELS_DIR") == "the defaults"
@@ -133,10 +133,12 @@ def _models_dir(settings: Settings) -> Check:
     if not os.access(path, os.W_OK):
         return Check("MODELS_DIR", "fail", f"{path} is not writable (the bridge links into it)",
                      "fix its permissions or set MODELS_DIR")
-    lm_studio = settings.user_home / LM_STUDIO_MODELS.removeprefix("~/")
-    if default and lm_studio.is_dir() and lm_studio != path:
-        return Check("MODELS_DIR", "ok", f"{path}; LM Studio's {lm_studio} exists too",
-                     f"set MODELS_DIR={lm_studio} in .env to serve that one instead")
+    current = settings.user_home / LM_STUDIO_MODELS.removeprefix("~/")
+    original = settings.user_home / SETTINGS_BY_NAME["MODELS_DIR"].default.removeprefix("~/")
+    other = original if path == current else current
+    if default and other.is_dir() and other != path:
+        return Check("MODELS_DIR", "ok", f"{path}; LM Studio's {other} exists too",
+                     f"set MODELS_DIR={other} in .env to serve that one instead")
     return Check("MODELS_DIR", "ok", str(path))
 
 

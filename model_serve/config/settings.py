@@ -66,9 +66,10 @@ SETTINGS_TABLE: tuple[Setting, ...] = (
             "(llama-swap when it is on PATH, else llama-server).", "choice", choices=ENGINES),
     Setting("MODELS_DIR", "~/.cache/lm-studio/models",
             "Folder scanned for GGUF models; the Ollama bridge links into MODELS_DIR/ollama. "
-            "Unset, it is the original LM Studio folder (this default) when it exists, else "
-            "current LM Studio's ~/.lmstudio/models when that exists, else this default, "
-            "created on first use.", "path"),
+            "Unset, it is the original LM Studio folder (this default) or current LM "
+            "Studio's ~/.lmstudio/models, whichever exists; when both do, the one with "
+            "models of your own (not only the bridge's links), else this default. The choice "
+            "is kept (STATE_DIR/models-dir) once the stack used it.", "path"),
     Setting("MODEL_PREFIX", "ls/", "Prefix of every served model name (ls/gemma3:27.4b-q8_0)."),
     Setting("MODEL_TTL", "1800", "Seconds a model may sit idle before it is unloaded "
             "(0 = never). custom_models.yaml 'ttl' overrides it per model.", "int", 0),
@@ -332,9 +333,10 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
             values[keys] = _read_keys_file(keys_file, sources[name], name)
     if values["models_dir"] is None:
         raise ConfigError("MODELS_DIR is empty", "set MODELS_DIR to the folder of your models")
-    if sources["MODELS_DIR"] == "the defaults":
-        values["models_dir"] = default_models_dir(values["models_dir"], env)
     values["state_dir"] = values["state_dir"] or home / "state"
+    if sources["MODELS_DIR"] == "the defaults":
+        values["models_dir"] = default_models_dir(values["models_dir"], env,
+                                                  values["state_dir"])
     values["kv_cache_dir"] = values["kv_cache_dir"] or values["state_dir"] / "kv-cache"
     user_home = Path(env.get("HOME") or Path.home())
     _check_kv_cache_dir(values["kv_cache_dir"], sources["KV_CACHE_DIR"], values["models_dir"],
@@ -363,13 +365,11 @@ def _check_kv_cache_dir(folder: Path, source: str, models_dir: Path, user_home: 
                               "~/.cache/model_serve/kv-cache, or unset it")
 
 
-def default_models_dir(original: Path, env: dict[str, str]) -> Path:
-    """LM Studio moved its models from ~/.cache/lm-studio/models (the original tool's default)
-    to ~/.lmstudio/models: take the one that exists, the original when both or neither do."""
-    current = Path(_expand_user(LM_STUDIO_MODELS, env))
-    if not original.exists() and current.is_dir():
-        return current
-    return original
+def default_models_dir(original: Path, env: dict[str, str], state_dir: Path) -> Path:
+    """The original LM Studio folder or current LM Studio's (config/models_dir.py)."""
+    from model_serve.config.models_dir import choose_models_dir
+
+    return choose_models_dir(original, Path(_expand_user(LM_STUDIO_MODELS, env)), state_dir)
 
 
 def _read_keys_file(path: Path, source: str, name: str) -> tuple[str, ...]:

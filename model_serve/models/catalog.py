@@ -409,9 +409,13 @@ def save_names(path: Path, names: dict[str, str], pinned: dict[str, str]) -> Non
 
 
 def ensure_models_dir(settings: Settings) -> None:
-    """Create the default MODELS_DIR on first use; a folder the user named must exist."""
+    """Create the default MODELS_DIR on first use, and keep that choice (of two LM Studio
+    folders); a folder the user named must exist."""
     if settings.sources.get("MODELS_DIR") == "the defaults":
+        from model_serve.config.models_dir import keep_choice
+
         settings.models_dir.mkdir(parents=True, exist_ok=True)
+        keep_choice(settings.models_dir, settings.state_dir)
     require_models_dir(settings.models_dir)
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from model_serve.config.custom_models import load_custom_models
+from model_serve.config.models_dir import BRIDGE_DIR
 from model_serve.config.settings import BUNDLED_BRIDGE, Settings
 from model_serve.engines import Engine, select_engine
 from model_serve.engines.base import LOADED_STATES
@@ -57,7 +58,7 @@ def run_bridge(settings: Settings, dry_run: bool = False) -> BridgeResult:
     # The bundled bridge runs on this interpreter: its `#!/usr/bin/env python3` would find
     # whatever python3 a bare PATH holds under launchd or cron, or none.
     program = [sys.executable, str(script)] if script == BUNDLED_BRIDGE else [str(script)]
-    argv = [*program, "--dest", str(settings.models_dir / "ollama"), "--json"]
+    argv = [*program, "--dest", str(settings.models_dir / BRIDGE_DIR), "--json"]
     if settings.ollama_models is not None:
         argv += ["--store", str(settings.ollama_models)]
     if dry_run:
