@@ -196,12 +196,21 @@ def sync_result(result: SyncResult, as_json: bool) -> None:
         click.echo(f"warning: the engine did not reload: {result.reload_error}", err=True)
 
 
+def _kind(served: ServedModel) -> str:
+    from model_serve.models.kinds import label
+
+    return label(served.kind, served.embeddings, served.reranking)
+
+
 def _served_json(served: ServedModel) -> dict[str, Any]:
-    model = served.model
+    model, template = served.model, served.chat_template
     return {
         "name": served.name, "aliases": served.aliases, "path": str(model.path),
         "size_bytes": model.size_bytes, "ollama_names": model.ollama_names,
         "source": model.source, "architecture": model.info.architecture,
+        "kind": _kind(served), "kind_reason": served.kind_reason,
+        "chat_template": template.template if template else None,
+        "chat_template_reason": template.reason if template else None,
         "size_label": model.info.size_label, "quant": model.info.file_type,
         "trained_context": model.info.context_length, "ctx_size": served.ctx_size,
         "ctx_reason": served.ctx_reason, "ttl": served.ttl, "parallel": served.parallel,
@@ -222,13 +231,13 @@ def model_list(plan: list[ServedModel], problems: list[ScanProblem], as_json: bo
         click.echo("no models found (put GGUF files under MODELS_DIR, or pull with Ollama and "
                    "run 'model sync')")
         return
-    rows = [("NAME", "SIZE", "QUANT", "CTX", "OLLAMA NAME / FILE")]
+    rows = [("NAME", "KIND", "SIZE", "QUANT", "CTX", "OLLAMA NAME / FILE")]
     for served in plan:
         source = ", ".join(served.model.ollama_names) or str(served.model.path)
         flag = "  [cannot load: Ollama-only format]" if served.model.info.incompatibility else ""
-        rows.append((served.name, human_bytes(served.model.size_bytes),
+        rows.append((served.name, _kind(served), human_bytes(served.model.size_bytes),
                      served.model.info.file_type or "-", str(served.ctx_size), source + flag))
-    _echo_table(rows, right={1, 3})
+    _echo_table(rows, right={2, 4})
 
 
 def served_list(models: list[EngineModel], as_json: bool) -> None:

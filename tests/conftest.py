@@ -77,6 +77,11 @@ class Env(dict):
 
 @pytest.fixture
 def env(tmp_path: Path) -> Env:
+    return new_env(tmp_path)
+
+
+def new_env(tmp_path: Path) -> Env:
+    """An isolated home under `tmp_path` (for a stack a whole module shares, say)."""
     environ = {k: v for k, v in os.environ.items() if k not in STACK_VARIABLES}  # not the shell's
     result = Env(environ)
     result.home = tmp_path / "home"

@@ -35,9 +35,14 @@ FIELDS: dict[str, Field] = {
     "aliases": Field(list, "extra names a request may use"),
     "jinja": Field(bool, "use the GGUF's Jinja chat template (true/false)"),
     "mmproj": Field(str, "path of a vision projector GGUF"),
+    "chat_template": Field(str, "one of llama.cpp's built-in chat templates by name, e.g. "
+                           "gemma, llama3, chatml (see 'llama-server --help')"),
     "chat_template_file": Field(str, "path of a Jinja chat template file"),
     "chat_template_kwargs": Field(str, "JSON object passed to the chat template"),
     "parallel": Field(int, "parallel request slots"),
+    "embeddings": Field(bool, "serve /v1/embeddings (a chat model then answers both; "
+                        "embedding models have it on)"),
+    "reranking": Field(bool, "serve /v1/rerank (rerankers have it on)"),
     "swa_full": Field(bool, "full KV cache for sliding-window layers (--swa-full): more "
                       "memory, and a saved conversation can be restored"),
 }

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from model_serve.engines.base import Engine, EngineModel
-from model_serve.engines.server_options import option_spellings
+from model_serve.engines.server_options import builtin_templates, option_spellings
 from model_serve.errors import ConfigError, EngineError
 from model_serve.fileio import replace_symlink
 from model_serve.machine_code import Machine, refuse_foreign, this_machine
@@ -81,6 +81,26 @@ def check_option(served: ServedModel, option: str, known: dict[str, str]) -> Non
                           f"(model {served.name})", hint)
 
 
+def options_for(served: ServedModel, templates: list[str]) -> dict[str, str]:
+    """The model's options for this llama-server build: a built-in chat template it does not
+    have is refused when custom_models.yaml names it, and left out (ChatML) when model_serve
+    chose it for the architecture. `templates`: the build's list (empty: unknown, unchecked)."""
+    name = served.options.get("chat-template")
+    if not name or served.options.get("jinja") != "false" or not templates or name in templates:
+        return served.options  # with Jinja on, --chat-template is a template's text
+    choice = served.chat_template
+    if choice is not None and not choice.by_user:
+        return {k: v for k, v in served.options.items() if k not in ("chat-template", "jinja")}
+    import difflib
+
+    near = difflib.get_close_matches(name, templates, n=1)
+    guess = f"did you mean '{near[0]}'? " if near else ""
+    raise ConfigError(f"{served.custom_line or served.name}: chat_template '{name}' is not one "
+                      f"of llama-server's built-in templates (model {served.name})",
+                      f"{guess}valid names: {', '.join(templates)}; or give a Jinja file as "
+                      "chat_template_file")
+
+
 class LlamaServerEngine(Engine):
     name = "llama-server"
 
@@ -137,7 +157,8 @@ class LlamaServerEngine(Engine):
                     folders[name] = Path(value.strip())
         return folders
 
-    def _section(self, served: ServedModel, known: dict[str, str]) -> list[str]:
+    def _section(self, served: ServedModel, known: dict[str, str],
+                 templates: list[str]) -> list[str]:
         from model_serve.config.custom_models import check_names
 
         section, *aliases = self.routed_names(served)
@@ -158,7 +179,7 @@ class LlamaServerEngine(Engine):
             folder = slot_cache.folder_for(self.settings.kv_cache_dir, section, served)
             slot_cache.make_folder(folder)  # llama-server wants it to exist; 0700
             values["slot-save-path"] = str(folder)
-        for option, value in served.options.items():
+        for option, value in options_for(served, templates).items():
             check_option(served, option, known)
             values[option] = value
         lines = [f"[{section}]"]
@@ -191,8 +212,9 @@ class LlamaServerEngine(Engine):
         # What this machine's CPU needs (the engine check): inherited by every model.
         for option, value in required_options(self.settings, self.binary()).items():
             lines.insert(-1, f"{option} = {value}")
+        templates = builtin_templates(self.binary(), self.settings.state_dir)
         for served in plan:
-            lines += self._section(served, known)
+            lines += self._section(served, known, templates)
             lines.append("")
         return "\n".join(lines)
 

@@ -41,8 +41,8 @@ from model_serve.engines.base import (
     Engine,
     EngineModel,
 )
-from model_serve.engines.llama_server import check_option, resolve_llama_server
-from model_serve.engines.server_options import option_spellings
+from model_serve.engines.llama_server import check_option, options_for, resolve_llama_server
+from model_serve.engines.server_options import builtin_templates, option_spellings
 from model_serve.errors import ConfigError, EngineError
 from model_serve.loopback import LineStream, LoopbackError, stream_lines
 from model_serve.machine_code import Machine, refuse_foreign, this_machine
@@ -207,6 +207,7 @@ class LlamaSwapEngine(Engine):
 
         server = resolve_llama_server(self.settings.llama_server_bin).absolute()
         spellings = option_spellings(server, self.settings.state_dir)
+        templates = builtin_templates(server, self.settings.state_dir)
         machine_options = required_options(self.settings, server)  # what this CPU needs
         for key in self.settings.api_keys:
             if not key.strip() or re.search(r"\s", key):
@@ -229,7 +230,8 @@ class LlamaSwapEngine(Engine):
             check_names([_id, *aliases], served.custom_line or repr(served.name),
                         "llama-swap's config.yaml")
             entry: dict[str, Any] = {
-                "cmd": self._cmd(served, server, spellings, machine_options, key_file),
+                "cmd": self._cmd(served, server, spellings, machine_options, key_file,
+                                 templates),
                 "proxy": "http://127.0.0.1:${PORT}",
                 "checkEndpoint": "/health",
                 # With the front the pressure unloader keeps the TTL: the slots are saved
@@ -267,7 +269,8 @@ class LlamaSwapEngine(Engine):
                                   allow_unicode=True, width=1 << 30)
 
     def _cmd(self, served: ServedModel, server: Path, spellings: dict[str, str],
-             machine_options: dict[str, str], key_file: Path | None = None) -> str:
+             machine_options: dict[str, str], key_file: Path | None = None,
+             templates: list[str] | None = None) -> str:
         where = served.custom_line or served.name
         model_path = str(served.path.absolute())
         if _CMD_UNSAFE.search(model_path):
@@ -292,7 +295,7 @@ class LlamaSwapEngine(Engine):
                 "--parallel", str(served.parallel)]
         if key_file is not None:  # the key's file, never the key: `ps` shows command lines
             argv += [spellings.get("api-key-file", "--api-key-file"), str(key_file)]
-        for option, value in {**machine_options, **served.options}.items():
+        for option, value in {**machine_options, **options_for(served, templates or [])}.items():
             argv += _option_words(served, option, value, spellings)
         if served.keeps_conversations:
             from model_serve.engines import slot_cache

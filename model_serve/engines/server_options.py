@@ -7,17 +7,29 @@ import contextlib
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 from model_serve.errors import EngineError
 from model_serve.fileio import write_if_changed
 
 OPTION_RE = re.compile(r"(?<![\w-])(--?[A-Za-z][\w-]*)")
+# `--chat-template`'s help lists the built-in templates, up to its `(env: ...)` line.
+TEMPLATES_RE = re.compile(r"list of built-in templates:\s*(.*?)\(env:", re.DOTALL)
 
 
 def option_spellings(binary: Path, cache_dir: Path) -> dict[str, str]:
     """Option name (no dashes) -> how this llama-server build spells it ('-ngl', '--temp'),
     read from its --help and cached per binary. Presets take the names; command lines (the
     llama-swap engine) need the exact spellings."""
+    return _help_facts(binary, cache_dir)["spellings"]
+
+
+def builtin_templates(binary: Path, cache_dir: Path) -> list[str]:
+    """The names `--chat-template` takes on this build (llama.cpp's built-in templates)."""
+    return _help_facts(binary, cache_dir)["templates"]
+
+
+def _help_facts(binary: Path, cache_dir: Path) -> dict[str, Any]:
     import subprocess
 
     stat = binary.stat()
@@ -25,8 +37,9 @@ def option_spellings(binary: Path, cache_dir: Path) -> dict[str, str]:
     stamp = f"{binary.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
     try:
         data = json.loads(cache.read_text(encoding="utf-8"))
-        if data.get("stamp") == stamp and isinstance(data.get("spellings"), dict):
-            return data["spellings"]
+        if data.get("stamp") == stamp and isinstance(data.get("spellings"), dict) and \
+                isinstance(data.get("templates"), list):
+            return data
     except (OSError, ValueError, AttributeError):
         pass
     try:
@@ -43,6 +56,10 @@ def option_spellings(binary: Path, cache_dir: Path) -> dict[str, str]:
         raise EngineError(f"{binary} --help listed no options (exit {out.returncode}): "
                           f"{(out.stderr or out.stdout).strip()[:300]}",
                           "check that llama-server runs: try it by hand")
+    listed = TEMPLATES_RE.search(out.stdout + out.stderr)
+    templates = sorted({name for name in re.split(r"[\s,]+", listed.group(1)) if name}) \
+        if listed else []
+    facts = {"stamp": stamp, "spellings": spellings, "templates": templates}
     with contextlib.suppress(OSError):  # only a cache
-        write_if_changed(cache, json.dumps({"stamp": stamp, "spellings": spellings}))
-    return spellings
+        write_if_changed(cache, json.dumps(facts))
+    return facts

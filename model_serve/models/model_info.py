@@ -18,7 +18,7 @@ from typing import Any
 from model_serve.fileio import write_if_changed
 from model_serve.models import gguf
 
-CACHE_VERSION = 3  # 2: `recurrent`; 3: numbers checked, failures remembered
+CACHE_VERSION = 4  # 2: `recurrent`; 3: numbers checked, failures remembered; 4: pooling
 
 # Header numbers that feed arithmetic (the footprint estimate walks the layers), with far more
 # than any real model has: a file beyond them is refused, the key named, so no estimate can
@@ -38,6 +38,7 @@ _EMBEDDED_TOWER_ARCHS = frozenset({
 # Header keys only models with a recurrent state have (`<arch>.ssm.state_size`, ...).
 _RECURRENT_KEY_PARTS = ("ssm", "wkv", "shortconv")
 _EMBEDDED_TOWER_PREFIXES = ("v.", "mm.", "a.", "mtp.", "model.vision_tower.")
+POOLING_NAMES = {0: "none", 1: "mean", 2: "cls", 3: "last", 4: "rank"}
 # Architecture names only Ollama's converter writes; llama.cpp does not know them.
 _OLLAMA_ONLY_ARCHS = frozenset({
     "gptoss", "mllama", "qwen25vl", "glm4moelite", "deepseekocr", "glmocr", "nemotron_h_omni",
@@ -71,6 +72,10 @@ class ModelInfo:
     split_count: int = 0
     has_chat_template: bool = False
     incompatibility: str = ""
+    # `<arch>.pooling_type` by llama.cpp's name (none, mean, cls, last, rank); '' when absent.
+    pooling: str = ""
+    classifier: bool = False  # `<arch>.classifier.output_labels`: a classification head
+    tokenizer_pre: str = ""  # `tokenizer.ggml.pre`: which vocabulary (llama-bpe: Llama 3)
 
     @property
     def is_projector(self) -> bool:
@@ -119,6 +124,13 @@ def _incompatibility(header: gguf.GGUFHeader) -> str:
     return ""
 
 
+def _pooling(value: Any) -> str:
+    """llama_pooling_type (llama.h) by the name `--pooling` takes; an unknown value is ''."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return POOLING_NAMES.get(value, "")
+    return ""
+
+
 def _has_recurrent_state(header: gguf.GGUFHeader) -> bool:
     prefixes = tuple(f"{header.architecture}.{part}." for part in _RECURRENT_KEY_PARTS)
     return any(key.startswith(prefixes) for key in header.metadata)
@@ -159,6 +171,9 @@ def info_from_header(header: gguf.GGUFHeader) -> ModelInfo:
                              LIMITS["split_count"]),
         has_chat_template="tokenizer.chat_template" in header.metadata,
         incompatibility=_incompatibility(header),
+        pooling=_pooling(header.arch_key("pooling_type")),
+        classifier=header.arch_key("classifier.output_labels") is not None,
+        tokenizer_pre=str(header.get("tokenizer.ggml.pre", "") or "")[:100],
     )
 
 
@@ -181,6 +196,8 @@ def _sane(info: ModelInfo) -> bool:
             ok = type(value) is int and 0 <= value <= LIMITS[f.name]
         elif f.name in ("context_length", "sliding_window"):
             ok = type(value) is int and 0 <= value <= MAX_CONTEXT
+        elif f.name == "pooling":  # it becomes an option in an engine config
+            ok = value in ("", *POOLING_NAMES.values())
         elif f.name == "sliding_window_pattern":
             ok = isinstance(value, list) and len(value) <= gguf.MAX_DECODED_ARRAY and all(
                 type(v) is bool for v in value)

@@ -15,8 +15,9 @@ from model_serve import machine
 from model_serve.config.custom_models import CustomEntry, CustomModels, sampler_options
 from model_serve.config.settings import Settings
 from model_serve.errors import ConfigError
-from model_serve.models import footprint
+from model_serve.models import chat_templates, footprint, kinds
 from model_serve.models.catalog import Catalog, CatalogModel, ScanProblem
+from model_serve.models.chat_templates import TemplateChoice
 from model_serve.models.names import dash_form, identity
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,18 @@ class ServedModel:
     custom_line: str = ""  # where its custom settings came from
     keeps_conversations: bool = False  # KV_CACHE: slots saved before unload, restored after
     conversations_reason: str = ""
+    kind: str = kinds.CHAT  # chat, embedding or rerank (models/kinds.py)
+    kind_reason: str = ""
+    chat_template: TemplateChoice | None = None
+
+    @property
+    def embeddings(self) -> bool:
+        """Whether it answers /v1/embeddings (options may come from sampler_args too)."""
+        return any(self.options.get(o) == "true" for o in ("embeddings", "embedding"))
+
+    @property
+    def reranking(self) -> bool:
+        return any(self.options.get(o) == "true" for o in ("reranking", "rerank"))
 
     @property
     def path(self) -> Path:
@@ -109,11 +122,17 @@ def _served(model: CatalogModel, name: str, entry: CustomEntry | None, custom: C
         options["chat-template-file"] = get("chat_template_file")
     if get("chat_template_kwargs"):
         options["chat-template-kwargs"] = get("chat_template_kwargs")
-    if get("sampler_args"):
-        try:
-            options.update(sampler_options(get("sampler_args")))
-        except ConfigError as exc:
-            raise ConfigError(f"{where}: {exc.message}", exc.hint) from exc
+    try:
+        sampler = sampler_options(get("sampler_args")) if get("sampler_args") else {}
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc.message}", exc.hint) from exc
+    kind, kind_reason = kinds.kind_of(model.info)
+    options.update(_kind_options(model, kind, get("embeddings"), get("reranking")))
+    template = chat_templates.choose(
+        model.info, kind, name=get("chat_template"), file=get("chat_template_file"),
+        jinja=get("jinja"), sampler=sampler, where=where or "custom_models.yaml")
+    options.update(template.options)
+    options.update(sampler)  # they come last: llama-server's own words win
     if get("swa_full") is not None:  # llama-server has no flag to turn it off: unset is off
         options.pop("swa-full", None)
         if get("swa_full"):
@@ -129,11 +148,30 @@ def _served(model: CatalogModel, name: str, entry: CustomEntry | None, custom: C
     keeps, why = _conversations(settings, model, options, ctx, parallel, get("swa_full"))
     if keeps and get("cmd"):
         keeps, why = False, "cmd is set: model_serve does not add --slot-save-path to it"
+    if keeps and kind != kinds.CHAT:
+        keeps, why = False, f"an {kind} model holds no conversation"
     return ServedModel(
         name=name, aliases=aliases, model=model, ctx_size=ctx, ctx_reason=reason,
         ttl=get("ttl", settings.model_ttl), parallel=parallel, options=options,
         cmd=get("cmd"), custom_line=where, keeps_conversations=keeps, conversations_reason=why,
+        kind=kind, kind_reason=kind_reason, chat_template=template,
     )
+
+
+def _kind_options(model: CatalogModel, kind: str, embeddings: bool | None,
+                  reranking: bool | None) -> dict[str, str]:
+    """--embeddings with a pooling, or --reranking: by the GGUF, or as custom_models.yaml says
+    (`embeddings: true` on a chat model serves both: llama-server needs a pooling other than
+    none for that, and mean is what chat models' embeddings are usually pooled by)."""
+    options: dict[str, str] = {}
+    if reranking if reranking is not None else kind == kinds.RERANK:
+        options["reranking"] = "true"
+    elif embeddings if embeddings is not None else kind == kinds.EMBEDDING:
+        options["embeddings"] = "true"
+        pooling = model.info.pooling
+        options["pooling"] = pooling if pooling not in ("", "none", "rank") else \
+            kinds.DEFAULT_POOLING
+    return options
 
 
 def _conversations(settings: Settings, model: CatalogModel, options: dict[str, str], ctx: int,

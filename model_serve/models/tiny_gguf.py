@@ -17,7 +17,7 @@ from model_serve.fileio import write_bytes_atomically
 N_EMBD, N_FF, N_HEAD, N_VOCAB, N_CTX = 256, 512, 4, 288, 512
 _ALIGN = 32
 _F32, _Q4_0 = 0, 2  # ggml tensor types
-_U32, _I32, _F32_VALUE, _STRING, _ARRAY = 4, 5, 6, 8, 9  # GGUF value types
+_U32, _I32, _F32_VALUE, _BOOL, _STRING, _ARRAY = 4, 5, 6, 7, 8, 9  # GGUF value types
 _MOSTLY_Q4_0 = 2  # llama_ftype
 
 
@@ -26,7 +26,7 @@ def _string(text: str) -> bytes:
     return struct.pack("<Q", len(raw)) + raw
 
 
-def _kv(key: str, kind: int, value: object) -> bytes:
+def kv(key: str, kind: int, value: object) -> bytes:
     out = _string(key) + struct.pack("<I", kind)
     if kind == _STRING:
         return out + _string(str(value))
@@ -35,7 +35,7 @@ def _kv(key: str, kind: int, value: object) -> bytes:
         out += struct.pack("<IQ", elem_kind, len(items))
         fmt = {_I32: "<i", _F32_VALUE: "<f"}.get(elem_kind)
         return out + b"".join(_string(i) if fmt is None else struct.pack(fmt, i) for i in items)
-    return out + struct.pack({_U32: "<I", _F32_VALUE: "<f"}[kind], value)
+    return out + struct.pack({_U32: "<I", _F32_VALUE: "<f", _BOOL: "<?"}[kind], value)
 
 
 def _vocab() -> tuple[list[str], list[int]]:
@@ -58,24 +58,24 @@ def tiny_gguf_bytes(seed: int = 0) -> bytes:
     rng = random.Random(seed)
     tokens, types = _vocab()
     metadata = [
-        _kv("general.architecture", _STRING, "llama"),
-        _kv("general.name", _STRING, "model_serve engine probe"),
-        _kv("general.file_type", _U32, _MOSTLY_Q4_0),
-        _kv("llama.context_length", _U32, N_CTX),
-        _kv("llama.embedding_length", _U32, N_EMBD),
-        _kv("llama.block_count", _U32, 1),
-        _kv("llama.feed_forward_length", _U32, N_FF),
-        _kv("llama.attention.head_count", _U32, N_HEAD),
-        _kv("llama.attention.head_count_kv", _U32, N_HEAD),
-        _kv("llama.rope.dimension_count", _U32, N_EMBD // N_HEAD),
-        _kv("llama.attention.layer_norm_rms_epsilon", _F32_VALUE, 1e-5),
-        _kv("tokenizer.ggml.model", _STRING, "llama"),
-        _kv("tokenizer.ggml.tokens", _ARRAY, (_STRING, tokens)),
-        _kv("tokenizer.ggml.scores", _ARRAY, (_F32_VALUE, [0.0] * len(tokens))),
-        _kv("tokenizer.ggml.token_type", _ARRAY, (_I32, types)),
-        _kv("tokenizer.ggml.unknown_token_id", _U32, 0),
-        _kv("tokenizer.ggml.bos_token_id", _U32, 1),
-        _kv("tokenizer.ggml.eos_token_id", _U32, 2),
+        kv("general.architecture", _STRING, "llama"),
+        kv("general.name", _STRING, "model_serve engine probe"),
+        kv("general.file_type", _U32, _MOSTLY_Q4_0),
+        kv("llama.context_length", _U32, N_CTX),
+        kv("llama.embedding_length", _U32, N_EMBD),
+        kv("llama.block_count", _U32, 1),
+        kv("llama.feed_forward_length", _U32, N_FF),
+        kv("llama.attention.head_count", _U32, N_HEAD),
+        kv("llama.attention.head_count_kv", _U32, N_HEAD),
+        kv("llama.rope.dimension_count", _U32, N_EMBD // N_HEAD),
+        kv("llama.attention.layer_norm_rms_epsilon", _F32_VALUE, 1e-5),
+        kv("tokenizer.ggml.model", _STRING, "llama"),
+        kv("tokenizer.ggml.tokens", _ARRAY, (_STRING, tokens)),
+        kv("tokenizer.ggml.scores", _ARRAY, (_F32_VALUE, [0.0] * len(tokens))),
+        kv("tokenizer.ggml.token_type", _ARRAY, (_I32, types)),
+        kv("tokenizer.ggml.unknown_token_id", _U32, 0),
+        kv("tokenizer.ggml.bos_token_id", _U32, 1),
+        kv("tokenizer.ggml.eos_token_id", _U32, 2),
     ]
     # name, dims (row length first, as ggml's ne), type
     shapes: list[tuple[str, tuple[int, ...], int]] = [
@@ -92,19 +92,29 @@ def tiny_gguf_bytes(seed: int = 0) -> bytes:
         ("output_norm.weight", (N_EMBD,), _F32),
         ("output.weight", (N_EMBD, N_VOCAB), _Q4_0),
     ]
-    infos, blobs, offset = [], [], 0
+    tensors = []
     for name, dims, kind in shapes:
         count = 1
         for d in dims:
             count *= d
         data = struct.pack(f"<{count}f", *([1.0] * count)) if kind == _F32 else _q4_0(rng, count)
+        tensors.append((name, dims, kind, data))
+    return gguf_bytes(metadata, tensors)
+
+
+def gguf_bytes(metadata: list[bytes], tensors: list[tuple[str, tuple[int, ...], int, bytes]]
+               ) -> bytes:
+    """A GGUF v3 file: key/values written with `kv`, then tensors as (name, dims with the row
+    length first, ggml type, data)."""
+    infos, blobs, offset = [], [], 0
+    for name, dims, kind, data in tensors:
         data += b"\0" * (-len(data) % _ALIGN)
         infos.append(_string(name) + struct.pack("<I", len(dims))
                      + b"".join(struct.pack("<Q", d) for d in dims)
                      + struct.pack("<IQ", kind, offset))
         blobs.append(data)
         offset += len(data)
-    head = (b"GGUF" + struct.pack("<IQQ", 3, len(shapes), len(metadata))
+    head = (b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(metadata))
             + b"".join(metadata) + b"".join(infos))
     head += b"\0" * (-len(head) % _ALIGN)
     return head + b"".join(blobs)

@@ -41,6 +41,7 @@ from model_serve.engines import Engine, select_engine, slot_cache
 from model_serve.engines.base import LOADED_STATES, EngineModel
 from model_serve.engines.slot_cache import Restored
 from model_serve.errors import ModelServeError
+from model_serve.models import kinds
 from model_serve.models.names import identity
 from model_serve.models.plan import ServedModel
 from model_serve.runtime import gate, model_field
@@ -97,6 +98,9 @@ class Route:
     served: str
     ttl: int = 0
     footprint: int = 0  # bytes it takes once loaded (estimated from the GGUF header)
+    kind: str = kinds.CHAT  # what it answers (models/kinds.py)
+    embeddings: bool = False
+    reranking: bool = False
 
 
 @dataclass
@@ -107,6 +111,8 @@ class Names:
     aliases: dict[str, list[str]] = field(default_factory=dict)  # served -> other names
     models: dict[str, ServedModel] = field(default_factory=dict)  # served -> its plan
     stamp: float | None = None
+    embedding_models: list[str] = field(default_factory=list)  # named in a refusal's advice
+    rerank_models: list[str] = field(default_factory=list)
 
     def find(self, name: str) -> Route | None:
         return self.routes.get(identity(name))
@@ -119,7 +125,11 @@ def build_names(settings: Settings, engine: Engine) -> Names:
     names = Names()
     for served in plan:
         route = Route(engine.model_id(served.name), served.name, served.ttl,
-                      served.estimated_bytes)
+                      served.estimated_bytes, served.kind, served.embeddings, served.reranking)
+        if served.embeddings:
+            names.embedding_models.append(served.name)
+        if served.reranking:
+            names.rerank_models.append(served.name)
         routed = engine.routed_names(served)
         names.aliases[served.name] = [n for n in routed if n != served.name]
         names.models[served.name] = served
@@ -390,6 +400,8 @@ class Front:
             # admission: only the names model_serve serves reach it.
             return _error(404, f"model not found: {sent} (see 'model list')",
                           "model_not_found")
+        if route is not None and (refused := self._kind_refusal(request.path, route)):
+            return refused  # before a load: the model could not answer it
         counted = route if loads else None
         if counted is not None:
             await self.wait_if_held(counted)
@@ -427,6 +439,13 @@ class Front:
             return _error(503, admitted.message, "no_memory_for_model",
                           retry_after=admitted.retry_after)
         return CacheReuse(admitted) if admitted is not None else None
+
+    def _kind_refusal(self, path: str, route: Route) -> web.Response | None:
+        """An embeddings request for a chat model and the like: a 400 that says what to do."""
+        message = kinds.refusal(path, route.served, route.kind, route.embeddings,
+                                route.reranking, self.names.embedding_models,
+                                self.names.rerank_models)
+        return _error(400, message, "invalid_request_error") if message else None
 
     def _engine_id(self, name: str) -> str | None:
         route = self.names.find(name)
