@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -39,6 +39,7 @@ GIVE_UP_AFTER = 5  # consecutive failed starts before a child is marked failed
 STABLE_AFTER = 30.0  # a run this long resets the failure count
 STOP_TIMEOUT = 15.0
 SYNC_RETRY_START = 5.0  # seconds before the first retry of a failed background sync
+LINE_LIMIT = 8192  # bytes of one output line of a child that go to the log
 _LEVELS = {"DEBUG": logging.DEBUG, "INFO": logging.INFO, "WARNING": logging.WARNING,
            "ERROR": logging.ERROR}
 
@@ -57,6 +58,24 @@ class Child:
     next_start: float = 0.0  # monotonic time of the next start attempt
     started: float = 0.0
     deadline: float = 0.0
+
+
+def capped_lines(stream: IO[bytes], limit: int = LINE_LIMIT) -> Iterator[str]:
+    """The lines of a child's output, each cut to `limit` bytes: a model server can print a
+    whole prompt, or megabytes without a newline, and neither the log nor our memory takes
+    that. A cut line says how much was left out."""
+    for raw in iter(lambda: stream.readline(limit), b""):
+        line = raw.decode("utf-8", errors="replace").rstrip()
+        if raw.endswith(b"\n") or len(raw) < limit:
+            yield line
+            continue
+        left_out = 0
+        for rest in iter(lambda: stream.readline(limit), b""):  # up to the end of the line
+            left_out += len(rest.rstrip(b"\r\n"))
+            if rest.endswith(b"\n"):
+                break
+        yield f"{line} [... {left_out} more bytes of this line not logged]" if left_out \
+            else line
 
 
 class Supervisor:
@@ -113,8 +132,7 @@ class Supervisor:
     # --- children -----------------------------------------------------------------------
     def _pump_output(self, name: str, stream: IO[bytes]) -> None:
         child_log = logging.getLogger(f"model_serve.{name}")
-        for raw in iter(stream.readline, b""):
-            line = raw.decode("utf-8", errors="replace").rstrip()
+        for line in capped_lines(stream):
             if not line:
                 continue
             # Our own children print "LEVEL message"; keep their level.
