@@ -245,7 +245,7 @@ def _gpu_limit(settings: Settings, machine: Machine | None = None) -> Check:
 
     limit = read_gpu_limit(settings.llama_server_bin, settings.cache_dir, machine)
     if limit is None:
-        return Check("gpu limit", "ok", "not Apple Silicon: the GPU has memory of its own")
+        return Check("gpu limit", "ok", "not Apple Silicon: no Metal working-set limit to keep")
     detail = (f"{limit.bytes / GIB:.1f} of {limit.ram / GIB:.0f} GiB may be wired by the GPU "
               f"({limit.source}); the loaded models together stay under it")
     if limit.guessed:

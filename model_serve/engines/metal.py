@@ -165,8 +165,8 @@ def device_report(binary: Path, cache_dir: Path) -> int | None:
 
 def read_gpu_limit(llama_server_bin: Path | None, cache_dir: Path,
                    machine: Machine | None = None) -> GpuLimit | None:
-    """The limit on Apple Silicon, None elsewhere (Linux, and Intel Macs, whose GPUs have
-    memory of their own). `llama_server_bin` is the LLAMA_SERVER_BIN setting."""
+    """The limit on Apple Silicon, None elsewhere (Linux, Intel Macs: unified memory and this
+    limit are Apple Silicon's). `llama_server_bin` is the LLAMA_SERVER_BIN setting."""
     if not (machine or this_machine()).apple_silicon:
         return None
     import psutil
