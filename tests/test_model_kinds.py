@@ -138,6 +138,9 @@ def test_an_embedding_model_answers_embeddings(served: Env) -> None:
                    {"model": EMBED, "messages": [{"role": "user", "content": "hi"}]})
     assert refused.status_code == 400
     assert "/v1/embeddings" in refused.json()["error"]["message"]
+    ollama = post(served, "/api/embed", {"model": EMBED, "input": ["hello", "cat"]})
+    assert ollama.status_code == 200, ollama.text
+    assert [len(v) for v in ollama.json()["embeddings"]] == [64, 64]
 
 
 def test_a_reranker_answers_rerank(served: Env) -> None:
@@ -156,6 +159,9 @@ def test_a_chat_model_says_how_to_serve_embeddings(served: Env) -> None:
     message = answer.json()["error"]["message"]
     assert "embeddings: true" in message and "custom_models.yaml" in message
     assert EMBED in message  # which model to use instead
+    ollama = post(served, "/api/embed", {"model": GEMMA, "input": "hello"})
+    assert ollama.status_code == 400, ollama.text
+    assert "embeddings: true" in ollama.json()["error"]  # in Ollama's shape
 
 
 def test_embeddings_true_serves_chat_and_embeddings(served: Env) -> None:

@@ -400,7 +400,8 @@ class Front:
             # admission: only the names model_serve serves reach it.
             return _error(404, f"model not found: {sent} (see 'model list')",
                           "model_not_found")
-        if route is not None and (refused := self._kind_refusal(request.path, route)):
+        sent_path = (path_qs or request.path).partition("?")[0]  # translated: what goes on
+        if route is not None and (refused := self._kind_refusal(sent_path, route)):
             return refused  # before a load: the model could not answer it
         counted = route if loads else None
         if counted is not None:
