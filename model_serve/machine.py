@@ -126,6 +126,18 @@ def cpu_description() -> str:
     return text + _cpu_lines(_run(["lscpu"]), ("Model name", "Flags"))
 
 
+@functools.lru_cache(maxsize=1)
+def native_cpu() -> str:
+    """The CPU's own architecture ('arm64', 'x86_64'). Under Rosetta platform.machine() says
+    x86_64 on Apple Silicon; the kernel's version string still names its ARM64 kernel
+    ('…/RELEASE_ARM64_T6000')."""
+    import platform
+
+    if sys.platform == "darwin" and "ARM64" in os.uname().version:
+        return "arm64"
+    return platform.machine()
+
+
 def _cpu_lines(text: str, keys: tuple[str, ...]) -> str:
     """'|model|flags' from `name: value` lines, up to the first line of flags."""
     found = ""

@@ -11,11 +11,9 @@ with crafted headers.
 from __future__ import annotations
 
 import os
-import platform
 import struct
 import sys
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 from model_serve.errors import EngineError
@@ -47,14 +45,10 @@ class Machine:
         return self.system == "darwin" and self.cpu == "arm64"
 
 
-@lru_cache(maxsize=1)
 def this_machine() -> Machine:
-    """This computer. Under Rosetta platform.machine() says x86_64; the kernel's version
-    string still names the ARM64 kernel (`…/RELEASE_ARM64_T6000`)."""
-    cpu = platform.machine()
-    if sys.platform == "darwin" and "ARM64" in os.uname().version:
-        cpu = "arm64"
-    return Machine(sys.platform, cpu)
+    from model_serve.machine import native_cpu
+
+    return Machine(sys.platform, native_cpu())
 
 
 def mach_o_cpus(head: bytes) -> list[str] | None:

@@ -13,7 +13,13 @@ import pytest
 from model_serve.engines.llama_server import resolve_llama_server
 from model_serve.engines.llama_swap import resolve_llama_swap
 from model_serve.errors import EngineError
-from model_serve.machine_code import Machine, mach_o_cpus, program_cpus, refuse_foreign
+from model_serve.machine_code import (
+    Machine,
+    mach_o_cpus,
+    program_cpus,
+    refuse_foreign,
+    this_machine,
+)
 
 X86_64, ARM64, I386 = 0x01000007, 0x0100000C, 7
 APPLE_SILICON = Machine("darwin", "arm64")
@@ -130,3 +136,27 @@ def test_a_native_copy_elsewhere_is_named_in_the_fix(tmp_path: Path) -> None:
     assert refused.value.hint.startswith(f"set LLAMA_SERVER_BIN={native} in .env (or put "
                                          f"{native.parent} before {intel.parent} on PATH)")
     assert "brew install" not in refused.value.hint
+
+
+def test_apple_silicon_is_known_under_rosetta_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Python run under Rosetta hears 'x86_64' from platform.machine(); the kernel's version
+    string (as `uname -v` prints it on an M1 Pro) still says ARM64. An Intel Mac's does not."""
+    import os
+    import platform
+    import sys
+
+    from model_serve import machine
+
+    kernel = ("Darwin Kernel Version 23.4.0: Fri Mar 15 00:10:42 PDT 2024; "
+              "root:xnu-10063.101.17~1/RELEASE_{}")
+    monkeypatch.setattr(sys, "platform", "darwin")
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    try:
+        for version, apple_silicon in ((kernel.format("ARM64_T6000"), True),
+                                       (kernel.format("X86_64"), False)):
+            monkeypatch.setattr(os, "uname", lambda v=version: os.uname_result(
+                ("Darwin", "mac", "23.4.0", v, "x86_64")))
+            machine.native_cpu.cache_clear()
+            assert this_machine().apple_silicon is apple_silicon
+    finally:
+        machine.native_cpu.cache_clear()

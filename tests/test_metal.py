@@ -16,7 +16,6 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-import psutil
 import pytest
 
 from model_serve.config.settings import load_settings
@@ -37,6 +36,7 @@ from model_serve.engines.metal import (
     parse_wired_limit,
     read_gpu_limit,
 )
+from model_serve.machine import physical_memory
 from model_serve.machine_code import Machine
 from model_serve.runtime.admission import Admission, Refusal
 from model_serve.runtime.engine_view import EngineView
@@ -111,7 +111,7 @@ def test_the_report_is_read_once_per_binary_and_only_on_apple_silicon(tmp_path: 
     assert read_gpu_limit(None, tmp_path, Machine("darwin", "x86_64")) is None  # Intel Mac
     assert not (tmp_path / CACHE_NAME).exists()
     limit = read_gpu_limit(None, tmp_path, APPLE_SILICON)
-    ram = psutil.virtual_memory().total
+    ram = physical_memory()
     assert limit == choose_limit(0, None, ram)  # no report, no sysctl here: the default
     records = json.loads((tmp_path / CACHE_NAME).read_text())
     assert list(records.values()) == [None] and str(binary.resolve()) in next(iter(records))

@@ -169,10 +169,9 @@ def read_gpu_limit(llama_server_bin: Path | None, cache_dir: Path,
     limit are Apple Silicon's). `llama_server_bin` is the LLAMA_SERVER_BIN setting."""
     if not (machine or this_machine()).apple_silicon:
         return None
-    import psutil
-
     from model_serve.engines.llama_server import resolve_llama_server
     from model_serve.errors import ModelServeError
+    from model_serve.machine import physical_memory
 
     wired = read_wired_limit_mb()
     reported = None
@@ -180,4 +179,4 @@ def read_gpu_limit(llama_server_bin: Path | None, cache_dir: Path,
         with contextlib.suppress(ModelServeError):  # no llama-server: the default share
             reported = device_report(resolve_llama_server(llama_server_bin, machine),
                                      cache_dir)
-    return choose_limit(wired, reported, psutil.virtual_memory().total)
+    return choose_limit(wired, reported, physical_memory())
