@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 import requests
 
+from model_serve.models.ollama import points_at, server_url
 from model_serve.runtime import ollama_shapes as shapes
-from model_serve.runtime.ollama_routes import ollama_url, points_at
+from model_serve.runtime.gate import Access, access_of, control_method_ok
 from model_serve.runtime.ollama_shapes import OllamaError, Reply, StreamTranslator
 from tests.conftest import REPO, TWIN, Env, engine_port, free_port, running
 
@@ -144,12 +145,26 @@ def test_digest_is_the_blob_digest_or_a_cheap_stable_hash() -> None:
     assert len(first) == 64
 
 
-def test_ollama_host_pointing_at_model_serve_is_seen() -> None:
-    assert ollama_url("127.0.0.1:5847") == "http://127.0.0.1:5847"
-    assert ollama_url("http://studio.lan") == "http://studio.lan:11434"
-    assert points_at(ollama_url("localhost:5847"), "127.0.0.1", 5847)
+def test_ollama_host_pointing_at_model_serve_is_seen(env: Env) -> None:
+    assert server_url("127.0.0.1:5847") == "http://127.0.0.1:5847"
+    assert server_url("http://studio.lan") == "http://studio.lan:11434"
+    assert points_at(server_url("localhost:5847"), "127.0.0.1", 5847)
     assert points_at("http://0.0.0.0:5847", "127.0.0.1", 5847)
     assert not points_at("http://127.0.0.1:11434", "127.0.0.1", 5847)
+    env["OLLAMA_HOST"] = f"localhost:{env.port}"  # what a user sets for Ollama's clients
+    env["OLLAMA_BIN"] = str(OLLAMA_CLI)
+    doctor = env.run("doctor")
+    assert "points at model_serve itself" in doctor.stdout + doctor.stderr
+    pull = env.run("pull", "gemma3")
+    assert pull.returncode != 0 and "points at model_serve itself" in pull.stderr
+
+
+def test_pull_and_delete_are_control_paths() -> None:
+    assert access_of("POST", "/api/pull", {}) is Access.CONTROL
+    assert access_of("DELETE", "/api/delete", {}) is Access.CONTROL
+    assert control_method_ok("DELETE", "/api/delete")
+    assert not control_method_ok("GET", "/api/pull")
+    assert access_of("POST", "/api/chat", {}) is Access.CLIENT
 
 
 # --- one stack per engine, real clients -------------------------------------------------------
@@ -209,6 +224,7 @@ def test_version_root_and_ours_before_the_engines(served: Env) -> None:
     root = requests.get(served.base_url + "/", timeout=10)
     assert root.status_code == 200 and root.text == "Ollama is running"
     assert requests.head(served.base_url + "/", timeout=10).status_code == 200
+    assert requests.head(served.base_url + "/api/tags", timeout=10).status_code == 200
     page = requests.get(served.base_url + "/", timeout=10, allow_redirects=False,
                         headers={"Accept": "text/html"})
     assert page.text != "Ollama is running"  # a browser gets the engine's own page
@@ -299,6 +315,21 @@ def test_keep_alive_ps_expiry_and_the_cli_run_and_stop(served: Env) -> None:
     assert B not in loaded(served) and A in loaded(served)
     missing = cli(served, "stop", "nope")
     assert missing.returncode != 0 and "couldn't find model" in missing.stderr
+
+
+def test_keep_alive_zero_lets_the_other_requests_finish(served: Env) -> None:
+    lib = client(served)
+    stream = lib.generate(model=A, prompt="Count from one to fifty", stream=True,
+                          options={"num_predict": 48, "temperature": 0})
+    first = next(stream)  # the generation is under way
+    stopped = lib.generate(model=A, prompt="", keep_alive=0)  # `ollama stop`, meanwhile
+    assert stopped.done and stopped.done_reason == "unload"
+    rest = list(stream)
+    assert not first.done and rest[-1].done and rest[-1].done_reason in ("length", "stop")
+    deadline = time.monotonic() + 30
+    while A in loaded(served) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert A not in loaded(served)  # unloaded once that request was done
 
 
 def test_a_short_keep_alive_unloads_the_model_on_time(served: Env) -> None:

@@ -61,7 +61,16 @@ def _engine_computes(settings: Settings) -> Check:
 
 
 def _ollama(settings: Settings) -> Check:
-    from model_serve.models.ollama import ollama_binary
+    from model_serve.models.ollama import (
+        SELF_HINT,
+        ollama_binary,
+        points_at_model_serve,
+        server_url,
+    )
+
+    if points_at_model_serve(settings):
+        return Check("ollama", "fail", f"OLLAMA_HOST={settings.ollama_host} points at "
+                     "model_serve itself, not at your Ollama", SELF_HINT)
 
     try:
         binary = ollama_binary(settings)
@@ -71,7 +80,7 @@ def _ollama(settings: Settings) -> Check:
     import requests
 
     try:
-        version = requests.get(settings.ollama_host.rstrip("/") + "/api/version", timeout=2)
+        version = requests.get(server_url(settings.ollama_host) + "/api/version", timeout=2)
         running = f", server {version.json().get('version', '?')} at {settings.ollama_host}"
     except (requests.RequestException, ValueError):
         return Check("ollama", "warn", f"{binary} found, but no server answers at "

@@ -7,11 +7,13 @@ import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from model_serve.config.settings import Settings
 from model_serve.errors import ConfigError, ModelServeError
 from model_serve.models.catalog import Catalog
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1", "0.0.0.0", "::", "")
 INSTALL_HINT = ("install Ollama from https://ollama.com/download (macOS: brew install ollama), "
                 "or set OLLAMA_BIN")
 
@@ -28,6 +30,36 @@ def ollama_binary(settings: Settings) -> Path:
     if not found:
         raise ModelServeError("the ollama command was not found", INSTALL_HINT)
     return found
+
+
+def server_url(setting: str) -> str:
+    """OLLAMA_HOST as a URL, read as Ollama reads it: `host:port` gets http://, a host
+    alone Ollama's port."""
+    url = setting.strip().rstrip("/")
+    if "://" not in url:
+        url = "http://" + url
+    parts = urlsplit(url)
+    if parts.port is None and parts.hostname:
+        url = f"{parts.scheme}://{parts.netloc}:{443 if parts.scheme == 'https' else 11434}"
+    return url
+
+
+def points_at(url: str, host: str, port: int) -> bool:
+    """Whether `url` reaches the server listening on host:port."""
+    parts = urlsplit(url)
+    name = (parts.hostname or "").lower()
+    return parts.port == port and (name in LOOPBACK or name == host.lower())
+
+
+def points_at_model_serve(settings: Settings) -> bool:
+    """OLLAMA_HOST is also what Ollama's clients use to find a server, so it may have been
+    set to model_serve's own port: model_serve would then call itself for pulls."""
+    return points_at(server_url(settings.ollama_host), settings.host, settings.port)
+
+
+SELF_HINT = ("set OLLAMA_HOST in model_serve's .env to where your own Ollama serves (its "
+             "default is http://127.0.0.1:11434); Ollama's clients keep their own OLLAMA_HOST "
+             "pointing at model_serve")
 
 
 def normalize(name: str) -> str:
@@ -57,7 +89,7 @@ def server_models(settings: Settings) -> list[str] | None:
     import requests
 
     try:
-        reply = requests.get(settings.ollama_host.rstrip("/") + "/api/tags", timeout=3)
+        reply = requests.get(server_url(settings.ollama_host) + "/api/tags", timeout=3)
         return [str(m.get("name", "")) for m in reply.json().get("models", [])]
     except (requests.RequestException, ValueError, AttributeError):
         return None
@@ -79,6 +111,9 @@ def run_ollama(settings: Settings, *args: str,
                capture: bool = False) -> subprocess.CompletedProcess[str]:
     """Run `ollama ARGS` with the user's terminal (progress bars) unless `capture`."""
     binary = ollama_binary(settings)
+    if points_at_model_serve(settings):
+        raise ConfigError(f"OLLAMA_HOST={settings.ollama_host} points at model_serve itself, "
+                          "not at your Ollama", SELF_HINT)
     # The CLI is a client of the server: OLLAMA_HOST says which server. Where models go is the
     # server's own OLLAMA_MODELS; passing ours to the client would change nothing.
     env = {**os.environ, "OLLAMA_HOST": settings.ollama_host}

@@ -17,7 +17,6 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 from aiohttp import ClientResponse, web
 from aiohttp import client_exceptions as client_errors
@@ -25,6 +24,7 @@ from aiohttp import client_exceptions as client_errors
 from model_serve.engines.base import LOADED_STATES
 from model_serve.errors import ModelServeError
 from model_serve.models.names import identity
+from model_serve.models.ollama import SELF_HINT, points_at_model_serve, server_url
 from model_serve.runtime import ollama_shapes as shapes
 from model_serve.runtime.ollama_shapes import OllamaError, Reply, Translated
 
@@ -38,7 +38,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 NDJSON = "application/x-ndjson"
 # Ollama's endpoints that change its own store in ways model_serve leaves to Ollama itself.
 NOT_SERVED = ("/api/copy", "/api/create", "/api/push", "/api/blobs/")
-LOOPBACK = ("127.0.0.1", "localhost", "::1", "0.0.0.0", "::", "")
+IDLE_WAIT = 600.0  # seconds a keep_alive 0 waits for the other requests of its model
 
 
 def _error(status: int, message: str, retry_after: str | None = None) -> web.Response:
@@ -52,29 +52,12 @@ def _browser(request: web.Request) -> bool:
         request.headers.get("Sec-Fetch-Mode", "") == "navigate"
 
 
-def ollama_url(setting: str) -> str:
-    """OLLAMA_HOST as a URL: `host:port` gets http://, a bare host Ollama's port."""
-    url = setting.strip().rstrip("/")
-    if "://" not in url:
-        url = "http://" + url
-    parts = urlsplit(url)
-    if parts.port is None and parts.hostname:
-        url = f"{parts.scheme}://{parts.netloc}:{443 if parts.scheme == 'https' else 11434}"
-    return url
-
-
-def points_at(url: str, host: str, port: int) -> bool:
-    """Whether `url` reaches the server listening on host:port (model_serve itself)."""
-    parts = urlsplit(url)
-    name = (parts.hostname or "").lower()
-    return parts.port == port and (name in LOOPBACK or name == host.lower())
-
-
 class OllamaApi:
     def __init__(self, front: Front) -> None:
         self.front = front
         self.keep_alive: dict[str, float] = {}  # served name -> seconds (-1: never)
         self._ignored_said: set[str] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
 
     # --- routing ----------------------------------------------------------------------------
     def route(self, request: web.Request) -> Handler | None:
@@ -235,7 +218,7 @@ class OllamaApi:
         if translated is None or empty:
             # Ollama's clients load (`ollama run`) or unload (`ollama stop`) a model this way.
             if keep == 0:
-                failed = await self.unload(route)
+                failed = await self.unload_when_idle(route)
                 return failed or web.json_response(reply.final("unload"))
             failed = await self.load(route)
             return failed or web.json_response(reply.final("load"))
@@ -255,7 +238,7 @@ class OllamaApi:
         response = await self.front.forward(request, path_qs=translated.path,
                                             body=translated.encoded(), answer=answer)
         if keep == 0:
-            await self.unload(route)
+            await self.unload_when_idle(route)
         return _as_ollama_error(response)
 
     async def _answer(self, request: web.Request, upstream: ClientResponse,
@@ -342,6 +325,24 @@ class OllamaApi:
             front.ended(route)
         return _as_ollama_error(admitted) if isinstance(admitted, web.Response) else None
 
+    async def unload_when_idle(self, route: Route) -> web.Response | None:
+        """keep_alive 0: unloaded now, unless other requests for it are in flight (they are
+        not cut short): then once they are done, if no request set another keep_alive."""
+        if not self.front.usage(route.engine_id)[0]:
+            return await self.unload(route)
+
+        async def later() -> None:
+            deadline = time.monotonic() + IDLE_WAIT
+            while self.front.usage(route.engine_id)[0] and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            if route.served not in self.keep_alive and time.monotonic() < deadline:
+                await self.unload(route)
+
+        task = asyncio.create_task(later())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return None
+
     async def unload(self, route: Route) -> web.Response | None:
         front = self.front
         try:
@@ -357,13 +358,10 @@ class OllamaApi:
     # --- the user's own Ollama ----------------------------------------------------------------
     def _own_ollama(self) -> str | web.Response:
         settings = self.front.settings
-        url = ollama_url(settings.ollama_host)
-        if points_at(url, settings.host, settings.port):
+        if points_at_model_serve(settings):
             return _error(502, f"OLLAMA_HOST ({settings.ollama_host}) points at model_serve "
-                          "itself: set OLLAMA_HOST in model_serve's .env to where your own "
-                          "Ollama serves (its default is http://127.0.0.1:11434); Ollama's "
-                          "clients keep their own OLLAMA_HOST pointing here")
-        return url
+                          f"itself: {SELF_HINT}")
+        return server_url(settings.ollama_host)
 
     async def pull(self, request: web.Request) -> web.StreamResponse:
         return await self._manage(request, "POST", "/api/pull")
