@@ -132,8 +132,9 @@ def test_the_front_makes_room_before_a_load(engine_env: Env, gemma_path: Path) -
 
 def test_no_room_means_a_clear_503_never_a_load(env: Env, gemma_path: Path) -> None:
     """One model fits. While it serves a request, a second one waits LOAD_QUEUE_TIMEOUT, then
-    gets 503 with Retry-After and the reason; it is never loaded. A line that no model fits
-    under at all is answered at once."""
+    gets 503 with Retry-After and the reason; it is never loaded. Memory other programs use
+    makes a request wait too; a model whose estimate alone crosses the line is refused at
+    once."""
     prepare(env, gemma_path)
     one, estimate = measure(env)
     env.update({"MEMORY_PRESSURE_THRESHOLD": percent(used() + 0.5 * one + estimate),
@@ -157,11 +158,25 @@ def test_no_room_means_a_clear_503_never_a_load(env: Env, gemma_path: Path) -> N
         assert waited >= 3
     assert most[0] == 1
 
+    # Memory others use leaves no room, though the model alone would fit: the request waits
+    # LOAD_QUEUE_TIMEOUT (others may free it), then 503, never a load.
     env.update({"MEMORY_PRESSURE_THRESHOLD": percent(used() + estimate / 2)})
     with running(env):
+        asked = time.monotonic()
+        answer = requests.post(f"{env.base_url}/v1/completions", timeout=60,
+                               json={"model": NAMES[0], "prompt": "Hi", "max_tokens": 1})
+        assert answer.status_code == 503 and "other programs" in \
+            answer.json()["error"]["message"], answer.text[:300]
+        assert time.monotonic() - asked >= 3
+        assert in_memory(env) == 0
+    # A model whose estimate alone crosses the line does not fit: said at once.
+    env.update({"MEMORY_PRESSURE_THRESHOLD": "1"})  # the model alone takes over 1%
+    with running(env):
+        asked = time.monotonic()
         answer = requests.post(f"{env.base_url}/v1/completions", timeout=60,
                                json={"model": NAMES[0], "prompt": "Hi", "max_tokens": 1})
         assert answer.status_code == 503 and "does not fit" in answer.json()["error"]["message"]
+        assert time.monotonic() - asked < 3
         assert in_memory(env) == 0
 
 

@@ -91,6 +91,9 @@ SETTINGS_TABLE: tuple[Setting, ...] = (
     Setting("LOAD_QUEUE_TIMEOUT", "120", "Seconds a request for a model that is not loaded "
             "may wait for room (every loaded model busy or recently used) before it gets HTTP "
             "503 with Retry-After.", "int", 1),
+    Setting("LOAD_QUEUE_MAX", "64", "Most requests that may wait at once for a model to load "
+            "(or for room); past it a request gets HTTP 429 with Retry-After at once.", "int",
+            1),
     Setting("KV_CACHE", "on", "Keep each model's conversations (its KV cache) on disk when it "
             "is unloaded, and restore the one that fits the next request when it loads again "
             "(both engines, with the front).", "choice", choices=("on", "off")),
@@ -199,6 +202,7 @@ class Settings:
     pressure_check_interval: int
     min_model_age_seconds: int
     load_queue_timeout: int
+    load_queue_max: int
     kv_cache: str
     kv_cache_dir: Path
     kv_cache_max_gb: float

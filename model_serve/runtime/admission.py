@@ -4,11 +4,20 @@ cache at its context, from the GGUF header) is under MEMORY_PRESSURE_THRESHOLD, 
 starts the load.
 
 - One admission at a time: two loads cannot both count the same free memory. A load is
-  finished before the next admission reads memory.
+  finished before the next admission reads memory, even when the client that asked for it
+  has gone (the work holds the lock, not the request).
+- After an unload, memory is read again until it shows the model gone (it dropped by most of
+  the model's estimate, or the load fits), within MEMORY_BACK_WAIT, as Ollama does after an
+  eviction: the engine lists a model as gone before the OS has its memory back, and a reading
+  taken then would unload one model too many.
 - Requests for a model that is loading are all served by that one load.
 - A model with a request in flight, used within MIN_MODEL_AGE_SECONDS, or being unloaded is
-  never chosen. When no room can be made, the request waits; after LOAD_QUEUE_TIMEOUT it gets
-  HTTP 503 with Retry-After. A load that would cross the line is never started.
+  never chosen. When no room can be made, the request waits; LOAD_QUEUE_TIMEOUT after it came
+  to admission it gets HTTP 503 with Retry-After. At most LOAD_QUEUE_MAX requests wait at once;
+  the next gets HTTP 429. A load that would cross the line is never started.
+- "It does not fit" at once only for a model whose estimate alone crosses the line, every
+  other model gone: what a reading shows besides our models (another app, memory an unload has
+  not given back yet) may go away, so such a request waits like one for a busy model.
 - Memory others take (other apps) is still the pressure unloader's job (polls and load events).
 - On Apple Silicon the loaded models' footprints together also stay under Metal's working-set
   limit (engines/metal.py), which llama-server checks per process only.
@@ -43,6 +52,10 @@ log = logging.getLogger("model_serve.front")
 
 QUEUE_POLL = 0.5  # seconds between attempts while no room can be made
 UNLOAD_WAIT = 30.0  # seconds an unloaded model gets to leave memory
+MEMORY_BACK_WAIT = 5.0  # ... and then to show as free in the memory reading
+MEMORY_BACK_SHARE = 0.75  # of its estimate: the part of an unloaded model's memory awaited
+MEMORY_POLL = 0.1  # seconds between readings while the memory comes back
+QUEUE_FULL_RETRY = 5  # Retry-After of a request refused because LOAD_QUEUE_MAX wait already
 LOAD_WAIT = 300.0  # seconds a load may take
 REFUSED_BACKOFF = 60.0  # a model that refused to unload is not chosen again for this long
 GIB = 2**30
@@ -54,6 +67,7 @@ class Refusal:
 
     message: str
     retry_after: int
+    status: int = 503
 
 
 class Admission:
@@ -67,6 +81,7 @@ class Admission:
         self.usage = usage  # engine id -> (requests in flight, last use), from the front
         self.read = read
         self.lock = asyncio.Lock()
+        self.waiting = 0  # requests inside admit(): waiting for the lock, room or a load
         self.evicting: set[str] = set()
         self.refused: dict[str, float] = {}
         self.gpu_limit = gpu_limit or (lambda: read_gpu_limit(settings.llama_server_bin,
@@ -82,13 +97,41 @@ class Admission:
         self.footprints[engine_id] = need
         if self.view.state(engine_id) == "loaded" and engine_id not in self.evicting:
             return None  # the common case: no lock, no read, no await
-        async with self.lock:
-            return await self._make_room_and_load(engine_id, need, body)
+        limit = self.settings.load_queue_max
+        if self.waiting >= limit:
+            return Refusal(f"{self.waiting} requests already wait for a model to load "
+                           f"(LOAD_QUEUE_MAX={limit}); retry later", QUEUE_FULL_RETRY, 429)
+        timeout = self.settings.load_queue_timeout
+        deadline = time.monotonic() + timeout  # from the request's arrival, lock wait included
+        self.waiting += 1
+        try:
+            try:
+                async with asyncio.timeout(timeout):
+                    await self.lock.acquire()
+            except TimeoutError:
+                return Refusal(f"loading {engine_id} waited {timeout}s behind other loads "
+                               "(LOAD_QUEUE_TIMEOUT)", 10)
+            # The work owns the lock to its end: a client that leaves mid-load (its handler
+            # cancelled) must not let the next admission read memory beside a running load.
+            work = asyncio.ensure_future(self._locked(engine_id, need, body, deadline))
+            try:
+                return await asyncio.shield(work)
+            except asyncio.CancelledError:
+                work.add_done_callback(_log_failure)
+                raise
+        finally:
+            self.waiting -= 1
 
-    async def _make_room_and_load(self, engine_id: str, need: int,
-                                  body: bytes | None) -> Refusal | Restored | None:
+    async def _locked(self, engine_id: str, need: int, body: bytes | None,
+                      deadline: float) -> Refusal | Restored | None:
+        try:
+            return await self._make_room_and_load(engine_id, need, body, deadline)
+        finally:
+            self.lock.release()
+
+    async def _make_room_and_load(self, engine_id: str, need: int, body: bytes | None,
+                                  deadline: float) -> Refusal | Restored | None:
         threshold = self.settings.memory_pressure_threshold
-        deadline = time.monotonic() + self.settings.load_queue_timeout
         waiting_said = False
         while True:
             try:
@@ -110,22 +153,34 @@ class Admission:
                    f" would cross {threshold:g}%") if gpu is None else \
                 f"loading {engine_id} needs {need / GIB:.2f} GiB; {gpu.why}"
             fix = "raise MEMORY_PRESSURE_THRESHOLD" if gpu is None else gpu.fix
+            others = any(m.state in LOADED_STATES and m.name != engine_id for m in models)
             if not stopping:
+                if gpu is None and reading.total and 100 * need / reading.total >= threshold:
+                    return Refusal(f"loading {engine_id} needs {need / GIB:.2f} GiB, "
+                                   f"{100 * need / reading.total:.1f}% of memory: with every "
+                                   f"other model gone it would still cross {threshold:g}%, "
+                                   "it does not fit. Lower its ctx_size in custom_models.yaml, "
+                                   f"or {fix}", 60)
                 victim = self.victim(models, engine_id)
                 if victim is not None:
-                    await self._unload(victim, why)
+                    await self._unload(victim, why, reading, need)
                     continue
-                if not any(m.state in LOADED_STATES and m.name != engine_id for m in models):
+                if gpu is not None and not others:
                     return Refusal(f"{why}, and no other model is loaded: it does not fit. "
                                    f"Lower its ctx_size in custom_models.yaml, or {fix}", 60)
             if time.monotonic() >= deadline:
-                return Refusal(f"{why}, and every loaded model is busy or was used in the last "
-                               f"{self.settings.min_model_age_seconds}s (waited "
-                               f"{self.settings.load_queue_timeout}s)"
-                               + (f"; or {gpu.fix}" if gpu else ""), 10)
+                waited = self.settings.load_queue_timeout
+                if others or stopping:
+                    return Refusal(f"{why}, and every loaded model is busy or was used in the "
+                                   f"last {self.settings.min_model_age_seconds}s (waited "
+                                   f"{waited}s)" + (f"; or {gpu.fix}" if gpu else ""), 10)
+                return Refusal(f"{why}, and no other model is loaded: other programs use "
+                               f"that memory (waited {waited}s)", 30)
             if not waiting_said and not stopping:
-                log.info("admission: %s; every loaded model is busy or recently used: waiting",
-                         why)
+                log.info("admission: %s; %s: waiting", why,
+                         "every loaded model is busy or recently used" if others else
+                         "no model of ours is loaded (memory other programs use, or one "
+                         "not yet given back)")
                 waiting_said = True
             await asyncio.sleep(QUEUE_POLL)
         log.info("admission: loading %s (%.2f GiB) with memory at %s", engine_id, need / GIB,
@@ -165,7 +220,7 @@ class Admission:
             eligible.append((last_used, model.name))
         return min(eligible)[1] if eligible else None
 
-    async def _unload(self, victim: str, why: str) -> None:
+    async def _unload(self, victim: str, why: str, before: MemoryReading, need: int) -> None:
         _in_flight, last_used = self.usage(victim)
         idle = f"idle {time.time() - last_used:.0f}s" if last_used else "never used"
         log.info("admission: %s; unloading %s (least recently used, %s)", why, victim, idle)
@@ -173,12 +228,39 @@ class Admission:
         try:
             await asyncio.to_thread(self.engine.unload, victim)
             await asyncio.to_thread(self.engine.wait_unloaded, victim, UNLOAD_WAIT)
+            await self._memory_back(victim, before, need)
         except ModelServeError as exc:
             log.error("admission: could not unload %s (%s); not choosing it for %.0fs", victim,
                       exc.message, REFUSED_BACKOFF)
             self.refused[victim] = time.time() + REFUSED_BACKOFF
         finally:
             self.evicting.discard(victim)
+
+    async def _memory_back(self, victim: str, before: MemoryReading, need: int) -> None:
+        """Wait until the reading shows the unloaded model's memory back: down by most of its
+        estimate, or low enough for the load, within MEMORY_BACK_WAIT."""
+        estimate = self.footprints.get(victim, 0)
+        if estimate <= 0:
+            return
+        target = before.used - MEMORY_BACK_SHARE * estimate
+        threshold = self.settings.memory_pressure_threshold
+        deadline = time.monotonic() + MEMORY_BACK_WAIT
+        while True:
+            reading = await asyncio.to_thread(self.read)
+            if reading.used <= target or not reading.over(threshold, need):
+                return
+            if time.monotonic() >= deadline:
+                log.info("admission: %s is unloaded, but memory is still at %s after %.0fs "
+                         "(it was %s)", victim, reading.describe(), MEMORY_BACK_WAIT,
+                         before.describe())
+                return
+            await asyncio.sleep(MEMORY_POLL)
+
+
+def _log_failure(work: asyncio.Future[Any]) -> None:
+    """The work of a request that went away: nobody else reads its failure."""
+    if not work.cancelled() and work.exception() is not None:
+        log.error("admission failed", exc_info=work.exception())
 
 
 def _json_object(body: bytes) -> dict[str, Any]:

@@ -437,7 +437,8 @@ class Front:
         answer."""
         admitted = await self.admission.admit(route.engine_id, route.footprint, body)
         if isinstance(admitted, Refusal):
-            return _error(503, admitted.message, "no_memory_for_model",
+            kind = "load_queue_full" if admitted.status == 429 else "no_memory_for_model"
+            return _error(admitted.status, admitted.message, kind,
                           retry_after=admitted.retry_after)
         return CacheReuse(admitted) if admitted is not None else None
 
