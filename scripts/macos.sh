@@ -19,6 +19,10 @@ macos_preflight() {
         die ".venv was made by an x86_64 Python under Rosetta: its packages are Intel builds" \
             "remove it (rm -rf .venv) and run ./install.sh again in a native Terminal"
     fi
+    if [ -x .venv/bin/python ] && ! new_enough_python .venv/bin/python; then
+        die ".venv was made by $(.venv/bin/python --version 2>&1), older than 3.10" \
+            "remove it (rm -rf .venv) and run ./install.sh again: it uses $PYTHON"
+    fi
 }
 
 new_enough_python() { "$1" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; }

@@ -91,3 +91,12 @@ def test_a_venv_made_under_rosetta_is_named_with_the_fix(tmp_path: Path) -> None
     assert ".venv was made by an x86_64 Python under Rosetta" in result.stderr
     assert "rm -rf .venv" in result.stderr
     assert (tmp_path / "checkout" / ".venv").is_dir(), "the user's folder is left to them"
+
+
+def test_a_venv_made_by_an_old_python_is_named_with_the_fix(tmp_path: Path) -> None:
+    """A .venv left by the Command Line Tools' 3.9 would be reused as it is."""
+    python_standin(tmp_path / "checkout" / ".venv" / "bin", "3.9.6", name="python")
+    result = install_on_a_mac(tmp_path, path_python="3.9.6", brew_python="3.12.8")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert ".venv was made by Python 3.9.6, older than 3.10" in result.stderr
+    assert f"it uses {tmp_path}/homebrew/bin/python3" in result.stderr
