@@ -27,6 +27,8 @@ macos_preflight() {
 
 new_enough_python() { "$1" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; }
 
+python_version() { command -v "$1" >/dev/null && "$1" --version 2>&1 || echo missing; }
+
 python_arch() { "$1" -c 'import platform; print(platform.machine())' 2>/dev/null || echo unknown; }
 
 choose_python() {
@@ -37,11 +39,11 @@ choose_python() {
     local brew_python
     brew_python="$(dirname "$(command -v brew)")/python3"
     if [ -x "$brew_python" ] && new_enough_python "$brew_python"; then
-        say "Python: $brew_python (Homebrew's; python3 on PATH is $(python3 --version 2>&1 || echo missing))"
+        say "Python: $brew_python (Homebrew's; python3 on PATH is $(python_version python3))"
         PYTHON="$brew_python"
         return 0
     fi
-    die "Python 3.10 or newer is needed: python3 on PATH is $(python3 --version 2>&1 || echo missing), and Homebrew has none" \
+    die "Python 3.10 or newer is needed: python3 on PATH is $(python_version python3), and Homebrew has none" \
         "brew install python, then run ./install.sh again (or point PYTHON=/path/to/python3.11 at one)"
 }
 
