@@ -21,6 +21,10 @@ then swapped out, over days) and counting all of it would read 150% with nothing
   memory, and without this bound a big app quitting (many free pages at once) would read as
   pressure. While this bound applies, compressing at better than 2:1 lowers the percent a
   little, still much less than without the saving.
+The price of the first bound: pages an unload frees count toward the saving until a bound is
+reached, so while the compressor's saving exceeds the free pages, the percent falls by less
+than the model's size (the compressed apps may take those pages back); the unloader re-reads
+after each unload and may take one model more than a plain count would.
 The kernel's own pressure level (warn/critical) is read too and acts whatever the percent
 says; how far it may act is the unloader's call.
 """
