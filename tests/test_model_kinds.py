@@ -134,6 +134,9 @@ def test_an_embedding_model_answers_embeddings(served: Env) -> None:
     assert answer.status_code == 200, answer.text
     vectors = [item["embedding"] for item in answer.json()["data"]]
     assert len(vectors) == 2 and len(vectors[0]) == 64 and vectors[0] != vectors[1]
+    # 702 tokens: past llama-server's default batch (512), which refused it with a 500.
+    long = post(served, "/v1/embeddings", {"model": EMBED, "input": "ab " * 350})
+    assert long.status_code == 200, long.text
     refused = post(served, "/v1/chat/completions",
                    {"model": EMBED, "messages": [{"role": "user", "content": "hi"}]})
     assert refused.status_code == 400

@@ -1,4 +1,4 @@
-"""A tiny BERT GGUF (about 200 KB) that the real llama-server loads: an embedding model
+"""A tiny BERT GGUF (about 450 KB) that the real llama-server loads: an embedding model
 (mean pooling) or, with a classification head and rank pooling, a reranker. Its weights are
 pseudo-random, so its vectors and scores are noise, but computed by the real engine.
 
@@ -15,7 +15,7 @@ from pathlib import Path
 from model_serve.models import tiny_gguf
 from model_serve.models.tiny_gguf import gguf_bytes, kv
 
-N_EMBD, N_FF, N_HEAD, N_CTX = 64, 128, 2, 128
+N_EMBD, N_FF, N_HEAD, N_CTX = 64, 128, 2, 1024
 _F32 = 0
 _U32, _I32, _F32V, _BOOL, _STR, _ARR = (tiny_gguf._U32, tiny_gguf._I32, tiny_gguf._F32_VALUE,
                                         tiny_gguf._BOOL, tiny_gguf._STRING, tiny_gguf._ARRAY)

@@ -144,6 +144,10 @@ def _served(model: CatalogModel, name: str, entry: CustomEntry | None, custom: C
         options["threads"] = str(settings.model_threads)
     ctx, reason = _choose_ctx(model, wanted, source, parallel, budget,
                               options.get("swa-full") == "true")
+    if kind != kinds.CHAT and not {"ubatch-size", "ub", "batch-size", "b"} & options.keys():
+        # llama-server embeds or scores an input in one batch of at most --ubatch-size tokens
+        # (512 unless said): a longer input failed with HTTP 500. An encoder's batch is small.
+        options["batch-size"] = options["ubatch-size"] = str(ctx // parallel)
     aliases = [] if entry is None else list(get("aliases", []))
     keeps, why = _conversations(settings, model, options, ctx, parallel, get("swa_full"))
     if keeps and get("cmd"):
