@@ -98,6 +98,7 @@ class Supervisor:
         self.sync_status = ChildState()
         self._stop = threading.Event()
         self._reload = threading.Event()
+        self._sync_now = threading.Event()  # SIGHUP asks the sync thread for a sync
         self._state_lock = threading.Lock()
         self._last_track = 0.0
         from model_serve.runtime.model_exits import ExitWatcher
@@ -332,19 +333,33 @@ class Supervisor:
         return True
 
     def _sync_loop(self) -> None:
+        """Interval syncs, and the ones SIGHUP asks for: here, off the main loop, which keeps
+        restarting what dies while a sync (a bridge run, a drain, a reload) takes minutes."""
         interval = self.settings.bridge_sync_interval
-        wait = interval
-        while not self._stop.wait(wait):
+        wait = float(interval)
+        next_at = time.monotonic() + wait if interval > 0 else float("inf")
+        while not self._stop.is_set():
+            asked = self._sync_now.wait(min(1.0, max(0.0, next_at - time.monotonic())))
+            if self._stop.is_set():
+                return
+            if asked:
+                self._sync_now.clear()
+            elif time.monotonic() < next_at:
+                continue
+            reason = "SIGHUP" if asked else "interval"
             try:
-                ok = self.sync_once("interval")
+                ok = self.sync_once(reason)
             except Exception as exc:  # noqa: BLE001 - the loop must outlive any one failure
-                log.exception("sync (interval) failed")
+                log.exception("sync (%s) failed", reason)
                 self.sync_status.restarts += 1
                 self._set("sync", self.sync_status, Phase.BACKOFF, f"{type(exc).__name__}: {exc}")
                 ok = False
-            # After a failure, retry sooner (5 s, doubling) but never later than the interval.
-            wait = interval if ok else min(interval, SYNC_RETRY_START if wait >= interval
-                                           else wait * 2)
+            if interval > 0:
+                # After a failure, retry sooner (5 s, doubling) but never later than the
+                # interval.
+                wait = interval if ok else min(interval, SYNC_RETRY_START if wait >= interval
+                                               else wait * 2)
+                next_at = time.monotonic() + wait
 
     # --- main loop ----------------------------------------------------------------------
     def _on_signal(self, signum: int, _frame: Any) -> None:
@@ -374,8 +389,7 @@ class Supervisor:
             log.error("no engine config could be written; see the sync error above")
             self.settings.pid_file.unlink(missing_ok=True)
             return 1
-        if self.settings.bridge_sync_interval > 0:
-            threading.Thread(target=self._sync_loop, name="sync", daemon=True).start()
+        threading.Thread(target=self._sync_loop, name="sync", daemon=True).start()
         code = 0
         try:
             self._loop()
@@ -403,7 +417,7 @@ class Supervisor:
             if self._reload.is_set():
                 self._reload.clear()
                 log.info("SIGHUP: syncing now, retrying failed parts")
-                self.sync_once("SIGHUP")
+                self._sync_now.set()
                 for child in self.children:
                     if child.status.phase == Phase.FAILED:
                         child.failures, child.backoff = 0, BACKOFF_START

@@ -91,8 +91,42 @@ def build_current_plan(settings: Settings,
     return catalog, build_plan(catalog, custom, settings, routes=engine.routed_names)
 
 
+SYNC_LOCK_WAIT = 900.0  # seconds a sync waits for another one (a bridge run may take 300)
+
+
+@contextlib.contextmanager
+def sync_lock(settings: Settings, wait: float = SYNC_LOCK_WAIT) -> Iterator[None]:
+    """One sync at a time per stack, across processes (`model sync`, the supervisor's syncs,
+    the front's Ollama API) and threads: two at once would both read the config the other
+    is replacing, drain and reload the engine twice, and one could return before the reload
+    it depends on. flock: on Linux and macOS alike, and let go when its holder dies."""
+    import fcntl
+    import time
+
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    path = settings.state_dir / "sync.lock"
+    with open(path, "a") as lock:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                if time.monotonic() >= deadline:
+                    raise ModelServeError(f"another sync has held {path} for {wait:.0f}s",
+                                          "see 'model logs'; try again later") from None
+                time.sleep(0.1)
+        yield
+
+
 def run_sync(settings: Settings, *, bridge: bool = True, reload: bool = True,
              engine: Engine | None = None) -> SyncResult:
+    with sync_lock(settings):
+        return _run_sync(settings, bridge=bridge, reload=reload, engine=engine)
+
+
+def _run_sync(settings: Settings, *, bridge: bool, reload: bool,
+              engine: Engine | None) -> SyncResult:
     ensure_models_dir(settings)  # before the bridge, which would create any folder
     engine = engine or select_engine(settings)
     bridge_result = BridgeResult(False)
