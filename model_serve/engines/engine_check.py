@@ -18,6 +18,7 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -185,30 +186,37 @@ def _one_token(port: int, process: subprocess.Popen[bytes], deadline: float) -> 
 
 
 def run_probe(binary: Path, model: Path, options: dict[str, str],
-              timeout: float = PROBE_TIMEOUT, fit_off: bool = True) -> ProbeRun:
-    """Start llama-server on `model` with `options`, ask for one token, stop it."""
+              timeout: float = PROBE_TIMEOUT, fit_off: bool = True,
+              started: Callable[[subprocess.Popen[bytes] | None], None] | None = None
+              ) -> ProbeRun:
+    """Start llama-server on `model` with `options`, ask for one token, stop it. `started` is
+    told of the process once it runs, and told None once it has ended."""
     port = _free_port()
     argv = [str(binary), "--model", str(model), "--host", "127.0.0.1", "--port", str(port),
             "--ctx-size", "256", "--parallel", "1", *option_words(options)]
     if fit_off:  # a trial-fit pass only adds time at this context size
         argv += ["--fit", "off"]
-    started = time.monotonic()
+    began = time.monotonic()
     with tempfile.TemporaryFile() as output:
         try:
             process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=output,
                                        stderr=subprocess.STDOUT, start_new_session=True)
         except OSError as exc:
             return ProbeRun(options, False, f"could not be started: {exc}")
+        if started is not None:
+            started(process)
         try:
-            problem = _one_token(port, process, started + timeout)
+            problem = _one_token(port, process, began + timeout)
         finally:
             if process.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(process.pid, signal.SIGKILL)
             code = process.wait()
+            if started is not None:
+                started(None)
         output.seek(0)
         lines = output.read().decode("utf-8", "replace").splitlines()
-    run = ProbeRun(options, not problem, seconds=round(time.monotonic() - started, 2),
+    run = ProbeRun(options, not problem, seconds=round(time.monotonic() - began, 2),
                    output_tail="\n".join(lines[-8:]))
     if problem == "died":
         run.signal, run.cause = describe_exit(code)

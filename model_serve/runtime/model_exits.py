@@ -7,15 +7,25 @@ on its own, as our child, with the engine check's probe: a crash that repeats (S
 CPU, a corrupt file) is then seen for what it is. One that does not repeat came from outside
 (out of memory, or another program). The outcome goes to the log and to `state/model-exits.json`,
 which `model stats` reads.
+
+Right after the kernel ended a process for lack of memory (Linux counts those kills in
+/proc/vmstat), or while memory is over MEMORY_PRESSURE_THRESHOLD, the model is not started
+again: the probe would need the memory that was missing. A probe that runs is recorded in the
+supervisor's state (so `model stop` finds it, even after a crash) and ends with the stack.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import re
+import signal
+import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +41,7 @@ LLAMA_SWAP_EXIT_RE = re.compile(r"<(.+?)> upstream process exited unexpectedly")
 UNKNOWN_STATUS = -1
 EXITS_FILE = "model-exits.json"
 RECHECK_AFTER = 60.0  # seconds before the same model's exit is diagnosed again
+VMSTAT = Path("/proc/vmstat")
 
 
 @dataclass
@@ -61,8 +72,37 @@ def load_exits(settings: Settings) -> dict[str, ModelExit]:
         return {}
 
 
-def diagnose(settings: Settings, model_id: str, status: int) -> ModelExit:
-    """Start the model alone for one token and say what ended its server."""
+def oom_kills() -> int | None:
+    """How many processes the Linux kernel has ended for lack of memory since boot (None
+    where it does not say: macOS, an older kernel)."""
+    try:
+        for line in VMSTAT.read_text().splitlines():
+            if line.startswith("oom_kill "):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def memory_short(settings: Settings) -> str:
+    """Why memory is too short to start the model again now, or ''."""
+    from model_serve.runtime.memory import read_memory
+
+    try:
+        reading = read_memory()
+    except OSError:
+        return ""
+    if reading.over(settings.memory_pressure_threshold) or reading.kernel_asks:
+        return (f"memory is short ({reading.describe()}, over "
+                f"{settings.memory_pressure_threshold:g}%)")
+    return ""
+
+
+def diagnose(settings: Settings, model_id: str, status: int,
+             started: Callable[[subprocess.Popen[bytes] | None], None] | None = None,
+             oom_killed: bool = False) -> ModelExit:
+    """Start the model alone for one token and say what ended its server; not when memory was
+    what ended it (`oom_killed`, or short now): the probe would need that memory."""
     from model_serve.engines import select_engine
     from model_serve.engines.engine_check import required_options, run_probe
     from model_serve.engines.llama_server import resolve_llama_server
@@ -70,6 +110,11 @@ def diagnose(settings: Settings, model_id: str, status: int) -> ModelExit:
     from model_serve.runtime.sync import build_current_plan
 
     said = "exited unexpectedly" if status == UNKNOWN_STATUS else f"exited with status {status}"
+    short = "the kernel ended a process for lack of memory just then" if oom_killed \
+        else memory_short(settings)
+    if short:
+        return ModelExit(model_id, status, f"{said} while {short}: most likely out of memory "
+                         "(not started again to check, which would take the same memory)")
     try:
         engine = select_engine(settings)
         _catalog, plan = build_current_plan(settings, engine)
@@ -79,7 +124,7 @@ def diagnose(settings: Settings, model_id: str, status: int) -> ModelExit:
     served = next((s for s in plan if engine.model_id(s.name) == model_id), None)
     if served is None:
         return ModelExit(model_id, status, f"{said} (the model is no longer configured)")
-    run = run_probe(binary, served.path, required_options(settings, binary))
+    run = run_probe(binary, served.path, required_options(settings, binary), started=started)
     if run.ok:
         return ModelExit(model_id, status, f"{said}; started alone it computes, so the cause "
                          "came from outside it (out of memory, or killed by another program?)")
@@ -93,12 +138,20 @@ def diagnose(settings: Settings, model_id: str, status: int) -> ModelExit:
 class ExitWatcher:
     """Fed every engine output line by the supervisor; diagnoses bad exits in the background."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, changed: Callable[[], None] = lambda: None) -> None:
         self.settings = settings
+        self.changed = changed  # told when a probe starts or ends (the state file lists them)
         self._lock = threading.Lock()
         self._last: dict[str, float] = {}
         self._threads: list[threading.Thread] = []
+        self._probes: dict[str, subprocess.Popen[bytes]] = {}
+        self._oom_kills = oom_kills()
         self.enabled = True  # off while the supervisor itself stops the engine
+        self._closed = False
+
+    def probe_pids(self) -> list[int]:
+        with self._lock:
+            return [probe.pid for probe in self._probes.values()]
 
     def feed(self, line: str) -> None:
         found = parse_exit(line) if self.enabled else None
@@ -106,27 +159,55 @@ class ExitWatcher:
             return
         model_id, status = found
         now = time.monotonic()
+        kills = oom_kills()
         with self._lock:
+            oom_killed = kills is not None and self._oom_kills is not None \
+                and kills > self._oom_kills
+            self._oom_kills = kills
             if now - self._last.get(model_id, -RECHECK_AFTER) < RECHECK_AFTER:
                 return
             self._last[model_id] = now
-        thread = threading.Thread(target=self._diagnose, args=(model_id, status), daemon=True,
-                                  name=f"exit-{model_id}")
+        thread = threading.Thread(target=self._diagnose, args=(model_id, status, oom_killed),
+                                  daemon=True, name=f"exit-{model_id}")
         self._threads = [t for t in self._threads if t.is_alive()] + [thread]
         thread.start()
 
     def close(self, timeout: float = 10.0) -> None:
-        """Stop taking lines; wait for running diagnoses, whose probe servers end with them."""
+        """Stop taking lines; end the probes still running, and wait for their diagnoses."""
         self.enabled = False
+        with self._lock:
+            self._closed = True
+            running = list(self._probes.values())
+        for probe in running:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(probe.pid, signal.SIGKILL)  # its own session: the group is its own
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
 
-    def _diagnose(self, model_id: str, status: int) -> None:
+    def _diagnose(self, model_id: str, status: int, oom_killed: bool = False) -> None:
+        probed: list[int] = []
+
+        def started(probe: subprocess.Popen[bytes] | None) -> None:
+            with self._lock:
+                if probe is None:
+                    self._probes.pop(model_id, None)
+                else:
+                    probed.append(probe.pid)
+                    self._probes[model_id] = probe
+                closed = self._closed
+            if probe is not None and closed:  # the stack stops: not now
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(probe.pid, signal.SIGKILL)
+            self.changed()
+
         try:
-            found = diagnose(self.settings, model_id, status)
+            found = diagnose(self.settings, model_id, status, started, oom_killed)
         except Exception as exc:  # noqa: BLE001 - a failed diagnosis must not end the stack
             found = ModelExit(model_id, status, f"exited with status {status} ({exc})")
+        if probed and self._closed:
+            log.info("model %s: its diagnosis was cut short by the stop", model_id)
+            return  # the probe was ended by us: nothing learned
         found.at = time.time()
         log.error("model %s: its server %s", model_id, found.cause)
         self.record(found)

@@ -103,7 +103,7 @@ class Supervisor:
         self._last_track = 0.0
         from model_serve.runtime.model_exits import ExitWatcher
 
-        self.exit_watcher = ExitWatcher(settings)
+        self.exit_watcher = ExitWatcher(settings, self.write_state)
 
     # --- state file ---------------------------------------------------------------------
     def write_state(self) -> None:
@@ -119,8 +119,14 @@ class Supervisor:
             host=self.settings.host, engine=self.engine.name,
             engine_version=self.engine_version, started_at=self.started_at,
             log_file=str(self.settings.log_file), config_path=str(self.engine.config_path),
-            children=children, model_procs=list(self.model_procs))
+            children=children, model_procs=[*self.model_procs, *self._probe_refs()])
         write_state(self.settings.pid_file, state)
+
+    def _probe_refs(self) -> list[procs.ProcRef]:
+        """The crash-diagnosis probes running: in the state, so that a stop (after our crash
+        too) ends them."""
+        refs = (procs.ProcRef.of(pid) for pid in self.exit_watcher.probe_pids())
+        return [ref for ref in refs if ref is not None]
 
     def _set(self, name: str, status: ChildState, phase: Phase, error: str = "") -> None:
         before = status.phase
