@@ -26,7 +26,8 @@ OLLAMA_CLI = REPO.parent / "shared" / "tools" / "ollama" / "bin" / "ollama"
 A, B = "ls/gemma-3:270m-q4_k_m", "ls/g2"
 # B answers in a few tokens whatever the client asks (`ollama run` sets no limit, and the
 # test model, without a chat template, would go on for minutes).
-TWIN_SHORT = TWIN + '    sampler_args: "--n-predict 8"\n'
+# B has a Jinja template (llama-server's ChatML fallback), so it takes tools; A has none.
+TWIN_SHORT = TWIN + '    sampler_args: "--n-predict 8"\n    jinja: true\n'
 
 
 # --- the translations on their own -----------------------------------------------------------
@@ -271,6 +272,34 @@ def test_chat_streams_and_answers_whole_through_admission(served: Env) -> None:
     assert whole.message.content == "".join(p.message.content for p in parts)
     activity = requests.get(f"{served.base_url}/api/model_serve/activity", timeout=10).json()
     assert activity[B]["requests"] >= 2  # counted as any request is
+    # Tools, and a history with a call and its result, as Ollama's clients send them: the
+    # engine takes the translation (the model may or may not call the tool).
+    weather = {"type": "function", "function": {
+        "name": "weather", "description": "Weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                       "required": ["city"]}}}
+    history = [{"role": "user", "content": "Weather in Oslo?"},
+               {"role": "assistant", "content": "", "tool_calls": [
+                   {"function": {"name": "weather", "arguments": {"city": "Oslo"}}}]},
+               {"role": "tool", "content": "cold", "tool_name": "weather"}]
+    tooled = lib.chat(model=B, messages=history, tools=[weather], stream=False,
+                      options={"num_predict": 8})
+    assert tooled.done and tooled.message.role == "assistant"
+    assert "tools" in lib.show(B).capabilities and "tools" not in lib.show(A).capabilities
+    refused = requests.post(f"{served.base_url}/api/chat", timeout=60, json={
+        "model": A, "messages": history, "tools": [weather]})
+    assert refused.status_code == 400 and "does not support tools" in refused.json()["error"]
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    shaped = lib.chat(model=B, messages=[{"role": "user", "content": "a=3 as JSON"}],
+                      format=schema, stream=False, options={"num_predict": 30})
+    assert isinstance(json.loads(shaped.message.content)["a"], int)
+    pixel = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4nGNgYGBgAAAABQABpfZFQAAAAABJ"
+             "RU5ErkJggg==")
+    seen = requests.post(f"{served.base_url}/api/chat", timeout=60, json={
+        "model": B, "stream": False,
+        "messages": [{"role": "user", "content": "What is this?", "images": [pixel]}]})
+    # No projector for this model: the engine's refusal, in Ollama's shape.
+    assert seen.status_code >= 400 and set(seen.json()) == {"error"}
     assert B in loaded(served)
 
 

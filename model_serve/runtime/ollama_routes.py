@@ -131,7 +131,7 @@ class OllamaApi:
             serving_context=served.ctx_size, embedding_length=info.embedding_length,
             block_count=info.block_count, path=str(model.path),
             vision=bool(served.options.get("mmproj") or model.mmproj),
-            chat_template=info.has_chat_template or "chat-template-file" in served.options,
+            tools=served.options.get("jinja") == "true",
             parameters=dict(model.params))
 
     def ttl(self, route: Route) -> float:
@@ -222,6 +222,11 @@ class OllamaApi:
                 return failed or web.json_response(reply.final("unload"))
             failed = await self.load(route)
             return failed or web.json_response(reply.final("load"))
+        if data.get("tools") and served.options.get("jinja") != "true":
+            # llama-server takes tools only with a Jinja template (it would answer 500).
+            return _error(400, f"{sent} does not support tools (model_serve serves it without "
+                          "a Jinja chat template: set 'jinja: true' for it in "
+                          "custom_models.yaml)")
         if translated.ignored:
             self._say_ignored(served.name, translated.ignored)
         if translated.text is not None:

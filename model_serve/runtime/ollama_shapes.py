@@ -163,8 +163,7 @@ def _think(think: Any) -> dict[str, Any]:
     if think is None:
         return {}
     if isinstance(think, bool):
-        return {"chat_template_kwargs": {"enable_thinking": think},
-                **({} if think else {"reasoning_format": "none"})}
+        return {"chat_template_kwargs": {"enable_thinking": think}}
     if think in ("low", "medium", "high", "max"):
         return {"chat_template_kwargs": {"enable_thinking": True},
                 "reasoning_effort": "high" if think == "max" else think}
@@ -554,7 +553,7 @@ class ModelFacts:
     block_count: int
     path: str
     vision: bool = False
-    chat_template: bool = False
+    tools: bool = False  # served with a Jinja chat template
     parameters: dict[str, Any] = field(default_factory=dict)
 
     def details(self) -> dict[str, Any]:
@@ -564,8 +563,8 @@ class ModelFacts:
 
     def capabilities(self) -> list[str]:
         caps = ["completion"]
-        if self.chat_template:
-            caps.append("tools")  # llama-server's Jinja templates take tools
+        if self.tools:
+            caps.append("tools")
         if self.vision:
             caps.append("vision")
         return caps
