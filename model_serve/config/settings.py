@@ -110,8 +110,10 @@ SETTINGS_TABLE: tuple[Setting, ...] = (
             "folder the Ollama server uses (the server decides where pulls go); empty = "
             "Ollama's own default (~/.ollama/models, then /usr/share/ollama/.ollama/models).",
             "path"),
-    Setting("OLLAMA_HOST", "http://127.0.0.1:11434", "Where the Ollama server answers: given "
-            "to the ollama command (pull, rm, update) and checked by 'model doctor'."),
+    Setting("OLLAMA_HOST", "http://127.0.0.1:11434", "Where your own Ollama server answers: "
+            "given to the ollama command (pull, rm, update), where the port's /api/pull and "
+            "/api/delete go, and checked by 'model doctor'. Not model_serve's own port (that "
+            "is what Ollama's clients set)."),
     Setting("OLLAMA_BIN", "", "Path of the ollama command (pull, rm, update); empty = look on "
             "PATH.", "path"),
     Setting("LLAMA_SERVER_BIN", "", "Path of llama-server; empty = PATH, then the copy "

@@ -12,6 +12,8 @@
 - the port answers to its owner (gate.py): Host, other web origins, and keys by what a path
   does (API_KEYS, ADMIN_KEYS, model_serve's own key); paths routed as normalized;
 - the start, end and number in flight of every request, per model (`/api/model_serve/activity`);
+- Ollama's API (`/api/chat`, `/api/tags`, ...), translated onto the paths above by
+  ollama_routes.py;
 - on the router, a request for a loaded model goes to the model's own server (see Front).
 
 Run as `python -m model_serve.runtime.front` (the supervisor does).
