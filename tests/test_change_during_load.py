@@ -1,6 +1,7 @@
 """A config change that comes while a model loads loses no request and wedges no load, on both
 engines: the request inside admission counts for the sync's hold, so the reload waits for it,
-and a load a reload cuts anyway ends the wait at once instead of holding every other load."""
+and a load a reload cuts anyway ends the wait at once instead of holding every other load. A
+server a reload stops on purpose is never reported as a crash."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import time
 
 import requests
 
+from model_serve.config.settings import load_settings
+from model_serve.engines import select_engine
 from model_serve.runtime.procs import wait_until
 from tests.conftest import TWIN, Env
 from tests.test_engines import states
@@ -50,3 +53,24 @@ def test_a_sync_during_a_load(both: Env) -> None:
     again = requests.post(f"{both.base_url}/v1/completions", timeout=100,
                           json={"model": B, "prompt": "Hello", "max_tokens": 2})
     assert again.status_code == 200
+
+    # A load the front did not start (straight to the engine) is cut by the next reload: its
+    # server ends because model_serve stopped it, which is never reported as a crash.
+    engine = select_engine(load_settings(dict(both)))
+    b_id = engine.model_id(B)
+    engine.unload(b_id)
+    assert engine.wait_unloaded(b_id, 30)
+    loading = threading.Thread(target=lambda: engine.load(b_id, 60))
+    loading.start()
+    assert wait_until(lambda: states(both)[B] == "loading", 10, interval=0.01)
+    (both.home / "custom_models.yaml").write_text(TWIN + "    sampler_args: '--temp 0.7'\n")
+    assert both.run("sync", timeout=120).returncode == 0
+    loading.join(60)
+    log = both.state / "logs" / "model_serve.log"
+    if both["ENGINE"] == "llama-server":  # the router reports the cut load's exit status
+        assert wait_until(lambda: "ended as model_serve stopped it" in log.read_text(), 20,
+                          interval=0.2), "the stopped server's exit was not seen as intended"
+    time.sleep(1)
+    assert "its server exited" not in log.read_text()
+    assert not (both.state / "model-exits.json").exists()
+    assert "crashed" not in both.run("stats").stdout

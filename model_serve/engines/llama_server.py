@@ -24,6 +24,7 @@ from model_serve.fileio import replace_symlink
 from model_serve.machine_code import Machine, refuse_foreign, this_machine
 from model_serve.models.names import dash_form
 from model_serve.programs import HOMEBREW_BINS, find_on_path
+from model_serve.runtime.model_exits import note_stopping
 
 if TYPE_CHECKING:
     from model_serve.models.plan import ServedModel
@@ -228,6 +229,7 @@ class LlamaServerEngine(Engine):
 
     def unload(self, name: str) -> None:
         self.save_slots(name)
+        note_stopping(self.settings, [name])
         response = self.request("POST", "/models/unload", json={"model": name}, timeout=60)
         if response.status_code != 200:
             raise EngineError(f"unloading {name} failed: HTTP {response.status_code} "

@@ -48,6 +48,7 @@ from model_serve.loopback import LineStream, LoopbackError, stream_lines
 from model_serve.machine_code import Machine, refuse_foreign, this_machine
 from model_serve.programs import HOMEBREW_BINS, find_on_path
 from model_serve.runtime import procs
+from model_serve.runtime.model_exits import note_stopping
 
 if TYPE_CHECKING:
     from model_serve.models.plan import ServedModel
@@ -380,6 +381,7 @@ class LlamaSwapEngine(Engine):
 
     def unload(self, name: str) -> None:
         self.save_slots(name)
+        note_stopping(self.settings, [name])
         # Blocks until the model's process has exited (TERM, then KILL after unloadTimeout).
         response = self.request("POST", f"/api/models/unload/{quote(name, safe='/:')}",
                                 timeout=60)

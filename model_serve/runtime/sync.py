@@ -145,7 +145,9 @@ def _run_sync(settings: Settings, *, bridge: bool, reload: bool,
                         config_changed)
     if config_changed and running:
         try:
-            with _requests_held(settings, engine, previous, _read_config(engine.config_path)):
+            new = _read_config(engine.config_path)
+            with _requests_held(settings, engine, previous, new):
+                _note_restarted(settings, engine, previous, new)
                 engine.reload()
             result.reloaded = True
         except ModelServeError as exc:
@@ -157,6 +159,20 @@ def _run_sync(settings: Settings, *, bridge: bool, reload: bool,
             log.warning("engine reload failed: %s", result.reload_error)
     engine.config_taken()
     return result
+
+
+def _note_restarted(settings: Settings, engine: Engine, previous: str | None,
+                    new: str | None) -> None:
+    """The servers this reload stops end on purpose (model_exits), a loading one too."""
+    from model_serve.runtime.model_exits import note_stopping
+
+    restarted = engine.restarted_by_reload(previous, new) \
+        if previous is not None and new is not None else None
+    try:
+        running = [m.name for m in engine.models() if m.state in LOADED_STATES]
+    except ModelServeError:
+        running = []
+    note_stopping(settings, [n for n in running if restarted is None or n in restarted])
 
 
 DRAIN_SECONDS = 30.0  # how long a reload waits for the requests in flight on what it restarts
