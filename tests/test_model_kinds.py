@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from model_serve.errors import ConfigError
 from model_serve.models.model_info import ModelInfo, read_model_info
 from tests.conftest import Env, new_env, running
 from tests.tiny_encoder import write_encoder_gguf
@@ -66,6 +67,34 @@ def test_a_family_without_a_template_gets_its_built_in() -> None:
     first = choose(ModelInfo(architecture="gemma3"), kinds.CHAT, name="llama3", file=None,
                    jinja=None, sampler={"chat-template": "chatml"}, where="f:1")
     assert first.options == {} and "sampler_args" in first.reason  # they come first
+
+
+def test_a_built_in_this_llama_server_lacks(tmp_path: Path) -> None:
+    """An older llama-server without the family's built-in keeps ChatML (the model still
+    loads); one named in custom_models.yaml is refused with the valid names."""
+    from model_serve.engines.llama_server import options_for
+    from model_serve.models import kinds
+    from model_serve.models.catalog import CatalogModel
+    from model_serve.models.chat_templates import choose
+    from model_serve.models.plan import ServedModel
+
+    info = ModelInfo(architecture="gemma3")
+    model = CatalogModel("ls/g:1b", "g:1b", tmp_path / "g.gguf", 1, info, "file")
+
+    def served(name: str | None) -> ServedModel:
+        choice = choose(info, kinds.CHAT, name=name, file=None, jinja=None, sampler={},
+                        where="custom_models.yaml:2")
+        return ServedModel("ls/g:1b", [], model, 512, "", 0, 1,
+                           {"swa-full": "true", **choice.options}, chat_template=choice,
+                           custom_line="custom_models.yaml:2")
+
+    old_build = ["chatml", "llama2", "llama3"]
+    assert options_for(served(None), old_build) == {"swa-full": "true"}
+    assert options_for(served(None), ["gemma", *old_build])["chat-template"] == "gemma"
+    with pytest.raises(ConfigError) as refused:
+        options_for(served("gemma"), old_build)
+    assert "custom_models.yaml:2" in refused.value.message
+    assert "chatml, llama2, llama3" in refused.value.hint
 
 
 @pytest.mark.parametrize(("yaml", "says"), [
@@ -144,6 +173,11 @@ def test_an_embedding_model_answers_embeddings(served: Env) -> None:
     ollama = post(served, "/api/embed", {"model": EMBED, "input": ["hello", "cat"]})
     assert ollama.status_code == 200, ollama.text
     assert [len(v) for v in ollama.json()["embeddings"]] == [64, 64]
+    capabilities = {name: post(served, "/api/show", {"model": name}).json()["capabilities"]
+                    for name in (EMBED, RERANK, GEMMA, TWIN)}
+    assert capabilities[EMBED] == ["embedding"] and capabilities[RERANK] == []
+    assert "embedding" not in capabilities[GEMMA] and "completion" in capabilities[GEMMA]
+    assert {"completion", "embedding"} <= set(capabilities[TWIN])
 
 
 def test_a_reranker_answers_rerank(served: Env) -> None:

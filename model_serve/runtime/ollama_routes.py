@@ -132,7 +132,8 @@ class OllamaApi:
             block_count=info.block_count, path=str(model.path),
             vision=bool(served.options.get("mmproj") or model.mmproj),
             tools=served.options.get("jinja") == "true",
-            parameters=dict(model.params))
+            parameters=dict(model.params), generates=served.kind == "chat",
+            embeddings=served.embeddings)
 
     def ttl(self, route: Route) -> float:
         """Seconds the model stays loaded once idle (<= 0: never)."""

@@ -555,6 +555,8 @@ class ModelFacts:
     vision: bool = False
     tools: bool = False  # served with a Jinja chat template
     parameters: dict[str, Any] = field(default_factory=dict)
+    generates: bool = True  # an embedding model or a reranker does not (models/kinds.py)
+    embeddings: bool = False  # answers /api/embed
 
     def details(self) -> dict[str, Any]:
         family = self.architecture or "unknown"
@@ -562,8 +564,10 @@ class ModelFacts:
                 "parameter_size": self.size_label, "quantization_level": self.quantization}
 
     def capabilities(self) -> list[str]:
-        caps = ["completion"]
-        if self.tools:
+        caps = ["completion"] if self.generates else []
+        if self.embeddings:
+            caps.append("embedding")  # as Ollama says of a model with a pooling type
+        if self.tools and self.generates:
             caps.append("tools")
         if self.vision:
             caps.append("vision")
