@@ -20,6 +20,7 @@ from bench import (
     cli_time,
     cpu_kernels,
     daemons,
+    embeddings,
     engines,
     front,
     kv_cache,
@@ -44,6 +45,7 @@ BENCHMARKS: dict[str, Callable[[Path, bool], Outcome]] = {
     "front": front.run,
     "kv": kv_cache.run,
     "soak": soak.run,
+    "embeddings": embeddings.run,
 }
 DEFAULT_RESULTS = Path(__file__).resolve().parent / "results"
 BUSY_PERCENT = 20.0
