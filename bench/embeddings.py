@@ -1,4 +1,4 @@
-"""15. What `embeddings: true` costs a chat model: gemma-3-270m served as model_serve serves it
+"""14. What `embeddings: true` costs a chat model: gemma-3-270m served as model_serve serves it
 (8,192-token context, --swa-full, its built-in chat template), with and without
 `--embeddings --pooling mean`, both loaded at once with one thread each and asked in turn, so
 both see the same load on the machine. Figures: resident memory once warm, 48-token
