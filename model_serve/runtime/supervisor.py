@@ -307,6 +307,11 @@ class Supervisor:
         if engine_ref is None:
             return
         current = procs.descendants(engine_ref)
+        # Merged, never replaced: an engine killed just after this tick's poll() shows no
+        # children (they were re-parented at its death, and llama-swap's outlive it); a model
+        # server dropped here would be forgotten, left running after the restart and the stop.
+        known = {ref.pid for ref in current}
+        current += [ref for ref in self.model_procs if ref.pid not in known and ref.alive()]
         if {r.pid for r in current} != {r.pid for r in self.model_procs}:
             self.model_procs = current
             self.write_state()
