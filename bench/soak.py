@@ -8,9 +8,10 @@ raw HTTP, to random names. Meanwhile custom_models.yaml changes and `model sync`
 few seconds, and a model server is killed with SIGKILL now and then.
 
 Every request is classified. Allowed: 200; 503 with Retry-After after the request waited the
-whole LOAD_QUEUE_TIMEOUT while every loaded model was busy; 429 with Retry-After (a full load
-queue); "it does not fit" only where memory held by other programs (not the stack's own
-processes) plus the model's need crossed the line. A stream cut while its model server was
+whole LOAD_QUEUE_TIMEOUT while every loaded model was busy or other loads went first; 429 with
+Retry-After (a full load queue); "it does not fit" or "other programs use that memory" only
+where memory held by other programs (not the stack's own processes) plus the model's need
+crossed the line. A stream cut while its model server was
 being killed is counted apart. Anything else
 is a fault: another status, a refusal that came early ("it does not fit" while two fit), a
 broken stream, no answer within the hang bound. After `model stop` no process of the stack may
@@ -178,8 +179,9 @@ def _classify(answer: Answer, body: dict[str, Any] | None) -> None:
     elif answer.status == 503 and answer.error_type == "no_memory_for_model":
         if not answer.retry_after:
             answer.verdict = "503 without Retry-After"
-        elif "busy" in answer.message and answer.seconds >= QUEUE_TIMEOUT - 0.5:
-            answer.verdict = "busy"
+        elif ("busy" in answer.message or "LOAD_QUEUE_TIMEOUT" in answer.message) \
+                and answer.seconds >= QUEUE_TIMEOUT - 0.5:
+            answer.verdict = "busy"  # every loaded model busy, or other loads ahead, all along
         else:  # two fit: a refusal before the queue timeout means admission misjudged
             answer.verdict = "refused early"
     else:
@@ -509,8 +511,8 @@ def _excuse_no_room(soak: Soak) -> None:
     line = float(soak.threshold) * total / 100
     for answer in soak.answers:
         found = re.search(r"needs ([0-9.]+) GiB", answer.message)
-        if answer.verdict != "refused early" or "does not fit" not in answer.message \
-                or not found:
+        said_memory = "does not fit" in answer.message or "other programs" in answer.message
+        if answer.verdict != "refused early" or not said_memory or not found:
             continue
         need = float(found.group(1)) * 2**30
         others = [used - ours for at, used, ours in soak.memory
