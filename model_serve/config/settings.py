@@ -94,6 +94,13 @@ SETTINGS_TABLE: tuple[Setting, ...] = (
     Setting("LOAD_QUEUE_MAX", "64", "Most requests that may wait at once for a model to load "
             "(or for room); past it a request gets HTTP 429 with Retry-After at once.", "int",
             1),
+    Setting("MAX_BODY_MB", "256", "Largest request body the port takes, in megabytes (long "
+            "contexts and images); a larger one gets HTTP 413 before it is read whole.", "int",
+            1, 4096),
+    Setting("MAX_CONCURRENT_REQUESTS", "256", "Most requests the port serves at once (streams "
+            "and waits included); past it HTTP 503 with Retry-After at once.", "int", 1),
+    Setting("REQUEST_READ_TIMEOUT", "120", "Seconds a client may take to send its request "
+            "body; a slower one gets HTTP 408 and its connection is closed.", "int", 1),
     Setting("KV_CACHE", "on", "Keep each model's conversations (its KV cache) on disk when it "
             "is unloaded, and restore the one that fits the next request when it loads again "
             "(both engines, with the front).", "choice", choices=("on", "off")),
@@ -205,6 +212,9 @@ class Settings:
     min_model_age_seconds: int
     load_queue_timeout: int
     load_queue_max: int
+    max_body_mb: int
+    max_concurrent_requests: int
+    request_read_timeout: int
     kv_cache: str
     kv_cache_dir: Path
     kv_cache_max_gb: float

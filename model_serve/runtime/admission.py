@@ -45,6 +45,7 @@ from model_serve.engines.metal import (
 )
 from model_serve.engines.slot_cache import Restored
 from model_serve.errors import ModelServeError
+from model_serve.runtime.engine_calls import engine_call
 from model_serve.runtime.engine_view import EngineView
 from model_serve.runtime.memory import MemoryReading, read_memory
 
@@ -186,14 +187,14 @@ class Admission:
         log.info("admission: loading %s (%.2f GiB) with memory at %s", engine_id, need / GIB,
                  reading.describe())
         started = time.monotonic()
-        loaded = await asyncio.to_thread(self.engine.load, engine_id, LOAD_WAIT)
+        loaded = await engine_call(self.engine.load, engine_id, LOAD_WAIT)
         log.info("admission: %s %s in %.0f ms", engine_id, "loaded" if loaded else "did not load",
                  (time.monotonic() - started) * 1000)
         with contextlib.suppress(ModelServeError):
             self.view.update(await asyncio.to_thread(self.engine.models))
             if loaded and body:
-                return await asyncio.to_thread(self.engine.restore_slots, engine_id,
-                                               _json_object(body))
+                return await engine_call(self.engine.restore_slots, engine_id,
+                                         _json_object(body))
         return None
 
     async def _gpu_shortfall(self, models: list[EngineModel], engine_id: str,
@@ -226,8 +227,8 @@ class Admission:
         log.info("admission: %s; unloading %s (least recently used, %s)", why, victim, idle)
         self.evicting.add(victim)  # from here on, its requests wait for this admission
         try:
-            await asyncio.to_thread(self.engine.unload, victim)
-            await asyncio.to_thread(self.engine.wait_unloaded, victim, UNLOAD_WAIT)
+            await engine_call(self.engine.unload, victim)
+            await engine_call(self.engine.wait_unloaded, victim, UNLOAD_WAIT)
             await self._memory_back(victim, before, need)
         except ModelServeError as exc:
             log.error("admission: could not unload %s (%s); not choosing it for %.0fs", victim,

@@ -48,6 +48,7 @@ from model_serve.models.names import identity
 from model_serve.models.plan import ServedModel
 from model_serve.runtime import gate, model_field
 from model_serve.runtime.admission import Admission, Refusal
+from model_serve.runtime.engine_calls import engine_call
 from model_serve.runtime.engine_view import EngineView
 from model_serve.runtime.gate import (
     Access,
@@ -155,6 +156,7 @@ class Front:
                          if settings.front_enabled else None)
         self._warned: set[str] = set()
         self.view = EngineView(self.engine)
+        self.serving = 0  # requests being served now (MAX_CONCURRENT_REQUESTS)
         # On the router, a request for a loaded model goes to the model's own server: it skips
         # the router's hop (about 2 ms, and a new connection each time: the router closes every
         # connection it proxies). The view's order of events keeps a freed port from being
@@ -329,6 +331,19 @@ class Front:
                 return web.Response(text="OK")
             return _error(503, "the engine is not answering (starting or restarting)",
                           "engine_unavailable", retry_after=2)
+        if self.serving >= self.settings.max_concurrent_requests:
+            self._warn_once("refused requests past MAX_CONCURRENT_REQUESTS "
+                            f"({self.settings.max_concurrent_requests}) with HTTP 503")
+            return _error(503, f"{self.serving} requests are being served "
+                          f"(MAX_CONCURRENT_REQUESTS); retry shortly", "server_busy",
+                          retry_after=2)
+        self.serving += 1
+        try:
+            return await self._handle(request)
+        finally:
+            self.serving -= 1
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
         special = self.ollama.route(request) or self._special(request)
         if special is not None:
             return await special(request)
@@ -373,7 +388,10 @@ class Front:
         loads = True
         if body is None and request.method in ("POST", "PUT", "PATCH") and \
                 request.can_read_body:
-            body = await request.read()
+            read = await self.read_body(request)
+            if isinstance(read, web.Response):
+                return read
+            body = read
         if body is not None and (path_qs or request.path).startswith(MODEL_PATHS):
             kind = request.headers.get("Content-Type", "")
             try:
@@ -431,6 +449,21 @@ class Front:
     async def admit(self, route: Route) -> web.Response | CacheReuse | None:
         """A load with no request to send yet (the router's /models/load, Ollama's)."""
         return await self._admit(route, None)
+
+    async def read_body(self, request: web.Request) -> bytes | web.Response:
+        """The whole body, within MAX_BODY_MB and REQUEST_READ_TIMEOUT; else the 413 or 408."""
+        limit, timeout = self.settings.max_body_mb, self.settings.request_read_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                return await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return _error(413, f"the request body is over MAX_BODY_MB ({limit} MB): send less, "
+                          "or raise MAX_BODY_MB in .env", "request_too_large")
+        except TimeoutError:
+            response = _error(408, f"the request body did not arrive within "
+                              f"REQUEST_READ_TIMEOUT ({timeout}s)", "request_timeout")
+            response.force_close()
+            return response
 
     async def _admit(self, route: Route,
                      body: bytes | None) -> web.Response | CacheReuse | None:
@@ -639,10 +672,10 @@ class Front:
                 chosen = [m for m in models if m.state in LOADED_STATES]
             for model in chosen:
                 if model.state in LOADED_STATES:
-                    await asyncio.to_thread(self.engine.unload, model.name)
+                    await engine_call(self.engine.unload, model.name)
                     # Answer once it is out of memory: a request right after must load it
                     # again (through admission), not find the old server going away.
-                    await asyncio.to_thread(self.engine.wait_unloaded, model.name, 30)
+                    await engine_call(self.engine.wait_unloaded, model.name, 30)
                     self.view.forget(model.name)
         except ModelServeError as exc:
             return _error(502, exc.message, "unload_failed")
@@ -684,7 +717,12 @@ class Front:
             admitted = await self._admit(route, None)
             if isinstance(admitted, web.Response):
                 return admitted
-            body = await request.read() if request.can_read_body else None
+            body = None
+            if request.can_read_body:
+                read = await self.read_body(request)
+                if isinstance(read, web.Response):
+                    return read
+                body = read
             if self.engine.name == "llama-swap":  # its own /upstream, now that there is room
                 path_qs, base = request.path_qs, None
             else:
@@ -700,7 +738,7 @@ class Front:
 
     async def _loaded_port(self, route: Route) -> int | None:
         if self.view.port(route.engine_id) is None:
-            await asyncio.to_thread(self.engine.load, route.engine_id, LOAD_WAIT)
+            await engine_call(self.engine.load, route.engine_id, LOAD_WAIT)
             with contextlib.suppress(ModelServeError):
                 self.view.update(await self.engine_models())
         return self.view.port(route.engine_id)
@@ -787,7 +825,7 @@ def _error(status: int, message: str, kind: str, retry_after: int | None = None)
 
 
 def make_app(front: Front) -> web.Application:
-    app = web.Application(client_max_size=1024**3)  # long contexts and images: up to 1 GiB
+    app = web.Application(client_max_size=front.settings.max_body_mb * 2**20)
 
     async def open_session(_app: web.Application) -> Any:
         # The engine is one loopback address: no happy-eyeballs racing per new connection

@@ -1,0 +1,83 @@
+"""The port's limits, as llama-swap has them, on one real router stack: a body over
+MAX_BODY_MB is a 413 before it is read whole; a client that sends its body too slowly gets a
+408 after REQUEST_READ_TIMEOUT; past MAX_CONCURRENT_REQUESTS a request gets 503 at once. And
+/health answers while loads are waited on: engine calls have a thread pool of their own."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from contextlib import ExitStack
+from pathlib import Path
+
+import requests
+
+from model_serve.config.settings import load_settings
+from model_serve.engines import select_engine
+from model_serve.runtime.procs import wait_until
+from tests.conftest import Env, running
+
+B = "ls/g2"
+TWIN = ("models:\n  g2:\n    base_model: gemma-3:270m-q4_k_m\n    ctx_size: 32768\n"
+        "    sampler_args: '--swa-full'\n")
+
+
+def slow_client(env: Env) -> socket.socket:
+    """A request whose headers came and whose body never does."""
+    sock = socket.create_connection(("127.0.0.1", env.port), timeout=30)
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                 b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
+    return sock
+
+
+def status_of(sock: socket.socket) -> int:
+    return int(sock.recv(4096).split(b" ", 2)[1])
+
+
+def test_the_ports_limits(env: Env, gemma_path: Path) -> None:
+    (env.models / gemma_path.name).symlink_to(gemma_path)
+    (env.home / "custom_models.yaml").write_text(TWIN)
+    env.update({"MAX_BODY_MB": "1", "REQUEST_READ_TIMEOUT": "3",
+                "MAX_CONCURRENT_REQUESTS": "12"})
+    with running(env):
+        url = f"{env.base_url}/v1/completions"
+        big = requests.post(url, timeout=60, json={"model": B, "prompt": "x" * (2 * 2**20)})
+        assert big.status_code == 413 and "MAX_BODY_MB" in big.json()["error"]["message"]
+
+        # /health while the load of B is waited on by more callers than the default pool has
+        # threads (cores + 4): it answers before the load ends.
+        engine = select_engine(load_settings(dict(env)))
+        b_id = engine.model_id(B)
+        answers: list[int] = []
+
+        def upstream() -> None:
+            answers.append(requests.get(f"{env.base_url}/upstream/{b_id}/health",
+                                        timeout=120).status_code)
+
+        callers = [threading.Thread(target=upstream) for _ in range(10)]
+        callers[0].start()
+        assert wait_until(lambda: engine.models() and {m.name: m.state for m in
+                                                       engine.models()}[b_id] == "loading",
+                          30, interval=0.01)
+        for caller in callers[1:]:
+            caller.start()
+        threading.Event().wait(0.3)  # the callers reach their wait for the load
+        health = requests.get(f"{env.base_url}/health", timeout=120)
+        state = {m.name: m.state for m in engine.models()}[b_id]
+        for caller in callers:
+            caller.join(120)
+        assert health.status_code == 200 and state == "loading", \
+            f"/health answered only once the load was over ({state})"
+        assert answers == [200] * 10
+
+        # Twelve requests whose bodies never come fill the port; the next gets 503 at once.
+        with ExitStack() as stack:
+            held = [stack.enter_context(slow_client(env)) for _ in range(12)]
+            assert wait_until(lambda: requests.get(f"{env.base_url}/v1/models", timeout=5)
+                              .status_code == 503, 2, interval=0.05)
+            busy = requests.get(f"{env.base_url}/v1/models", timeout=5)
+            assert busy.status_code == 503 and "Retry-After" in busy.headers
+            assert requests.get(f"{env.base_url}/health", timeout=5).status_code == 200
+            # After REQUEST_READ_TIMEOUT each gets 408, and the port serves again.
+            assert [status_of(sock) for sock in held] == [408] * 12
+        assert requests.get(f"{env.base_url}/v1/models", timeout=5).status_code == 200
