@@ -27,7 +27,11 @@ A, B = "ls/gemma-3:270m-q4_k_m", "ls/g2"
 # B answers in a few tokens whatever the client asks (`ollama run` sets no limit, and the
 # test model, without a chat template, would go on for minutes).
 # B has a Jinja template (llama-server's ChatML fallback), so it takes tools; A has none.
-TWIN_SHORT = TWIN + '    sampler_args: "--n-predict 8"\n    jinja: true\n'
+# C serves embeddings (llama-server --embeddings, mean pooling).
+TWIN_SHORT = TWIN + ('    sampler_args: "--n-predict 8"\n    jinja: true\n'
+                     '  g3:\n    base_model: gemma-3:270m-q4_k_m\n'
+                     '    sampler_args: "--embeddings --pooling mean"\n')
+C = "ls/g3"
 
 
 # --- the translations on their own -----------------------------------------------------------
@@ -376,6 +380,13 @@ def test_embed_errors_and_pull_without_an_ollama(served: Env) -> None:
     embed = requests.post(f"{served.base_url}/api/embed", json={"model": A, "input": "hi"},
                           timeout=120)
     assert embed.status_code >= 400 and set(embed.json()) == {"error"}
+    lib = client(served)
+    vectors = lib.embed(model=C, input=["a cat", "a dog"])
+    assert len(vectors.embeddings) == 2 and len(vectors.embeddings[0]) == 640
+    assert vectors.prompt_eval_count > 0 and vectors.model == C
+    legacy = lib.embeddings(model=C, prompt="a cat")
+    assert len(legacy.embedding) == 640
+    lib.generate(model=C, prompt="", keep_alive=0)  # room for the next tests
     pull = requests.post(f"{served.base_url}/api/pull", json={"model": "tinyllama"},
                          timeout=30)
     assert pull.status_code == 502 and "no Ollama answers" in pull.json()["error"]
