@@ -64,9 +64,9 @@ def test_unload_one(both: Env) -> None:
 
 
 def test_ttl(both: Env) -> None:
-    """An idle model leaves memory at its ttl: on the router model_serve unloads it (with
-    KV_CACHE on, the default, after saving its conversation; with it off the router puts it
-    to sleep, test_pressure.py), llama-swap stops its process."""
+    """An idle model leaves memory at its ttl: with the front model_serve unloads it on both
+    engines (after saving its conversation, KV_CACHE on); with FRONT=off the router puts it
+    to sleep (test_pressure.py) and llama-swap stops its process."""
     (both.home / "custom_models.yaml").write_text(TWIN + "    ttl: 2\n")
     assert both.run("sync").returncode == 0
     chat(both, A)

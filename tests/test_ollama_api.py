@@ -253,6 +253,7 @@ def test_list_and_show_with_the_library_and_the_cli(served: Env) -> None:
     assert shown.modelinfo["general.architecture"] == "gemma3"
     assert shown.modelinfo["gemma3.context_length"] == 32768
     assert "completion" in shown.capabilities
+    assert "num_ctx         8192" in shown.parameters  # what it is served with
     text = cli(served, "show", A)
     assert text.returncode == 0 and "gemma3" in text.stdout and "32768" in text.stdout
     by_latest = requests.post(f"{served.base_url}/api/show", json={"name": B + ":latest"},

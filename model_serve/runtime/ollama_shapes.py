@@ -589,8 +589,11 @@ class ModelFacts:
                                 self.context_length, f"{arch}.block_count": self.block_count}
         if self.embedding_length:
             info[f"{arch}.embedding_length"] = self.embedding_length
+        # num_ctx: the context the model is served with (clients such as Continue size their
+        # prompts by it; model_info has the trained one).
+        values = {**self.parameters, "num_ctx": self.serving_context}
         params = "\n".join(f"{key:<16}{json.dumps(value) if isinstance(value, str) else value}"
-                           for key, value in sorted(self.parameters.items()))
+                           for key, value in sorted(values.items()))
         return {"license": "", "modelfile": f"# served by model_serve\nFROM {self.path}\n",
                 "parameters": params, "template": "{{ .Prompt }}", "details": self.details(),
                 "model_info": info, "capabilities": self.capabilities(),
