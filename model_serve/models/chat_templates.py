@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from model_serve.errors import ConfigError
-from model_serve.models.kinds import CHAT
+from model_serve.models.kinds import CHAT, described
 from model_serve.models.model_info import ModelInfo
 
 # Built-in templates for GGUFs without a template of their own, by architecture: only
@@ -76,7 +76,7 @@ def choose(info: ModelInfo, kind: str, *, name: str | None, file: str | None,
         return TemplateChoice(name, f"chat_template from {where} (built-in, Jinja off)",
                               {"jinja": "false", "chat-template": name}, by_user=True)
     if kind != CHAT:
-        return TemplateChoice("none", f"an {kind} model does not chat")
+        return TemplateChoice("none", f"{described(kind)} does not chat")
     if info.has_chat_template:
         return TemplateChoice("the GGUF's own", "tokenizer.chat_template in the GGUF")
     if jinja:

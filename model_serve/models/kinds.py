@@ -41,6 +41,11 @@ def kind_of(info: ModelInfo) -> tuple[str, str]:
     return CHAT, "a generative model (no pooling type in its GGUF)"
 
 
+def described(kind: str) -> str:
+    """'an embedding model', 'a reranker', 'a chat model'."""
+    return {EMBEDDING: "an embedding model", RERANK: "a reranker"}.get(kind, "a chat model")
+
+
 def label(kind: str, embeddings: bool, reranking: bool) -> str:
     """The kind as `model list` shows it: what the model answers."""
     if kind == CHAT and embeddings:
@@ -66,14 +71,14 @@ def refusal(path: str, name: str, kind: str, embeddings: bool, reranking: bool,
         return (f"'{name}' does not rerank: set 'reranking: true' for it in "
                 "custom_models.yaml if it is a reranker" + _others("rerank", rerank_models, name))
     if path in GENERATION_PATHS and kind != CHAT:
-        what, where = ("a reranker", "/v1/rerank") if kind == RERANK else \
-            ("an embedding model", "/v1/embeddings")
-        return f"'{name}' is {what} and does not generate text: use {where}"
+        where = "/v1/rerank" if kind == RERANK else "/v1/embeddings"
+        return f"'{name}' is {described(kind)} and does not generate text: use {where}"
     return None
 
 
 def _others(kind: str, names: list[str], name: str) -> str:
     others = [n for n in names if n != name]
     if not others:
-        return f"; no {kind} model is installed"
+        example = " ('model pull nomic-embed-text' gives one)" if kind == "embedding" else ""
+        return f"; no {kind} model is installed{example}"
     return f", or use the {kind} model {' or '.join(repr(n) for n in others[:3])}"

@@ -153,7 +153,7 @@ def _served(model: CatalogModel, name: str, entry: CustomEntry | None, custom: C
     if keeps and get("cmd"):
         keeps, why = False, "cmd is set: model_serve does not add --slot-save-path to it"
     if keeps and kind != kinds.CHAT:
-        keeps, why = False, f"an {kind} model holds no conversation"
+        keeps, why = False, f"{kinds.described(kind)} holds no conversation"
     return ServedModel(
         name=name, aliases=aliases, model=model, ctx_size=ctx, ctx_reason=reason,
         ttl=get("ttl", settings.model_ttl), parallel=parallel, options=options,
