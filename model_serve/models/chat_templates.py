@@ -78,7 +78,9 @@ def choose(info: ModelInfo, kind: str, *, name: str | None, file: str | None,
     if kind != CHAT:
         return TemplateChoice("none", f"{described(kind)} does not chat")
     if info.has_chat_template:
-        return TemplateChoice("the GGUF's own", "tokenizer.chat_template in the GGUF")
+        how = (f"; jinja: false in {where}: llama-server matches it to a built-in"
+               if jinja is False else "")
+        return TemplateChoice("the GGUF's own", f"tokenizer.chat_template in the GGUF{how}")
     if jinja:
         return TemplateChoice("chatml", f"the GGUF has none and jinja: true is set in {where}: "
                               "llama-server falls back to ChatML")
