@@ -201,3 +201,43 @@ def test_fifty_concurrent_requests_while_the_config_reloads(two: Env) -> None:
     log = (two.state / "logs" / "model_serve.log").read_text()
     assert log.count("engine reloaded") >= 2, "the config really changed during the burst"
     assert failures == [] and len(results) == 50
+
+
+def test_model_server_killed_mid_request_on_llama_swap(env: Env, gemma_path,
+                                                       tmp_path) -> None:
+    """llama-swap answers 502 when a model's server ends under a request before any byte of
+    its answer; the front sends the request again once (through admission), as on the
+    router: the client sees a 200."""
+    from tests.test_llama_swap import llama_swap_binary, port_block
+
+    env.port = port_block()
+    env.update({"ENGINE": "llama-swap", "LLAMA_SWAP_BIN": str(llama_swap_binary(tmp_path)),
+                "LLAMA_SWAP_PORT": str(env.port)})
+    (env.models / gemma_path.name).symlink_to(gemma_path)
+    _start(env)
+    try:
+        name = "ls/gemma-3:270m-q4_k_m"
+        _chat(env, name)
+        [killed] = llama_servers_under(env.home.parent)
+        errors: list[Exception] = []
+
+        def long_request() -> None:
+            try:
+                _client(env).chat.completions.create(
+                    model=name, max_tokens=400, extra_body={"ignore_eos": True},
+                    messages=[{"role": "user", "content": "Write a long story."}])
+            except Exception as exc:  # noqa: BLE001 - the failure is what the test looks for
+                errors.append(exc)
+
+        worker = threading.Thread(target=long_request)
+        worker.start()
+        time.sleep(1.5)
+        os.kill(killed, signal.SIGKILL)
+        worker.join(120)
+        assert not errors, errors
+        assert [p for p in llama_servers_under(env.home.parent) if p != killed]
+        log = (env.state / "logs" / "model_serve.log").read_text(errors="replace")
+        assert "sending the request again once" in log
+    finally:
+        env.run("stop", timeout=90)
+        assert stack_processes_under(env.home.parent) == []

@@ -518,7 +518,7 @@ class Front:
             request.content if request.can_read_body and request.method in ("POST", "PUT",
                                                                             "PATCH")
             else None)
-        retried = False
+        retried = lost_retried = False
         while True:
             try:
                 # A retry takes a new connection: the other kept-alive ones to a server that
@@ -527,6 +527,23 @@ class Front:
                 upstream = await session.request(
                     request.method, (base or self.upstream) + path_qs, headers=headers,
                     data=data, allow_redirects=False, auto_decompress=False)
+                if upstream.status == 502 and self.engine.name == "llama-swap" and \
+                        body is not None and route is not None and not lost_retried:
+                    # llama-swap's answer when the model's server ended under the request
+                    # (killed, crashed) before any byte of it: sent again once, through
+                    # admission, as the router's case below (the model loads again).
+                    lost_retried = True
+                    upstream.release()
+                    log.info("llama-swap answered 502 for %s (its server ended); sending the "
+                             "request again once", route.served)
+                    await self._until_engine_sees_it_gone(route.engine_id,
+                                                          self.view.port(route.engine_id))
+                    self.view.forget(route.engine_id)
+                    admitted = await self._admit(route, body)
+                    if isinstance(admitted, web.Response):
+                        return admitted
+                    reuse = admitted or reuse
+                    continue
                 break
             except (client_errors.ClientOSError,  # refused, reset, or closed on us
                     client_errors.ServerDisconnectedError) as exc:
