@@ -225,6 +225,20 @@ def test_control_endpoints_need_the_admin_key_and_post(owned: Env) -> None:
                                   json={"model": "ggml-org/x"} if method == "POST" else None)
         assert answer.status_code == 405, (method, path, answer.text)
     assert states(owned)[A] == "loaded"
+    # Ollama's API: the ollama library with the client key (its headers) lists and chats;
+    # without a key, or with the client key for pull and delete, Ollama's error shape.
+    import ollama
+
+    lib = ollama.Client(host=base, headers=auth(KEY), timeout=120)
+    assert A in {m.model for m in lib.list().models}
+    assert lib.chat(model=A, messages=[{"role": "user", "content": "Hi"}], stream=False,
+                    options={"num_predict": 1}).done
+    bare = requests.get(f"{base}/api/tags", timeout=10)
+    assert bare.status_code == 401 and "API key" in bare.json()["error"]
+    for method, path in [("POST", "/api/pull"), ("DELETE", "/api/delete")]:
+        answer = requests.request(method, base + path, headers=auth(KEY), timeout=30,
+                                  json={"model": "x"})
+        assert answer.status_code == 403 and "ADMIN_KEYS" in answer.json()["error"]
     # The key model_serve sends behind the front does not open the front; the owner's does.
     engine_key = (owned.state / "internal-key").read_text().strip()
     owner_key = (owned.state / "owner-key").read_text().strip()

@@ -324,7 +324,7 @@ class Front:
                                                       query_string=request.query_string))
         refused = self._refused(request)
         if refused is not None:
-            return refused
+            return self.ollama.shaped(request, refused)
         if path in ("/health", "/v1/health") and request.method in ("GET", "HEAD"):
             healthy = await asyncio.to_thread(self.engine.healthy, 1.0)
             if healthy:

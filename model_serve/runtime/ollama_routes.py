@@ -82,6 +82,15 @@ class OllamaApi:
             return self.not_served
         return None
 
+    def shaped(self, request: web.Request, response: web.Response) -> web.StreamResponse:
+        """A refusal (a key, a host name) in Ollama's shape when the path is Ollama's."""
+        if request.method == "OPTIONS" or self.route(request) is None:
+            return response
+        shaped = _as_ollama_error(response)
+        shaped.headers.update({k: v for k, v in response.headers.items()
+                               if k.lower() == "www-authenticate"})
+        return shaped
+
     # --- names ------------------------------------------------------------------------------
     def find(self, name: Any) -> tuple[Route, ServedModel] | None:
         """A served name, its dash form, an alias or an Ollama name; `X:latest` is `X`."""
