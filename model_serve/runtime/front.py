@@ -334,9 +334,9 @@ class Front:
         if self.serving >= self.settings.max_concurrent_requests:
             self._warn_once("refused requests past MAX_CONCURRENT_REQUESTS "
                             f"({self.settings.max_concurrent_requests}) with HTTP 503")
-            return _error(503, f"{self.serving} requests are being served "
-                          f"(MAX_CONCURRENT_REQUESTS); retry shortly", "server_busy",
-                          retry_after=2)
+            return self.ollama.shaped(request, _error(
+                503, f"{self.serving} requests are being served (MAX_CONCURRENT_REQUESTS); "
+                "retry shortly", "server_busy", retry_after=2))
         self.serving += 1
         try:
             return await self._handle(request)
