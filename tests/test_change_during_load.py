@@ -74,3 +74,31 @@ def test_a_sync_during_a_load(both: Env) -> None:
     assert "its server exited" not in log.read_text()
     assert not (both.state / "model-exits.json").exists()
     assert "crashed" not in both.run("stats").stdout
+
+
+def test_an_unload_decided_on_old_activity_cuts_no_request(both: Env) -> None:
+    """The pressure unloader judged A idle on its last read of activity; a stream for A
+    starts before its unload: the unload goes through the front, which sees the stream, and
+    leaves A alone. The stream ends whole."""
+    from openai import OpenAI
+
+    from model_serve.runtime.unloader import PressureUnloader
+
+    client = OpenAI(base_url=f"{both.base_url}/v1", api_key="x", max_retries=0, timeout=120)
+    client.completions.create(model=A, prompt="Hi", max_tokens=1)
+    unloader = PressureUnloader(load_settings(dict(both, MIN_MODEL_AGE_SECONDS="0")))
+    assert unloader.refresh()
+    judged = next(a for a in unloader.tracker.models.values()
+                  if a.name == unloader.engine.model_id(A))
+    assert judged.in_flight == 0
+    stream = client.completions.create(model=A, prompt="Count:", max_tokens=200, stream=True,
+                                       extra_body={"ignore_eos": True})
+    chunks = iter(stream)
+    next(chunks)  # generating
+    assert unloader._unload(judged, 0) is False
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason]
+    assert finish == ["length"]
+    assert states(both)[A] == "loaded"
+    # Idle again, the same unload goes ahead.
+    assert unloader._unload(judged, 0) is True
+    assert states(both)[A] == "unloaded"

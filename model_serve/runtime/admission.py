@@ -135,6 +135,12 @@ class Admission:
         threshold = self.settings.memory_pressure_threshold
         waiting_said = False
         while True:
+            if engine_id in self.evicting:  # the unloader's unload of it runs: wait it out
+                if time.monotonic() >= deadline:
+                    return Refusal(f"{engine_id} is being unloaded (waited "
+                                   f"{self.settings.load_queue_timeout}s)", 10)
+                await asyncio.sleep(QUEUE_POLL)
+                continue
             try:
                 models = await asyncio.to_thread(self.engine.models)
             except ModelServeError:
@@ -205,6 +211,23 @@ class Admission:
         if limit is None:
             return None
         return gpu_shortfall(limit, held_by_others(models, self.footprints, engine_id), need)
+
+    async def evict(self, engine_id: str, idle_seconds: float) -> bool:
+        """The unloader's unload (memory pressure, TTL), made here unless a request uses the
+        model: the check and the mark are one step of the event loop, so a request admitted
+        just before counts as in flight, and one that comes after waits in admission (then
+        loads the model again) instead of reaching a server that is going away."""
+        in_flight, last_used = self.usage(engine_id)
+        if in_flight or engine_id in self.evicting or \
+                time.time() - last_used < idle_seconds:
+            return False
+        self.evicting.add(engine_id)
+        try:
+            await engine_call(self.engine.unload, engine_id)
+            await engine_call(self.engine.wait_unloaded, engine_id, UNLOAD_WAIT)
+        finally:
+            self.evicting.discard(engine_id)
+        return True
 
     def victim(self, models: list[EngineModel], target: str) -> str | None:
         """The loaded, idle, old enough model used least recently."""

@@ -275,6 +275,22 @@ class Front:
         hold.released.set()
         return web.json_response({"released": sorted(hold.models)})
 
+    async def evict(self, request: web.Request) -> web.StreamResponse:
+        """The unloader's unload of an idle model (`{"model": id, "idle_seconds": N}`): 200
+        once it is out of memory, 409 when a request uses it (or did within N seconds)."""
+        try:
+            data = await request.json()
+            engine_id, idle = str(data["model"]), float(data.get("idle_seconds", 0))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return _error(400, 'expected {"model": id, "idle_seconds": N}', "invalid_request")
+        try:
+            unloaded = await self.admission.evict(engine_id, idle)
+        except ModelServeError as exc:
+            return _error(502, exc.message, "unload_failed")
+        if not unloaded:
+            return _error(409, f"{engine_id} is in use", "model_in_use")
+        return web.json_response({"unloaded": engine_id})
+
     # --- the request path -------------------------------------------------------------------
     def _refused(self, request: web.Request) -> web.Response | None:
         """Whether the port answers this request at all (gate.py)."""
@@ -360,6 +376,8 @@ class Front:
             return self.hold
         if path == "/api/model_serve/release" and method == "POST":
             return self.release
+        if path == "/api/model_serve/evict" and method == "POST":
+            return self.evict
         if path.startswith("/upstream/"):
             return self.upstream_request
         unloads = path in ("/unload", "/api/models/unload") or \

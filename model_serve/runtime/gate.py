@@ -82,6 +82,7 @@ def access_of(method: str, path: str, query: dict[str, str]) -> Access:
     if path in ("/unload", "/api/models/unload", "/api/events", "/api/pull",
                 "/api/delete") or path.startswith(
             ("/api/models/unload/", "/api/model_serve/hold", "/api/model_serve/release",
+             "/api/model_serve/evict",
              "/models/load", "/models/unload", "/api/inflight/", "/api/captures",
              "/logs", "/api/profiles/active")):
         return Access.CONTROL

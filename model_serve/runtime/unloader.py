@@ -128,7 +128,7 @@ class PressureUnloader:
                 idle = act.idle_seconds(now)
                 if idle >= ttl:
                     log.info("ttl: %s idle %.0fs (ttl %ds); unloading", act.name, idle, ttl)
-                    if self._unload(act):
+                    if self._unload(act, idle_seconds=ttl):
                         expired.append(act.name)
         return expired
 
@@ -187,7 +187,7 @@ class PressureUnloader:
                 victim = candidates[0]
                 log.info("%s: %s; candidates, least recently used first: %s; unloading %s",
                          reason, why, listing, victim.name)
-                if self._unload(victim):
+                if self._unload(victim, self.settings.min_model_age_seconds):
                     unloaded.append(victim.name)
                     self._record(reason, reading, victim, candidates, need, trigger)
                 if trigger == "kernel":
@@ -196,7 +196,14 @@ class PressureUnloader:
                     break
         return unloaded
 
-    def _unload(self, victim: ModelActivity) -> bool:
+    def _unload(self, victim: ModelActivity, idle_seconds: float) -> bool:
+        """Unload `victim`, judged idle (for `idle_seconds`) on the last activity read. With
+        the front, the front unloads it, judging idleness again as it does: a request the
+        front admitted since that read is never cut."""
+        if self.settings.front_enabled:
+            through_front = self._evict_through_front(victim, idle_seconds)
+            if through_front is not None:
+                return through_front
         try:
             self.engine.unload(victim.name)
         except ModelServeError as exc:
@@ -218,6 +225,31 @@ class PressureUnloader:
             time.sleep(0.1)
         self.tracker.models.pop(victim.name, None)
         return True
+
+    def _evict_through_front(self, victim: ModelActivity, idle_seconds: float) -> bool | None:
+        """True: unloaded; False: in use again (or failed: not tried for a while); None: the
+        front did not answer (it serves no request then: the engine is asked directly)."""
+        from model_serve import internal_key
+        from model_serve.loopback import LoopbackError, call
+
+        try:
+            answer = call("POST", f"{self.settings.base_url}/api/model_serve/evict",
+                          internal_key.own_headers(self.settings), UNLOAD_WAIT + 90,
+                          json_body={"model": victim.name, "idle_seconds": idle_seconds})
+        except LoopbackError as exc:
+            log.warning("the front did not answer the unload of %s (%s); asking the engine",
+                        victim.name, exc)
+            return None
+        if answer.status_code == 200:
+            self.tracker.models.pop(victim.name, None)
+            return True
+        if answer.status_code == 409:
+            log.info("%s is in use again: not unloaded", victim.name)
+            return False
+        log.error("could not unload %s (HTTP %d: %s); not trying it again for %.0fs",
+                  victim.name, answer.status_code, answer.text[:200], REFUSED_BACKOFF)
+        self.refused[victim.name] = time.time() + REFUSED_BACKOFF
+        return False
 
     def _record(self, reason: str, reading: MemoryReading, victim: ModelActivity,
                 candidates: list[ModelActivity], need: int, trigger: str) -> None:
