@@ -110,6 +110,8 @@ def through_the_port(env: Env, engine: Engine, ids: list[str]) -> None:
     assert refused.status_code == 429, refused.text[:300]
     assert int(refused.headers["Retry-After"]) > 0
     assert "LOAD_QUEUE_MAX" in refused.json()["error"]["message"]
+    log = env.state / "logs" / "model_serve.log"
+    assert wait_until(lambda: "refused with HTTP 429: " in log.read_text(), 5, interval=0.1)
     assert states(engine)[b] == "unloaded"
 
     # A client that gives up while its model loads: the next load waits for that one.

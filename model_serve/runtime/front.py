@@ -74,6 +74,7 @@ MODEL_PATHS = ("/v1/", "/v/", "/sdapi/", "/audioapi/", "/completion", "/infill",
 NAMES_REFRESH = 2.0  # seconds between checks of the engine config (names follow every sync)
 LOAD_WAIT = 300.0  # seconds /upstream waits for a model to load
 HOLD_LIMIT = 300.0  # seconds a request waits at most for a model the sync is restarting
+REFUSALS_LOGGED = 10.0  # seconds between log lines about refused requests (per status)
 ALL = "*"  # a hold on every model (llama-swap restarts them all on a config change)
 # Writes the client's reply from the engine's (a translation); sees each chunk it reads.
 Answer = Callable[[web.Request, ClientResponse, Callable[[bytes], None]],
@@ -157,6 +158,7 @@ class Front:
         self._warned: set[str] = set()
         self.view = EngineView(self.engine)
         self.serving = 0  # requests being served now (MAX_CONCURRENT_REQUESTS)
+        self._refusals_said: dict[int, tuple[float, int]] = {}  # status -> (logged at, unsaid)
         # On the router, a request for a loaded model goes to the model's own server: it skips
         # the router's hop (about 2 ms, and a new connection each time: the router closes every
         # connection it proxies). The view's order of events keeps a freed port from being
@@ -490,6 +492,7 @@ class Front:
         answer."""
         admitted = await self.admission.admit(route.engine_id, route.footprint, body)
         if isinstance(admitted, Refusal):
+            self._log_refusal(admitted)
             kind = "load_queue_full" if admitted.status == 429 else "no_memory_for_model"
             return _error(admitted.status, admitted.message, kind,
                           retry_after=admitted.retry_after)
@@ -501,6 +504,18 @@ class Front:
                                 route.reranking, self.names.embedding_models,
                                 self.names.rerank_models)
         return _error(400, message, "invalid_request_error") if message else None
+
+    def _log_refusal(self, refusal: Refusal) -> None:
+        """Each refusal's reason in the log, at most one line per REFUSALS_LOGGED seconds and
+        status (a crowd of clients must not flood it), with the count of those left out."""
+        now = time.monotonic()
+        last, unsaid = self._refusals_said.get(refusal.status, (-REFUSALS_LOGGED, 0))
+        if now - last < REFUSALS_LOGGED:
+            self._refusals_said[refusal.status] = (last, unsaid + 1)
+            return
+        more = f" ({unsaid} more since the last such line)" if unsaid else ""
+        log.warning("refused with HTTP %d: %s%s", refusal.status, refusal.message, more)
+        self._refusals_said[refusal.status] = (now, 0)
 
     def _engine_id(self, name: str) -> str | None:
         route = self.names.find(name)
