@@ -24,6 +24,7 @@ from bench import (
     engines,
     front,
     kv_cache,
+    ollama,
     serving,
     soak,
     start_scale,
@@ -46,6 +47,7 @@ BENCHMARKS: dict[str, Callable[[Path, bool], Outcome]] = {
     "kv": kv_cache.run,
     "soak": soak.run,
     "embeddings": embeddings.run,
+    "ollama": ollama.run,
 }
 DEFAULT_RESULTS = Path(__file__).resolve().parent / "results"
 BUSY_PERCENT = 20.0

@@ -1,4 +1,6 @@
-"""A stand-in for the Ollama server, for tests only (Ollama cannot be installed here).
+"""A stand-in for the Ollama server, for tests only: for `ollama pull` from the registry, which
+needs the network this machine does not have. Everything else runs against the real Ollama
+(tests/real_ollama.py, ../shared/tools/ollama).
 
 `python tests/ollama_server.py PORT`: the parts of Ollama's HTTP API that the `ollama` CLI
 (tests/ollama) uses, following the documented contract: `HEAD /` (heartbeat),

@@ -3,7 +3,9 @@
 A store is the folder Ollama calls OLLAMA_MODELS: `manifests/<host>/<namespace>/<model>/<tag>`
 (JSON) and `blobs/sha256-<hex>` (content-addressed files). The GGUF blobs written here are tiny
 but valid GGUF v3 files (header and metadata, no tensors), so anything that reads headers can
-read them.
+read them. Stores the real `ollama create` makes are in tests/test_real_ollama.py; this one is
+for what the real binary will not write: thousands of models, broken and hostile layouts,
+projectors, names from registries this machine cannot reach.
 
     store = tmp_path / "ollama"
     info = add_model(store, "gemma3:27b", model_type="27.4B", file_type="Q8_0", arch="gemma3")

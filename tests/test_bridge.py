@@ -1,4 +1,6 @@
-"""The Ollama bridge, run as a real program against real Ollama-layout stores in tmp_path."""
+"""The Ollama bridge, run as a real program against Ollama-layout stores in tmp_path, written by
+tests/ollama_store.py for every layout the real binary will not make (broken, hostile, large,
+projectors). Stores made by the real `ollama create`/`cp`/`rm`: tests/test_real_ollama.py."""
 
 from __future__ import annotations
 
