@@ -1,7 +1,9 @@
 """The port's limits, as llama-swap has them, on one real router stack: a body over
 MAX_BODY_MB is a 413 before it is read whole; a client that sends its body too slowly gets a
 408 after REQUEST_READ_TIMEOUT; past MAX_CONCURRENT_REQUESTS a request gets 503 at once. And
-/health answers while loads are waited on: engine calls have a thread pool of their own."""
+/health answers while loads are waited on: engine calls have a thread pool of their own. And
+requests that wait on their own model's load are answered when it ends, even past
+LOAD_QUEUE_TIMEOUT (a big model may take longer to load)."""
 
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ def status_of(sock: socket.socket) -> int:
 def test_the_ports_limits(env: Env, gemma_path: Path) -> None:
     (env.models / gemma_path.name).symlink_to(gemma_path)
     (env.home / "custom_models.yaml").write_text(TWIN)
-    env.update({"MAX_BODY_MB": "1", "REQUEST_READ_TIMEOUT": "3",
+    env.update({"MAX_BODY_MB": "1", "REQUEST_READ_TIMEOUT": "3", "LOAD_QUEUE_TIMEOUT": "1",
                 "MAX_CONCURRENT_REQUESTS": "12"})
     with running(env):
         url = f"{env.base_url}/v1/completions"

@@ -83,6 +83,7 @@ class Admission:
         self.read = read
         self.lock = asyncio.Lock()
         self.waiting = 0  # requests inside admit(): waiting for the lock, room or a load
+        self.loading_now: str | None = None  # the model whose load holds the lock
         self.evicting: set[str] = set()
         self.refused: dict[str, float] = {}
         self.gpu_limit = gpu_limit or (lambda: read_gpu_limit(settings.llama_server_bin,
@@ -106,12 +107,18 @@ class Admission:
         deadline = time.monotonic() + timeout  # from the request's arrival, lock wait included
         self.waiting += 1
         try:
-            try:
-                async with asyncio.timeout(timeout):
-                    await self.lock.acquire()
-            except TimeoutError:
-                return Refusal(f"loading {engine_id} waited {timeout}s behind other loads "
-                               "(LOAD_QUEUE_TIMEOUT)", 10)
+            while True:
+                try:
+                    async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                        await self.lock.acquire()
+                    break
+                except TimeoutError:
+                    if self.loading_now != engine_id:
+                        return Refusal(f"loading {engine_id} waited {timeout}s behind other "
+                                       "loads (LOAD_QUEUE_TIMEOUT)", 10)
+                    # The load ahead is this model's own (a big one may take longer than
+                    # LOAD_QUEUE_TIMEOUT): its outcome is this request's answer.
+                    deadline = time.monotonic() + QUEUE_POLL
             # The work owns the lock to its end: a client that leaves mid-load (its handler
             # cancelled) must not let the next admission read memory beside a running load.
             work = asyncio.ensure_future(self._locked(engine_id, need, body, deadline))
@@ -193,7 +200,11 @@ class Admission:
         log.info("admission: loading %s (%.2f GiB) with memory at %s", engine_id, need / GIB,
                  reading.describe())
         started = time.monotonic()
-        loaded = await engine_call(self.engine.load, engine_id, LOAD_WAIT)
+        self.loading_now = engine_id
+        try:
+            loaded = await engine_call(self.engine.load, engine_id, LOAD_WAIT)
+        finally:
+            self.loading_now = None
         log.info("admission: %s %s in %.0f ms", engine_id, "loaded" if loaded else "did not load",
                  (time.monotonic() - started) * 1000)
         with contextlib.suppress(ModelServeError):
