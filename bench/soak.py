@@ -351,7 +351,7 @@ def _chaos(soak: Soak, stack: Stack, began: float, until: float, stop: threading
             soak.syncs.append({"at": started, "seconds": time.monotonic() - started,
                                "rc": done.returncode, "changed": name,
                                "output": (done.stdout + done.stderr)[-2000:]})
-            next_sync = time.monotonic() + soak.sync_every
+            next_sync += soak.sync_every  # a fixed cadence: a slow sync delays only the next
 
 
 def _watch(soak: Soak, stack: Stack, stop: threading.Event) -> None:
