@@ -106,6 +106,18 @@ def physical_memory() -> int:
     return int(psutil.virtual_memory().total)
 
 
+def oom_kills() -> int | None:
+    """How many processes the Linux kernel has ended for lack of memory since boot; None where
+    it does not say (macOS, whose jetsam keeps no such count; an older kernel; the portable
+    lane)."""
+    if linux_fast_paths():
+        with contextlib.suppress(OSError, ValueError), open("/proc/vmstat", "rb") as handle:
+            for line in handle:
+                if line.startswith(b"oom_kill "):
+                    return int(line.split()[1])
+    return None
+
+
 # --- the CPU -----------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=1)
 def cpu_description() -> str:

@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from model_serve import machine
 from model_serve.config.settings import Settings
 from model_serve.fileio import write_if_changed
 
@@ -47,7 +48,6 @@ LLAMA_SWAP_EXIT_RE = re.compile(r"<(.+?)> upstream process exited unexpectedly")
 UNKNOWN_STATUS = -1
 EXITS_FILE = "model-exits.json"
 RECHECK_AFTER = 60.0  # seconds before the same model's exit is diagnosed again
-VMSTAT = Path("/proc/vmstat")
 STOPS_DIR = "intended-stops"
 ON_PURPOSE_WINDOW = 30.0  # seconds a noted stop covers the model's exit
 
@@ -106,18 +106,6 @@ def load_exits(settings: Settings) -> dict[str, ModelExit]:
         return {name: ModelExit(**item) for name, item in data.items()}
     except (OSError, ValueError, TypeError, AttributeError):
         return {}
-
-
-def oom_kills() -> int | None:
-    """How many processes the Linux kernel has ended for lack of memory since boot (None
-    where it does not say: macOS, an older kernel)."""
-    try:
-        for line in VMSTAT.read_text().splitlines():
-            if line.startswith("oom_kill "):
-                return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return None
 
 
 def memory_short(settings: Settings) -> str:
@@ -181,7 +169,7 @@ class ExitWatcher:
         self._last: dict[str, float] = {}
         self._threads: list[threading.Thread] = []
         self._probes: dict[str, subprocess.Popen[bytes]] = {}
-        self._oom_kills = oom_kills()
+        self._oom_kills = machine.oom_kills()
         self.enabled = True  # off while the supervisor itself stops the engine
         self._closed = False
 
@@ -199,7 +187,7 @@ class ExitWatcher:
                      "reload)", model_id)
             return
         now = time.monotonic()
-        kills = oom_kills()
+        kills = machine.oom_kills()
         with self._lock:
             oom_killed = kills is not None and self._oom_kills is not None \
                 and kills > self._oom_kills
