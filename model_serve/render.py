@@ -295,9 +295,9 @@ def show(served: ServedModel, as_json: bool, check: RestoreCheck | None = None) 
     """`check`: what the first reply after a restore of this model showed, if one came."""
     data = _served_json(served)
     if check is not None:
-        data["keeps_conversations"] = served.keeps_conversations and check.reused
+        data["keeps_conversations"] = served.keeps_conversations and not check.gave_up
         data["conversations"] = (f"{served.conversations_reason}; {check.describe()}"
-                                 if check.reused else
+                                 if not check.gave_up else
                                  f"not saved any more: a restored cache was {check.describe()}")
     if as_json:
         _json(data)

@@ -76,7 +76,9 @@ def plant_old_save(folder: Path, text: str) -> tuple[Path, Path]:
 
 
 def saved_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "restore-check.json")
+    """What holds conversations: not what a restore showed, the marker or the prune lock."""
+    bookkeeping = (slot_cache.CHECK_FILE, slot_cache.MARKER, slot_cache.PRUNE_LOCK)
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in bookkeeping)
 
 
 def test_write_if_changed_gives_the_mode_asked_whatever_the_umask(tmp_path: Path) -> None:
@@ -243,8 +245,9 @@ def test_forget_all_deletes_saved_conversations_only(env: Env) -> None:
     size = sum(p.stat().st_size for p in saved_files(root) if p.name != "notes.txt")
     result = forget(settings, None, True)
     assert (result.saved, result.saved_bytes, result.erased) == (2, size, {})
-    assert sorted(p for p in root.rglob("*") if p.is_file()) == sorted(kept)
-    assert not (root / "ls_b").exists()  # emptied folders go
+    ours = [root / slot_cache.PRUNE_LOCK, root / "ls_a" / slot_cache.MARKER]
+    assert sorted(p for p in root.rglob("*") if p.is_file()) == sorted(kept + ours)
+    assert not (root / "ls_b").exists()  # emptied folders go, with their marker
     shown = env.run("forget", "--all", "--json")
     assert shown.returncode == 0, shown.stderr
     assert json.loads(shown.stdout)["saved_removed"] == 0

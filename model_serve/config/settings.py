@@ -107,6 +107,10 @@ SETTINGS_TABLE: tuple[Setting, ...] = (
     Setting("KV_CACHE_DIR", "", "Where saved KV caches go; empty = STATE_DIR/kv-cache.", "path"),
     Setting("KV_CACHE_MAX_GB", "10", "Disk space saved KV caches may take; the least recently "
             "used go first.", "number", 0),
+    Setting("KV_CACHE_STOP_SAVE_SECONDS", "20", "At 'model stop' (and restart, and the "
+            "service's stop) the loaded models' conversations are saved within this many "
+            "seconds in all; what does not fit in is skipped and logged, so a stop stays "
+            "within the service managers' 45 s (0 = none saved at stop).", "int", 0, 30),
     Setting("MAX_LOADED_MODELS", "0", "Most models loaded at once (0 = no limit; memory "
             "pressure decides).", "int", 0),
     Setting("BRIDGE_SCRIPT", "", "Program that links Ollama's models into MODELS_DIR/ollama; "
@@ -218,6 +222,7 @@ class Settings:
     kv_cache: str
     kv_cache_dir: Path
     kv_cache_max_gb: float
+    kv_cache_stop_save_seconds: int
     max_loaded_models: int
     bridge_script: Path
     bridge_sync_interval: int

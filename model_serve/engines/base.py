@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from model_serve.config.settings import Settings
-from model_serve.errors import EngineError, NotRunningError
+from model_serve.errors import EngineError, ModelServeError, NotRunningError
 from model_serve.fileio import write_if_changed
 from model_serve.loopback import Answer, LoopbackError, call, stream_lines
 from model_serve.models.names import dash_form, identity
@@ -191,6 +191,20 @@ class Engine(ABC):
             slot_cache.remove_other_keys(self.settings.kv_cache_dir,
                                          set(self.slot_folders().values()))
 
+    def slot_folder_ready(self, name: str) -> None:
+        """Before a load: llama-server refuses to start when its slot folder is missing
+        (removed by hand, or by an earlier version's `model forget`), so it is made again."""
+        folder = self.slot_folders().get(name) if self.settings.kv_cache_enabled else None
+        if folder is None or folder.is_dir():
+            return
+        from model_serve.engines import slot_cache
+
+        try:
+            slot_cache.make_folder(folder)
+        except OSError as exc:  # the load fails with llama-server's own reason
+            log.error("the saved-conversations folder of %s cannot be made (%s): move away "
+                      "what is at %s", name, exc, folder)
+
     def _model_server(self, name: str) -> tuple[Path, str] | None:
         """`name`'s slot folder and the address of its own llama-server, while it runs."""
         folder = self.slot_folders().get(name) if self.settings.kv_cache_enabled else None
@@ -201,8 +215,9 @@ class Engine(ABC):
             return None
         return folder, f"http://127.0.0.1:{model.port}"
 
-    def save_slots(self, name: str) -> None:
-        """Before `name` leaves memory: save each of its slots that holds a conversation."""
+    def save_slots(self, name: str, deadline: float | None = None) -> None:
+        """Before `name` leaves memory: save each of its slots that holds a conversation (by
+        `deadline`, a time.monotonic(), when one is given)."""
         import time
 
         from model_serve.engines import slot_cache
@@ -213,7 +228,7 @@ class Engine(ABC):
         folder, url = server
         started = time.monotonic()
         try:
-            saved = slot_cache.save_slots(url, self._headers(), folder)
+            saved = slot_cache.save_slots(url, self._headers(), folder, deadline)
             slot_cache.keep_within(self.settings.kv_cache_dir,
                                    int(self.settings.kv_cache_max_gb * 2**30))
         except Exception as exc:  # noqa: BLE001 - a full disk or a timeout must not stop the unload
@@ -224,6 +239,32 @@ class Engine(ABC):
             log.info("saved %d slot(s) of %s (%d tokens, %.1f MiB) in %.0f ms", len(saved),
                      name, sum(s.tokens for s in saved), sum(s.bytes for s in saved) / 2**20,
                      (time.monotonic() - started) * 1000)
+
+    def save_before_stop(self) -> None:
+        """At a stop of the stack (`model stop`, restart, the service manager's stop): save
+        the loaded models' conversations, within KV_CACHE_STOP_SAVE_SECONDS in all so the
+        stop stays within the service managers' timeouts; models past it are skipped, and
+        said. Never raises: the stop must go on."""
+        import time
+
+        budget = self.settings.kv_cache_stop_save_seconds
+        if not self.settings.kv_cache_enabled or budget <= 0:
+            return
+        deadline = time.monotonic() + budget
+        try:
+            loaded = [m.name for m in self.models() if m.state == "loaded"]
+        except ModelServeError as exc:
+            log.warning("conversations not saved at stop: %s", exc.message)
+            return
+        skipped = []
+        for name in loaded:
+            if time.monotonic() >= deadline:
+                skipped.append(name)
+                continue
+            self.save_slots(name, deadline)
+        if skipped:
+            log.warning("stop: the conversations of %s were not saved (KV_CACHE_STOP_SAVE_"
+                        "SECONDS=%d spent)", ", ".join(skipped), budget)
 
     def restore_slots(self, name: str, body: dict[str, Any]) -> slot_cache.Restored | None:
         """Right after `name` loaded, before this request reaches it: restore the saved
@@ -241,6 +282,7 @@ class Engine(ABC):
         restored = slot_cache.restore_best(url, self._headers(), folder, prompt) \
             if prompt else None
         if restored is not None:
+            restored.checkable = slot_cache.reply_can_tell(body)
             log.info("restored %d tokens of a saved conversation into %s in %.0f ms",
                      restored.tokens, name, (time.monotonic() - started) * 1000)
         return restored

@@ -238,6 +238,7 @@ class LlamaServerEngine(Engine):
     def load(self, name: str, timeout: float = 300) -> bool:
         from model_serve.runtime.procs import wait_until
 
+        self.slot_folder_ready(name)
         self.request("POST", "/models/load", json={"model": name}, timeout=30)
         # The answer comes at once (and is an error when a load is already under way): the
         # model's state tells when it is done. The router marks it loading before it answers,

@@ -375,6 +375,7 @@ class LlamaSwapEngine(Engine):
     def load(self, name: str, timeout: float = 300) -> bool:
         # No load endpoint: a request through /upstream starts the model and is answered once
         # it is ready (as llama-swap's own UI loads models).
+        self.slot_folder_ready(name)
         response = self.request("GET", f"/upstream/{quote(name, safe='/:')}/health",
                                 timeout=timeout)
         return response.status_code == 200

@@ -5,9 +5,11 @@ does not compute its whole prompt again.
 llama-server does the saving and restoring itself (`POST /slots/<id>?action=save|restore`,
 into the folder its `--slot-save-path` names); this module decides what to keep and where:
 
-- one folder per model and *cache key*: the model file (path, size, modification time) and
-  the settings that shape its cache (context, slots, options). A cache saved under another key
-  could not be used, so folders of other keys are removed;
+- one folder per model and *cache key*: the model file (path, size, modification time, inode
+  and change time: a file replaced in place, even with `cp -p`, is another file) and the
+  settings that shape its cache (context, slots, options). A cache saved under another key
+  could not be used, so folders of other keys are removed (those of an earlier version's
+  keys too);
 - each saved slot is a `.bin` written by llama-server under a temporary name and renamed when
   complete, and a `.json` beside it with its size and *hashes* of the text it holds (prompt and
   reply), never the text: enough to find the saved slot a new prompt continues (see
@@ -16,10 +18,17 @@ into the folder its `--slot-save-path` names); this module decides what to keep 
 - what users say to their models is theirs: every folder is 0700 and every file 0600,
   whatever the umask (llama-server's `.bin` too); `secure_saved` makes files left by earlier
   versions so at each start, and rewrites their descriptions that held the text;
-- a disk budget (KV_CACHE_MAX_GB) over all models: the least recently used files go first;
+- a disk budget (KV_CACHE_MAX_GB) over all models, counting every file of ours (unfinished
+  saves and orphans too): the least recently used files go first, leftovers of a killed save
+  once they are STALE_SECONDS old, and one prune at a time across processes (a lock file). A
+  save is skipped when the disk has no room for it plus FREE_MARGIN;
+- only what model_serve made is ever deleted: each model folder holds MARKER; one an earlier
+  version made (our `<model>/<key>/` layout with our descriptions) is recognised and marked;
 - the first reply after a restore tells (its `timings.cache_n`) whether the model really
-  reused the restored cache. Where it did not, the folder records that, nothing more is saved
-  for that model and key, and `model show` says so.
+  reused the restored cache. A reply that could not use it (`cache_prompt: false`, another
+  `id_slot`) tells nothing; one that did not is a miss (a concurrent request may have taken
+  the slot). After MISSES_TO_STOP misses in a row the folder records that, nothing more is
+  saved for that model and key, and `model show` says so.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import time
 import uuid
 from collections.abc import Iterator
@@ -64,7 +74,19 @@ _OUR_SUFFIXES = (".bin", ".json", ".partial", ".tmp")
 # the text a saved slot is chosen by. It costs one copy of each reply.
 SERVER_ENV = {"LLAMA_SERVER_SLOTS_DEBUG": "1"}
 CHECK_FILE = "restore-check.json"
+# In each model folder model_serve made: cleanups delete nothing under a folder without it.
+MARKER = ".model_serve-conversations"
+PRUNE_LOCK = ".prune.lock"  # at KV_CACHE_DIR's top: one prune at a time, across processes
+PRUNE_LOCK_WAIT = 30.0  # seconds; a prune that cannot have the lock is skipped (said)
+# An unfinished save (.partial) or an orphan (a slot without description, or the reverse)
+# untouched this long is a killed save's leftover; a younger one may be a save under way.
+STALE_SECONDS = 600
+SAVE_TIMEOUT = 120.0  # seconds one slot's save may take
+FREE_MARGIN = 512 * 2**20  # what a save leaves free on the disk, beyond the slot's own size
 MIN_CHECKED_TOKENS = 32  # a restore sharing fewer tokens with its request tells too little
+# Restores in a row whose reply took too little from the cache before saving stops: one alone
+# can be a concurrent request that took slot 0 first.
+MISSES_TO_STOP = 3
 
 
 @dataclass
@@ -147,6 +169,9 @@ class Restored:
     folder: Path
     tokens: int  # restored
     expected: int  # of them, the ones the request shares (its prompt's beginning)
+    # False when the request could not use the restored slot whatever the model does
+    # (reply_can_tell): its reply says nothing about the model.
+    checkable: bool = True
 
 
 @dataclass
@@ -157,19 +182,38 @@ class RestoreCheck:
     expected: int
     cache_n: int  # tokens that reply took from the cache (llama-server's timings.cache_n)
     checked_at: float
+    # Checks in a row, this one included, that showed no reuse. A record of an earlier
+    # version (one miss stopped saving) counts as one: it may have been a concurrent request.
+    misses: int = -1
+
+    def __post_init__(self) -> None:
+        if self.misses < 0:
+            self.misses = 0 if self.reused else 1
+
+    @property
+    def gave_up(self) -> bool:
+        return self.misses >= MISSES_TO_STOP
 
     def describe(self) -> str:
         verdict = "reused" if self.reused else "NOT reused"
-        return (f"{verdict}: the first reply after a restore took {self.cache_n} of "
+        text = (f"{verdict}: the first reply after a restore took {self.cache_n} of "
                 f"{self.expected} shared tokens from the cache "
                 f"({time.strftime('%Y-%m-%d %H:%M', time.localtime(self.checked_at))})")
+        if self.gave_up:
+            return f"{text}; {self.misses} restores in a row were not reused: no longer saved"
+        if self.misses:
+            return f"{text}; saving stops after {MISSES_TO_STOP} such restores in a row"
+        return text
 
 
 def cache_key(model_path: Path, settings_shaping_cache: dict[str, Any]) -> str:
     """Changes when the model file or anything that shapes its KV cache changes."""
     try:
         stat = model_path.stat()
-        identity = [str(model_path.resolve()), stat.st_size, int(stat.st_mtime)]
+        # Size and mtime alone survive `cp -p` over the file; its change time does not, and
+        # the inode differs for a file renamed into place.
+        identity = [str(model_path.resolve()), stat.st_size, int(stat.st_mtime), stat.st_ino,
+                    stat.st_ctime_ns]
     except OSError:
         identity = [str(model_path)]
     blob = json.dumps([identity, settings_shaping_cache], sort_keys=True)
@@ -196,9 +240,14 @@ def make_folder(folder: Path) -> Path:
     while True:
         try:
             root.parent.mkdir(parents=True, exist_ok=True)
+            made_model = not folder.parent.exists()
             for level in (root, folder.parent, folder):
                 level.mkdir(mode=PRIVATE_FOLDER, exist_ok=True)
                 os.chmod(level, PRIVATE_FOLDER)  # one an earlier version made 0755
+            if made_model or _only_key_folders(folder.parent):
+                _mark(folder.parent)
+            else:
+                _adopted(folder.parent)
             return folder
         except FileNotFoundError:
             # Another command's sync ended on a config without this key and removed the
@@ -208,19 +257,33 @@ def make_folder(folder: Path) -> Path:
                 raise
 
 
+def reply_can_tell(body: dict[str, Any]) -> bool:
+    """Whether the reply to `body` can show that a restore into slot 0 was reused: not when
+    the request asks for no cache, or for another slot than the one restored into."""
+    if body.get("cache_prompt") is False:
+        return False
+    slot = body.get("id_slot", body.get("slot_id"))
+    return slot is None or slot in (0, -1)
+
+
 def record_check(folder: Path, restored: Restored, cache_n: int) -> RestoreCheck | None:
     """Judge a restore by the first reply after it. A model that did not reuse the cache
-    gets no more saves under this key, and its saved files go (they cannot help)."""
-    if restored.expected < MIN_CHECKED_TOKENS:
+    MISSES_TO_STOP times in a row gets no more saves under this key, and its saved files go
+    (they cannot help)."""
+    if restored.expected < MIN_CHECKED_TOKENS or not restored.checkable:
         return None
-    check = RestoreCheck(cache_n >= restored.expected // 2, restored.expected, cache_n,
-                         time.time())
+    reused = cache_n >= restored.expected // 2
+    before = check_of(folder)
+    misses = 0 if reused else (before.misses if before else 0) + 1
+    check = RestoreCheck(reused, restored.expected, cache_n, time.time(), misses)
     write_if_changed(folder / CHECK_FILE, json.dumps(asdict(check)), mode=PRIVATE_FILE)
-    if not check.reused:
+    if check.gave_up:
         log.warning("%s: a restored conversation was %s; its conversations are no longer "
                     "saved", folder.parent.name, check.describe())
         for slot in saved_slots(folder):
             remove(folder, slot)
+    elif not reused:
+        log.info("%s: a restored conversation was %s", folder.parent.name, check.describe())
     return check
 
 
@@ -233,19 +296,22 @@ def check_of(folder: Path) -> RestoreCheck | None:
 
 def saving_helps(folder: Path) -> bool:
     check = check_of(folder)
-    return check is None or check.reused
+    return check is None or not check.gave_up
 
 
 def remove_other_keys(root: Path, keep: set[Path]) -> None:
     """Remove the folders of saved caches whose key the config in effect no longer names
     (another file or other settings: they could never be used)."""
-    for model, folder in _our_folders(root):
-        if folder not in keep:
-            _remove_files(folder, keep_check=False)
-            _remove_if_empty(folder)
-            _remove_if_empty(model)
-            log.info("removed saved caches of %s made with other settings or another file",
-                     model.name)
+    with _pruning(root) as locked:
+        if not locked:
+            return
+        for model, folder in _our_folders(root):
+            if folder not in keep:
+                _remove_files(folder, keep_check=False)
+                _remove_if_empty(folder)
+                _remove_model_if_empty(model)
+                log.info("removed saved caches of %s made with other settings or another "
+                         "file", model.name)
 
 
 def remove_saved(root: Path, models: set[str] | None = None) -> tuple[int, int]:
@@ -254,13 +320,14 @@ def remove_saved(root: Path, models: set[str] | None = None) -> tuple[int, int]:
     restore showed (CHECK_FILE) stays: it tells about the model, not a conversation.
     Returns (conversations, bytes) removed."""
     count = size = 0
-    for model, folder in _our_folders(root):
-        if models is None or model.name in models:
-            removed = _remove_files(folder, keep_check=True)
-            count += sum(1 for name, _size in removed if name.endswith(".bin"))
-            size += sum(each for _name, each in removed)
-            _remove_if_empty(folder)
-            _remove_if_empty(model)
+    with _pruning(root, wait=PRUNE_LOCK_WAIT * 4):  # asked by the user: done, lock or not
+        for model, folder in _our_folders(root):
+            if models is None or model.name in models:
+                removed = _remove_files(folder, keep_check=True)
+                count += sum(1 for name, _size in removed if name.endswith(".bin"))
+                size += sum(each for _name, each in removed)
+                _remove_if_empty(folder)  # made again before a load or a save needs it
+                _remove_model_if_empty(model)
     return count, size
 
 
@@ -315,12 +382,116 @@ def _subfolders(folder: Path) -> list[Path]:
 
 
 def _our_folders(root: Path) -> Iterator[tuple[Path, Path]]:
-    """(model folder, key folder) of every cache folder under `root`, links not followed:
-    KV_CACHE_DIR may hold other things, which are never touched."""
+    """(model folder, key folder) of every cache folder under `root` in a model folder of
+    ours (MARKER), links not followed: KV_CACHE_DIR may hold other things, never touched."""
     for model in _subfolders(root):
+        if not _adopted(model):
+            continue
         for folder in _subfolders(model):
             if _KEY_NAME.fullmatch(folder.name):
                 yield model, folder
+
+
+def _mark(model: Path) -> None:
+    if not (model / MARKER).is_file():
+        write_if_changed(model / MARKER, "Saved conversations of one model, made by "
+                         "model_serve (KV_CACHE_DIR). Its cleanups touch only folders with "
+                         "this file.\n", mode=PRIVATE_FILE)
+
+
+def _adopted(model: Path) -> bool:
+    """Whether `model` is a model folder of ours: marked, or made by a version before the
+    marker (key folders holding our descriptions), which is marked now, once."""
+    if (model / MARKER).is_file():
+        return True
+    for folder in _subfolders(model):
+        if _KEY_NAME.fullmatch(folder.name) and _holds_our_description(folder):
+            log.info("saved conversations: %s was made by an earlier version; marked as "
+                     "model_serve's", model)
+            _mark(model)
+            return True
+    return False
+
+
+def _holds_our_description(folder: Path) -> bool:
+    for path in _our_files(folder):
+        if path.suffix != ".json":
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if path.name == CHECK_FILE:
+                RestoreCheck(**data)
+            else:
+                SavedSlot.from_json(data)
+            return True
+        except (OSError, ValueError, TypeError):
+            continue
+    return False
+
+
+def _only_key_folders(model: Path) -> bool:
+    """Nothing but key folders (empty or of our files): the layout only model_serve makes."""
+    try:
+        with os.scandir(model) as entries:
+            for entry in entries:
+                if entry.name == MARKER:
+                    continue
+                if not (entry.is_dir(follow_symlinks=False)
+                        and _KEY_NAME.fullmatch(entry.name)):
+                    return False
+                with os.scandir(entry.path) as inside:
+                    if any(not (e.is_file(follow_symlinks=False)
+                                and e.name.endswith(_OUR_SUFFIXES)) for e in inside):
+                        return False
+    except OSError:
+        return False
+    return True
+
+
+def _remove_model_if_empty(model: Path) -> None:
+    """A model folder left with its marker alone goes, marker included."""
+    try:
+        with os.scandir(model) as entries:
+            if any(e.name != MARKER for e in entries):
+                return
+        (model / MARKER).unlink(missing_ok=True)
+    except OSError:
+        return
+    _remove_if_empty(model)
+
+
+@contextlib.contextmanager
+def _pruning(root: Path, wait: float | None = None) -> Iterator[bool]:
+    """Held while files are deleted: two prunes at once (the unloader's, the front's, a
+    sync's) would count the same files twice and remove more than the budget asks. Yields
+    False when another process held it for `wait` seconds."""
+    import fcntl
+
+    try:
+        handle = open(root / PRUNE_LOCK, "a")  # noqa: SIM115 - held across the yield
+    except OSError:  # no root yet (nothing to prune), or not writable: prune unlocked
+        yield True
+        return
+    with handle:
+        with contextlib.suppress(OSError):
+            os.fchmod(handle.fileno(), PRIVATE_FILE)
+        wait = PRUNE_LOCK_WAIT if wait is None else wait
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                if time.monotonic() >= deadline:
+                    log.warning("saved conversations: another process has been pruning %s "
+                                "for %.0fs; this prune is skipped", root, wait)
+                    yield False
+                    return
+                time.sleep(0.05)
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _our_files(folder: Path) -> list[Path]:
@@ -371,13 +542,17 @@ def _describe(folder: Path, slot: SavedSlot) -> None:
                      mode=PRIVATE_FILE)
 
 
-def save_slots(base_url: str, headers: dict[str, str], folder: Path) -> list[SavedSlot]:
-    """Save every slot of the model server at `base_url` that holds tokens."""
+def save_slots(base_url: str, headers: dict[str, str], folder: Path,
+               deadline: float | None = None) -> list[SavedSlot]:
+    """Save every slot of the model server at `base_url` that holds tokens; with a
+    `deadline` (time.monotonic()), those it leaves time for."""
     if not saving_helps(folder):
         return []
     slots = _slots(base_url, headers)
     if slots is None:
         return []
+    if not folder.is_dir():  # `model forget` removed it while the model was loaded
+        make_folder(folder)
     bos = _bos_text(base_url, headers)
     known = saved_slots(folder)
     saved = []
@@ -388,6 +563,14 @@ def save_slots(base_url: str, headers: dict[str, str], folder: Path) -> list[Sav
         text = str(slot.get("prompt") or "")
         text = text[len(bos):] if bos and text.startswith(bos) else text
         text += str(slot.get("generated") or "")
+        left = SAVE_TIMEOUT if deadline is None else deadline - time.monotonic()
+        if left <= 0:
+            log.warning("slot %s of %s not saved: no time left", slot.get("id"), base_url)
+            continue
+        fits, why = room_for(folder, known, int(slot.get("n_prompt_tokens") or 0))
+        if not fits:
+            log.warning("slot %s of %s not saved: %s", slot.get("id"), base_url, why)
+            continue
         if not text:
             log.warning("slot %s of %s shows no text (started without %s): not saved",
                         slot.get("id"), base_url, ", ".join(SERVER_ENV))
@@ -399,7 +582,7 @@ def save_slots(base_url: str, headers: dict[str, str], folder: Path) -> list[Sav
         final = same.file if same else f"{uuid.uuid4().hex[:16]}.bin"
         partial = f"{Path(final).stem}.{uuid.uuid4().hex[:8]}.partial"
         answer = call("POST", f"{base_url}/slots/{slot['id']}?action=save", headers,
-                      timeout=120, json_body={"filename": partial})
+                      timeout=min(left, SAVE_TIMEOUT), json_body={"filename": partial})
         if answer.status_code != 200:
             log.warning("saving slot %s of %s failed: HTTP %s %s", slot["id"], base_url,
                         answer.status_code, answer.text[:200])
@@ -530,15 +713,86 @@ def remove(folder: Path, slot: SavedSlot) -> None:
 
 
 def keep_within(root: Path, max_bytes: int) -> list[str]:
-    """Remove the least recently used saved slots until all of them fit `max_bytes`."""
-    everything = [(slot, folder) for folder in root.glob("*/*") if folder.is_dir()
-                  for slot in saved_slots(folder)]
-    total = sum((folder / slot.file).stat().st_size for slot, folder in everything)
+    """Bring what is saved under `root` within `max_bytes`: leftovers of killed saves go
+    first, then the least recently used slots. Every file of ours counts, saves under way
+    included. The names of the files removed."""
+    with _pruning(root) as locked:
+        if not locked:
+            return []
+        removed = remove_leftovers(root)
+        everything = [(slot, folder) for _model, folder in _our_folders(root)
+                      for slot in saved_slots(folder)]
+        total = used_bytes(root)
+        for slot, folder in sorted(everything, key=lambda pair: pair[0].last_used):
+            if total <= max_bytes:
+                break
+            total -= _size(folder / slot.file) + _size(folder / f"{Path(slot.file).stem}.json")
+            remove(folder, slot)
+            removed.append(slot.file)
+        if total > max_bytes:
+            log.warning("saved conversations take %.1f MiB, above KV_CACHE_MAX_GB, with "
+                        "nothing more to remove (saves under way)", total / 2**20)
+        return removed
+
+
+def used_bytes(root: Path) -> int:
+    """Disk space every file of ours under `root` takes: slots, descriptions, unfinished
+    saves and orphans."""
+    return sum(_size(path) for _model, folder in _our_folders(root)
+               for path in _our_files(folder))
+
+
+def remove_leftovers(root: Path, now: float | None = None) -> list[str]:
+    """Remove what killed saves left (unfinished saves, slots without their description,
+    descriptions without their slot) once STALE_SECONDS old: younger ones may be a save
+    under way. The names removed."""
+    now = time.time() if now is None else now
     removed = []
-    for slot, folder in sorted(everything, key=lambda pair: pair[0].last_used):
-        if total <= max_bytes:
-            break
-        total -= (folder / slot.file).stat().st_size
-        remove(folder, slot)
-        removed.append(slot.file)
+    for _model, folder in _our_folders(root):
+        files = {path.name: path for path in _our_files(folder)}
+        for name, path in files.items():
+            stem = Path(name).stem
+            orphan = (name.endswith((".partial", ".tmp"))
+                      or (name.endswith(".bin") and f"{stem}.json" not in files)
+                      or (name.endswith(".json") and name != CHECK_FILE
+                          and not _describes_a_slot(path, files)))
+            try:
+                if orphan and now - path.lstat().st_mtime >= STALE_SECONDS:
+                    path.unlink()
+                    removed.append(name)
+            except OSError:
+                continue
+    if removed:
+        log.info("saved conversations: removed %d leftover(s) of unfinished saves",
+                 len(removed))
     return removed
+
+
+def _describes_a_slot(description: Path, files: dict[str, Path]) -> bool:
+    try:
+        slot = SavedSlot.from_json(json.loads(description.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError):
+        return False
+    return slot.file in files
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.lstat().st_size
+    except OSError:
+        return 0
+
+
+def room_for(folder: Path, slots: list[SavedSlot], tokens: int) -> tuple[bool, str]:
+    """Whether the disk holding `folder` has room for a slot of `tokens` tokens (sized as the
+    largest per token of the slots already saved there) and FREE_MARGIN; why not, if not."""
+    per_token = max((s.bytes / s.tokens for s in slots if s.tokens > 0), default=0.0)
+    expected = int(per_token * tokens)
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError as exc:
+        return False, f"cannot read the free space of {folder}: {exc}"
+    if free >= expected + FREE_MARGIN:
+        return True, ""
+    return False, (f"{free / 2**20:.0f} MiB free on the disk of {folder}; a save needs about "
+                   f"{expected / 2**20:.0f} MiB and leaves {FREE_MARGIN / 2**20:.0f} MiB")

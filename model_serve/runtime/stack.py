@@ -256,8 +256,11 @@ class StopReport:
     orphans: int = 0
 
 
-def stop_stack(settings: Settings, timeout: float = 30.0) -> StopReport:
-    """Stop the supervisor, the engine and every model server they started."""
+def stop_stack(settings: Settings, timeout: float | None = None) -> StopReport:
+    """Stop the supervisor, the engine and every model server they started; the supervisor
+    gets 30 s, plus the time it may spend saving conversations first."""
+    if timeout is None:
+        timeout = 30.0 + settings.kv_cache_stop_save_seconds
     state = read_state(settings.pid_file)
     if state is None:
         return StopReport(False)

@@ -443,6 +443,8 @@ class Supervisor:
         self.exit_watcher.close()
         for child in reversed(self.children):  # the unloader first, then the engine
             try:
+                if child is self.engine_child:  # no request comes any more: save, bounded
+                    self.engine.save_before_stop()
                 self._stop_child(child)
                 self._set(child.name, child.status, Phase.STOPPED)
             except Exception:  # noqa: BLE001 - the others must still be stopped
