@@ -121,6 +121,20 @@ def test_the_report_is_read_once_per_binary_and_only_on_apple_silicon(tmp_path: 
     assert read_gpu_limit(None, tmp_path, APPLE_SILICON) == choose_limit(0, 25558 * MIB, ram)
 
 
+def test_a_report_that_does_not_come_is_not_awaited_at_every_admission(tmp_path: Path) -> None:
+    """Admission asks for the limit at every poll, under its lock. A llama-server whose
+    --list-devices hangs (a stand-in for one: the real one here answers at once) is waited for
+    once; until UNANSWERED_RETRY the default share is used without running it again."""
+    starts = tmp_path / "starts"
+    hung = tmp_path / "llama-server"
+    hung.write_text(f"#!/bin/sh\necho \"$@\" >> {starts}\nexec sleep 30\n")
+    hung.chmod(0o755)
+    assert device_report(hung, tmp_path, timeout=0.5) is None
+    assert device_report(hung, tmp_path, timeout=0.5) is None
+    assert starts.read_text().splitlines() == ["--list-devices"], "asked once, not twice"
+    assert not (tmp_path / CACHE_NAME).exists(), "a report that did not come is not recorded"
+
+
 def test_admission_keeps_the_loaded_models_under_the_gpu_limit(env: Env,
                                                                 gemma_path: Path) -> None:
     """Two names of the real gemma model on the real router, with a recorded limit that holds

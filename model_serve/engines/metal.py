@@ -19,6 +19,7 @@ import contextlib
 import json
 import re
 import subprocess
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,11 @@ RESERVE = 4 * GIB  # at least this much stays macOS's when a larger limit is sug
 CACHE_NAME = "metal-device.json"
 DEFAULT_SOURCE = "macOS's usual default"
 HOLDING_STATES = LOADED_STATES - {"sleeping"}
+REPORT_TIMEOUT = 60.0  # seconds `llama-server --list-devices` may take (Metal's first start)
+# After a report that did not come (hung, or could not start), the default share is used for
+# this long before the program is asked again: admission asks at every poll, under its lock.
+UNANSWERED_RETRY = 600.0
+_UNANSWERED: dict[str, float] = {}  # binary stamp -> when its report last failed (monotonic)
 # `llama-server --list-devices`: "  MTL0: Apple M2 Pro (21845 MiB, 21845 MiB free)"; older
 # builds name the device "Metal".
 _DEVICE_LINE = re.compile(r"^\s*(MTL\d*|Metal)\s*: .*\((\d+) MiB, \d+ MiB free\)\s*$", re.M)
@@ -134,10 +140,12 @@ def read_wired_limit_mb() -> int:
     return parse_wired_limit(out.stdout) if out.returncode == 0 else 0
 
 
-def device_report(binary: Path, cache_dir: Path) -> int | None:
+def device_report(binary: Path, cache_dir: Path,
+                  timeout: float = REPORT_TIMEOUT) -> int | None:
     """parse_device_report of `binary --list-devices`, run once per binary file (path, size,
     mtime) and cached: Metal's start-up takes a moment, and the figure does not change while
-    iogpu.wired_limit_mb is unset (the only case it is asked for)."""
+    iogpu.wired_limit_mb is unset (the only case it is asked for). A report that did not come
+    is not recorded, but not asked for again within UNANSWERED_RETRY either."""
     try:
         stamp = binary_stamp(binary)
     except OSError:
@@ -151,12 +159,16 @@ def device_report(binary: Path, cache_dir: Path) -> int | None:
         records = {}
     if stamp in records and (records[stamp] is None or isinstance(records[stamp], int)):
         return records[stamp]
+    failed = _UNANSWERED.get(stamp)
+    if failed is not None and time.monotonic() - failed < UNANSWERED_RETRY:
+        return None
     try:
         out = subprocess.run([str(binary), "--list-devices"], capture_output=True, text=True,
-                             timeout=60, stdin=subprocess.DEVNULL)
+                             timeout=timeout, stdin=subprocess.DEVNULL)
         reported = parse_device_report(out.stdout + out.stderr)
     except (OSError, subprocess.SubprocessError):
-        return None  # not recorded: asked again next time
+        _UNANSWERED[stamp] = time.monotonic()  # not recorded: asked again after a while
+        return None
     records[stamp] = reported
     with contextlib.suppress(OSError):  # only a cache
         write_if_changed(cache, json.dumps(records, indent=1))
