@@ -35,14 +35,17 @@ choose_python() {
     [ -n "${PYTHON:-}" ] && return 0
     PYTHON=python3
     if command -v python3 >/dev/null && new_enough_python python3; then return 0; fi
-    # Homebrew links python3 next to brew (<prefix>/bin); its Cellar path changes each upgrade.
-    local brew_python
-    brew_python="$(dirname "$(command -v brew)")/python3"
-    if [ -x "$brew_python" ] && new_enough_python "$brew_python"; then
-        say "Python: $brew_python (Homebrew's; python3 on PATH is $(python_version python3))"
-        PYTHON="$brew_python"
-        return 0
-    fi
+    # Homebrew links its Pythons next to brew (<prefix>/bin; the Cellar path changes each
+    # upgrade): python3 for its main one, only python3.y for another (brew install python@3.12).
+    local brew_bin name
+    brew_bin="$(dirname "$(command -v brew)")"
+    for name in python3 python3.14 python3.13 python3.12 python3.11 python3.10; do
+        if [ -x "$brew_bin/$name" ] && new_enough_python "$brew_bin/$name"; then
+            say "Python: $brew_bin/$name (Homebrew's; python3 on PATH is $(python_version python3))"
+            PYTHON="$brew_bin/$name"
+            return 0
+        fi
+    done
     die "Python 3.10 or newer is needed: python3 on PATH is $(python_version python3), and Homebrew has none" \
         "brew install python, then run ./install.sh again (or point PYTHON=/path/to/python3.11 at one)"
 }

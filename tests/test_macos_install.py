@@ -28,7 +28,7 @@ esac""")
 
 
 def install_on_a_mac(tmp_path: Path, path_python: str = "3.12.8", brew_python: str | None = None,
-                     translated: str = "0", homebrew: bool = True
+                     translated: str = "0", homebrew: bool = True, brew_name: str = "python3"
                      ) -> subprocess.CompletedProcess[str]:
     """install.sh from a copy of the checkout, with python3 on PATH at `path_python` and
     Homebrew (with its own python3 at `brew_python`) on PATH after it."""
@@ -44,7 +44,7 @@ def install_on_a_mac(tmp_path: Path, path_python: str = "3.12.8", brew_python: s
     python_standin(standins, path_python)
     tool(brew_bin, "brew", f'case "$1" in --prefix) echo {tmp_path / "homebrew"} ;; esac')
     if brew_python:
-        python_standin(brew_bin, brew_python)
+        python_standin(brew_bin, brew_python, name=brew_name)
     path = f"{standins}:{brew_bin}:/usr/bin:/bin" if homebrew else f"{standins}:/usr/bin:/bin"
     return subprocess.run(["bash", str(checkout / "install.sh"), "--yes"], text=True,
                           env={"PATH": path, "HOME": str(tmp_path)}, capture_output=True,
@@ -78,6 +78,11 @@ def test_homebrews_python_is_preferred_to_an_older_one_on_path(tmp_path: Path) -
     kept = install_on_a_mac(tmp_path / "new", path_python="3.11.9", brew_python="3.12.8")
     assert "Homebrew's" not in kept.stdout
     assert "3.11.9" in (tmp_path / "new" / "checkout" / ".venv" / "bin" / "python").read_text()
+    # `brew install python@3.12` links python3.12 alone (python3 is its main Python's).
+    versioned = install_on_a_mac(tmp_path / "versioned", path_python="3.9.6",
+                                 brew_python="3.12.8", brew_name="python3.12")
+    assert f"Python: {tmp_path}/versioned/homebrew/bin/python3.12 (Homebrew's" \
+        in versioned.stdout, versioned.stdout + versioned.stderr
     without = install_on_a_mac(tmp_path / "no-brew-python", path_python="3.9.6")
     assert without.returncode == 1 and "brew install python" in without.stderr
     assert "Python 3.9.6" in without.stderr
