@@ -251,6 +251,29 @@ def test_cleanups_touch_only_folders_model_serve_made(tmp_path: Path) -> None:
     assert not (root / "ls_old").exists()
 
 
+def test_a_crafted_description_deletes_nothing_outside_its_folder(tmp_path: Path) -> None:
+    """A description names its slot file, which the prune deletes: one naming a path ('..',
+    absolute) is skipped as damaged, as one whose numbers are not numbers; the real slot
+    beside them is still pruned, and the prune does not fail."""
+    root = tmp_path / "kv"
+    folder = slot_cache.make_folder(root / "ls_m" / "0123456789abcdef")
+    real = plant(folder, "a" * 16, 100, last_used=1.0)
+    victims = [tmp_path / "victim.bin", tmp_path / "home" / "notes.bin"]
+    victims[1].parent.mkdir()
+    for victim in victims:
+        victim.write_text("mine")
+    crafted = [{"file": "../../../victim.bin"}, {"file": str(victims[1])},
+               {"file": "b" * 16 + ".bin", "last_used": "soon"}]
+    template = dataclasses.asdict(slot_cache.SavedSlot.of_text("x.bin", "t", 1, 1))
+    for number, fields in enumerate(crafted):
+        (folder / f"{number:016x}.json").write_text(json.dumps({**template, **fields}))
+    (folder / ("b" * 16 + ".bin")).write_bytes(b"k")
+
+    slot_cache.keep_within(root, 0)
+    assert all(victim.read_text() == "mine" for victim in victims)
+    assert not real.exists()
+
+
 def test_prunes_take_turns(tmp_path: Path) -> None:
     """One prune at a time across processes: while another holds the lock, a prune waits
     and removes nothing; then it does its work."""

@@ -70,6 +70,7 @@ _KEY_NAME = re.compile(r"[0-9a-f]{16}")  # cache_key()'s folders: the only ones 
 # Our files in a key folder: slots, descriptions, llama-server's unfinished saves, and
 # write_if_changed's temporary files.
 _OUR_SUFFIXES = (".bin", ".json", ".partial", ".tmp")
+_SLOT_FILE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*\.bin")  # a name in the folder, no path
 # Makes llama-server's GET /slots show each slot's last prompt and reply (else only counts):
 # the text a saved slot is chosen by. It costs one copy of each reply.
 SERVER_ENV = {"LLAMA_SERVER_SLOTS_DEBUG": "1"}
@@ -105,6 +106,14 @@ class SavedSlot:
     hits: int = 0
 
     def __post_init__(self) -> None:  # a damaged description is skipped, never used
+        # `file` is joined to the folder, and the prune deletes it: a name of this folder
+        # only, as save_slots writes it (a crafted '../..' or '/...' would reach outside).
+        if not isinstance(self.file, str) or not _SLOT_FILE.fullmatch(self.file):
+            raise TypeError(f"not a slot file name: {self.file!r}")
+        for number in (self.length, self.tokens, self.bytes, self.saved_at, self.last_used,
+                       self.hits):  # compared and summed by the prune: numbers only
+            if isinstance(number, bool) or not isinstance(number, int | float):
+                raise TypeError(f"not a number: {number!r}")
         bytes.fromhex(self.salt)
         if not isinstance(self.blocks, list) or not all(isinstance(b, str) for b in self.blocks):
             raise TypeError("blocks must be a list of hashes")
