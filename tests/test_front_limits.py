@@ -24,10 +24,10 @@ TWIN = ("models:\n  g2:\n    base_model: gemma-3:270m-q4_k_m\n    ctx_size: 3276
         "    sampler_args: '--swa-full'\n")
 
 
-def slow_client(env: Env) -> socket.socket:
+def slow_client(env: Env, path: str = "/v1/completions") -> socket.socket:
     """A request whose headers came and whose body never does."""
     sock = socket.create_connection(("127.0.0.1", env.port), timeout=30)
-    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+    sock.sendall(b"POST " + path.encode() + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                  b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
     return sock
 
@@ -45,6 +45,11 @@ def test_the_ports_limits(env: Env, gemma_path: Path) -> None:
         url = f"{env.base_url}/v1/completions"
         big = requests.post(url, timeout=60, json={"model": B, "prompt": "x" * (2 * 2**20)})
         assert big.status_code == 413 and "MAX_BODY_MB" in big.json()["error"]["message"]
+        # Ollama's paths read their bodies within the same limits, and answer in its shape.
+        for path in ("/api/chat", "/api/pull"):
+            big = requests.post(env.base_url + path, timeout=60,
+                                json={"model": B, "prompt": "x" * (2 * 2**20)})
+            assert big.status_code == 413 and "MAX_BODY_MB" in big.json()["error"], path
 
         # /health while the load of B is waited on by more callers than the default pool has
         # threads (cores + 4): it answers before the load ends.
@@ -74,7 +79,9 @@ def test_the_ports_limits(env: Env, gemma_path: Path) -> None:
 
         # Twelve requests whose bodies never come fill the port; the next gets 503 at once.
         with ExitStack() as stack:
-            held = [stack.enter_context(slow_client(env)) for _ in range(12)]
+            # Ollama's paths among them (its chat, its pull) are held to the same time.
+            paths = ["/v1/completions"] * 9 + ["/api/chat", "/api/show", "/api/pull"]
+            held = [stack.enter_context(slow_client(env, path)) for path in paths]
             assert wait_until(lambda: requests.get(f"{env.base_url}/v1/models", timeout=5)
                               .status_code == 503, 2, interval=0.05)
             busy = requests.get(f"{env.base_url}/v1/models", timeout=5)

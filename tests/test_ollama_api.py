@@ -44,9 +44,14 @@ def test_keep_alive_reads_durations_seconds_zero_and_never() -> None:
     assert shapes.parse_keep_alive("120") == 120
     assert shapes.parse_keep_alive(0) == 0 and shapes.parse_keep_alive("0s") == 0
     assert shapes.parse_keep_alive(-1) == -1 and shapes.parse_keep_alive("-5m") == -1
-    for bad in ("soon", "5 minutes", True, [1]):
+    for bad in ("soon", "5 minutes", True, [1], "nan", float("nan")):
         with pytest.raises(OllamaError, match="keep_alive"):
             shapes.parse_keep_alive(bad)
+    # Absurd lengths: past Ollama's forever is forever (a date /api/ps can write, a number
+    # the unloader can compare); a long one that fits stays as it is.
+    for endless in (1e300, float("inf"), "1e300", "inf", "9999999999h"):
+        assert shapes.parse_keep_alive(endless) == -1, endless
+    assert shapes.parse_keep_alive("999999h") == 999999 * 3600
 
 
 def test_chat_request_maps_options_format_tools_images_and_think() -> None:
@@ -156,7 +161,9 @@ def test_ollama_host_pointing_at_model_serve_is_seen(env: Env) -> None:
     assert points_at(server_url("localhost:5847"), "127.0.0.1", 5847)
     assert points_at("http://0.0.0.0:5847", "127.0.0.1", 5847)
     assert not points_at("http://127.0.0.1:11434", "127.0.0.1", 5847)
-    env["OLLAMA_HOST"] = f"localhost:{env.port}"  # what a user sets for Ollama's clients
+    # In model_serve's .env: the environment's OLLAMA_HOST is Ollama's clients' (test_settings)
+    with (env.home / ".env").open("a") as dotenv:
+        dotenv.write(f"\nOLLAMA_HOST=localhost:{env.port}\n")
     env["OLLAMA_BIN"] = str(OLLAMA_CLI)
     doctor = env.run("doctor")
     assert "points at model_serve itself" in doctor.stdout + doctor.stderr
@@ -340,6 +347,13 @@ def test_keep_alive_ps_expiry_and_the_cli_run_and_stop(served: Env) -> None:
     lib.generate(model=A, prompt="", keep_alive=-1)
     [ps] = [m for m in lib.ps().models if m.model == A]
     assert ps.expires_at.year > 2300  # never, as Ollama says it
+    # A keep_alive past any date (JSON's 1e300 seconds) is never too: /api/ps still answers.
+    endless = requests.post(f"{served.base_url}/api/generate", timeout=60,
+                            data=b'{"model": "%s", "prompt": "", "keep_alive": 1e300}'
+                            % A.encode())
+    assert endless.status_code == 200, endless.text
+    [ps] = [m for m in lib.ps().models if m.model == A]
+    assert ps.expires_at.year > 2300
     shown = cli(served, "ps")
     assert A in shown.stdout and "Forever" in shown.stdout
     run = cli(served, "run", B, "Say one word")

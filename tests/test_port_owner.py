@@ -239,6 +239,17 @@ def test_control_endpoints_need_the_admin_key_and_post(owned: Env) -> None:
         answer = requests.request(method, base + path, headers=auth(KEY), timeout=30,
                                   json={"model": "x"})
         assert answer.status_code == 403 and "ADMIN_KEYS" in answer.json()["error"]
+    # keep_alive holds or unloads a model for every client: with ADMIN_KEYS, the client key's
+    # is not honoured (`ollama stop` is refused), the admin key's is.
+    stop = requests.post(f"{base}/api/generate", headers=auth(KEY), timeout=60,
+                         json={"model": A, "prompt": "", "keep_alive": 0})
+    assert stop.status_code == 403 and "ADMIN_KEYS" in stop.json()["error"]
+    pinned = lib.generate(model=A, prompt="Hi", keep_alive=-1, options={"num_predict": 1})
+    assert pinned.done and activity(owned)[A]["keep_alive"] is None
+    assert states(owned)[A] == "loaded"
+    admin = ollama.Client(host=base, headers=auth(ADMIN), timeout=120)
+    assert admin.generate(model=A, prompt="", keep_alive=0).done_reason == "unload"
+    assert wait_until(lambda: states(owned)[A] == "unloaded", 30)
     # The key model_serve sends behind the front does not open the front; the owner's does.
     engine_key = (owned.state / "internal-key").read_text().strip()
     owner_key = (owned.state / "owner-key").read_text().strip()

@@ -94,3 +94,20 @@ def test_kv_cache_dir_never_holds_the_users_models_or_home(tmp_path: Path, where
         load_settings(environ)
     inside = load_settings({**environ, "KV_CACHE_DIR": str(tmp_path / "h" / "kv")})
     assert inside.kv_cache_dir == tmp_path / "h" / "kv"
+
+
+def test_ollama_host_exported_for_ollamas_clients_is_not_the_users_ollama(
+        tmp_path: Path) -> None:
+    """A shell that points Ollama's clients at model_serve (OLLAMA_HOST=127.0.0.1:5847; the
+    service takes the shell's settings) does not make model_serve call itself for pulls:
+    .env's OLLAMA_HOST, else Ollama's default, is the user's Ollama."""
+    base = {"MODEL_SERVE_HOME": str(tmp_path), "HOME": str(tmp_path)}
+    exported = load_settings({**base, "OLLAMA_HOST": "127.0.0.1:5847"})
+    assert exported.ollama_host == "http://127.0.0.1:11434"
+    assert "model_serve's own port" in exported.sources["OLLAMA_HOST"]
+    (tmp_path / ".env").write_text("OLLAMA_HOST=http://studio.lan:11434\n")
+    assert load_settings({**base, "OLLAMA_HOST": "localhost:5847"}).ollama_host == \
+        "http://studio.lan:11434"
+    other = load_settings({**base, "OLLAMA_HOST": "127.0.0.1:11500"})  # an Ollama elsewhere
+    assert other.ollama_host == "127.0.0.1:11500" and other.sources["OLLAMA_HOST"] == \
+        "the environment"

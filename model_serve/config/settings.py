@@ -340,6 +340,8 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
         key = _FIELD_OF.get(setting.name, setting.name.lower())
         values[key] = _parse(setting, raw, source, home, env)
         sources[setting.name] = source
+    if sources["OLLAMA_HOST"] == "the environment":
+        _own_ollama_not_ours(values, sources, file_values, env_file)
     if unknown:
         # A misspelt name silently falling back to a default is worse than a refusal.
         import difflib
@@ -367,6 +369,26 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
     cache_root = Path(env["XDG_CACHE_HOME"]) if env.get("XDG_CACHE_HOME") else user_home / ".cache"
     return Settings(home=home, env_file=env_file, sources=sources, user_home=user_home,
                     cache_dir=cache_root / "model_serve", **values)
+
+
+def _own_ollama_not_ours(values: dict[str, Any], sources: dict[str, str],
+                         file_values: dict[str, str | None], env_file: Path) -> None:
+    """OLLAMA_HOST exported in the shell (and so in the service) is how Ollama's clients find
+    a server: when it points at model_serve's own port it says where the clients go, not
+    where the user's Ollama is. Then .env's OLLAMA_HOST, or Ollama's default, is the one."""
+    from model_serve.models.ollama import points_at, server_url
+
+    if not points_at(server_url(values["ollama_host"]), values["host"], values["port"]):
+        return
+    exported = values["ollama_host"]
+    if file_values.get("OLLAMA_HOST") is not None:
+        values["ollama_host"] = str(file_values["OLLAMA_HOST"])
+        sources["OLLAMA_HOST"] = str(env_file)
+    else:
+        values["ollama_host"] = SETTINGS_BY_NAME["OLLAMA_HOST"].default
+        sources["OLLAMA_HOST"] = "the defaults"
+    sources["OLLAMA_HOST"] += (f" (the environment's OLLAMA_HOST={exported} is model_serve's "
+                               "own port, for Ollama's clients)")
 
 
 def _check_kv_cache_dir(folder: Path, source: str, models_dir: Path, user_home: Path) -> None:

@@ -26,6 +26,8 @@ from model_serve.errors import ModelServeError
 from model_serve.models.names import identity
 from model_serve.models.ollama import SELF_HINT, points_at_model_serve, server_url
 from model_serve.runtime import ollama_shapes as shapes
+from model_serve.runtime.engine_calls import engine_call
+from model_serve.runtime.gate import Access, request_key
 from model_serve.runtime.ollama_shapes import OllamaError, Reply, Translated
 
 if TYPE_CHECKING:
@@ -57,7 +59,7 @@ class OllamaApi:
         self.front = front
         self.keep_alive: dict[str, float] = {}  # served name -> seconds (-1: never)
         self._ignored_said: set[str] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._unloads: dict[str, asyncio.Task[None]] = {}  # served name -> waiting unload
 
     # --- routing ----------------------------------------------------------------------------
     def route(self, request: web.Request) -> Handler | None:
@@ -109,6 +111,21 @@ class OllamaApi:
                 if route is not None:
                     return route, served
         return None
+
+    async def _json(self, request: web.Request) -> dict[str, Any]:
+        """The body as a JSON object, read within MAX_BODY_MB and REQUEST_READ_TIMEOUT as the
+        front reads every body (its 413 or 408 raised as an OllamaError)."""
+        body = await self.front.read_body(request)
+        if isinstance(body, web.Response):
+            raise OllamaError(shapes.error_message(body.body if isinstance(body.body, bytes)
+                                                   else b""), body.status)
+        try:
+            data = json.loads(body or b"{}")
+        except ValueError:
+            raise OllamaError("the body must be JSON") from None
+        if not isinstance(data, dict):
+            raise OllamaError("the body must be a JSON object")
+        return data
 
     async def _named(self, data: dict[str, Any]) -> tuple[str, Route, ServedModel]:
         name = data.get("model") or data.get("name")
@@ -185,7 +202,7 @@ class OllamaApi:
 
     async def show(self, request: web.Request) -> web.StreamResponse:
         try:
-            _sent, _route, served = await self._named(await _json(request))
+            _sent, _route, served = await self._named(await self._json(request))
         except OllamaError as exc:
             return _error(exc.status, exc.message)
         return web.json_response(self.facts(served).show())
@@ -209,7 +226,7 @@ class OllamaApi:
 
     async def _infer(self, request: web.Request, kind: str) -> web.StreamResponse:
         try:
-            data = await _json(request)
+            data = await self._json(request)
             sent, route, served = await self._named(data)
             keep = shapes.parse_keep_alive(data.get("keep_alive"))
             if kind == "chat":
@@ -223,6 +240,14 @@ class OllamaApi:
                 translated = shapes.embed_request(data, served.name, kind == "embeddings")
         except OllamaError as exc:
             return _error(exc.status, exc.message)
+        if keep is not None and not self._may_control(request):
+            # keep_alive holds or unloads the model for every client: with ADMIN_KEYS set,
+            # that is a control action, as the unload endpoints are.
+            if keep == 0 and (translated is None or empty):
+                return _error(403, "keep_alive 0 unloads the model for every client: it needs "
+                              "a key from ADMIN_KEYS")
+            self._say_keep_alive_ignored(served.name)
+            keep = None
         self._set_keep_alive(route, keep)
         reply = Reply(sent, chat=kind == "chat")
         if translated is None or empty:
@@ -323,6 +348,16 @@ class OllamaApi:
             log.info("%s: load-time options %s do not change a loaded model (set ctx_size "
                      "and the like in custom_models.yaml)", served, ", ".join(ignored))
 
+    def _may_control(self, request: web.Request) -> bool:
+        return self.front.gate.refusal(Access.CONTROL, request_key(request.headers)) is None
+
+    def _say_keep_alive_ignored(self, served: str) -> None:
+        said = f"{served}:keep_alive"
+        if said not in self._ignored_said and len(self._ignored_said) < 100:
+            self._ignored_said.add(said)
+            log.info("%s: keep_alive ignored for a client key (with ADMIN_KEYS set it changes "
+                     "the model for every client: it takes an admin key)", served)
+
     def _set_keep_alive(self, route: Route, keep: float | None) -> None:
         if keep is None or keep == 0:
             self.keep_alive.pop(route.served, None)  # back to the model's own TTL
@@ -344,31 +379,39 @@ class OllamaApi:
         """keep_alive 0: unloaded now, unless other requests for it are in flight (they are
         not cut short): then once they are done, if no request set another keep_alive."""
         if not self.front.usage(route.engine_id)[0]:
-            return await self.unload(route)
+            unloaded = await self.unload(route)
+            if unloaded is not False:
+                return unloaded if isinstance(unloaded, web.Response) else None
+        if route.served in self._unloads:
+            return None  # one waiting unload per model, however many clients ask
 
         async def later() -> None:
             deadline = time.monotonic() + IDLE_WAIT
-            while self.front.usage(route.engine_id)[0] and time.monotonic() < deadline:
+            while time.monotonic() < deadline and route.served not in self.keep_alive:
+                if not self.front.usage(route.engine_id)[0] and \
+                        await self.unload(route) is not False:
+                    return
                 await asyncio.sleep(0.1)
-            if route.served not in self.keep_alive and time.monotonic() < deadline:
-                await self.unload(route)
 
         task = asyncio.create_task(later())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._unloads[route.served] = task
+        task.add_done_callback(lambda _t: self._unloads.pop(route.served, None))
         return None
 
-    async def unload(self, route: Route) -> web.Response | None:
+    async def unload(self, route: Route) -> web.Response | bool:
+        """True once out of memory (or not loaded); False when a request uses it. Made by
+        admission, as the unloader's: the check that nothing uses it and the mark that holds
+        new requests back are one step, so a request admitted meanwhile is never cut."""
         front = self.front
         try:
             for model in front.engine.resolve(route.engine_id, await front.engine_models()):
                 if model.state in LOADED_STATES:
-                    await asyncio.to_thread(front.engine.unload, model.name)
-                    await asyncio.to_thread(front.engine.wait_unloaded, model.name, 30)
+                    if not await front.admission.evict(model.name, 0.0):
+                        return False
                     front.view.forget(model.name)
         except ModelServeError as exc:
             return _error(502, exc.message)
-        return None
+        return True
 
     # --- the user's own Ollama ----------------------------------------------------------------
     def _own_ollama(self) -> str | web.Response:
@@ -391,11 +434,11 @@ class OllamaApi:
         url = self._own_ollama()
         if isinstance(url, web.Response):
             return url
-        body = await request.read()
         try:
-            data = json.loads(body or b"{}")
-        except ValueError:
-            return _error(400, "the body must be JSON")
+            data = await self._json(request)
+        except OllamaError as exc:
+            return _error(exc.status, exc.message)
+        body = json.dumps(data).encode()
         stream = path == "/api/pull" and data.get("stream", True) is not False
         assert self.front.session is not None
         try:
@@ -433,20 +476,10 @@ class OllamaApi:
         from model_serve.runtime.sync import run_sync
 
         try:
-            await asyncio.to_thread(run_sync, self.front.settings)
+            await engine_call(run_sync, self.front.settings)
         except ModelServeError as exc:
             log.warning("sync after an Ollama pull or delete failed: %s", exc.message)
         await self.front.refresh_names()
-
-
-async def _json(request: web.Request) -> dict[str, Any]:
-    try:
-        data = json.loads(await request.read() or b"{}")
-    except ValueError:
-        raise OllamaError("the body must be JSON") from None
-    if not isinstance(data, dict):
-        raise OllamaError("the body must be a JSON object")
-    return data
 
 
 def _as_ollama_error(response: web.StreamResponse) -> web.StreamResponse:

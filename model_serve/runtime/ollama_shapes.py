@@ -14,6 +14,7 @@ import base64
 import binascii
 import hashlib
 import json
+import math
 import re
 import time
 from collections.abc import Iterable
@@ -99,7 +100,11 @@ def parse_keep_alive(value: Any) -> float | None:
             seconds = sign * sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
     else:
         raise OllamaError("keep_alive must be a duration (\"5m\") or a number of seconds")
-    return -1.0 if seconds < 0 else seconds
+    if math.isnan(seconds):
+        raise OllamaError("keep_alive must be a duration (\"5m\") or a number of seconds")
+    # Past Ollama's own "forever" (the longest Go duration) is forever: a date that far off
+    # cannot be written, and the unloader compares it as a number.
+    return -1.0 if seconds < 0 or seconds >= FOREVER else seconds
 
 
 # --- requests -------------------------------------------------------------------------------
