@@ -89,6 +89,10 @@ class Side:
     def pids(self) -> list[int]:
         raise NotImplementedError
 
+    def loaded(self) -> list[str]:
+        """The models this stack holds in memory now, as it reports them."""
+        raise NotImplementedError
+
 
 class Ours(Side):
     def __init__(self, stack: Any, models: tuple[str, str]) -> None:
@@ -108,6 +112,9 @@ class Ours(Side):
         top = psutil.Process(self.stack.pids()["supervisor"])
         return [top.pid, *(child.pid for child in top.children(recursive=True))]
 
+    def loaded(self) -> list[str]:
+        return sorted(name for name, state in self.stack.states().items() if state == "loaded")
+
 
 class Theirs(Side):
     def __init__(self, ollama: Any, models: tuple[str, str]) -> None:
@@ -124,6 +131,12 @@ class Theirs(Side):
 
     def pids(self) -> list[int]:
         return self.ollama.pids()
+
+    def loaded(self) -> list[str]:
+        import requests
+
+        return sorted(m["name"] for m in
+                      requests.get(f"{self.url}/api/ps", timeout=10).json()["models"])
 
 
 def _rss(pids: list[int]) -> int:
@@ -188,7 +201,7 @@ def run(root: Path, quick: bool) -> Outcome:
     raw: dict[str, dict[str, list[float]]] = {
         key: {"model_serve": [], "ollama": []}
         for key in ("warm_ms", "stream_tok_s", "stream_tokens", "unload_ttft_s",
-                    "long_turn_ttft_s", "swap_ttft_s", "rss_bytes")}
+                    "long_turn_ttft_s", "swap_ttft_s", "rss_bytes", "loaded_after_swap")}
     with _sides(root) as pair:
         sessions = {side.name: requests.Session() for side in pair}
         for side in pair:  # loads model A, opens the connection, caches the prompt
@@ -234,6 +247,7 @@ def run(root: Path, quick: bool) -> Outcome:
                 _stream(side.url, {"model": loaded, "messages": PROMPT, "max_tokens": 1})
                 raw["swap_ttft_s"][side.name].append(_stream(side.url, {
                     "model": wanted, "messages": PROMPT, "max_tokens": 1})[0])
+                raw["loaded_after_swap"][side.name].append(side.loaded())
 
     def med(key: str, name: str) -> float:
         return median(raw[key][name])
