@@ -14,6 +14,7 @@ from pathlib import Path
 
 import requests
 
+from model_serve import internal_key
 from model_serve.config.settings import load_settings
 from model_serve.engines import select_engine
 from model_serve.runtime.procs import wait_until
@@ -87,6 +88,11 @@ def test_the_ports_limits(env: Env, gemma_path: Path) -> None:
             busy = requests.get(f"{env.base_url}/v1/models", timeout=5)
             assert busy.status_code == 503 and "Retry-After" in busy.headers
             assert requests.get(f"{env.base_url}/health", timeout=5).status_code == 200
+            # model_serve's own calls pass the cap: the unloader's evict, a sync's hold.
+            own = internal_key.own_headers(load_settings(dict(env)))
+            evict = requests.post(f"{env.base_url}/api/model_serve/evict", headers=own,
+                                  json={"model": b_id, "idle_seconds": 0}, timeout=60)
+            assert evict.status_code == 200, evict.text
             # After REQUEST_READ_TIMEOUT each gets 408, and the port serves again.
             assert [status_of(sock) for sock in held] == [408] * 12
         assert requests.get(f"{env.base_url}/v1/models", timeout=5).status_code == 200

@@ -349,7 +349,10 @@ class Front:
                 return web.Response(text="OK")
             return _error(503, "the engine is not answering (starting or restarting)",
                           "engine_unavailable", retry_after=2)
-        if self.serving >= self.settings.max_concurrent_requests:
+        # model_serve's own calls (the unloader's evict, a sync's hold and release) pass the
+        # cap: clients that fill the port must not stop memory relief or a sync.
+        own = self.gate.own_key is not None and request_key(request.headers) == self.gate.own_key
+        if self.serving >= self.settings.max_concurrent_requests and not own:
             self._warn_once("refused requests past MAX_CONCURRENT_REQUESTS "
                             f"({self.settings.max_concurrent_requests}) with HTTP 503")
             return self.ollama.shaped(request, _error(
