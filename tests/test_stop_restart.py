@@ -66,3 +66,19 @@ def test_stop_keeps_the_state_of_a_supervisor_restarted_meanwhile(env: Env,
         status = env.run("status", "--json")
         assert status.returncode == 0 and json.loads(status.stdout)["pid"] == second.pid
     second.wait(30)  # running() stopped it with `model stop`, and found nothing left
+
+
+def test_the_stops_save_leaves_the_engines_stop_room_in_the_service_managers_timeout() -> None:
+    """The save at a stop ends early enough for the engine's own stop and a margin to fit in
+    launchd's ExitTimeOut / systemd's TimeoutStopSec, counted from the stop's start, whatever
+    KV_CACHE_STOP_SAVE_SECONDS says and whatever stopping the unloader and front took."""
+    from model_serve.config.settings import SETTINGS_TABLE
+    from model_serve.runtime import supervisor
+    from model_serve.service import files
+
+    most = max(s.maximum for s in SETTINGS_TABLE if s.name == "KV_CACHE_STOP_SAVE_SECONDS")
+    for spent in (0.0, 6.0, 15.0):  # stopping the unloader and the front took this long
+        started = time.monotonic() - spent
+        deadline = supervisor.save_deadline(started, most)
+        assert deadline - started + supervisor.STOP_TIMEOUT < files.STOP_TIMEOUT
+    assert supervisor.save_deadline(time.monotonic(), 5) <= time.monotonic() + 5

@@ -240,17 +240,18 @@ class Engine(ABC):
                      name, sum(s.tokens for s in saved), sum(s.bytes for s in saved) / 2**20,
                      (time.monotonic() - started) * 1000)
 
-    def save_before_stop(self) -> None:
+    def save_before_stop(self, deadline: float | None = None) -> None:
         """At a stop of the stack (`model stop`, restart, the service manager's stop): save
         the loaded models' conversations, within KV_CACHE_STOP_SAVE_SECONDS in all so the
-        stop stays within the service managers' timeouts; models past it are skipped, and
-        said. Never raises: the stop must go on."""
+        stop stays within the service managers' timeouts, and by `deadline` (monotonic) when
+        given; models past it are skipped, and said. Never raises: the stop must go on."""
         import time
 
         budget = self.settings.kv_cache_stop_save_seconds
         if not self.settings.kv_cache_enabled or budget <= 0:
             return
-        deadline = time.monotonic() + budget
+        until = time.monotonic() + budget
+        deadline = until if deadline is None else min(until, deadline)
         try:
             loaded = [m.name for m in self.models() if m.state == "loaded"]
         except ModelServeError as exc:

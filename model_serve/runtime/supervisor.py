@@ -31,6 +31,7 @@ from model_serve.fileio import write_if_changed
 from model_serve.runtime import procs
 from model_serve.runtime.orphan_guard import guard_argv
 from model_serve.runtime.state import ChildState, Phase, SupervisorState, write_state
+from model_serve.service.files import STOP_TIMEOUT as SERVICE_STOP_TIMEOUT
 
 log = logging.getLogger("model_serve")
 
@@ -39,6 +40,7 @@ BACKOFF_START, BACKOFF_MAX = 1.0, 60.0
 GIVE_UP_AFTER = 5  # consecutive failed starts before a child is marked failed
 STABLE_AFTER = 30.0  # a run this long resets the failure count
 STOP_TIMEOUT = 15.0
+STOP_MARGIN = 5.0  # seconds of a service manager's stop timeout left unspent
 SYNC_RETRY_START = 5.0  # seconds before the first retry of a failed background sync
 LINE_LIMIT = 8192  # bytes of one output line of a child that go to the log
 _LEVELS = {"DEBUG": logging.DEBUG, "INFO": logging.INFO, "WARNING": logging.WARNING,
@@ -440,11 +442,13 @@ class Supervisor:
 
     def _shutdown(self) -> None:
         log.info("supervisor stopping")
+        started = time.monotonic()
         self.exit_watcher.close()
         for child in reversed(self.children):  # the unloader first, then the engine
             try:
                 if child is self.engine_child:  # no request comes any more: save, bounded
-                    self.engine.save_before_stop()
+                    self.engine.save_before_stop(
+                        save_deadline(started, self.settings.kv_cache_stop_save_seconds))
                 self._stop_child(child)
                 self._set(child.name, child.status, Phase.STOPPED)
             except Exception:  # noqa: BLE001 - the others must still be stopped
@@ -452,6 +456,15 @@ class Supervisor:
         self._set("sync", self.sync_status, Phase.STOPPED)
         self.settings.pid_file.unlink(missing_ok=True)
         log.info("supervisor stopped")
+
+
+def save_deadline(started: float, budget: float) -> float:
+    """When the conversations' save at a stop that began at `started` must end: within
+    KV_CACHE_STOP_SAVE_SECONDS, and early enough that the engine's own stop and a margin still
+    fit in the service manager's timeout (launchd's ExitTimeOut, systemd's TimeoutStopSec),
+    whatever stopping the unloader and the front took first."""
+    return min(time.monotonic() + budget,
+               started + SERVICE_STOP_TIMEOUT - STOP_TIMEOUT - STOP_MARGIN)
 
 
 class _PrivateLogHandler(logging.handlers.RotatingFileHandler):
