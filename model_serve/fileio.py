@@ -6,8 +6,13 @@ lives in the folder; without that sync a power cut can bring back the old file, 
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
+from typing import IO, Any
+
+log = logging.getLogger("model_serve")
+_unlockable: set[str] = set()
 
 
 def write_if_changed(path: Path, content: str, mode: int | None = None) -> bool:
@@ -81,3 +86,22 @@ def sync_folder(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def try_lock(handle: IO[Any]) -> bool:
+    """Take an exclusive flock on `handle` without waiting; False while another holds it. A
+    filesystem without locks (some NFS, SMB and FUSE mounts) fails otherwise: that counts as
+    taken (said once per file), or every caller would wait out its whole timeout for a lock
+    nobody holds."""
+    import fcntl
+
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError as exc:
+        if handle.name not in _unlockable:
+            _unlockable.add(handle.name)
+            log.warning("%s cannot be locked on its filesystem (%s): going on without the "
+                        "lock", handle.name, exc.strerror or exc)
+    return True

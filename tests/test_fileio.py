@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from model_serve.errors import ModelServeError
 from model_serve.fileio import replace_symlink, write_bytes_atomically, write_if_changed
+from tests.conftest import Env
 
 
 @pytest.fixture
@@ -66,3 +69,39 @@ def test_an_unchanged_file_is_not_written_or_synced(tmp_path: Path,
     synced.clear()
     assert write_if_changed(path, "same\n") is False
     assert synced == []
+
+
+def test_a_filesystem_without_locks_does_not_stall_syncs_or_prunes(
+        env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Some NFS, SMB and FUSE mounts refuse flock (ENOLCK, ENOTSUP): a sync, a prune and a
+    start go on without the lock at once, instead of waiting out their timeouts for a lock
+    nobody holds (a sync failed after 15 minutes, every prune was skipped, a start said
+    'another supervisor holds it'). A lock another process holds still makes them wait."""
+    import errno
+    import fcntl
+
+    from model_serve.config.settings import load_settings
+    from model_serve.engines import slot_cache
+    from model_serve.runtime.stack import supervisor_lock
+    from model_serve.runtime.sync import sync_lock
+
+    real_flock = fcntl.flock
+
+    def no_locks(handle: object, operation: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    settings = load_settings(dict(env))
+    started = time.monotonic()
+    with sync_lock(settings, wait=3):
+        pass
+    with slot_cache._pruning(tmp_path, wait=3) as locked, supervisor_lock(settings):
+        assert locked
+    assert time.monotonic() - started < 2
+
+    monkeypatch.setattr(fcntl, "flock", real_flock)
+    with open(settings.state_dir / "sync.lock", "a") as other:
+        real_flock(other, fcntl.LOCK_EX)  # another open file description: held
+        with pytest.raises(ModelServeError, match="another sync"), \
+                sync_lock(settings, wait=0.3):
+            pass

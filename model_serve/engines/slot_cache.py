@@ -47,7 +47,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from model_serve.fileio import write_if_changed
+from model_serve.fileio import try_lock, write_if_changed
 from model_serve.loopback import LoopbackError, call
 
 if TYPE_CHECKING:
@@ -486,21 +486,18 @@ def _pruning(root: Path, wait: float | None = None) -> Iterator[bool]:
             os.fchmod(handle.fileno(), PRIVATE_FILE)
         wait = PRUNE_LOCK_WAIT if wait is None else wait
         deadline = time.monotonic() + wait
-        while True:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError:
-                if time.monotonic() >= deadline:
-                    log.warning("saved conversations: another process has been pruning %s "
-                                "for %.0fs; this prune is skipped", root, wait)
-                    yield False
-                    return
-                time.sleep(0.05)
+        while not try_lock(handle):
+            if time.monotonic() >= deadline:
+                log.warning("saved conversations: another process has been pruning %s "
+                            "for %.0fs; this prune is skipped", root, wait)
+                yield False
+                return
+            time.sleep(0.05)
         try:
             yield True
         finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            with contextlib.suppress(OSError):  # a filesystem without locks
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _our_files(folder: Path) -> list[Path]:

@@ -14,6 +14,7 @@ from model_serve.config.settings import Settings
 from model_serve.engines import select_engine
 from model_serve.engines.base import answers_health
 from model_serve.errors import EngineError, ModelServeError
+from model_serve.fileio import try_lock
 from model_serve.runtime import procs
 from model_serve.runtime.state import ChildState, Phase, read_state
 
@@ -84,16 +85,12 @@ def cleanup_stale(settings: Settings) -> int:
 @contextlib.contextmanager
 def supervisor_lock(settings: Settings) -> Iterator[None]:
     """The lock a running supervisor holds; raises when another one holds it."""
-    import fcntl
-
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     lock_path = settings.state_dir / "supervisor.lock"
     with open(lock_path, "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        if not try_lock(lock):
             raise EngineError(f"another supervisor holds {lock_path}",
-                              "run 'model status'; stop it with 'model stop'") from None
+                              "run 'model status'; stop it with 'model stop'")
         yield
 
 
