@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from model_serve.models.ollama import points_at, server_url
+from model_serve.models.ollama import APP_CLI, app_cli, points_at, server_url
 from model_serve.runtime import ollama_shapes as shapes
 from model_serve.runtime.gate import Access, access_of, control_method_ok
 from model_serve.runtime.ollama_shapes import OllamaError, Reply, StreamTranslator
@@ -145,6 +145,9 @@ def test_stream_translator_turns_events_into_lines() -> None:
     assert json.loads(errors.feed(b'error: {"message": "out of context"}\n')[0]) == \
         {"error": "out of context"}
     assert errors.finish() == []
+    cut = StreamTranslator(Reply("g", chat=True), native=False)  # no finish reason: cut short
+    cut.feed(b'data: {"choices": [{"delta": {"content": "Hel"}}]}\n\n')
+    assert "error" in json.loads(cut.finish()[-1])
 
 
 def test_digest_is_the_blob_digest_or_a_cheap_stable_hash() -> None:
@@ -169,6 +172,20 @@ def test_ollama_host_pointing_at_model_serve_is_seen(env: Env) -> None:
     assert "points at model_serve itself" in doctor.stdout + doctor.stderr
     pull = env.run("pull", "gemma3")
     assert pull.returncode != 0 and "points at model_serve itself" in pull.stderr
+
+
+def test_the_cli_inside_ollama_app_is_found_on_macos(tmp_path: Path) -> None:
+    """Ollama.app's CLI, where the app keeps it when the user declined its /usr/local/bin link
+    (here ~/Applications; /Applications the same way): the real CLI, run from there."""
+    assert app_cli(tmp_path, "darwin", roots=()) is None
+    bundled = tmp_path / "Applications" / APP_CLI
+    bundled.parent.mkdir(parents=True)
+    bundled.symlink_to(OLLAMA_CLI)
+    assert app_cli(tmp_path, "darwin", roots=()) == bundled
+    assert app_cli(tmp_path, "linux", roots=()) is None
+    version = subprocess.run([str(bundled), "--version"], capture_output=True, text=True,
+                             timeout=30, env={"HOME": str(tmp_path), "OLLAMA_HOST": "127.0.0.1:1"})
+    assert shapes.OLLAMA_VERSION in version.stdout + version.stderr
 
 
 def test_pull_and_delete_are_control_paths() -> None:
@@ -410,6 +427,31 @@ def test_embed_errors_and_pull_without_an_ollama(served: Env) -> None:
     assert deleted.status_code == 502
     ran = cli(served, "run", "tinyllama", "hi")  # unknown: the CLI pulls, as with Ollama
     assert ran.returncode != 0 and "no Ollama answers" in ran.stderr
+
+
+def test_a_model_server_ending_mid_stream_is_an_error_line(served: Env) -> None:
+    """Killed mid-answer, the model server's stream ends in Ollama's error line (its clients
+    raise it), not in a cut connection; the next request loads the model again."""
+    import psutil
+
+    from model_serve.config.settings import load_settings
+    from model_serve.engines import select_engine
+
+    engine = select_engine(load_settings(dict(served)))
+    with requests.post(f"{served.base_url}/api/generate", stream=True, timeout=120, json={
+            "model": A, "prompt": "Count from one to five hundred",
+            "options": {"num_predict": 2000, "temperature": 0}}) as answer:
+        lines = answer.iter_lines()
+        assert not json.loads(next(lines))["done"]  # under way
+        [port] = [m.port for m in engine.models() if m.name == engine.model_id(A) and m.port]
+        [server] = [p for p in psutil.process_iter(["cmdline"]) if "--port" in
+                    (p.info["cmdline"] or []) and str(port) in p.info["cmdline"]
+                    and "llama-server" in " ".join(p.info["cmdline"][:1])]
+        server.kill()
+        rest = [json.loads(line) for line in lines if line]
+    assert rest and "error" in rest[-1] and not any(r.get("done") for r in rest), rest[-3:]
+    again = client(served).generate(model=A, prompt="Hi", options={"num_predict": 1})
+    assert again.done
 
 
 # --- pull and delete through the user's own Ollama (the real 0.32.15 server) ------------------

@@ -126,7 +126,7 @@ SETTINGS_TABLE: tuple[Setting, ...] = (
             "/api/delete go, and checked by 'model doctor'. Not model_serve's own port (that "
             "is what Ollama's clients set)."),
     Setting("OLLAMA_BIN", "", "Path of the ollama command (pull, rm, update); empty = look on "
-            "PATH.", "path"),
+            "PATH (macOS: then Homebrew's folders and Ollama.app's own copy).", "path"),
     Setting("LLAMA_SERVER_BIN", "", "Path of llama-server; empty = PATH, then the copy "
             "./install.sh built into .venv.", "path"),
     Setting("LLAMA_SWAP_BIN", "", "Path of llama-swap; empty = look on PATH.", "path"),
@@ -376,7 +376,7 @@ def _own_ollama_not_ours(values: dict[str, Any], sources: dict[str, str],
     """OLLAMA_HOST exported in the shell (and so in the service) is how Ollama's clients find
     a server: when it points at model_serve's own port it says where the clients go, not
     where the user's Ollama is. Then .env's OLLAMA_HOST, or Ollama's default, is the one."""
-    from model_serve.models.ollama import points_at, server_url
+    from model_serve.config.ollama_host import points_at, server_url
 
     if not points_at(server_url(values["ollama_host"]), values["host"], values["port"]):
         return

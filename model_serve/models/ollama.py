@@ -5,17 +5,33 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
 
+from model_serve.config.ollama_host import points_at, server_url
 from model_serve.config.settings import Settings
 from model_serve.errors import ConfigError, ModelServeError
 from model_serve.models.catalog import Catalog
 
-LOOPBACK = ("127.0.0.1", "localhost", "::1", "0.0.0.0", "::", "")
 INSTALL_HINT = ("install Ollama from https://ollama.com/download (macOS: brew install ollama), "
                 "or set OLLAMA_BIN")
+
+
+# Ollama.app keeps its CLI inside the bundle; the link in /usr/local/bin exists only when the
+# user accepted the app's offer (an administrator's password) at its first launch.
+APP_CLI = Path("Ollama.app/Contents/Resources/ollama")
+
+
+def app_cli(user_home: Path, platform: str = sys.platform,
+            roots: tuple[Path, ...] = (Path("/Applications"),)) -> Path | None:
+    """The CLI inside Ollama.app (in /Applications or ~/Applications), on macOS."""
+    if platform != "darwin":
+        return None
+    for root in (*roots, user_home / "Applications"):
+        if os.access(root / APP_CLI, os.X_OK):
+            return root / APP_CLI
+    return None
 
 
 def ollama_binary(settings: Settings) -> Path:
@@ -26,29 +42,10 @@ def ollama_binary(settings: Settings) -> Path:
         return settings.ollama_bin
     from model_serve.programs import find_on_path
 
-    found = find_on_path("ollama")  # Ollama.app links it into /usr/local/bin
+    found = find_on_path("ollama") or app_cli(settings.user_home)
     if not found:
         raise ModelServeError("the ollama command was not found", INSTALL_HINT)
     return found
-
-
-def server_url(setting: str) -> str:
-    """OLLAMA_HOST as a URL, read as Ollama reads it: `host:port` gets http://, a host
-    alone Ollama's port."""
-    url = setting.strip().rstrip("/")
-    if "://" not in url:
-        url = "http://" + url
-    parts = urlsplit(url)
-    if parts.port is None and parts.hostname:
-        url = f"{parts.scheme}://{parts.netloc}:{443 if parts.scheme == 'https' else 11434}"
-    return url
-
-
-def points_at(url: str, host: str, port: int) -> bool:
-    """Whether `url` reaches the server listening on host:port."""
-    parts = urlsplit(url)
-    name = (parts.hostname or "").lower()
-    return parts.port == port and (name in LOOPBACK or name == host.lower())
 
 
 def points_at_model_serve(settings: Settings) -> bool:

@@ -302,7 +302,21 @@ class OllamaApi:
         response = web.StreamResponse(status=200, headers={"Content-Type": NDJSON})
         await response.prepare(request)
         translator = shapes.StreamTranslator(reply, native)
-        async for chunk in upstream.content.iter_any():
+        chunks = upstream.content.iter_any()
+        while True:
+            try:
+                chunk = await chunks.__anext__()
+            except StopAsyncIteration:
+                break
+            except (client_errors.ClientPayloadError, client_errors.ClientConnectionError) as exc:
+                # The model server ended mid-answer (killed, crashed): Ollama's clients read an
+                # error line, as Ollama sends one, not a cut stream.
+                log.warning("%s: the model server ended the answer early (%s)", reply.model,
+                            exc)
+                await response.write(json.dumps(shapes.error_body(shapes.CUT_SHORT)).encode()
+                                     + b"\n")
+                await response.write_eof()
+                return response
             seen(chunk)
             for line in translator.feed(chunk):
                 await response.write(line)

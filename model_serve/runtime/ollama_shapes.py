@@ -48,6 +48,8 @@ LOAD_OPTIONS = frozenset({
 _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 _UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0,
                  "h": 3600.0}
+CUT_SHORT = ("the model server ended the answer early (it stopped or crashed; see "
+             "'model logs')")
 _DONE_REASONS = {"stop": "stop", "length": "length", "tool_calls": "stop", "eos": "stop",
                  "word": "stop", "limit": "length"}
 
@@ -430,6 +432,7 @@ class StreamTranslator:
         self.usage: dict[str, Any] | None = None
         self.tokens: list[int] = []
         self.finished = False
+        self.ended = False  # the engine said the answer is over (a finish reason, a stop)
 
     def feed(self, chunk: bytes) -> list[bytes]:
         self.pending += chunk
@@ -442,7 +445,12 @@ class StreamTranslator:
     def finish(self) -> list[bytes]:
         lines = self._event(self.pending.strip()) if self.pending else []
         self.pending = b""
-        if not self.finished:
+        if not self.finished and not self.ended:
+            # The stream stopped without its end (the model server was killed or crashed):
+            # Ollama's error line, not a "done" that would pass a cut answer for a whole one.
+            self.finished = True
+            lines.append(_encode(error_body(CUT_SHORT)))
+        elif not self.finished:
             lines += self._done()
         return lines
 
@@ -450,6 +458,8 @@ class StreamTranslator:
         if not line.startswith(b"data:") and not line.startswith(b"error:"):
             return []
         payload = line.split(b":", 1)[1].strip()
+        if payload == b"[DONE]":
+            self.ended = True
         if payload == b"[DONE]" or self.finished:
             return []
         try:
@@ -487,6 +497,7 @@ class StreamTranslator:
                 out.append(_encode(self.reply.line(content, thinking)))
             if choice.get("finish_reason"):
                 self.reason = done_reason(choice["finish_reason"])
+                self.ended = True
         return out
 
     def _native(self, data: dict[str, Any]) -> list[bytes]:
