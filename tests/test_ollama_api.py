@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from model_serve.models.ollama import APP_CLI, app_cli, points_at, server_url
+from model_serve.config.settings import load_settings
+from model_serve.models.ollama import APP_CLI, app_cli, cli_environment, points_at, server_url
 from model_serve.runtime import ollama_shapes as shapes
 from model_serve.runtime.gate import Access, access_of, control_method_ok
 from model_serve.runtime.ollama_shapes import OllamaError, Reply, StreamTranslator
@@ -168,6 +169,10 @@ def test_ollama_host_pointing_at_model_serve_is_seen(env: Env) -> None:
     with (env.home / ".env").open("a") as dotenv:
         dotenv.write(f"\nOLLAMA_HOST=localhost:{env.port}\n")
     env["OLLAMA_BIN"] = str(OLLAMA_CLI)
+    # The CLI gets the port model_serve reads: alone, it reads `http://host` as port 80.
+    env["OLLAMA_HOST"] = "http://127.0.0.1"
+    assert cli_environment(load_settings(dict(env)))["OLLAMA_HOST"] == "http://127.0.0.1:11434"
+    del env["OLLAMA_HOST"]
     doctor = env.run("doctor")
     assert "points at model_serve itself" in doctor.stdout + doctor.stderr
     pull = env.run("pull", "gemma3")

@@ -104,6 +104,14 @@ def check_pulled_into(settings: Settings, name: str, store: str | None) -> None:
         "Linux's system service uses /usr/share/ollama/.ollama/models), then 'model sync'")
 
 
+def cli_environment(settings: Settings) -> dict[str, str]:
+    """The CLI is a client of the server: OLLAMA_HOST says which server (where models go is
+    the server's own OLLAMA_MODELS; ours would change nothing). Given as model_serve reads it,
+    with its port: Ollama's CLI reads `http://host` without one as port 80, not 11434, so
+    `model pull` and the port's /api/pull would reach two servers."""
+    return {**os.environ, "OLLAMA_HOST": server_url(settings.ollama_host)}
+
+
 def run_ollama(settings: Settings, *args: str,
                capture: bool = False) -> subprocess.CompletedProcess[str]:
     """Run `ollama ARGS` with the user's terminal (progress bars) unless `capture`."""
@@ -111,11 +119,8 @@ def run_ollama(settings: Settings, *args: str,
     if points_at_model_serve(settings):
         raise ConfigError(f"OLLAMA_HOST={settings.ollama_host} points at model_serve itself, "
                           "not at your Ollama", SELF_HINT)
-    # The CLI is a client of the server: OLLAMA_HOST says which server. Where models go is the
-    # server's own OLLAMA_MODELS; passing ours to the client would change nothing.
-    env = {**os.environ, "OLLAMA_HOST": settings.ollama_host}
     try:
-        return subprocess.run([str(binary), *args], env=env, text=True,
+        return subprocess.run([str(binary), *args], env=cli_environment(settings), text=True,
                               capture_output=capture, check=False)
     except OSError as exc:
         raise ModelServeError(f"{binary} could not run: {exc}", INSTALL_HINT) from exc
