@@ -159,6 +159,13 @@ def test_browsers_of_other_sites_and_other_host_names(owned: Env) -> None:
     image = requests.get(f"{base}/v1/models", timeout=10,
                          headers={**auth(KEY), "Sec-Fetch-Site": "cross-site"})
     assert image.status_code == 403
+    # Ollama's paths the same way, in its error shape, and with no origin echoed.
+    for method, path in [("POST", "/api/chat"), ("POST", "/api/pull"), ("GET", "/api/tags"),
+                         ("GET", "/")]:
+        answer = requests.request(method, base + path, timeout=10, json={"model": A},
+                                  headers={**auth(ADMIN), "Origin": evil})
+        assert answer.status_code == 403 and "error" in answer.json(), path
+        assert "Access-Control-Allow-Origin" not in answer.headers
     # The listed origin: its preflight answered without a key, its requests allowed.
     preflight = requests.options(f"{base}/v1/chat/completions", timeout=10, headers={
         "Origin": APP, "Access-Control-Request-Method": "POST",
