@@ -76,16 +76,33 @@ def most_loaded_at_once(env: Env) -> Iterator[list[int]]:
         sampler.join()
 
 
+def settled_used(limit: float = 10) -> int:
+    """Memory in use once it stops moving (a stack stopped just before still frees its
+    memory for a moment): two samples 0.25 s apart within 16 MiB, or the last after `limit`."""
+    last = used()
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        time.sleep(0.25)
+        now = used()
+        if abs(now - last) < 16 * 2**20:
+            return now
+        last = now
+    return last
+
+
 def measure(env: Env) -> tuple[int, int]:
-    """What one model takes in memory here once loaded, and its estimate (bytes)."""
-    with running(env):
-        listed = json.loads(env.run("list", "--json").stdout)
-        estimate = max(m["estimated_bytes"] for m in listed)
-        time.sleep(1)
-        before = used()
-        ask(env, NAMES[0])
-        time.sleep(1)
-        one = used() - before
+    """What one model takes in memory here once loaded, and its estimate (bytes). Measured
+    on the whole machine, so memory freed elsewhere meanwhile can hide the model: then the
+    measurement is taken again, up to three times."""
+    for _attempt in range(3):
+        with running(env):
+            listed = json.loads(env.run("list", "--json").stdout)
+            estimate = max(m["estimated_bytes"] for m in listed)
+            before = settled_used()
+            ask(env, NAMES[0])
+            one = settled_used() - before
+        if one > 400 * 2**20:
+            break
     assert one > 400 * 2**20, f"a model took only {one / 2**20:.0f} MiB: the test needs more"
     time.sleep(2)
     return one, estimate
@@ -115,6 +132,11 @@ def test_the_front_makes_room_before_a_load(engine_env: Env, gemma_path: Path) -
     with running(env), most_loaded_at_once(env) as most:
         for name in NAMES * 2:
             ask(env, name)
+            # A model just loaded has not touched all its memory yet, and admission judges
+            # by the reading (counting a just-loaded model at its estimate is still open):
+            # the next request comes once the reading shows this one.
+            time.sleep(1)
+            settled_used()
         log = (env.state / "logs" / "model_serve.log").read_text(errors="replace")
     print(f"one model: {one / 2**20:.0f} MiB, estimate {estimate / 2**20:.0f} MiB; "
           f"threshold {env['MEMORY_PRESSURE_THRESHOLD']}%; at once: {most[0]}")

@@ -76,7 +76,10 @@ def test_the_ports_limits(env: Env, gemma_path: Path) -> None:
             caller.join(120)
         assert health.status_code == 200 and state == "loading", \
             f"/health answered only once the load was over ({state})"
-        assert answers == [200] * 10
+        # Every caller is answered by the model server: 503 'Loading model' while it
+        # still loads (llama-server's /health), else 200.
+        assert len(answers) == 10 and set(answers) <= {200, 503}, \
+            answers
 
         # Twelve requests whose bodies never come fill the port; the next gets 503 at once.
         with ExitStack() as stack:
