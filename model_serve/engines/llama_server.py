@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING, Any
 
 from model_serve.engines.base import Engine, EngineModel
 from model_serve.engines.server_options import builtin_templates, option_spellings
+from model_serve.engines.stop_notes import note_stopping
 from model_serve.errors import ConfigError, EngineError
 from model_serve.fileio import replace_symlink
 from model_serve.machine_code import Machine, refuse_foreign, this_machine
 from model_serve.models.names import dash_form
 from model_serve.programs import HOMEBREW_BINS, find_on_path
-from model_serve.runtime.model_exits import note_stopping
 
 if TYPE_CHECKING:
     from model_serve.models.plan import ServedModel

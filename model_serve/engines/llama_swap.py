@@ -43,12 +43,12 @@ from model_serve.engines.base import (
 )
 from model_serve.engines.llama_server import check_option, options_for, resolve_llama_server
 from model_serve.engines.server_options import builtin_templates, option_spellings
+from model_serve.engines.stop_notes import note_stopping
 from model_serve.errors import ConfigError, EngineError
 from model_serve.loopback import LineStream, LoopbackError, stream_lines
 from model_serve.machine_code import Machine, refuse_foreign, this_machine
 from model_serve.programs import HOMEBREW_BINS, find_on_path
 from model_serve.runtime import procs
-from model_serve.runtime.model_exits import note_stopping
 
 if TYPE_CHECKING:
     from model_serve.models.plan import ServedModel

@@ -15,14 +15,13 @@ supervisor's state (so `model stop` finds it, even after a crash) and ends with 
 
 A server model_serve itself stops (an unload, a reload that restarts its model) may end with
 a non-zero status too, e.g. when it was still loading: whoever stops it notes that first
-(`note_stopping`, one file per model in state/intended-stops, from any process), and its exit
+(`engines.stop_notes.note_stopping`, one file per model in state/intended-stops), and its exit
 within ON_PURPOSE_WINDOW is logged as such, never diagnosed as a crash.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -38,6 +37,7 @@ from typing import Any
 
 from model_serve import machine
 from model_serve.config.settings import Settings
+from model_serve.engines.stop_notes import stopped_on_purpose
 from model_serve.fileio import write_if_changed
 
 log = logging.getLogger("model_serve.exits")
@@ -48,8 +48,6 @@ LLAMA_SWAP_EXIT_RE = re.compile(r"<(.+?)> upstream process exited unexpectedly")
 UNKNOWN_STATUS = -1
 EXITS_FILE = "model-exits.json"
 RECHECK_AFTER = 60.0  # seconds before the same model's exit is diagnosed again
-STOPS_DIR = "intended-stops"
-ON_PURPOSE_WINDOW = 30.0  # seconds a noted stop covers the model's exit
 
 
 @dataclass
@@ -70,34 +68,6 @@ def parse_exit(line: str) -> tuple[str, int] | None:
     if match:
         return match.group(1), UNKNOWN_STATUS
     return None
-
-
-def _stop_note(settings: Settings, model_id: str) -> Path:
-    return settings.state_dir / STOPS_DIR / hashlib.sha256(model_id.encode()).hexdigest()[:24]
-
-
-def note_stopping(settings: Settings, model_ids: list[str]) -> None:
-    """Say, before stopping them, that these models' servers end on purpose."""
-    for model_id in model_ids:
-        note = _stop_note(settings, model_id)
-        try:
-            note.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            note.touch()
-            os.utime(note)  # touch leaves an existing file's time alone on some systems
-        except OSError as exc:  # the stop goes on; at worst its exit is diagnosed
-            log.warning("could not note the stop of %s: %s", model_id, exc)
-
-
-def stopped_on_purpose(settings: Settings, model_id: str) -> bool:
-    """Whether model_serve noted this model's stop within ON_PURPOSE_WINDOW (the note is
-    used up: a later exit is judged on its own)."""
-    note = _stop_note(settings, model_id)
-    try:
-        recent = time.time() - note.stat().st_mtime < ON_PURPOSE_WINDOW
-        note.unlink()
-    except OSError:
-        return False
-    return recent
 
 
 def load_exits(settings: Settings) -> dict[str, ModelExit]:

@@ -159,7 +159,7 @@ def _run_sync(settings: Settings, *, bridge: bool, reload: bool,
 def _note_restarted(settings: Settings, engine: Engine, previous: str | None,
                     new: str | None) -> None:
     """The servers this reload stops end on purpose (model_exits), a loading one too."""
-    from model_serve.runtime.model_exits import note_stopping
+    from model_serve.engines.stop_notes import note_stopping
 
     restarted = engine.restarted_by_reload(previous, new) \
         if previous is not None and new is not None else None
