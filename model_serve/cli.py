@@ -237,10 +237,10 @@ def pull(name: str) -> None:
 def rm(name: str | None, filter_text: str | None, yes: bool) -> None:
     """Remove Ollama models (unloading them first), then sync so their names go."""
     from model_serve import render
-    from model_serve.commands.forget import forget_model
     from model_serve.commands.unload import unload_models
     from model_serve.engines import select_engine
     from model_serve.models import ollama
+    from model_serve.runtime.forget import forget_model
     from model_serve.runtime.sync import build_current_plan, run_sync
 
     settings = _settings()
@@ -366,7 +366,7 @@ def stats(as_json: bool, watch: bool) -> None:
     import time
 
     from model_serve import render
-    from model_serve.commands.stats import collect_stats
+    from model_serve.runtime.stats import collect_stats
 
     settings = _settings()
     while True:
@@ -391,7 +391,7 @@ def forget(name: str | None, forget_all: bool, as_json: bool) -> None:
     """Delete a model's saved conversations (KV_CACHE_DIR), and erase those it holds in
     memory while loaded, so its next unload does not save them again."""
     from model_serve import render
-    from model_serve.commands.forget import forget as forget_named
+    from model_serve.runtime.forget import forget as forget_named
 
     render.forgotten(forget_named(_settings(), name, forget_all), as_json)
 

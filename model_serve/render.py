@@ -11,15 +11,15 @@ import click
 
 if TYPE_CHECKING:
     from model_serve.commands.doctor import Check
-    from model_serve.commands.forget import ForgetResult
-    from model_serve.commands.stats import StatsReport
     from model_serve.engines.base import EngineModel
     from model_serve.engines.engine_check import EngineCheck
     from model_serve.engines.slot_cache import RestoreCheck
     from model_serve.models.catalog import ScanProblem
     from model_serve.models.ollama import OllamaModel
     from model_serve.models.plan import ServedModel
+    from model_serve.runtime.forget import ForgetResult
     from model_serve.runtime.stack import StackStatus, StopReport
+    from model_serve.runtime.stats import StatsReport
     from model_serve.runtime.sync import SyncResult
 
 
@@ -142,6 +142,7 @@ def status(result: StackStatus, as_json: bool) -> None:
         click.echo(line)
     click.echo(f"  config:   {result.config_path}")
     click.echo(f"  log:      {result.log_file}")
+    click.echo(f"  page:     {result.dashboard or 'none (FRONT=off: the engine has the port)'}")
 
 
 def logs(path: Path, lines: int, follow: bool) -> None:

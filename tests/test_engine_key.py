@@ -100,6 +100,9 @@ def test_front_off_model_servers_answer_only_to_the_users_keys(front_off: Env) -
         assert client.chat.completions.create(
             model=A, messages=PROMPT, max_tokens=2).usage.completion_tokens > 0
         assert_keyed(front_off.base_url, "sekret")
+        # No front, no dashboard: the status says so.
+        status = front_off.run("status")
+        assert "page:     none (FRONT=off" in status.stdout, status.stdout
         model_url = f"http://127.0.0.1:{loaded_model(front_off).port}"
         assert_keyed(model_url, "sekret")
         assert requests.get(f"{model_url}/slots", timeout=10).status_code == 401

@@ -233,7 +233,7 @@ def test_files_of_an_earlier_version_are_fixed_and_nothing_else_is_touched(
 def test_forget_all_deletes_saved_conversations_only(env: Env) -> None:
     """With the stack stopped: every model's saved conversations go; what a restore showed
     and whatever else is in KV_CACHE_DIR stays."""
-    from model_serve.commands.forget import forget
+    from model_serve.runtime.forget import forget
 
     settings = load_settings(dict(env))
     root = settings.kv_cache_dir

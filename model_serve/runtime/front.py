@@ -48,6 +48,7 @@ from model_serve.models.names import identity
 from model_serve.models.plan import ServedModel
 from model_serve.runtime import gate, model_field
 from model_serve.runtime.admission import Admission, Refusal
+from model_serve.runtime.dashboard import RECORD, Dashboard
 from model_serve.runtime.engine_calls import engine_call
 from model_serve.runtime.engine_view import EngineView
 from model_serve.runtime.gate import (
@@ -168,6 +169,7 @@ class Front:
         self.direct = self.engine.name == "llama-server" and not settings.max_loaded_models
         self.admission = Admission(settings, self.engine, self.view, self.usage)
         self.ollama = OllamaApi(self)  # Ollama's API, translated onto the paths below
+        self.dashboard = Dashboard(self)  # /dashboard and its read endpoints
 
     # --- names ------------------------------------------------------------------------------
     async def refresh_names(self) -> None:
@@ -365,7 +367,8 @@ class Front:
             self.serving -= 1
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
-        special = self.ollama.route(request) or self._special(request)
+        special = self.ollama.route(request) or self._special(request) or \
+            self.dashboard.route(request)
         if special is not None:
             return await special(request)
         return await self.forward(request)
@@ -447,27 +450,33 @@ class Front:
         if route is not None and (refused := self._kind_refusal(sent_path, route)):
             return refused  # before a load: the model could not answer it
         counted = route if loads else None
+        record = response = None
         if counted is not None:
             await self.wait_if_held(counted)
             # In flight from here: a sync's hold waits for a request inside admission too
             # (waiting for room or loading), so a reload does not cut the load it waits on.
             self.started(counted)
+            record = self.dashboard.requests.begin(request, counted)
         try:
             if counted is not None:
                 admitted = await self._admit(counted, body if body and body[:1] == b"{"
                                              else None)
                 if isinstance(admitted, web.Response):
+                    response = admitted
                     return admitted
                 reuse = admitted
+                record.restored = reuse is not None  # type: ignore[union-attr]
                 port = self.view.port(counted.engine_id) if self.direct and base is None \
                     else None
                 if port:
                     base = f"http://127.0.0.1:{port}"
-            return await self._proxy(request, body, path_qs or request.path_qs, base, sent,
-                                     counted, reuse, answer)
+            response = await self._proxy(request, body, path_qs or request.path_qs, base,
+                                         sent, counted, reuse, answer)
+            return response
         finally:
             if counted is not None:
                 self.ended(counted)
+                self.dashboard.requests.end(record, response)  # type: ignore[arg-type]
 
     async def admit(self, route: Route) -> web.Response | CacheReuse | None:
         """A load with no request to send yet (the router's /models/load, Ollama's)."""
@@ -628,6 +637,8 @@ class Front:
             length = upstream.headers.get("Content-Length")
             if rename is not None and length is not None:
                 payload = rename(await upstream.read())
+                if (record := request.get(RECORD)) is not None:
+                    record.tail = payload[-2048:]
                 if reuse is not None:
                     reuse.feed(payload)
                 response.content_length = len(payload)
@@ -637,8 +648,9 @@ class Front:
                 if length is not None:
                     response.content_length = int(length)
                 await response.prepare(request)
-                pending = b""
+                pending = before_last = last = b""
                 async for chunk in upstream.content.iter_any():
+                    before_last, last = last, chunk  # the timings come in the last event
                     if reuse is not None and reuse.feed(chunk):
                         reuse = None
                     if rename is None:
@@ -652,6 +664,8 @@ class Front:
                         pending = pending[end + 2:]
                 if pending:
                     await response.write(rename(pending) if rename else pending)
+                if (record := request.get(RECORD)) is not None:
+                    record.tail = before_last + last
             await response.write_eof()
             return response
 
@@ -905,6 +919,7 @@ def make_app(front: Front) -> web.Application:
                                                             request.headers.get("Host")))
 
     app.cleanup_ctx.append(open_session)
+    app.cleanup_ctx.append(front.dashboard.running)
     app.on_response_prepare.append(cors)
     app.router.add_route("*", "/{tail:.*}", front.handle)
     return app

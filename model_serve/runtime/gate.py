@@ -9,7 +9,8 @@ Checked on every request, before anything reaches the engine:
 - keys, by what the path does:
   - client: inference and reading (API_KEYS, when set);
   - control: what changes the stack's state (unload, load, hold, release, llama-swap's
-    cancel, captures, logs, profiles, Ollama's pull and delete): ADMIN_KEYS when set, else
+    cancel, captures, logs, profiles, Ollama's pull and delete, the dashboard's load, forget
+    and log): ADMIN_KEYS when set, else
     API_KEYS; POST only (llama-swap's `GET /unload` is kept for its clients, Ollama's
     delete is a DELETE);
   - secret: what shows prompts (the model servers' `/slots`): only ADMIN_KEYS, closed when
@@ -72,6 +73,8 @@ def access_of(method: str, path: str, query: dict[str, str]) -> Access:
     """What a request needs, by its (normalized) path: see the module's docstring."""
     if path in ("/health", "/v1/health") and method in ("GET", "HEAD"):
         return Access.PUBLIC
+    if (path == "/dashboard" or path.startswith("/dashboard/")) and method in ("GET", "HEAD"):
+        return Access.PUBLIC  # the page's own files, the same for everyone: it asks for a key
     if _is_slots(path):
         return Access.SECRET
     last = path.rstrip("/").rpartition("/")[2]
@@ -82,7 +85,8 @@ def access_of(method: str, path: str, query: dict[str, str]) -> Access:
     if path in ("/unload", "/api/models/unload", "/api/events", "/api/pull",
                 "/api/delete") or path.startswith(
             ("/api/models/unload/", "/api/model_serve/hold", "/api/model_serve/release",
-             "/api/model_serve/evict",
+             "/api/model_serve/evict", "/api/model_serve/load", "/api/model_serve/forget",
+             "/api/model_serve/log",
              "/models/load", "/models/unload", "/api/inflight/", "/api/captures",
              "/logs", "/api/profiles/active")):
         return Access.CONTROL
@@ -106,7 +110,8 @@ def control_method_ok(method: str, path: str) -> bool:
     if method == "DELETE":
         return path == "/api/delete"
     if method == "GET":
-        return path in ("/unload", "/api/events") or path.startswith(("/logs", "/api/captures"))
+        return path in ("/unload", "/api/events", "/api/model_serve/log") or \
+            path.startswith(("/logs", "/api/captures"))
     return False
 
 

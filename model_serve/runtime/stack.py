@@ -36,6 +36,11 @@ class StackStatus:
     stale: bool = False  # a state file whose supervisor is gone (crash or SIGKILL)
     served_models: int | None = None  # how many models the config serves, when known
     via_service: str = ""  # the login service it was started through, if any
+    front: bool = True  # FRONT=on: the port has the dashboard (/dashboard)
+
+    @property
+    def dashboard(self) -> str | None:
+        return f"http://127.0.0.1:{self.port}/dashboard" if self.front else None
 
     @property
     def uptime(self) -> float:
@@ -47,7 +52,8 @@ class StackStatus:
                 "started_at": self.started_at,
                 "uptime_seconds": round(self.uptime, 1),
                 "children": {name: child.to_json() for name, child in self.children.items()},
-                "config_path": self.config_path, "log_file": self.log_file, "stale": self.stale}
+                "config_path": self.config_path, "log_file": self.log_file, "stale": self.stale,
+                "dashboard": self.dashboard}
 
 
 def stack_status(settings: Settings) -> StackStatus:
@@ -55,7 +61,7 @@ def stack_status(settings: Settings) -> StackStatus:
     if state is None:
         engine = select_engine(settings)
         return StackStatus(False, settings.port, engine.name, config_path=str(engine.config_path),
-                           log_file=str(settings.log_file))
+                           log_file=str(settings.log_file), front=settings.front_enabled)
     ref = state.pid
     alive = ref is not None and ref.alive()
     status = StackStatus(
@@ -64,6 +70,7 @@ def stack_status(settings: Settings) -> StackStatus:
         pid=ref.pid if ref else None, started_at=state.started_at,
         children=state.children, config_path=state.config_path,
         log_file=state.log_file or str(settings.log_file), stale=not alive,
+        front=settings.front_enabled,
     )
     # The state names the engine: its module need not load to ask /health.
     status.healthy = alive and answers_health(settings.base_url, settings.api_keys, timeout=1)

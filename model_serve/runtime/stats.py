@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from model_serve.config.settings import Settings
-from model_serve.engines import select_engine
+from model_serve.engines import Engine, select_engine
 from model_serve.engines.base import LOADED_STATES
 from model_serve.errors import ModelServeError
+from model_serve.models.plan import ServedModel
 from model_serve.runtime import procs
 from model_serve.runtime.activity import front_record, load_activity
 from model_serve.runtime.memory import MemoryReading, read_memory
@@ -36,6 +37,8 @@ class ModelStats:
     saved_conversations: int = 0  # KV caches kept on disk (KV_CACHE), their size and restores
     saved_bytes: int = 0
     restores: int = 0
+    kind: str | None = None  # chat, embedding or rerank (models/kinds.py)
+    estimate_bytes: int | None = None  # what it takes once loaded, from its GGUF header
 
 
 @dataclass
@@ -90,19 +93,27 @@ def _saved_conversations(folder: Path | None, stats: ModelStats) -> None:
     stats.restores = sum(slot.hits for slot in slots)
 
 
-def collect_stats(settings: Settings) -> StatsReport:
+def collect_stats(settings: Settings, engine: Engine | None = None,
+                  front_activity: dict[str, dict[str, Any]] | None = None,
+                  plan: list[ServedModel] | None = None) -> StatsReport:
+    """When the front itself asks (its dashboard), it gives its record of requests by engine
+    id (else read from it over HTTP) and the plan its names come from (else built anew)."""
     from model_serve.runtime.sync import build_current_plan
 
-    engine = select_engine(settings)
+    engine = engine or select_engine(settings)
     engine.require_running()
     listed = engine.models()
-    try:
-        _catalog, served_models = build_current_plan(settings, engine)
-    except ModelServeError:
-        served_models = []  # stats still show the engine's view
+    served_models = plan
+    if served_models is None:
+        try:
+            _catalog, served_models = build_current_plan(settings, engine)
+        except ModelServeError:
+            served_models = []  # stats still show the engine's view
     plan = {engine.model_id(s.name): s for s in served_models}
     activity = load_activity(settings.state_dir / "activity.json").get("models", {})
-    activity.update(front_record(settings) or {})  # exact, when there is one
+    # Exact, when there is one.
+    activity.update(front_activity if front_activity is not None else
+                    front_record(settings) or {})
     exits = load_exits(settings)
     rss = _rss_by_port(settings)
     folders = engine.slot_folders()
@@ -113,6 +124,7 @@ def collect_stats(settings: Settings) -> StatsReport:
         stats = ModelStats(model.served_name, model.state, port=model.port)
         if served is not None:
             stats.ctx_size, stats.slots, stats.ttl = served.ctx_size, served.parallel, served.ttl
+            stats.kind, stats.estimate_bytes = served.kind, served.estimated_bytes
         _saved_conversations(folders.get(model.name), stats)
         crash = exits.get(model.name)
         if crash is not None:

@@ -1,0 +1,401 @@
+"""The dashboard: `/dashboard` on the port, and the read endpoints under `/api/model_serve/`
+that it (and any other client) reads. The front only routes here; this module keeps what the
+page shows that nothing else records: the last requests (status, duration, tokens), the
+requests waiting for their model, and an hour of memory readings with the loads and unloads.
+
+The page is three static files (dashboard_page/); it changes nothing by itself: its buttons
+call the guarded control endpoints (POST, same origin, ADMIN_KEYS or API_KEYS) as any client
+would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from model_serve.errors import ModelServeError
+from model_serve.runtime.memory import read_memory
+
+if TYPE_CHECKING:
+    from model_serve.runtime.front import Front, Route
+
+PAGE_DIR = Path(__file__).with_name("dashboard_page")
+PAGE_FILES = {"/dashboard": ("index.html", "text/html"),
+              "/dashboard/": ("index.html", "text/html"),
+              "/dashboard/dashboard.js": ("dashboard.js", "text/javascript"),
+              "/dashboard/dashboard.css": ("dashboard.css", "text/css")}
+# Names, paths and log lines on the page come from files and clients: no script but the page's
+# own file runs, nothing loads from elsewhere, and no other site may frame it.
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
+                               "connect-src 'self'; img-src 'self' data:; base-uri 'none'; "
+                               "form-action 'none'; frame-ancestors 'none'",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+RECORD = "model_serve.record"  # the request's RequestRecord, on the aiohttp request
+REQUESTS_KEPT = 200  # last requests kept for the page
+MEMORY_EVERY = 10.0  # seconds between memory readings
+MEMORY_KEPT = 360  # an hour of them
+MARKS_KEPT = 500  # loads and unloads seen
+VIEW_EVERY = 1.0  # seconds between looks at the engine view (loads and unloads, no I/O)
+EVENTS_TICK = 0.5  # seconds between checks for new requests on an open event stream
+STATUS_EVERY = 2.0  # seconds between model and memory updates on an event stream
+STATUS_FRESH = 1.5  # a status this recent is shared by every page open
+LOG_LINES = 200
+_TIMING = re.compile(rb'"(cache_n|prompt_n|predicted_n|predicted_per_second|prompt_tokens|'
+                     rb'completion_tokens)":\s*([0-9.]+)')
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """One request for a model, from its arrival to its answer's end."""
+
+    seq: int
+    at: float  # wall clock, when it arrived
+    model: str  # served name
+    engine_id: str
+    path: str
+    began: float  # monotonic
+    status: int | None = None
+    duration: float | None = None
+    restored: bool = False  # a saved conversation was restored for it
+    tail: bytes = b""  # the answer's last bytes: its timings are read from them when shown
+
+    def to_json(self) -> dict[str, Any]:
+        found = {k.decode(): float(v) for k, v in _TIMING.findall(self.tail)}
+        prompt = found.get("prompt_tokens")
+        if "prompt_n" in found:  # llama-server's timings: the tokens read, and those reused
+            prompt = found["prompt_n"] + found.get("cache_n", 0)
+        predicted = found.get("predicted_n", found.get("completion_tokens"))
+        speed = found.get("predicted_per_second")
+        if speed is None and predicted and self.duration:
+            speed = predicted / self.duration
+        return {"seq": self.seq, "at": self.at, "model": self.model, "path": self.path,
+                "status": self.status,
+                "duration": round(self.duration, 3) if self.duration is not None else None,
+                "prompt_tokens": int(prompt) if prompt is not None else None,
+                "predicted_tokens": int(predicted) if predicted is not None else None,
+                "tokens_per_second": round(speed, 1) if speed else None,
+                "restored": self.restored}
+
+
+class RequestLog:
+    """The last requests and the ones not answered yet. Kept cheap: the request path only
+    stores references; reading the figures out of the answer waits until someone looks."""
+
+    def __init__(self) -> None:
+        self.done: deque[RequestRecord] = deque(maxlen=REQUESTS_KEPT)
+        self.open: dict[int, RequestRecord] = {}
+        self.seq = 0
+        self.version = 0  # moves on every begin and end: an event stream has news
+
+    def begin(self, request: web.Request, route: Route) -> RequestRecord:
+        self.seq += 1
+        self.version += 1
+        record = RequestRecord(self.seq, time.time(), route.served, route.engine_id,
+                               request.path, time.monotonic())
+        self.open[record.seq] = record
+        request[RECORD] = record
+        return record
+
+    def end(self, record: RequestRecord, response: web.StreamResponse | None) -> None:
+        # No response: the client left, or the handler failed (499 as nginx logs it).
+        record.status = response.status if response is not None else 499
+        record.duration = time.monotonic() - record.began
+        self.open.pop(record.seq, None)
+        self.done.append(record)
+        self.version += 1
+
+    def since(self, seq: int) -> list[RequestRecord]:
+        return [r for r in self.done if r.seq > seq]
+
+
+@dataclass(slots=True)
+class MemorySample:
+    at: float
+    used_bytes: int
+    total_bytes: int
+    percent: float
+    loaded: int  # models loaded then
+
+
+class MemoryHistory:
+    """An hour of memory readings, and the loads and unloads the engine view showed."""
+
+    def __init__(self) -> None:
+        self.samples: deque[MemorySample] = deque(maxlen=MEMORY_KEPT)
+        self.marks: deque[dict[str, Any]] = deque(maxlen=MARKS_KEPT)
+        self.loaded: set[str] | None = None
+        self.version = 0  # moves with every reading and mark: a page then reads them again
+
+    def look(self, states: dict[str, str], served: Callable[[str], str]) -> None:
+        """Marks each load and unload since the last look (`states`: engine id -> state). An
+        empty view is the engine's feed being down, not every model gone. `served`: the name
+        a model is served by, from its engine id."""
+        if not states:
+            return
+        loaded = {name for name, state in states.items() if state == "loaded"}
+        if self.loaded is not None:
+            now = time.time()
+            for name in sorted(loaded - self.loaded):
+                self.marks.append({"at": now, "event": "load", "model": served(name)})
+                self.version += 1
+            for name in sorted(self.loaded - loaded):
+                why = "crashed" if states.get(name) == "failed" else "unload"
+                self.marks.append({"at": now, "event": why, "model": served(name)})
+                self.version += 1
+        self.loaded = loaded
+
+    def to_json(self) -> dict[str, Any]:
+        return {"samples": [asdict(s) for s in self.samples], "marks": list(self.marks)}
+
+
+class Dashboard:
+    def __init__(self, front: Front) -> None:
+        self.front = front
+        self.requests = RequestLog()
+        self.memory = MemoryHistory()
+        self._status: tuple[float, dict[str, Any]] | None = None
+        self._status_lock = asyncio.Lock()
+
+    # --- routing (the front's hook) ------------------------------------------------------
+    def route(self, request: web.Request
+              ) -> Callable[[web.Request], Awaitable[web.StreamResponse]] | None:
+        path, method = request.path, request.method
+        if path in PAGE_FILES and method in ("GET", "HEAD"):
+            return self.page
+        if method == "GET":
+            return {"/api/model_serve/status": self.status,
+                    "/api/model_serve/requests": self.recent,
+                    "/api/model_serve/memory": self.memory_history,
+                    "/api/model_serve/events": self.events,
+                    "/api/model_serve/log": self.log_tail}.get(path)
+        if method == "POST":
+            return {"/api/model_serve/load": self.load,
+                    "/api/model_serve/forget": self.forget}.get(path)
+        return None
+
+    async def running(self, _app: web.Application) -> AsyncIterator[None]:
+        """Records memory and the view's loads while the front runs (its cleanup context)."""
+        task = asyncio.create_task(self._record())
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    async def _record(self) -> None:
+        next_reading = 0.0
+        while True:
+            self.memory.look({n: m.state for n, m in self.front.view.models.items()},
+                             self._served)
+            if time.monotonic() >= next_reading:
+                next_reading = time.monotonic() + MEMORY_EVERY
+                with contextlib.suppress(OSError):
+                    reading = await asyncio.to_thread(read_memory)
+                    self.memory.samples.append(MemorySample(
+                        time.time(), reading.used, reading.total, round(reading.percent, 1),
+                        len(self.memory.loaded or ())))
+                    self.memory.version += 1
+            await asyncio.sleep(VIEW_EVERY)
+
+    # --- the page --------------------------------------------------------------------------
+    async def page(self, request: web.Request) -> web.StreamResponse:
+        name, kind = PAGE_FILES[request.path]
+        try:
+            body = await asyncio.to_thread((PAGE_DIR / name).read_bytes)
+        except OSError:
+            return _error(404, f"the dashboard's file {name} is missing from {PAGE_DIR}: "
+                          "reinstall model_serve (./install.sh)", "not_found")
+        return web.Response(body=body, content_type=kind, charset="utf-8",
+                            headers=PAGE_HEADERS)
+
+    # --- read endpoints --------------------------------------------------------------------
+    async def status(self, request: web.Request) -> web.StreamResponse:
+        try:
+            return web.json_response(await asyncio.to_thread(self._collect))
+        except ModelServeError as exc:
+            return _error(503, exc.message, "engine_unavailable", retry_after=2)
+
+    async def recent(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response(self._requests_json(0))
+
+    async def memory_history(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response({**self.memory.to_json(),
+                                  "threshold_percent": self._threshold()})
+
+    async def log_tail(self, request: web.Request) -> web.StreamResponse:
+        from model_serve.runtime.stack import tail
+
+        try:
+            lines = max(1, min(LOG_LINES, int(request.query.get("lines", "100"))))
+        except ValueError:
+            return _error(400, "lines must be a number", "invalid_request")
+        path = self.front.settings.log_file
+        text = await asyncio.to_thread(tail, path, lines)
+        return web.json_response({"file": str(path), "lines": text.splitlines()})
+
+    async def snapshot(self) -> dict[str, Any]:
+        """Models (as `model stats` shows them) and memory, for the event streams: shared
+        between them for STATUS_FRESH seconds, as each costs a look at every model server."""
+        async with self._status_lock:
+            now = time.monotonic()
+            if self._status is not None and now - self._status[0] < STATUS_FRESH:
+                return self._status[1]
+            report = await asyncio.to_thread(self._collect)
+            self._status = (time.monotonic(), report)
+            return report
+
+    def _collect(self) -> dict[str, Any]:
+        from model_serve.runtime.stats import collect_stats
+
+        front = self.front
+        record = {}
+        for served, act in list(front.activity.items()):
+            route = front.names.find(served)
+            record[route.engine_id if route else served] = act.to_json()
+        report = collect_stats(front.settings, front.engine, record,
+                               list(front.names.models.values()))
+        data = report.to_json()
+        requests = {}
+        for served, act in list(front.activity.items()):
+            requests[served] = act.requests
+        for model in data["models"]:
+            model["requests"] = requests.get(model["name"], 0)
+        data["memory"]["threshold_percent"] = self._threshold()
+        data["memory"]["history_version"] = self.memory.version
+        data["time"] = time.time()
+        return data
+
+    def _served(self, engine_id: str) -> str:
+        route = self.front.names.find(engine_id)
+        return route.served if route else engine_id
+
+    def _threshold(self) -> float:
+        return self.front.settings.memory_pressure_threshold
+
+    def _requests_json(self, seq: int) -> dict[str, Any]:
+        return {"done": [r.to_json() for r in self.requests.since(seq)],
+                "waiting": self._waiting()}
+
+    def _waiting(self) -> list[dict[str, Any]]:
+        """The requests not answered yet, with what each waits for."""
+        front, now = self.front, time.monotonic()
+        result = []
+        for record in list(self.requests.open.values()):
+            state = front.view.state(record.engine_id)
+            if front.admission.loading_now == record.engine_id:
+                why = "waiting for the model to load"
+            elif state == "loaded" and record.engine_id not in front.admission.evicting:
+                why = "being answered"
+            else:
+                why = "held by admission: waiting for room or its turn to load"
+            result.append({"seq": record.seq, "at": record.at, "model": record.model,
+                           "path": record.path, "waited": round(now - record.began, 1),
+                           "why": why})
+        return result
+
+    async def events(self, request: web.Request) -> web.StreamResponse:
+        """Server-sent events: `requests` as they begin and end, `status` every few seconds.
+        Read with fetch (an EventSource cannot send a key)."""
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                               "Cache-Control": "no-store",
+                                               "X-Accel-Buffering": "no"})
+        await response.prepare(request)
+        # An open page is not a request being served: it must not take a place that
+        # MAX_CONCURRENT_REQUESTS keeps for clients of the models.
+        self.front.serving -= 1
+        try:
+            next_status = 0.0
+            seq = max((r.seq for r in self.requests.done), default=0)
+            await _send(response, "requests", self._requests_json(0))
+            version = self.requests.version
+            while True:
+                if self.requests.version != version:
+                    version = self.requests.version
+                    news = self._requests_json(seq)
+                    if news["done"]:
+                        seq = news["done"][-1]["seq"]
+                    await _send(response, "requests", news)
+                if time.monotonic() >= next_status:
+                    next_status = time.monotonic() + STATUS_EVERY
+                    try:
+                        await _send(response, "status", await self.snapshot())
+                    except ModelServeError as exc:
+                        await _send(response, "engine", {"error": exc.message})
+                await asyncio.sleep(EVENTS_TICK)
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass
+        finally:
+            self.front.serving += 1
+        return response
+
+    # --- actions (control endpoints: the gate asks for ADMIN_KEYS, or API_KEYS) ------------
+    async def load(self, request: web.Request) -> web.StreamResponse:
+        """Loads a model ahead of its first request, through admission (room made first)."""
+        route = await self._model_named(request)
+        if isinstance(route, web.Response):
+            return route
+        self.front.started(route)  # in use while it loads: no unloader takes it meanwhile
+        try:
+            admitted = await self.front.admit(route)
+        finally:
+            self.front.ended(route)
+        if isinstance(admitted, web.Response):
+            return admitted
+        return web.json_response({"loaded": route.served})
+
+    async def forget(self, request: web.Request) -> web.StreamResponse:
+        """Forgets a model's saved conversations (`model forget NAME`)."""
+        from model_serve.runtime.forget import forget_model
+
+        route = await self._model_named(request)
+        if isinstance(route, web.Response):
+            return route
+        try:
+            result = await asyncio.to_thread(forget_model, self.front.settings,
+                                             self.front.engine, route.served)
+        except (ModelServeError, OSError) as exc:
+            message = exc.message if isinstance(exc, ModelServeError) else str(exc)
+            return _error(502, message, "forget_failed")
+        self._status = None
+        return web.json_response({"model": route.served, "saved_deleted": result.saved,
+                                  "saved_bytes": result.saved_bytes,
+                                  "slots_emptied": sum(result.erased.values())})
+
+    async def _model_named(self, request: web.Request) -> Route | web.Response:
+        try:
+            data = await request.json()
+        except ValueError:
+            data = None
+        name = data.get("model") if isinstance(data, dict) else None
+        if not isinstance(name, str) or not name:
+            return _error(400, 'expected {"model": NAME}', "invalid_request")
+        await self.front.refresh_names()
+        route = self.front.names.find(name)
+        if route is None:
+            return _error(404, f"model not found: {name} (see 'model list')",
+                          "model_not_found")
+        return route
+
+
+async def _send(response: web.StreamResponse, event: str, data: Any) -> None:
+    await response.write(f"event: {event}\ndata: {json.dumps(data)}\n\n".encode())
+
+
+def _error(status: int, message: str, kind: str, retry_after: int | None = None) -> web.Response:
+    headers = {"Retry-After": str(retry_after)} if retry_after else None
+    return web.json_response({"error": {"message": message, "type": kind, "code": status}},
+                             status=status, headers=headers)

@@ -1,0 +1,257 @@
+"""The dashboard (`/dashboard`) and its endpoints, on one real stack with API_KEYS set, and
+the page itself in a real Chromium (Debian's, driven by selenium; ./install.sh --dev
+installs both)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+import yaml
+from openai import OpenAI
+
+from tests.conftest import Env, new_env, running
+
+KEY = "dash-key"
+HOSTILE = "<img src=x onerror=document.title='pwned'>"  # a model name from a user's file
+A = "ls/gemma-3:270m-q4_k_m"
+B = "ls/g2"
+C = f"ls/{HOSTILE}"
+PROMPT = [{"role": "user", "content": "Say hi"}]
+SCREENSHOTS = Path(os.environ.get("DASHBOARD_SCREENSHOTS", "")) if os.environ.get(
+    "DASHBOARD_SCREENSHOTS") else None
+
+
+@pytest.fixture(scope="module")
+def dash(tmp_path_factory: pytest.TempPathFactory, gemma_path: Path) -> Iterator[Env]:
+    env = new_env(tmp_path_factory.mktemp("dashboard"))
+    (env.models / "google").mkdir()
+    (env.models / "google" / gemma_path.name).symlink_to(gemma_path)
+    twin = {"base_model": "gemma-3:270m-q4_k_m"}
+    (env.home / "custom_models.yaml").write_text(
+        yaml.safe_dump({"models": {"g2": twin, HOSTILE: twin}}))
+    env.update({"API_KEYS": KEY})
+    with running(env, stop_timeout=90):
+        yield env
+
+
+def keyed(key: str = KEY) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def status_of(env: Env) -> dict[str, Any]:
+    answer = requests.get(f"{env.base_url}/api/model_serve/status", headers=keyed(), timeout=30)
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+def model_in(status: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(m for m in status["models"] if m["name"] == name)
+
+
+def wait_for(check: Any, timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+# --- over HTTP --------------------------------------------------------------------------------
+def test_the_page_is_served_with_a_strict_policy(dash: Env) -> None:
+    page = requests.get(f"{dash.base_url}/dashboard", timeout=10)  # no key: the page asks
+    assert page.status_code == 200 and page.headers["Content-Type"].startswith("text/html")
+    policy = page.headers["Content-Security-Policy"]
+    assert "script-src 'self'" in policy and "frame-ancestors 'none'" in policy
+    assert "default-src 'none'" in policy and "unsafe-inline" not in policy
+    assert page.headers["X-Frame-Options"] == "DENY"
+    scripts = re.findall(r"<script[^>]*>", page.text)
+    assert scripts and all("src=" in s for s in scripts)  # no inline script
+    assert "style=" not in page.text and "<style" not in page.text
+    for name, kind in (("dashboard.js", "text/javascript"), ("dashboard.css", "text/css")):
+        part = requests.get(f"{dash.base_url}/dashboard/{name}", timeout=10)
+        assert part.status_code == 200 and part.headers["Content-Type"].startswith(kind)
+        assert part.headers["X-Content-Type-Options"] == "nosniff"
+    script = requests.get(f"{dash.base_url}/dashboard/dashboard.js", timeout=10).text
+    assert "innerHTML" not in script and "insertAdjacentHTML" not in script
+    assert "EventSource" not in script  # it cannot send a key in a header
+    # Only the page's files are open: anything else under /dashboard/ is not served.
+    assert requests.get(f"{dash.base_url}/dashboard/../v1/models", timeout=10).status_code == 401
+
+
+def test_read_endpoints_answer_to_the_key(dash: Env) -> None:
+    for path in ("status", "requests", "memory", "log"):
+        url = f"{dash.base_url}/api/model_serve/{path}"
+        assert requests.get(url, timeout=10).status_code == 401, path
+        assert requests.get(url, headers=keyed(), timeout=30).status_code == 200, path
+    status = status_of(dash)
+    assert {m["name"] for m in status["models"]} == {A, B, C}
+    model = model_in(status, B)
+    assert model["kind"] == "chat" and model["estimate_bytes"] > 100 * 2**20
+    assert model["ttl"] and model["ctx_size"]
+    memory = status["memory"]
+    assert memory["threshold_percent"] == 75.0 and 0 < memory["percent"] < 100
+    history = requests.get(f"{dash.base_url}/api/model_serve/memory", headers=keyed(),
+                           timeout=10).json()
+    assert history["samples"] and history["samples"][-1]["total_bytes"] == memory["total_bytes"]
+    log = requests.get(f"{dash.base_url}/api/model_serve/log?lines=5", headers=keyed(),
+                       timeout=10).json()
+    assert 0 < len(log["lines"]) <= 5 and log["file"].endswith("model_serve.log")
+
+
+def test_actions_take_a_post_from_the_page_s_own_origin_and_a_key(dash: Env) -> None:
+    url = f"{dash.base_url}/api/model_serve/load"
+    body = {"model": A}
+    assert requests.get(url, headers=keyed(), timeout=10).status_code == 405
+    assert requests.post(url, json=body, timeout=10).status_code == 401
+    other = requests.post(url, json=body, timeout=10,
+                          headers={**keyed(), "Origin": "http://evil.example"})
+    assert other.status_code == 403
+    assert "Access-Control-Allow-Origin" not in other.headers
+    forget = requests.post(f"{dash.base_url}/api/model_serve/forget", json={"model": "nope"},
+                           headers=keyed(), timeout=10)
+    assert forget.status_code == 404 and "nope" in forget.json()["error"]["message"]
+    assert all(m["state"] == "unloaded" for m in status_of(dash)["models"])
+
+
+def test_each_request_is_recorded_with_its_status_duration_and_tokens(dash: Env) -> None:
+    client = OpenAI(base_url=f"{dash.base_url}/v1", api_key=KEY, max_retries=0, timeout=120)
+    client.chat.completions.create(model=A, messages=PROMPT, max_tokens=5)
+    stream = client.chat.completions.create(model=A, messages=PROMPT, max_tokens=5,
+                                            stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) is not None
+    with pytest.raises(Exception):  # noqa: B017 - a 400 from the model server, recorded too
+        client.chat.completions.create(model=A, messages=[{"role": "nobody", "content": 1}],
+                                       max_tokens=5)
+    done = requests.get(f"{dash.base_url}/api/model_serve/requests", headers=keyed(),
+                        timeout=10).json()["done"]
+    ours = [r for r in done if r["model"] == A]
+    assert [r["status"] for r in ours][-3:][:2] == [200, 200] and ours[-1]["status"] >= 400
+    for record in ours[-3:-1]:
+        assert record["path"] == "/v1/chat/completions" and record["duration"] > 0
+        assert record["predicted_tokens"] == 5 and record["prompt_tokens"] > 0
+        assert record["tokens_per_second"] > 0 and record["restored"] is False
+    model = model_in(status_of(dash), A)
+    assert model["state"] == "loaded" and model["requests"] >= 3 and model["rss_bytes"]
+
+
+# --- in a real browser ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver_path = shutil.which("chromedriver")
+    if not chromium or not driver_path:
+        message = ("Chromium and chromedriver are needed (./install.sh --dev installs Debian's "
+                   "chromium and chromium-driver)")
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
+                 "--window-size=1400,1100"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def shot(driver: Any, name: str, tmp_path: Path) -> None:
+    folder = SCREENSHOTS or tmp_path
+    folder.mkdir(parents=True, exist_ok=True)
+    driver.save_screenshot(str(folder / f"dashboard-{name}.png"))
+
+
+def test_the_page_in_a_browser(dash: Env, browser: Any, tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def wait(check: Any, what: str, timeout: float = 30) -> Any:
+        return WebDriverWait(browser, timeout, 0.2).until(lambda d: check(), what)
+
+    def row(name: str) -> Any:
+        rows = browser.find_elements(By.CSS_SELECTOR, "#models tbody tr")
+        return next((r for r in rows if r.get_attribute("data-model") == name), None)
+
+    def state(name: str) -> str | None:
+        found = row(name)
+        return found.get_attribute("data-state") if found else None
+
+    def connection() -> str:
+        return browser.find_element(By.ID, "connection").get_attribute("data-state")
+
+    started = time.monotonic()
+    browser.get(f"{dash.base_url}/dashboard")
+    # API_KEYS is set: the page asks for a key before it shows anything.
+    wait(lambda: browser.find_element(By.ID, "key-form").is_displayed(), "the key prompt")
+    assert row(A) is None
+    browser.find_element(By.ID, "key-input").send_keys(KEY)
+    browser.find_element(By.CSS_SELECTOR, "#key-form button[type=submit]").click()
+    wait(lambda: connection() == "live" and row(C) is not None, "the models, live")
+    print(f"dashboard: page up with its models {time.monotonic() - started:.2f}s after the "
+          "request for it (key entered by the test)")
+    # The hostile name is text: no element made of it, nothing it would run.
+    assert row(C).find_element(By.CSS_SELECTOR, "td").text == C
+    assert browser.find_elements(By.CSS_SELECTOR, "#models img") == []
+    assert browser.title == "model_serve"
+    assert state(A) == "loaded" and state(B) == "unloaded"  # from the test before
+    browser.execute_script("window.notReloaded = true")
+
+    # A request made elsewhere shows up in Activity, and the model's state, without a reload.
+    client = OpenAI(base_url=f"{dash.base_url}/v1", api_key=KEY, max_retries=0, timeout=120)
+    client.chat.completions.create(model=B, messages=PROMPT, max_tokens=4)
+
+    def request_row() -> bool:
+        rows = browser.find_elements(By.CSS_SELECTOR, "#requests tbody tr")
+        return any(B in r.text and "200" in r.text for r in rows)
+
+    wait(request_row, "the request in Activity")
+    wait(lambda: state(B) == "loaded", "B loaded")
+    assert browser.execute_script("return window.notReloaded") is True
+    shot(browser, "loaded", tmp_path)
+
+    # Unload with the button: its conversation is saved first, and it goes.
+    row(B).find_element(By.CSS_SELECTOR, "button[data-action=unload]").click()
+    wait(lambda: state(B) == "unloaded", "B unloaded", 60)
+    model = model_in(status_of(dash), B)
+    assert model["state"] == "unloaded" and model["saved_conversations"] >= 1
+    # Forget its conversations (the page confirms first).
+    row(B).find_element(By.CSS_SELECTOR, "button[data-action=forget]").click()
+    browser.switch_to.alert.accept()
+    wait(lambda: "Forgot" in browser.find_element(By.ID, "notice").text, "the forget's answer")
+    assert model_in(status_of(dash), B)["saved_conversations"] == 0
+    # Load ahead, through admission.
+    row(B).find_element(By.CSS_SELECTOR, "button[data-action=load]").click()
+    wait(lambda: state(B) == "loaded", "B loaded ahead", 60)
+
+    # The key travels in a header, never in a URL, and lives in this tab's session only.
+    urls = browser.execute_script(
+        "return performance.getEntriesByType('resource').map(e => e.name)")
+    assert urls and not any(KEY in url for url in urls)
+    assert browser.execute_script("return sessionStorage.getItem('model_serve.key')") == KEY
+    assert browser.execute_script("return localStorage.length") == 0
+    shot(browser, "actions", tmp_path)
+
+    # The stack stops and starts again: the page says so, and comes back by itself.
+    dash.run("stop", timeout=90, check=True)
+    wait(lambda: connection() == "lost", "the page to see the connection lost")
+    assert "Lost the connection" in browser.find_element(By.ID, "notice").text
+    shot(browser, "lost", tmp_path)
+    dash.run("start", check=True)
+    wait(lambda: connection() == "live" and state(B) == "unloaded", "the page back", 60)
+    assert browser.execute_script("return window.notReloaded") is True
+    assert not browser.find_element(By.ID, "notice").is_displayed()
