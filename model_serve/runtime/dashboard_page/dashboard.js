@@ -31,6 +31,13 @@ function row(cells) {
   return tr;
 }
 
+// A cell of short lines, each its own text node.
+function lines(texts) {
+  const td = document.createElement("td");
+  for (const text of texts.filter(Boolean)) td.appendChild(el("div", text));
+  return td;
+}
+
 function replaceRows(tbody, rows) {
   tbody.replaceChildren(...rows);
 }
@@ -188,21 +195,22 @@ function renderStatus(status) {
     const name = el("td", m.name, "name");
     const state = el("td", m.state, stateClass(m.state));
     if (m.last_exit) state.title = m.last_exit;
-    const memory = [m.estimate_bytes ? `est. ${bytes(m.estimate_bytes)}` : "",
-                    m.rss_bytes ? `holds ${bytes(m.rss_bytes)}` : ""].filter(Boolean).join(", ");
+    const memory = lines([m.estimate_bytes ? `${bytes(m.estimate_bytes)} est.` : "",
+                          m.rss_bytes ? `${bytes(m.rss_bytes)} held` : ""]);
     const saved = m.saved_conversations
-      ? `${m.saved_conversations} (${bytes(m.saved_bytes)}, ${m.restores} restored)` : "0";
+      ? lines([`${m.saved_conversations}, ${bytes(m.saved_bytes)}`, `${m.restores} restored`])
+      : "0";
     const actions = el("td", null, "actions");
     const loaded = m.state === "loaded" || m.state === "loading";
     actions.append(loaded ? actionButton("Unload", m.name, "unload")
                           : actionButton("Load", m.name, "load"),
                    actionButton("Forget", m.name, "forget"));
-    const tr = row([name, el("td", m.kind || ""), state, memory, m.ctx_size || "",
+    const tr = row([name, state, actions, el("td", m.kind || ""), memory, m.ctx_size || "",
                     loaded ? seconds(m.idle_seconds) : "",
                     m.ttl ? (loaded ? seconds(m.ttl_left) : `${m.ttl}s`) : "none",
                     m.in_flight, m.requests || 0,
                     loaded ? `${m.prompt_tokens} / ${m.predicted_tokens}` : "",
-                    saved, actions]);
+                    saved]);
     tr.dataset.model = m.name;
     tr.dataset.state = m.state;
     return tr;
@@ -271,9 +279,18 @@ function drawMemory() {
   const w = canvas.width, h = canvas.height;
   ctx.clearRect(0, 0, w, h);
   if (!memoryHistory) return;
-  const now = Date.now() / 1000, span = 3600;
-  const x = (at) => w - ((now - at) / span) * w;
-  const y = (pct) => h - (pct / 100) * h;
+  const now = Date.now() / 1000;
+  const first = memoryHistory.samples.length ? memoryHistory.samples[0].at : now;
+  // The last hour, or less while there is less: 5 minutes at least.
+  const span = Math.min(3600, Math.max(300, now - first));
+  const left = 40;
+  const x = (at) => left + (w - left) * (1 - (now - at) / span);
+  const y = (pct) => h - 4 - (pct / 100) * (h - 12);
+  ctx.fillStyle = "#6b7075";
+  ctx.font = "11px sans-serif";
+  ctx.fillText("100%", 2, y(100) + 8);
+  ctx.fillText("0%", 2, y(0));
+  ctx.fillText(`-${Math.round(span / 60)} min`, left + 2, h - 6);
   ctx.strokeStyle = "#c92a2a";
   ctx.setLineDash([6, 4]);
   ctx.beginPath();
