@@ -255,3 +255,28 @@ def test_the_page_in_a_browser(dash: Env, browser: Any, tmp_path: Path) -> None:
     wait(lambda: connection() == "live" and state(B) == "unloaded", "the page back", 60)
     assert browser.execute_script("return window.notReloaded") is True
     assert not browser.find_element(By.ID, "notice").is_displayed()
+
+
+# --- the records, on their own ------------------------------------------------------------------
+def test_records_stay_small() -> None:
+    """An answer of many MB (embeddings, say) may come as one chunk: a record keeps its end
+    only, and the log its last REQUESTS_KEPT requests."""
+    from aiohttp import web
+    from aiohttp.test_utils import make_mocked_request
+
+    from model_serve.runtime.dashboard import REQUESTS_KEPT, TAIL_KEPT, RequestLog
+    from model_serve.runtime.front import Route
+
+    log = RequestLog()
+    route = Route("gemma", "ls/gemma")
+    timings = b'"timings":{"cache_n":3,"prompt_n":2,"predicted_n":7,"predicted_per_second":9.5}}'
+    for _ in range(REQUESTS_KEPT + 50):
+        record = log.begin(make_mocked_request("POST", "/v1/embeddings"), route)
+        record.keep(b"x" * 8_000_000, b'{"data": [0.1]' + b" " * 5000 + timings)
+        log.end(record, web.Response(status=200))
+    assert len(log.done) == REQUESTS_KEPT and not log.open
+    assert all(len(r.tail) == TAIL_KEPT for r in log.done)
+    shown = log.done[-1].to_json()
+    assert (shown["prompt_tokens"], shown["predicted_tokens"], shown["tokens_per_second"]) == \
+        (5, 7, 9.5)
+    assert log.since(log.done[-2].seq) == [log.done[-1]]

@@ -357,11 +357,26 @@ def test_prompts_never_reach_the_log(both: Env) -> None:
     answer = requests.post(f"{both.base_url}/v1/chat/completions", timeout=120, json={
         "model": A, "max_tokens": 4, "messages": [{"role": "user", "content": secret}]})
     assert answer.status_code == 200
+    # The dashboard records the request (status, tokens) on either engine, never its words.
+    seen = requests.get(f"{both.base_url}/api/model_serve/requests", timeout=10)
+    assert "quetzalcoatl" not in seen.text
+    [record] = seen.json()["done"]
+    assert record["model"] == A and record["status"] == 200 and record["predicted_tokens"] == 4
     requests.post(f"{both.base_url}/unload", params={"model": A}, timeout=60)
     logs = list((both.state / "logs").glob("*"))
     assert logs
     for log_file in logs:
         assert "quetzalcoatl" not in log_file.read_text(errors="replace"), log_file
+    tail = requests.get(f"{both.base_url}/api/model_serve/log?lines=200", timeout=10)
+    assert tail.status_code == 200 and tail.json()["lines"] and "quetzalcoatl" not in tail.text
+    # Its load and unload buttons' endpoints work on either engine.
+    assert requests.post(f"{both.base_url}/api/model_serve/load", json={"model": B},
+                         timeout=120).status_code == 200
+    assert states(both)[B] == "loaded"
+    assert requests.post(f"{both.base_url}/api/models/unload/{B}", timeout=60).ok
+    assert wait_until(lambda: states(both)[B] == "unloaded", 30)
+    status = requests.get(f"{both.base_url}/api/model_serve/status", timeout=30).json()
+    assert {m["name"]: m["state"] for m in status["models"]} == {A: "unloaded", B: "unloaded"}
 
 
 def test_a_lone_surrogate_is_a_bad_request() -> None:

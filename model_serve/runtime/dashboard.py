@@ -46,6 +46,7 @@ PAGE_HEADERS = {
     "Cache-Control": "no-cache",
 }
 RECORD = "model_serve.record"  # the request's RequestRecord, on the aiohttp request
+TAIL_KEPT = 4096  # bytes of an answer kept: its timings and usage come last
 REQUESTS_KEPT = 200  # last requests kept for the page
 MEMORY_EVERY = 10.0  # seconds between memory readings
 MEMORY_KEPT = 360  # an hour of them
@@ -73,6 +74,10 @@ class RequestRecord:
     duration: float | None = None
     restored: bool = False  # a saved conversation was restored for it
     tail: bytes = b""  # the answer's last bytes: its timings are read from them when shown
+
+    def keep(self, *chunks: bytes) -> None:
+        """Keeps the end of the answer's last chunks (one may be a whole large answer)."""
+        self.tail = b"".join(chunks)[-TAIL_KEPT:]
 
     def to_json(self) -> dict[str, Any]:
         found = {k.decode(): float(v) for k, v in _TIMING.findall(self.tail)}

@@ -638,7 +638,7 @@ class Front:
             if rename is not None and length is not None:
                 payload = rename(await upstream.read())
                 if (record := request.get(RECORD)) is not None:
-                    record.tail = payload[-2048:]
+                    record.keep(payload)
                 if reuse is not None:
                     reuse.feed(payload)
                 response.content_length = len(payload)
@@ -665,7 +665,7 @@ class Front:
                 if pending:
                     await response.write(rename(pending) if rename else pending)
                 if (record := request.get(RECORD)) is not None:
-                    record.tail = before_last + last
+                    record.keep(before_last, last)
             await response.write_eof()
             return response
 
