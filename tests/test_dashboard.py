@@ -177,19 +177,40 @@ def shot(driver: Any, name: str, tmp_path: Path) -> None:
 
 
 def test_the_page_in_a_browser(dash: Env, browser: Any, tmp_path: Path) -> None:
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     def wait(check: Any, what: str, timeout: float = 30) -> Any:
         return WebDriverWait(browser, timeout, 0.2).until(lambda d: check(), what)
 
-    def row(name: str) -> Any:
-        rows = browser.find_elements(By.CSS_SELECTOR, "#models tbody tr")
-        return next((r for r in rows if r.get_attribute("data-model") == name), None)
+    # The page redraws its tables every 2 s: read them in one step of the page's own script,
+    # and click again when a button was redrawn between finding and clicking it.
+    def cells(name: str) -> list[str] | None:
+        return browser.execute_script(
+            "const r = [...document.querySelectorAll('#models tbody tr')]"
+            ".find(r => r.dataset.model === arguments[0]);"
+            "return r ? [r.dataset.state, ...[...r.cells].map(c => c.textContent)] : null;",
+            name)
 
     def state(name: str) -> str | None:
-        found = row(name)
-        return found.get_attribute("data-state") if found else None
+        found = cells(name)
+        return found[0] if found else None
+
+    def text(element_id: str) -> str:
+        return browser.execute_script(
+            "return document.getElementById(arguments[0]).textContent", element_id)
+
+    def click(name: str, action: str) -> None:
+        for _ in range(10):
+            try:
+                browser.find_element(
+                    By.CSS_SELECTOR, f"#models tbody tr[data-model='{name}'] "
+                    f"button[data-action={action}]").click()
+                return
+            except StaleElementReferenceException:
+                continue
+        raise AssertionError(f"could not click {action} of {name}")
 
     def connection() -> str:
         return browser.find_element(By.ID, "connection").get_attribute("data-state")
@@ -198,14 +219,14 @@ def test_the_page_in_a_browser(dash: Env, browser: Any, tmp_path: Path) -> None:
     browser.get(f"{dash.base_url}/dashboard")
     # API_KEYS is set: the page asks for a key before it shows anything.
     wait(lambda: browser.find_element(By.ID, "key-form").is_displayed(), "the key prompt")
-    assert row(A) is None
+    assert cells(A) is None
     browser.find_element(By.ID, "key-input").send_keys(KEY)
     browser.find_element(By.CSS_SELECTOR, "#key-form button[type=submit]").click()
-    wait(lambda: connection() == "live" and row(C) is not None, "the models, live")
+    wait(lambda: connection() == "live" and cells(C) is not None, "the models, live")
     print(f"dashboard: page up with its models {time.monotonic() - started:.2f}s after the "
           "request for it (key entered by the test)")
     # The hostile name is text: no element made of it, nothing it would run.
-    assert row(C).find_element(By.CSS_SELECTOR, "td").text == C
+    assert cells(C)[1] == C
     assert browser.find_elements(By.CSS_SELECTOR, "#models img") == []
     assert browser.title == "model_serve"
     assert state(A) == "loaded" and state(B) == "unloaded"  # from the test before
@@ -216,8 +237,10 @@ def test_the_page_in_a_browser(dash: Env, browser: Any, tmp_path: Path) -> None:
     client.chat.completions.create(model=B, messages=PROMPT, max_tokens=4)
 
     def request_row() -> bool:
-        rows = browser.find_elements(By.CSS_SELECTOR, "#requests tbody tr")
-        return any(B in r.text and "200" in r.text for r in rows)
+        rows = browser.execute_script(
+            "return [...document.querySelectorAll('#requests tbody tr')]"
+            ".map(r => [...r.cells].map(c => c.textContent))")
+        return any(r[1] == B and r[3] == "200" for r in rows)
 
     wait(request_row, "the request in Activity")
     wait(lambda: state(B) == "loaded", "B loaded")
@@ -225,17 +248,19 @@ def test_the_page_in_a_browser(dash: Env, browser: Any, tmp_path: Path) -> None:
     shot(browser, "loaded", tmp_path)
 
     # Unload with the button: its conversation is saved first, and it goes.
-    row(B).find_element(By.CSS_SELECTOR, "button[data-action=unload]").click()
+    click(B, "unload")
     wait(lambda: state(B) == "unloaded", "B unloaded", 60)
     model = model_in(status_of(dash), B)
     assert model["state"] == "unloaded" and model["saved_conversations"] >= 1
+    wait(lambda: f"unload {B} (asked: POST /api/models/unload/{B})" in text("memory-marks"),
+         "the unload's mark and why")
     # Forget its conversations (the page confirms first).
-    row(B).find_element(By.CSS_SELECTOR, "button[data-action=forget]").click()
+    click(B, "forget")
     browser.switch_to.alert.accept()
-    wait(lambda: "Forgot" in browser.find_element(By.ID, "notice").text, "the forget's answer")
+    wait(lambda: "Forgot" in text("notice"), "the forget's answer")
     assert model_in(status_of(dash), B)["saved_conversations"] == 0
     # Load ahead, through admission.
-    row(B).find_element(By.CSS_SELECTOR, "button[data-action=load]").click()
+    click(B, "load")
     wait(lambda: state(B) == "loaded", "B loaded ahead", 60)
 
     # The key travels in a header, never in a URL, and lives in this tab's session only.
@@ -249,7 +274,7 @@ def test_the_page_in_a_browser(dash: Env, browser: Any, tmp_path: Path) -> None:
     # The stack stops and starts again: the page says so, and comes back by itself.
     dash.run("stop", timeout=90, check=True)
     wait(lambda: connection() == "lost", "the page to see the connection lost")
-    assert "Lost the connection" in browser.find_element(By.ID, "notice").text
+    assert "Lost the connection" in text("notice")
     shot(browser, "lost", tmp_path)
     dash.run("start", check=True)
     wait(lambda: connection() == "live" and state(B) == "unloaded", "the page back", 60)

@@ -243,6 +243,15 @@ def test_with_kv_cache_the_ttl_saves_the_conversation_first(env: Env, gemma_path
         _wait(lambda: _states(env)[A] == "unloaded", 30, "the TTL to expire")
         log = (env.state / "logs" / "model_serve.log").read_text()
         assert f"ttl: {A} idle" in log and f"saved 1 slot(s) of {A}" in log
+
+        def unload_marks() -> list[dict]:
+            marks = requests.get(f"{env.base_url}/api/model_serve/memory", timeout=10).json()
+            return [m for m in marks["marks"] if m["event"] == "unload"]
+
+        # The dashboard says why the model went (the unloader told the front).
+        _wait(unload_marks, 10, "the dashboard's mark of the unload")
+        [mark] = unload_marks()
+        assert mark["model"] == A_SHOWN and "past its TTL (2s)" in mark["why"], mark
         reply = requests.post(f"{env.base_url}/completion", timeout=120, json={
             "model": A, "prompt": prompt + "Line 60:", "n_predict": 2}).json()
         assert reply["timings"]["cache_n"] > 300

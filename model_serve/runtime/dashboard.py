@@ -51,6 +51,8 @@ REQUESTS_KEPT = 200  # last requests kept for the page
 MEMORY_EVERY = 10.0  # seconds between memory readings
 MEMORY_KEPT = 360  # an hour of them
 MARKS_KEPT = 500  # loads and unloads seen
+REASON_KEPT = 120.0  # seconds a reason said for an unload waits for the unload
+EXIT_RECENT = 30.0  # seconds: a model server's recorded exit this recent explains an unload
 VIEW_EVERY = 1.0  # seconds between looks at the engine view (loads and unloads, no I/O)
 EVENTS_TICK = 0.5  # seconds between checks for new requests on an open event stream
 STATUS_EVERY = 2.0  # seconds between model and memory updates on an event stream
@@ -145,6 +147,11 @@ class MemoryHistory:
         self.marks: deque[dict[str, Any]] = deque(maxlen=MARKS_KEPT)
         self.loaded: set[str] | None = None
         self.version = 0  # moves with every reading and mark: a page then reads them again
+        self.reasons: dict[str, tuple[float, str]] = {}  # engine id -> why it goes (when said)
+
+    def note(self, engine_id: str, why: str) -> None:
+        """Why a model is about to be unloaded (the first reason said counts)."""
+        self.reasons.setdefault(engine_id, (time.monotonic(), why))
 
     def look(self, states: dict[str, str], served: Callable[[str], str]) -> None:
         """Marks each load and unload since the last look (`states`: engine id -> state). An
@@ -159,9 +166,13 @@ class MemoryHistory:
                 self.marks.append({"at": now, "event": "load", "model": served(name)})
                 self.version += 1
             for name in sorted(self.loaded - loaded):
-                why = "crashed" if states.get(name) == "failed" else "unload"
-                self.marks.append({"at": now, "event": why, "model": served(name)})
+                said = self.reasons.pop(name, None)
+                self.marks.append({"at": now, "event": "unload", "model": served(name),
+                                   "engine_id": name, "why": said[1] if said else None})
                 self.version += 1
+        stale = time.monotonic() - REASON_KEPT
+        for name in [n for n, (at, _why) in self.reasons.items() if at < stale]:
+            del self.reasons[name]  # said, but it never went (in use again, say)
         self.loaded = loaded
 
     def to_json(self) -> dict[str, Any]:
@@ -204,8 +215,15 @@ class Dashboard:
     async def _record(self) -> None:
         next_reading = 0.0
         while True:
+            for engine_id in self.front.admission.evicting:
+                self.memory.note(engine_id, "admission: room for another model's load")
+            marked = len(self.memory.marks)
             self.memory.look({n: m.state for n, m in self.front.view.models.items()},
                              self._served)
+            unexplained = [m for m in list(self.memory.marks)[marked:]
+                           if m["event"] == "unload" and not m["why"]]
+            if unexplained:
+                await self._explain(unexplained)
             if time.monotonic() >= next_reading:
                 next_reading = time.monotonic() + MEMORY_EVERY
                 with contextlib.suppress(OSError):
@@ -215,6 +233,20 @@ class Dashboard:
                         len(self.memory.loaded or ())))
                     self.memory.version += 1
             await asyncio.sleep(VIEW_EVERY)
+
+    async def _explain(self, marks: list[dict[str, Any]]) -> None:
+        """An unload nobody asked for: a crash when the model server's exit was recorded
+        (model_exits), else the engine's own doing."""
+        from model_serve.runtime.model_exits import load_exits
+
+        exits = await asyncio.to_thread(load_exits, self.front.settings)
+        for mark in marks:
+            ended = exits.get(mark["engine_id"])
+            if ended is not None and abs(mark["at"] - ended.at) < EXIT_RECENT:
+                mark["event"] = "crash"
+                mark["why"] = ended.cause
+            else:
+                mark["why"] = "the engine unloaded it (its own limit or TTL)"
 
     # --- the page --------------------------------------------------------------------------
     async def page(self, request: web.Request) -> web.StreamResponse:

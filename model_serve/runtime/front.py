@@ -280,13 +280,15 @@ class Front:
         return web.json_response({"released": sorted(hold.models)})
 
     async def evict(self, request: web.Request) -> web.StreamResponse:
-        """The unloader's unload of an idle model (`{"model": id, "idle_seconds": N}`): 200
-        once it is out of memory, 409 when a request uses it (or did within N seconds)."""
+        """The unloader's unload of an idle model (`{"model": id, "idle_seconds": N, "why":
+        text}`): 200 once it is out of memory, 409 when a request uses it (or did within N
+        seconds). `why` is shown on the dashboard."""
         try:
             data = await request.json()
             engine_id, idle = str(data["model"]), float(data.get("idle_seconds", 0))
         except (ValueError, KeyError, TypeError, AttributeError):
             return _error(400, 'expected {"model": id, "idle_seconds": N}', "invalid_request")
+        self.dashboard.memory.note(engine_id, f"the unloader: {data.get('why') or 'idle'}")
         try:
             unloaded = await self.admission.evict(engine_id, idle)
         except ModelServeError as exc:
@@ -739,6 +741,7 @@ class Front:
                 chosen = [m for m in models if m.state in LOADED_STATES]
             for model in chosen:
                 if model.state in LOADED_STATES:
+                    self.dashboard.memory.note(model.name, f"asked: {request.method} {path}")
                     await engine_call(self.engine.unload, model.name)
                     # Answer once it is out of memory: a request right after must load it
                     # again (through admission), not find the old server going away.

@@ -128,7 +128,8 @@ class PressureUnloader:
                 idle = act.idle_seconds(now)
                 if idle >= ttl:
                     log.info("ttl: %s idle %.0fs (ttl %ds); unloading", act.name, idle, ttl)
-                    if self._unload(act, idle_seconds=ttl):
+                    if self._unload(act, idle_seconds=ttl,
+                                    why=f"idle {idle:.0f}s, past its TTL ({ttl}s)"):
                         expired.append(act.name)
         return expired
 
@@ -187,7 +188,8 @@ class PressureUnloader:
                 victim = candidates[0]
                 log.info("%s: %s; candidates, least recently used first: %s; unloading %s",
                          reason, why, listing, victim.name)
-                if self._unload(victim, self.settings.min_model_age_seconds):
+                if self._unload(victim, self.settings.min_model_age_seconds,
+                                f"{why}; least recently used"):
                     unloaded.append(victim.name)
                     self._record(reason, reading, victim, candidates, need, trigger)
                 if trigger == "kernel":
@@ -196,12 +198,12 @@ class PressureUnloader:
                     break
         return unloaded
 
-    def _unload(self, victim: ModelActivity, idle_seconds: float) -> bool:
+    def _unload(self, victim: ModelActivity, idle_seconds: float, why: str = "") -> bool:
         """Unload `victim`, judged idle (for `idle_seconds`) on the last activity read. With
         the front, the front unloads it, judging idleness again as it does: a request the
         front admitted since that read is never cut."""
         if self.settings.front_enabled:
-            through_front = self._evict_through_front(victim, idle_seconds)
+            through_front = self._evict_through_front(victim, idle_seconds, why)
             if through_front is not None:
                 return through_front
         try:
@@ -226,7 +228,8 @@ class PressureUnloader:
         self.tracker.models.pop(victim.name, None)
         return True
 
-    def _evict_through_front(self, victim: ModelActivity, idle_seconds: float) -> bool | None:
+    def _evict_through_front(self, victim: ModelActivity, idle_seconds: float,
+                             why: str = "") -> bool | None:
         """True: unloaded; False: in use again (or failed: not tried for a while); None: the
         front did not answer (it serves no request then: the engine is asked directly)."""
         from model_serve import internal_key
@@ -235,7 +238,8 @@ class PressureUnloader:
         try:
             answer = call("POST", f"{self.settings.base_url}/api/model_serve/evict",
                           internal_key.own_headers(self.settings), UNLOAD_WAIT + 90,
-                          json_body={"model": victim.name, "idle_seconds": idle_seconds})
+                          json_body={"model": victim.name, "idle_seconds": idle_seconds,
+                                     "why": why})
         except LoopbackError as exc:
             log.warning("the front did not answer the unload of %s (%s); asking the engine",
                         victim.name, exc)

@@ -298,13 +298,26 @@ function drawMemory() {
   ctx.lineTo(w, y(memoryHistory.threshold_percent));
   ctx.stroke();
   ctx.setLineDash([]);
+  // Models loaded: a grey step line, on the scale of the most loaded at once.
+  const most = Math.max(1, ...memoryHistory.samples.map((s) => s.loaded));
+  const yLoaded = (n) => h - 4 - (n / most) * (h - 12) * 0.5;
+  ctx.strokeStyle = "#adb5bd";
+  ctx.beginPath();
+  memoryHistory.samples.forEach((s, i) => {
+    if (i === 0) ctx.moveTo(x(s.at), yLoaded(s.loaded));
+    else { ctx.lineTo(x(s.at), yLoaded(memoryHistory.samples[i - 1].loaded));
+           ctx.lineTo(x(s.at), yLoaded(s.loaded)); }
+  });
+  ctx.stroke();
   for (const mark of memoryHistory.marks) {
     ctx.strokeStyle = mark.event === "load" ? "#2b8a3e" : "#c92a2a";
+    ctx.setLineDash(mark.event === "crash" ? [3, 3] : []);
     ctx.beginPath();
     ctx.moveTo(x(mark.at), 0);
     ctx.lineTo(x(mark.at), h);
     ctx.stroke();
   }
+  ctx.setLineDash([]);
   ctx.strokeStyle = "#1c6dd0";
   ctx.lineWidth = 2;
   ctx.beginPath();
@@ -316,7 +329,7 @@ function drawMemory() {
   for (const s of memoryHistory.samples) ctx.fillRect(x(s.at) - 2, y(s.percent) - 2, 4, 4);
   ctx.lineWidth = 1;
   const marks = memoryHistory.marks.slice(-20).reverse()
-    .map((m) => el("li", `${clock(m.at)} ${m.event} ${m.model}`));
+    .map((m) => el("li", `${clock(m.at)} ${m.event} ${m.model}${m.why ? ` (${m.why})` : ""}`));
   $("memory-marks").replaceChildren(...marks);
 }
 
