@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -142,6 +143,39 @@ def test_each_request_is_recorded_with_its_status_duration_and_tokens(dash: Env)
         assert record["tokens_per_second"] > 0 and record["restored"] is False
     model = model_in(status_of(dash), A)
     assert model["state"] == "loaded" and model["requests"] >= 3 and model["rss_bytes"]
+
+
+def test_held_requests_show_with_why_and_ollama_requests_are_recorded(dash: Env) -> None:
+    base = dash.base_url
+    hold = requests.post(f"{base}/api/model_serve/hold", headers=keyed(), timeout=30,
+                         json={"models": None, "drain_seconds": 1}).json()["hold"]
+    client = OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0, timeout=120)
+    asked = threading.Thread(target=lambda: client.chat.completions.create(
+        model=A, messages=PROMPT, max_tokens=2))
+    asked.start()
+    try:
+        def held() -> list[dict[str, Any]]:
+            answer = requests.get(f"{base}/api/model_serve/requests", headers=keyed(),
+                                  timeout=10).json()
+            return [w for w in answer["waiting"] if w["model"] == A and w["waited"] >= 0.5]
+
+        [waiting] = wait_for(held, 30, "the held request")
+        assert waiting["why"] == "held: the config sync restarts this model", waiting
+        assert waiting["path"] == "/v1/chat/completions"
+    finally:
+        requests.post(f"{base}/api/model_serve/release", json={"hold": hold}, headers=keyed(),
+                      timeout=10)
+        asked.join(timeout=120)
+    # Ollama's API, translated: recorded under its own path, with its tokens.
+    reply = requests.post(f"{base}/api/chat", headers=keyed(), timeout=120, json={
+        "model": A, "messages": PROMPT, "stream": False, "options": {"num_predict": 3}})
+    assert reply.status_code == 200, reply.text
+    done = requests.get(f"{base}/api/model_serve/requests", headers=keyed(),
+                        timeout=10).json()
+    assert done["waiting"] == []
+    last = done["done"][-1]
+    assert (last["model"], last["path"], last["status"]) == (A, "/api/chat", 200)
+    assert last["predicted_tokens"] == 3 and last["prompt_tokens"] > 0
 
 
 # --- in a real browser ------------------------------------------------------------------------

@@ -333,7 +333,10 @@ class Dashboard:
         result = []
         for record in list(self.requests.open.values()):
             state = front.view.state(record.engine_id)
-            if front.admission.loading_now == record.engine_id:
+            if any(record.engine_id in h.models or "*" in h.models
+                   for h in front.holds.values()):
+                why = "held: the config sync restarts this model"
+            elif front.admission.loading_now == record.engine_id:
                 why = "waiting for the model to load"
             elif state == "loaded" and record.engine_id not in front.admission.evicting:
                 why = "being answered"

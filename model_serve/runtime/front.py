@@ -454,11 +454,15 @@ class Front:
         counted = route if loads else None
         record = response = None
         if counted is not None:
-            await self.wait_if_held(counted)
+            record = self.dashboard.requests.begin(request, counted)  # held ones show too
+            try:
+                await self.wait_if_held(counted)
+            except BaseException:  # the client left while held
+                self.dashboard.requests.end(record, None)
+                raise
             # In flight from here: a sync's hold waits for a request inside admission too
             # (waiting for room or loading), so a reload does not cut the load it waits on.
             self.started(counted)
-            record = self.dashboard.requests.begin(request, counted)
         try:
             if counted is not None:
                 admitted = await self._admit(counted, body if body and body[:1] == b"{"
@@ -622,12 +626,18 @@ class Front:
                 base, direct = None, False
         async with upstream:
             if answer is not None:
+                before_last = last = b""
+
                 def seen(chunk: bytes) -> None:
-                    nonlocal reuse
+                    nonlocal reuse, before_last, last
+                    before_last, last = last, chunk  # the timings come in the last event
                     if reuse is not None and reuse.feed(chunk):
                         reuse = None
 
-                return await answer(request, upstream, seen)
+                answered = await answer(request, upstream, seen)
+                if (record := request.get(RECORD)) is not None:
+                    record.keep(before_last, last)
+                return answered
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
             for key, value in upstream.headers.items():
                 # The engines allow every web origin: their CORS headers never pass.
