@@ -26,6 +26,8 @@ A = "ls/gemma-3:270m-q4_k_m"
 B = "ls/g2"
 C = f"ls/{HOSTILE}"
 PROMPT = [{"role": "user", "content": "Say hi"}]
+# Long enough for a saved conversation to be restored for it (slot_cache.MIN_SHARED_CHARS).
+STORY = [{"role": "user", "content": "".join(f"Line {i}: a lighthouse.\n" for i in range(8))}]
 SCREENSHOTS = Path(os.environ.get("DASHBOARD_SCREENSHOTS", "")) if os.environ.get(
     "DASHBOARD_SCREENSHOTS") else None
 
@@ -263,18 +265,20 @@ def test_the_page_in_a_browser(dash: Env, browser: Any, tmp_path: Path) -> None:
     assert cells(C)[1] == C
     assert browser.find_elements(By.CSS_SELECTOR, "#models img") == []
     assert browser.title == "model_serve"
-    assert state(A) == "loaded" and state(B) == "unloaded"  # from the test before
+    assert state(B) == "unloaded"
     browser.execute_script("window.notReloaded = true")
 
     # A request made elsewhere shows up in Activity, and the model's state, without a reload.
     client = OpenAI(base_url=f"{dash.base_url}/v1", api_key=KEY, max_retries=0, timeout=120)
-    client.chat.completions.create(model=B, messages=PROMPT, max_tokens=4)
+    client.chat.completions.create(model=B, messages=STORY, max_tokens=4)
 
-    def request_row() -> bool:
-        rows = browser.execute_script(
+    def request_rows() -> list[list[str]]:
+        return browser.execute_script(
             "return [...document.querySelectorAll('#requests tbody tr')]"
             ".map(r => [...r.cells].map(c => c.textContent))")
-        return any(r[1] == B and r[3] == "200" for r in rows)
+
+    def request_row() -> bool:
+        return any(r[1] == B and r[3] == "200" for r in request_rows())
 
     wait(request_row, "the request in Activity")
     wait(lambda: state(B) == "loaded", "B loaded")
@@ -288,6 +292,13 @@ def test_the_page_in_a_browser(dash: Env, browser: Any, tmp_path: Path) -> None:
     assert model["state"] == "unloaded" and model["saved_conversations"] >= 1
     wait(lambda: f"unload {B} (asked: POST /api/models/unload/{B})" in text("memory-marks"),
          "the unload's mark and why")
+    # The same conversation again: restored from what the unload saved, and Activity says so.
+    client.chat.completions.create(model=B, messages=STORY, max_tokens=4)
+    wait(lambda: any(r[1] == B and r[7] == "yes" for r in request_rows()),
+         "the restored request in Activity")
+    wait(lambda: state(B) == "loaded", "B loaded again")
+    click(B, "unload")
+    wait(lambda: state(B) == "unloaded", "B unloaded again", 60)
     # Forget its conversations (the page confirms first).
     click(B, "forget")
     browser.switch_to.alert.accept()

@@ -193,7 +193,10 @@ function renderStatus(status) {
   $("engine").textContent = `engine: ${status.engine}`;
   const rows = status.models.map((m) => {
     const name = el("td", m.name, "name");
-    const state = el("td", m.state, stateClass(m.state));
+    // Why its server last ended, when nobody asked it to: shown under a crashed state.
+    const crashed = m.state.startsWith("crashed") && m.last_exit;
+    const state = lines([m.state, crashed ? m.last_exit : ""]);
+    state.className = stateClass(m.state);
     if (m.last_exit) state.title = m.last_exit;
     const memory = lines([m.estimate_bytes ? `${bytes(m.estimate_bytes)} est.` : "",
                           m.rss_bytes ? `${bytes(m.rss_bytes)} held` : ""]);
