@@ -52,7 +52,7 @@ def _recording_cost(count: int) -> tuple[float, float]:
     started = time.perf_counter()
     for request in requests_:
         record = log.begin(request, route)
-        record.tail = b"data: [DONE]\n\n" + last
+        record.keep(200, last, b"data: [DONE]\n\n")
         log.end(record, answer)
     recorded = (time.perf_counter() - started) / count * 1e6
     started = time.perf_counter()

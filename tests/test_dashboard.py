@@ -10,6 +10,7 @@ import shutil
 import threading
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -318,6 +319,13 @@ def test_the_page_in_a_browser(dash: Env, browser: Any, tmp_path: Path) -> None:
 
     # The stack stops and starts again: the page says so, and comes back by itself.
     dash.run("stop", timeout=90, check=True)
+    # An open page does not hold up the front's stop (its server would wait 5 s for the
+    # stream, then cut it).
+    log = (dash.state / "logs" / "model_serve.log").read_text().splitlines()
+    when = {line.split(" INFO ")[1]: line[:23] for line in log if " INFO " in line}
+    began = datetime.strptime(when["supervisor stopping"], "%Y-%m-%d %H:%M:%S,%f")
+    front = next(v for k, v in when.items() if k.startswith("stopped front:"))
+    assert (datetime.strptime(front, "%Y-%m-%d %H:%M:%S,%f") - began).total_seconds() < 4
     wait(lambda: connection() == "lost", "the page to see the connection lost")
     assert "Lost the connection" in text("notice")
     shot(browser, "lost", tmp_path)
@@ -342,7 +350,7 @@ def test_records_stay_small() -> None:
     timings = b'"timings":{"cache_n":3,"prompt_n":2,"predicted_n":7,"predicted_per_second":9.5}}'
     for _ in range(REQUESTS_KEPT + 50):
         record = log.begin(make_mocked_request("POST", "/v1/embeddings"), route)
-        record.keep(b"x" * 8_000_000, b'{"data": [0.1]' + b" " * 5000 + timings)
+        record.keep(200, b"x" * 8_000_000, b'{"data": [0.1]' + b" " * 5000 + timings)
         log.end(record, web.Response(status=200))
     assert len(log.done) == REQUESTS_KEPT and not log.open
     assert all(len(r.tail) == TAIL_KEPT for r in log.done)
@@ -350,3 +358,11 @@ def test_records_stay_small() -> None:
     assert (shown["prompt_tokens"], shown["predicted_tokens"], shown["tokens_per_second"]) == \
         (5, 7, 9.5)
     assert log.since(log.done[-2].seq) == [log.done[-1]]
+    # A client that closes on the last event cancels the handler before it returns: the
+    # answer was whole (200); one that leaves before the end is a 499.
+    whole = log.begin(make_mocked_request("POST", "/v1/chat/completions"), route)
+    whole.keep(200, timings)
+    log.end(whole, None)
+    left = log.begin(make_mocked_request("POST", "/v1/chat/completions"), route)
+    log.end(left, None)
+    assert (whole.status, left.status) == (200, 499)

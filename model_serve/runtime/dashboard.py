@@ -77,8 +77,12 @@ class RequestRecord:
     restored: bool = False  # a saved conversation was restored for it
     tail: bytes = b""  # the answer's last bytes: its timings are read from them when shown
 
-    def keep(self, *chunks: bytes) -> None:
-        """Keeps the end of the answer's last chunks (one may be a whole large answer)."""
+    answered: int | None = None  # the status of an answer read to its end from the engine
+
+    def keep(self, status: int, *chunks: bytes) -> None:
+        """The answer was read whole: its status, and the end of its last chunks (one may
+        be a whole large answer)."""
+        self.answered = status
         self.tail = b"".join(chunks)[-TAIL_KEPT:]
 
     def to_json(self) -> dict[str, Any]:
@@ -119,8 +123,9 @@ class RequestLog:
         return record
 
     def end(self, record: RequestRecord, response: web.StreamResponse | None) -> None:
-        # No response: the client left, or the handler failed (499 as nginx logs it).
-        record.status = response.status if response is not None else 499
+        # No response: the client left (499 as nginx logs it), or it closed the connection
+        # on the answer's last event, before the handler returned (then it had it all).
+        record.status = response.status if response is not None else record.answered or 499
         record.duration = time.monotonic() - record.began
         self.open.pop(record.seq, None)
         self.done.append(record)
@@ -186,6 +191,7 @@ class Dashboard:
         self.memory = MemoryHistory()
         self._status: tuple[float, dict[str, Any]] | None = None
         self._status_lock = asyncio.Lock()
+        self._closing = asyncio.Event()  # the front stops: event streams end now
 
     # --- routing (the front's hook) ------------------------------------------------------
     def route(self, request: web.Request
@@ -211,6 +217,11 @@ class Dashboard:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+    async def closing(self, _app: web.Application) -> None:
+        """The front is stopping: open event streams end at once (the server would otherwise
+        wait its shutdown timeout for them, and then cut them)."""
+        self._closing.set()
 
     async def _record(self) -> None:
         next_reading = 0.0
@@ -362,7 +373,7 @@ class Dashboard:
             seq = max((r.seq for r in self.requests.done), default=0)
             await _send(response, "requests", self._requests_json(0))
             version = self.requests.version
-            while True:
+            while not self._closing.is_set():
                 if self.requests.version != version:
                     version = self.requests.version
                     news = self._requests_json(seq)
@@ -375,7 +386,9 @@ class Dashboard:
                         await _send(response, "status", await self.snapshot())
                     except ModelServeError as exc:
                         await _send(response, "engine", {"error": exc.message})
-                await asyncio.sleep(EVENTS_TICK)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._closing.wait(), EVENTS_TICK)
+            await response.write_eof()
         except (ConnectionResetError, asyncio.CancelledError):
             pass
         finally:

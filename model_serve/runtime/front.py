@@ -636,7 +636,7 @@ class Front:
 
                 answered = await answer(request, upstream, seen)
                 if (record := request.get(RECORD)) is not None:
-                    record.keep(before_last, last)
+                    record.keep(answered.status, before_last, last)
                 return answered
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
             for key, value in upstream.headers.items():
@@ -650,7 +650,7 @@ class Front:
             if rename is not None and length is not None:
                 payload = rename(await upstream.read())
                 if (record := request.get(RECORD)) is not None:
-                    record.keep(payload)
+                    record.keep(upstream.status, payload)
                 if reuse is not None:
                     reuse.feed(payload)
                 response.content_length = len(payload)
@@ -677,7 +677,7 @@ class Front:
                 if pending:
                     await response.write(rename(pending) if rename else pending)
                 if (record := request.get(RECORD)) is not None:
-                    record.keep(before_last, last)
+                    record.keep(upstream.status, before_last, last)
             await response.write_eof()
             return response
 
@@ -933,6 +933,7 @@ def make_app(front: Front) -> web.Application:
 
     app.cleanup_ctx.append(open_session)
     app.cleanup_ctx.append(front.dashboard.running)
+    app.on_shutdown.append(front.dashboard.closing)  # open pages must not hold up a stop
     app.on_response_prepare.append(cors)
     app.router.add_route("*", "/{tail:.*}", front.handle)
     return app
