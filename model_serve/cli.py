@@ -144,9 +144,16 @@ def list_models(filter_text: str, served: bool, as_json: bool) -> None:
 
         engine = select_engine(settings)
         engine.require_running()
+        from model_serve.engines.base import LOADED_STATES
+        from model_serve.runtime.load_failures import FAILING, load_failures
+
         live = [m for m in engine.models() if filter_text.lower() in
                 " ".join([m.name, *m.aliases]).lower()]
-        render.served_list(live, as_json)
+        failures = load_failures(settings)
+        for model in live:
+            if model.name in failures and model.state not in LOADED_STATES:
+                model.state = FAILING
+        render.served_list(live, as_json, {name: f.message() for name, f in failures.items()})
         return
     catalog, plan = build_current_plan(settings)
     needle = filter_text.lower()

@@ -241,19 +241,27 @@ def model_list(plan: list[ServedModel], problems: list[ScanProblem], as_json: bo
     _echo_table(rows, right={2, 4})
 
 
-def served_list(models: list[EngineModel], as_json: bool) -> None:
+def served_list(models: list[EngineModel], as_json: bool,
+                failures: dict[str, str] | None = None) -> None:
+    """`failures`: engine id -> why its loads fail (runtime/load_failures.py)."""
+    failures = failures or {}
+
     def other_names(m: EngineModel) -> list[str]:
         return [n for n in dict.fromkeys([m.name, *m.aliases]) if n != m.served_name]
 
     if as_json:
         _json([{"name": m.served_name, "engine_id": m.name, "state": m.state,
-                "aliases": other_names(m)} for m in models])
+                "aliases": other_names(m), "load_failure": failures.get(m.name)}
+               for m in models])
         return
     if not models:
         click.echo("the engine serves no models")
         return
     _echo_table([("NAME", "STATE", "ALSO ANSWERS TO")]
                 + [(m.served_name, m.state, ", ".join(other_names(m))) for m in models])
+    for m in models:
+        if m.name in failures:
+            click.echo(f"{m.served_name}: {failures[m.name]}")
 
 
 def pulled(name: str, served: list[ServedModel], result: SyncResult) -> None:
@@ -352,7 +360,9 @@ def stats(report: StatsReport, as_json: bool) -> None:
                      f"{m.prompt_tokens}/{m.predicted_tokens}"))
     _echo_table(rows)
     for m in report.models:
-        if m.last_exit:
+        if m.load_failure:
+            click.echo(f"{m.name}: {m.load_failure}")
+        elif m.last_exit:
             click.echo(f"{m.name}: its server last ended when not asked to: {m.last_exit}")
         if m.saved_conversations:
             click.echo(f"{m.name}: {m.saved_conversations} saved conversation(s), "

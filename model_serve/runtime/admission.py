@@ -18,6 +18,8 @@ starts the load.
 - "It does not fit" at once only for a model whose estimate alone crosses the line, every
   other model gone: what a reading shows besides our models (another app, memory an unload has
   not given back yet) may go away, so such a request waits like one for a busy model.
+- A model whose load failed is refused at once, with the cause, during a backoff
+  (runtime/load_failures.py): its requests never wait for the lock again meanwhile.
 - Memory others take (other apps) is still the pressure unloader's job (polls and load events).
 - On Apple Silicon the loaded models' footprints together also stay under Metal's working-set
   limit (engines/metal.py), which llama-server checks per process only.
@@ -47,6 +49,7 @@ from model_serve.engines.slot_cache import Restored
 from model_serve.errors import ModelServeError
 from model_serve.runtime.engine_calls import engine_call
 from model_serve.runtime.engine_view import EngineView
+from model_serve.runtime.load_failures import LoadFailures
 from model_serve.runtime.memory import MemoryReading, read_memory
 
 log = logging.getLogger("model_serve.front")
@@ -60,6 +63,7 @@ QUEUE_FULL_RETRY = 5  # Retry-After of a request refused because LOAD_QUEUE_MAX 
 LOAD_WAIT = 300.0  # seconds a load may take
 REFUSED_BACKOFF = 60.0  # a model that refused to unload is not chosen again for this long
 GIB = 2**30
+FAILED_KIND = "model_load_failed"
 
 
 @dataclass
@@ -69,6 +73,7 @@ class Refusal:
     message: str
     retry_after: int
     status: int = 503
+    kind: str = ""  # the error's type, when not the queue's or memory's
 
 
 class Admission:
@@ -89,6 +94,7 @@ class Admission:
         self.gpu_limit = gpu_limit or (lambda: read_gpu_limit(settings.llama_server_bin,
                                                               settings.cache_dir))
         self.footprints: dict[str, int] = {}  # engine id -> its footprint, as last admitted
+        self.failures = LoadFailures(settings, lambda _engine_id: None)  # the front names files
 
     async def admit(self, engine_id: str, need: int,
                     body: bytes | None = None) -> Refusal | Restored | None:
@@ -99,6 +105,8 @@ class Admission:
         self.footprints[engine_id] = need
         if self.view.state(engine_id) == "loaded" and engine_id not in self.evicting:
             return None  # the common case: no lock, no read, no await
+        if (failed := self._failed(engine_id)) is not None:
+            return failed  # never through the lock: other models' loads go on
         limit = self.settings.load_queue_max
         if self.waiting >= limit:
             return Refusal(f"{self.waiting} requests already wait for a model to load "
@@ -133,9 +141,18 @@ class Admission:
     async def _locked(self, engine_id: str, need: int, body: bytes | None,
                       deadline: float) -> Refusal | Restored | None:
         try:
-            return await self._make_room_and_load(engine_id, need, body, deadline)
+            # A load that failed while this request waited behind it is this request's answer.
+            return self._failed(engine_id) or \
+                await self._make_room_and_load(engine_id, need, body, deadline)
         finally:
             self.lock.release()
+
+    def _failed(self, engine_id: str) -> Refusal | None:
+        failure = self.failures.current(engine_id)
+        if failure is None:
+            return None
+        return Refusal(failure.message(), max(1, round(failure.until - time.time())),
+                       kind=FAILED_KIND)
 
     async def _make_room_and_load(self, engine_id: str, need: int, body: bytes | None,
                                   deadline: float) -> Refusal | Restored | None:
@@ -199,7 +216,7 @@ class Admission:
             await asyncio.sleep(QUEUE_POLL)
         log.info("admission: loading %s (%.2f GiB) with memory at %s", engine_id, need / GIB,
                  reading.describe())
-        started = time.monotonic()
+        started, began = time.monotonic(), time.time()
         self.loading_now = engine_id
         try:
             loaded = await engine_call(self.engine.load, engine_id, LOAD_WAIT)
@@ -207,6 +224,9 @@ class Admission:
             self.loading_now = None
         log.info("admission: %s %s in %.0f ms", engine_id, "loaded" if loaded else "did not load",
                  (time.monotonic() - started) * 1000)
+        if not loaded and await asyncio.to_thread(self.failures.failed, engine_id, began):
+            log.error("admission: %s", self.failures.failures[engine_id].message())
+            return self._failed(engine_id)
         with contextlib.suppress(ModelServeError):
             self.view.update(await asyncio.to_thread(self.engine.models))
             if loaded and body:

@@ -31,6 +31,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from aiohttp import ClientResponse, ClientSession, ClientTimeout, TCPConnector, web
@@ -47,7 +48,7 @@ from model_serve.models import kinds
 from model_serve.models.names import identity
 from model_serve.models.plan import ServedModel
 from model_serve.runtime import gate, model_field
-from model_serve.runtime.admission import Admission, Refusal
+from model_serve.runtime.admission import FAILED_KIND, Admission, Refusal
 from model_serve.runtime.dashboard import RECORD, Dashboard
 from model_serve.runtime.engine_calls import engine_call
 from model_serve.runtime.engine_view import EngineView
@@ -168,6 +169,7 @@ class Front:
         # which must see every request for its TTL and swaps.
         self.direct = self.engine.name == "llama-server" and not settings.max_loaded_models
         self.admission = Admission(settings, self.engine, self.view, self.usage)
+        self.admission.failures.file_of = self._file_of
         self.ollama = OllamaApi(self)  # Ollama's API, translated onto the paths below
         self.dashboard = Dashboard(self)  # /dashboard and its read endpoints
 
@@ -188,11 +190,18 @@ class Front:
             log.debug("refreshing the model names failed", exc_info=True)
             return
         names.stamp = stamp
+        if self.names.stamp is not None:
+            self.admission.failures.forget()  # a sync changed the config: try every model again
         self.names = names
         # Admission sums what loaded models hold (Metal's limit), those loaded before this
         # front started too: each model's footprint, as its requests bring it.
         self.admission.footprints.update({r.engine_id: r.footprint
                                           for r in names.routes.values()})
+
+    def _file_of(self, engine_id: str) -> Path | None:
+        served = next((self.names.models.get(r.served) for r in self.names.routes.values()
+                       if r.engine_id == engine_id), None)
+        return served.model.path if served is not None else None
 
     async def keep_names_fresh(self) -> None:
         while True:
@@ -511,9 +520,13 @@ class Front:
         admitted = await self.admission.admit(route.engine_id, route.footprint, body)
         if isinstance(admitted, Refusal):
             self._log_refusal(admitted)
-            kind = "load_queue_full" if admitted.status == 429 else "no_memory_for_model"
+            kind = admitted.kind or ("load_queue_full" if admitted.status == 429
+                                     else "no_memory_for_model")
+            # The openai client retries a 503 after Retry-After unless told not to: a model
+            # whose file is broken would hold its caller for nothing.
+            headers = {"x-should-retry": "false"} if admitted.kind == FAILED_KIND else None
             return _error(admitted.status, admitted.message, kind,
-                          retry_after=admitted.retry_after)
+                          retry_after=admitted.retry_after, headers=headers)
         return CacheReuse(admitted) if admitted is not None else None
 
     def _kind_refusal(self, path: str, route: Route) -> web.Response | None:
@@ -747,7 +760,10 @@ class Front:
                 chosen = self.engine.resolve(route.engine_id if route else name, models)
                 if not chosen:
                     return _error(404, f"model not found: {name}", "model_not_found")
+                for model in chosen:  # asked by hand: its next request tries a load again
+                    self.admission.failures.forget(model.name)
             else:
+                self.admission.failures.forget()
                 chosen = [m for m in models if m.state in LOADED_STATES]
             for model in chosen:
                 if model.state in LOADED_STATES:
@@ -773,6 +789,7 @@ class Front:
         route = self.names.find(name) if name else None
         if route is None:
             return _error(404, f"model not found: {name}", "model_not_found")
+        self.admission.failures.forget(route.engine_id)  # a load asked by hand is tried
         admitted = await self._admit(route, None)
         if isinstance(admitted, web.Response):
             return admitted
@@ -898,10 +915,13 @@ def _renamer(engine_id: str, sent: str | None) -> Callable[[bytes], bytes] | Non
     return rename
 
 
-def _error(status: int, message: str, kind: str, retry_after: int | None = None) -> web.Response:
-    headers = {"Retry-After": str(retry_after)} if retry_after else None
+def _error(status: int, message: str, kind: str, retry_after: int | None = None,
+           headers: dict[str, str] | None = None) -> web.Response:
+    headers = dict(headers or {})
+    if retry_after:
+        headers["Retry-After"] = str(retry_after)
     return web.json_response({"error": {"message": message, "type": kind, "code": status}},
-                             status=status, headers=headers)
+                             status=status, headers=headers or None)
 
 
 def make_app(front: Front) -> web.Application:

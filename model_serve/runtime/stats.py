@@ -14,6 +14,7 @@ from model_serve.errors import ModelServeError
 from model_serve.models.plan import ServedModel
 from model_serve.runtime import procs
 from model_serve.runtime.activity import front_record, load_activity
+from model_serve.runtime.load_failures import FAILING, load_failures
 from model_serve.runtime.memory import MemoryReading, read_memory
 from model_serve.runtime.model_exits import load_exits
 from model_serve.runtime.state import read_state
@@ -34,6 +35,7 @@ class ModelStats:
     predicted_tokens: int = 0
     port: int | None = None
     last_exit: str | None = None  # why its server last ended when nobody asked it to
+    load_failure: str | None = None  # why its loads fail, while requests are refused for it
     saved_conversations: int = 0  # KV caches kept on disk (KV_CACHE), their size and restores
     saved_bytes: int = 0
     restores: int = 0
@@ -115,6 +117,7 @@ def collect_stats(settings: Settings, engine: Engine | None = None,
     activity.update(front_activity if front_activity is not None else
                     front_record(settings) or {})
     exits = load_exits(settings)
+    failures = load_failures(settings)
     rss = _rss_by_port(settings)
     folders = engine.slot_folders()
     now = time.time()
@@ -131,6 +134,9 @@ def collect_stats(settings: Settings, engine: Engine | None = None,
             stats.last_exit = crash.cause
             if model.state not in LOADED_STATES:
                 stats.state = f"crashed ({crash.signal})" if crash.signal else "crashed"
+        failure = failures.get(model.name)
+        if failure is not None and model.state not in LOADED_STATES:
+            stats.state, stats.load_failure = FAILING, failure.message()
         if model.state in LOADED_STATES:
             act = activity.get(model.name)
             if act is not None:

@@ -1,0 +1,173 @@
+"""Loads that failed, remembered: a model whose header parses but whose load fails (tensor
+data cut short, an architecture this llama.cpp does not know, a context that cannot be
+allocated) would otherwise be loaded again by every request, each through admission's one
+load at a time, with every other model's loads queued behind it.
+
+After a failed load the model is refused at once, with the cause read from the model
+server's last lines in the log, for a backoff that grows with each failure (BACKOFF_FIRST,
+doubling, at most BACKOFF_MAX). The failure is forgotten when the file changes (inode, size,
+mtime), at a sync that changes the served names, at a restart (the front keeps it in memory),
+and when the user unloads or loads the model by hand. The current failures are written to
+state/load-failures.json for `model stats` and `model list`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+
+from model_serve.config.settings import Settings
+from model_serve.fileio import write_if_changed
+
+FAILURES_FILE = "load-failures.json"
+FAILING = "failing to load"  # the state `model stats` and `model list --served` show
+BACKOFF_FIRST = 10.0  # seconds a model is refused after its first failed load
+BACKOFF_MAX = 600.0
+LOG_TAIL_BYTES = 256 * 1024  # of the log, read for the model server's last lines
+CAUSE_WAIT = 1.0  # seconds the log gets to show the model server's last lines
+# A llama.cpp error line, as the engine's output lands in our log (the router prefixes the
+# model server's port): "... [port] 0.00.061.370 E llama_model_load: error loading model: X".
+ERROR_LINE_RE = re.compile(r"\d+\.\d+\.\d+\.\d+ E (?:[a-z]{2,4}\s+)?(?:[\w:]+?: )?(.*)$")
+FIXES = (  # what the cause says -> what to do
+    ("not within the file bounds", "the file is cut short or damaged: download it again "
+     "('model pull' for an Ollama model, else replace the file)"),
+    ("unknown model architecture", "this llama.cpp does not know the model's architecture: "
+     "update llama.cpp (./install.sh, or brew upgrade llama.cpp), or remove the file"),
+    ("failed to allocate", "its context does not fit: lower its ctx_size in "
+     "custom_models.yaml"),
+    ("failed to create context", "its context does not fit: lower its ctx_size in "
+     "custom_models.yaml"),
+)
+
+
+@dataclass
+class LoadFailure:
+    model: str  # the engine's id
+    file: str
+    cause: str
+    fix: str
+    count: int  # failed loads in a row
+    at: float  # wall clock of the last failure
+    until: float  # wall clock: refused at once until then
+    stamp: tuple[int, int, int] | None = None  # the file's (inode, size, mtime_ns) then
+
+    def message(self, now: float | None = None) -> str:
+        left = max(0, round(self.until - (now or time.time())))
+        text = f"model {self.model} failed to load from {self.file}: {self.cause}"
+        if self.fix:
+            text += f". Fix: {self.fix}"
+        times = "once" if self.count == 1 else f"{self.count} times in a row"
+        return text + (f" (failed {times}; not tried again for {left}s, or until the file "
+                       "changes, a sync changes the config, or the stack restarts)")
+
+
+class LoadFailures:
+    def __init__(self, settings: Settings, file_of: Callable[[str], Path | None]) -> None:
+        self.settings = settings
+        self.file_of = file_of  # engine id -> its GGUF file (from the served names)
+        self.failures: dict[str, LoadFailure] = {}
+
+    def current(self, engine_id: str) -> LoadFailure | None:
+        """The failure a request for `engine_id` is refused with now, if any."""
+        failure = self.failures.get(engine_id)
+        if failure is None or time.time() >= failure.until:
+            return None
+        if _stamp(Path(failure.file)) != failure.stamp:
+            self.forget(engine_id)  # a new file: try it
+            return None
+        return failure
+
+    def failed(self, engine_id: str, since: float) -> LoadFailure | None:
+        """After a load begun at `since` (wall clock) that did not end loaded: the failure,
+        when the model server's log says that load failed (a load a reload cut short is no
+        failure)."""
+        path = self.file_of(engine_id)
+        if path is None:
+            return None
+        deadline = time.monotonic() + CAUSE_WAIT
+        while (cause := load_error(self.settings.log_file, path, since)) is None:
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.1)
+        last = self.failures.get(engine_id)
+        stamp = _stamp(path)
+        count = last.count + 1 if last is not None and last.stamp == stamp else 1
+        now = time.time()
+        failure = LoadFailure(engine_id, str(path), cause, fix_for(cause), count, now,
+                              now + min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (count - 1)), stamp)
+        self.failures[engine_id] = failure
+        self._write()
+        return failure
+
+    def forget(self, engine_id: str | None = None) -> None:
+        """Try the model (every model: None) again at its next request."""
+        if engine_id is None:
+            changed = bool(self.failures)
+            self.failures.clear()
+        else:
+            changed = self.failures.pop(engine_id, None) is not None
+        if changed:
+            self._write()
+
+    def _write(self) -> None:
+        data = {name: asdict(item) for name, item in self.failures.items()}
+        write_if_changed(self.settings.state_dir / FAILURES_FILE, json.dumps(data, indent=1))
+
+
+def load_failures(settings: Settings) -> dict[str, LoadFailure]:
+    """The failures the running front remembers now (for `model stats` and `model list`)."""
+    try:
+        data = json.loads((settings.state_dir / FAILURES_FILE).read_text(encoding="utf-8"))
+        found = {name: LoadFailure(**item) for name, item in data.items()}
+    except (OSError, ValueError, TypeError, AttributeError):
+        return {}
+    now = time.time()
+    return {name: item for name, item in found.items() if item.until > now}
+
+
+def load_error(log_file: Path, path: Path, since: float = 0.0) -> str | None:
+    """The cause of the last failed load of `path`, from the model server's error lines in
+    the log, or None when the log shows no failed load of it logged after `since`."""
+    try:
+        with open(log_file, "rb") as handle:
+            handle.seek(max(0, os.fstat(handle.fileno()).st_size - LOG_TAIL_BYTES))
+            lines = handle.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return None
+    quoted = f"'{path}'"
+    end = next((i for i in range(len(lines) - 1, -1, -1)
+                if quoted in lines[i] and "failed to" in lines[i]), None)
+    if end is None or _logged_at(lines[end]) < since - 1:  # the log's clock has ms
+        return None
+    start = next((i for i in range(end - 1, -1, -1)
+                  if quoted in lines[i] and "loading model" in lines[i]), max(0, end - 200))
+    errors = [m.group(1).strip() for line in lines[start:end + 1]
+              if (m := ERROR_LINE_RE.search(line))]
+    said = next((e.split("error loading model: ", 1)[1] for e in errors
+                 if "error loading model: " in e), None)
+    return said or (errors[0] if errors else lines[end].split(" E ", 1)[-1].strip())
+
+
+def fix_for(cause: str) -> str:
+    return next((fix for said, fix in FIXES if said in cause), "")
+
+
+def _logged_at(line: str) -> float:
+    try:
+        return datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    except ValueError:
+        return 0.0
+
+
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return (info.st_ino, info.st_size, info.st_mtime_ns)

@@ -1,0 +1,106 @@
+"""A model whose header parses but whose load fails (its tensor data cut short) is answered
+with the cause, loaded once for a crowd of requests, then refused at once during a backoff,
+while a good model beside it keeps answering; on both engines, through the real openai client.
+`model stats` and `model list --served` say it fails to load, and why."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import openai
+import pytest
+import requests
+
+from tests.conftest import Env, new_env, running
+
+GOOD = "ls/gemma-3:gemma-3-270m-q4_k_m"
+BAD = "ls/gemma-3:broken-270m"
+CAUSE = "data is not within the file bounds"
+
+
+@pytest.fixture(scope="module", params=["llama-server", "llama-swap"])
+def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+          gemma_path: Path) -> Iterator[Env]:
+    from tests.test_llama_swap import llama_swap_binary, port_block
+
+    tmp = tmp_path_factory.mktemp(request.param)
+    env = new_env(tmp)
+    if request.param == "llama-swap":
+        env.port = port_block()
+        env.update({"ENGINE": "llama-swap", "LLAMA_SWAP_BIN": str(llama_swap_binary(tmp)),
+                    "LLAMA_SWAP_PORT": str(env.port)})
+    (env.models / gemma_path.name).symlink_to(gemma_path)
+    with open(gemma_path, "rb") as whole:  # the header and a part of the first tensor's data
+        (env.models / "broken-270m.gguf").write_bytes(whole.read(20 * 2**20))
+    with running(env, stop_timeout=90):
+        yield env
+
+
+def loads_of(env: Env, path: Path) -> int:
+    """How many times a model server began loading `path` (its own line in the log)."""
+    return (env.state / "logs" / "model_serve.log").read_text(errors="replace").count(
+        f"loading model '{path}'")
+
+
+def ask(client: openai.OpenAI, model: str) -> tuple[int, str, float]:
+    started = time.monotonic()
+    try:
+        client.chat.completions.create(model=model, max_tokens=2,
+                                       messages=[{"role": "user", "content": "Hi"}])
+        status, said = 200, ""
+    except openai.APIStatusError as exc:
+        status, said = exc.status_code, str(exc)
+    return status, said, time.monotonic() - started
+
+
+def test_a_model_that_fails_to_load_is_remembered(stack: Env) -> None:
+    bad_file = stack.models / "broken-270m.gguf"
+    client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key="unused", timeout=120)
+    assert ask(client, GOOD)[0] == 200
+
+    # A crowd asks for the broken model at once, good requests among them: one load of it,
+    # and every one of its requests gets the cause; the good model answers throughout.
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda m: (m, *ask(client, m)), [BAD] * 6 + [GOOD] * 2))
+    for model, status, said, _took in answers:
+        if model == GOOD:
+            assert status == 200, answers
+        else:
+            assert status == 503, answers
+            assert BAD.replace(":", "-") in said or BAD in said, said
+            assert str(bad_file) in said and CAUSE in said and "download it again" in said, said
+    assert loads_of(stack, bad_file) == 1, answers
+
+    # Further requests are refused at once, without a load, with Retry-After; the openai
+    # client is told not to retry them (it would wait out Retry-After, twice).
+    took = []
+    for _ in range(5):
+        status, said, seconds = ask(client, BAD)
+        assert status == 503 and CAUSE in said, said
+        took.append(seconds)
+    raw = requests.post(f"{stack.base_url}/v1/chat/completions", timeout=30, json={
+        "model": BAD, "messages": [{"role": "user", "content": "Hi"}]})
+    assert raw.status_code == 503 and raw.json()["error"]["type"] == "model_load_failed"
+    assert 1 <= int(raw.headers["Retry-After"]) <= 10 and raw.headers["x-should-retry"] == "false"
+    assert loads_of(stack, bad_file) == 1
+    print(f"{stack['ENGINE']}: the broken model's next requests took "
+          f"{', '.join(f'{s * 1000:.0f} ms' for s in took)}; the crowd's: "
+          f"{', '.join(f'{m[-6:]} {t * 1000:.0f} ms' for m, _s, _w, t in answers)}")
+
+    # Both commands show it failing to load, and why.
+    stats = stack.run("stats", check=True).stdout
+    assert "failing to load" in stats and CAUSE in stats, stats
+    served = json.loads(stack.run("list", "--served", "--json", check=True).stdout)
+    [entry] = [m for m in served if m["name"] == BAD]
+    assert entry["state"] == "failing to load" and CAUSE in entry["load_failure"], served
+
+    # A new file is tried at its first request (here it fails again, with a longer backoff).
+    bad_file.write_bytes(bad_file.read_bytes()[: 19 * 2**20])
+    status, said, _took = ask(client, BAD)
+    assert status == 503 and CAUSE in said and "2 times in a row" not in said, said
+    assert loads_of(stack, bad_file) == 2
+    assert ask(client, GOOD)[0] == 200
