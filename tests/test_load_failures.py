@@ -103,4 +103,9 @@ def test_a_model_that_fails_to_load_is_remembered(stack: Env) -> None:
     status, said, _took = ask(client, BAD)
     assert status == 503 and CAUSE in said and "2 times in a row" not in said, said
     assert loads_of(stack, bad_file) == 2
+    assert ask(client, BAD)[0] == 503 and loads_of(stack, bad_file) == 2  # remembered again
+    # `model unload NAME` (the CLI, which goes to the engine) has it tried again too.
+    stack.run("unload", BAD, check=True)
+    assert ask(client, BAD)[0] == 503
+    assert loads_of(stack, bad_file) == 3
     assert ask(client, GOOD)[0] == 200

@@ -6,8 +6,9 @@ load at a time, with every other model's loads queued behind it.
 After a failed load the model is refused at once, with the cause read from the model
 server's last lines in the log, for a backoff that grows with each failure (BACKOFF_FIRST,
 doubling, at most BACKOFF_MAX). The failure is forgotten when the file changes (inode, size,
-mtime), at a sync that changes the served names, at a restart (the front keeps it in memory),
-and when the user unloads or loads the model by hand. The current failures are written to
+mtime), at a sync that changes the engine config, at a restart (the front keeps it in memory),
+and when the user unloads or loads the model by hand (`model unload` removes it from the file,
+which the front reads before each refusal). The current failures are written to
 state/load-failures.json for `model stats` and `model list`.
 """
 
@@ -78,8 +79,9 @@ class LoadFailures:
         failure = self.failures.get(engine_id)
         if failure is None or time.time() >= failure.until:
             return None
-        if _stamp(Path(failure.file)) != failure.stamp:
-            self.forget(engine_id)  # a new file: try it
+        if _stamp(Path(failure.file)) != failure.stamp or \
+                engine_id not in _on_disk(self.settings):  # a new file; or `model unload` it
+            self.forget(engine_id)
             return None
         return failure
 
@@ -122,13 +124,27 @@ class LoadFailures:
 
 def load_failures(settings: Settings) -> dict[str, LoadFailure]:
     """The failures the running front remembers now (for `model stats` and `model list`)."""
+    now = time.time()
+    return {name: item for name, item in _on_disk(settings).items() if item.until > now}
+
+
+def forget_failures(settings: Settings, engine_ids: list[str]) -> list[str]:
+    """`model unload NAME`: the front tries these models again at their next request (it
+    reads the file before each refusal). Returns those that were failing."""
+    failing = _on_disk(settings)
+    gone = [name for name in engine_ids if failing.pop(name, None) is not None]
+    if gone:
+        write_if_changed(settings.state_dir / FAILURES_FILE,
+                         json.dumps({n: asdict(f) for n, f in failing.items()}, indent=1))
+    return gone
+
+
+def _on_disk(settings: Settings) -> dict[str, LoadFailure]:
     try:
         data = json.loads((settings.state_dir / FAILURES_FILE).read_text(encoding="utf-8"))
-        found = {name: LoadFailure(**item) for name, item in data.items()}
+        return {name: LoadFailure(**item) for name, item in data.items()}
     except (OSError, ValueError, TypeError, AttributeError):
         return {}
-    now = time.time()
-    return {name: item for name, item in found.items() if item.until > now}
 
 
 def load_error(log_file: Path, path: Path, since: float = 0.0) -> str | None:
