@@ -198,10 +198,10 @@ class Front:
         self.admission.footprints.update({r.engine_id: r.footprint
                                           for r in names.routes.values()})
 
-    def _file_of(self, engine_id: str) -> Path | None:
+    def _file_of(self, engine_id: str) -> tuple[str, Path] | None:
         served = next((self.names.models.get(r.served) for r in self.names.routes.values()
                        if r.engine_id == engine_id), None)
-        return served.model.path if served is not None else None
+        return (served.name, served.model.path) if served is not None else None
 
     async def keep_names_fresh(self) -> None:
         while True:

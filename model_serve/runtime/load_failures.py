@@ -50,6 +50,7 @@ FIXES = (  # what the cause says -> what to do
 @dataclass
 class LoadFailure:
     model: str  # the engine's id
+    name: str  # the name it is served by
     file: str
     cause: str
     fix: str
@@ -60,7 +61,7 @@ class LoadFailure:
 
     def message(self, now: float | None = None) -> str:
         left = max(0, round(self.until - (now or time.time())))
-        text = f"model {self.model} failed to load from {self.file}: {self.cause}"
+        text = f"model {self.name} failed to load from {self.file}: {self.cause}"
         if self.fix:
             text += f". Fix: {self.fix}"
         times = "once" if self.count == 1 else f"{self.count} times in a row"
@@ -69,9 +70,10 @@ class LoadFailure:
 
 
 class LoadFailures:
-    def __init__(self, settings: Settings, file_of: Callable[[str], Path | None]) -> None:
+    def __init__(self, settings: Settings,
+                 file_of: Callable[[str], tuple[str, Path] | None]) -> None:
         self.settings = settings
-        self.file_of = file_of  # engine id -> its GGUF file (from the served names)
+        self.file_of = file_of  # engine id -> its served name and GGUF file
         self.failures: dict[str, LoadFailure] = {}
 
     def current(self, engine_id: str) -> LoadFailure | None:
@@ -89,9 +91,10 @@ class LoadFailures:
         """After a load begun at `since` (wall clock) that did not end loaded: the failure,
         when the model server's log says that load failed (a load a reload cut short is no
         failure)."""
-        path = self.file_of(engine_id)
-        if path is None:
+        served = self.file_of(engine_id)
+        if served is None:
             return None
+        name, path = served
         deadline = time.monotonic() + CAUSE_WAIT
         while (cause := load_error(self.settings.log_file, path, since)) is None:
             if time.monotonic() >= deadline:
@@ -101,7 +104,7 @@ class LoadFailures:
         stamp = _stamp(path)
         count = last.count + 1 if last is not None and last.stamp == stamp else 1
         now = time.time()
-        failure = LoadFailure(engine_id, str(path), cause, fix_for(cause), count, now,
+        failure = LoadFailure(engine_id, name, str(path), cause, fix_for(cause), count, now,
                               now + min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (count - 1)), stamp)
         self.failures[engine_id] = failure
         self._write()
