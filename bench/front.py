@@ -52,7 +52,10 @@ def _recording_cost(count: int) -> tuple[float, float]:
     started = time.perf_counter()
     for request in requests_:
         record = log.begin(request, route)
-        record.keep(200, last, b"data: [DONE]\n\n")
+        record.last = (record.last[1], b'data: {"choices":[{"delta":{"content":"Hi"}}]}\n\n')
+        record.last = (record.last[1], last)
+        record.last = (record.last[1], b"data: [DONE]\n\n")
+        record.keep(200)
         log.end(record, answer)
     recorded = (time.perf_counter() - started) / count * 1e6
     started = time.perf_counter()

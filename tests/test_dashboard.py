@@ -33,9 +33,17 @@ SCREENSHOTS = Path(os.environ.get("DASHBOARD_SCREENSHOTS", "")) if os.environ.ge
     "DASHBOARD_SCREENSHOTS") else None
 
 
-@pytest.fixture(scope="module")
-def dash(tmp_path_factory: pytest.TempPathFactory, gemma_path: Path) -> Iterator[Env]:
+@pytest.fixture(scope="module", params=["llama-server", "llama-swap"])
+def dash(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+         gemma_path: Path) -> Iterator[Env]:
+    """One stack per engine for the whole module (the page must work on both)."""
     env = new_env(tmp_path_factory.mktemp("dashboard"))
+    if request.param == "llama-swap":
+        from tests.test_llama_swap import llama_swap_binary, port_block
+
+        env.port = port_block()
+        env.update({"ENGINE": "llama-swap", "LLAMA_SWAP_PORT": str(env.port),
+                    "LLAMA_SWAP_BIN": str(llama_swap_binary(tmp_path_factory.mktemp("swap")))})
     (env.models / "google").mkdir()
     (env.models / "google" / gemma_path.name).symlink_to(gemma_path)
     twin = {"base_model": "gemma-3:270m-q4_k_m"}
@@ -207,10 +215,10 @@ def browser() -> Iterator[Any]:
         driver.quit()
 
 
-def shot(driver: Any, name: str, tmp_path: Path) -> None:
+def shot(driver: Any, name: str, env: Env, tmp_path: Path) -> None:
     folder = SCREENSHOTS or tmp_path
     folder.mkdir(parents=True, exist_ok=True)
-    driver.save_screenshot(str(folder / f"dashboard-{name}.png"))
+    driver.save_screenshot(str(folder / f"dashboard-{env['ENGINE']}-{name}.png"))
 
 
 def test_the_page_in_a_browser(dash: Env, browser: Any, tmp_path: Path) -> None:
@@ -284,7 +292,7 @@ def test_the_page_in_a_browser(dash: Env, browser: Any, tmp_path: Path) -> None:
     wait(request_row, "the request in Activity")
     wait(lambda: state(B) == "loaded", "B loaded")
     assert browser.execute_script("return window.notReloaded") is True
-    shot(browser, "loaded", tmp_path)
+    shot(browser, "loaded", dash, tmp_path)
 
     # Unload with the button: its conversation is saved first, and it goes.
     click(B, "unload")
@@ -315,7 +323,7 @@ def test_the_page_in_a_browser(dash: Env, browser: Any, tmp_path: Path) -> None:
     assert urls and not any(KEY in url for url in urls)
     assert browser.execute_script("return sessionStorage.getItem('model_serve.key')") == KEY
     assert browser.execute_script("return localStorage.length") == 0
-    shot(browser, "actions", tmp_path)
+    shot(browser, "actions", dash, tmp_path)
 
     # The stack stops and starts again: the page says so, and comes back by itself.
     dash.run("stop", timeout=90, check=True)
@@ -328,7 +336,7 @@ def test_the_page_in_a_browser(dash: Env, browser: Any, tmp_path: Path) -> None:
     assert (datetime.strptime(front, "%Y-%m-%d %H:%M:%S,%f") - began).total_seconds() < 4
     wait(lambda: connection() == "lost", "the page to see the connection lost")
     assert "Lost the connection" in text("notice")
-    shot(browser, "lost", tmp_path)
+    shot(browser, "lost", dash, tmp_path)
     dash.run("start", check=True)
     wait(lambda: connection() == "live" and state(B) == "unloaded", "the page back", 60)
     assert browser.execute_script("return window.notReloaded") is True
@@ -350,7 +358,8 @@ def test_records_stay_small() -> None:
     timings = b'"timings":{"cache_n":3,"prompt_n":2,"predicted_n":7,"predicted_per_second":9.5}}'
     for _ in range(REQUESTS_KEPT + 50):
         record = log.begin(make_mocked_request("POST", "/v1/embeddings"), route)
-        record.keep(200, b"x" * 8_000_000, b'{"data": [0.1]' + b" " * 5000 + timings)
+        record.last = (b"x" * 8_000_000, b'{"data": [0.1]' + b" " * 5000 + timings)
+        record.keep(200)
         log.end(record, web.Response(status=200))
     assert len(log.done) == REQUESTS_KEPT and not log.open
     assert all(len(r.tail) == TAIL_KEPT for r in log.done)
@@ -358,11 +367,17 @@ def test_records_stay_small() -> None:
     assert (shown["prompt_tokens"], shown["predicted_tokens"], shown["tokens_per_second"]) == \
         (5, 7, 9.5)
     assert log.since(log.done[-2].seq) == [log.done[-1]]
-    # A client that closes on the last event cancels the handler before it returns: the
-    # answer was whole (200); one that leaves before the end is a 499.
+    # A client that closes on a stream's last event cancels the handler before the engine's
+    # answer ends (llama-swap's, say): the answer was whole (200); one that leaves before
+    # the end is a 499.
     whole = log.begin(make_mocked_request("POST", "/v1/chat/completions"), route)
-    whole.keep(200, timings)
+    whole.engine_status = 200
+    whole.last = (b"data: {" + timings + b"\n\n", b"data: [DONE]\n\n")
     log.end(whole, None)
     left = log.begin(make_mocked_request("POST", "/v1/chat/completions"), route)
+    left.engine_status = 200
+    left.last = (b"data: {}\n\n", b"data: {" + timings + b"\n\n")
     log.end(left, None)
     assert (whole.status, left.status) == (200, 499)
+    assert whole.to_json()["predicted_tokens"] == left.to_json()["predicted_tokens"] == 7
+    assert whole.last == left.last == (b"", b"")

@@ -47,6 +47,7 @@ PAGE_HEADERS = {
 }
 RECORD = "model_serve.record"  # the request's RequestRecord, on the aiohttp request
 TAIL_KEPT = 4096  # bytes of an answer kept: its timings and usage come last
+STREAM_END = b"data: [DONE]"  # the last event of an OpenAI stream
 REQUESTS_KEPT = 200  # last requests kept for the page
 MEMORY_EVERY = 10.0  # seconds between memory readings
 MEMORY_KEPT = 360  # an hour of them
@@ -76,14 +77,16 @@ class RequestRecord:
     duration: float | None = None
     restored: bool = False  # a saved conversation was restored for it
     tail: bytes = b""  # the answer's last bytes: its timings are read from them when shown
-
+    last: tuple[bytes, bytes] = (b"", b"")  # the answer's last two chunks, as they pass
+    engine_status: int | None = None  # the engine's answer began with this status
     answered: int | None = None  # the status of an answer read to its end from the engine
 
-    def keep(self, status: int, *chunks: bytes) -> None:
-        """The answer was read whole: its status, and the end of its last chunks (one may
-        be a whole large answer)."""
+    def keep(self, status: int, payload: bytes | None = None) -> None:
+        """The answer was read whole: its status, and the end of its last chunks (or of
+        `payload`, the whole answer; one chunk may be a large answer too)."""
         self.answered = status
-        self.tail = b"".join(chunks)[-TAIL_KEPT:]
+        self.tail = (b"".join(self.last) if payload is None else payload)[-TAIL_KEPT:]
+        self.last = (b"", b"")
 
     def to_json(self) -> dict[str, Any]:
         found = {k.decode(): float(v) for k, v in _TIMING.findall(self.tail)}
@@ -124,8 +127,13 @@ class RequestLog:
 
     def end(self, record: RequestRecord, response: web.StreamResponse | None) -> None:
         # No response: the client left (499 as nginx logs it), or it closed the connection
-        # on the answer's last event, before the handler returned (then it had it all).
+        # on the stream's last event, before the engine's answer ended (then it had it all).
+        if response is None and record.answered is None and record.engine_status and \
+                STREAM_END in b"".join(record.last)[-64:]:
+            record.keep(record.engine_status)
         record.status = response.status if response is not None else record.answered or 499
+        if record.last[1]:  # not read to its end: keep what shows its figures, if any
+            record.keep(record.status)
         record.duration = time.monotonic() - record.began
         self.open.pop(record.seq, None)
         self.done.append(record)

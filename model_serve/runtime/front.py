@@ -637,19 +637,21 @@ class Front:
                     return admitted
                 reuse = admitted or reuse
                 base, direct = None, False
+        record = request.get(RECORD)  # the dashboard's record of this request
         async with upstream:
+            if record is not None:
+                record.engine_status = upstream.status
             if answer is not None:
-                before_last = last = b""
-
                 def seen(chunk: bytes) -> None:
-                    nonlocal reuse, before_last, last
-                    before_last, last = last, chunk  # the timings come in the last event
+                    nonlocal reuse
+                    if record is not None:
+                        record.last = (record.last[1], chunk)  # the timings come last
                     if reuse is not None and reuse.feed(chunk):
                         reuse = None
 
                 answered = await answer(request, upstream, seen)
-                if (record := request.get(RECORD)) is not None:
-                    record.keep(answered.status, before_last, last)
+                if record is not None:
+                    record.keep(answered.status)
                 return answered
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
             for key, value in upstream.headers.items():
@@ -662,7 +664,7 @@ class Front:
             length = upstream.headers.get("Content-Length")
             if rename is not None and length is not None:
                 payload = rename(await upstream.read())
-                if (record := request.get(RECORD)) is not None:
+                if record is not None:
                     record.keep(upstream.status, payload)
                 if reuse is not None:
                     reuse.feed(payload)
@@ -673,9 +675,10 @@ class Front:
                 if length is not None:
                     response.content_length = int(length)
                 await response.prepare(request)
-                pending = before_last = last = b""
+                pending = b""
                 async for chunk in upstream.content.iter_any():
-                    before_last, last = last, chunk  # the timings come in the last event
+                    if record is not None:
+                        record.last = (record.last[1], chunk)  # the timings come last
                     if reuse is not None and reuse.feed(chunk):
                         reuse = None
                     if rename is None:
@@ -689,8 +692,8 @@ class Front:
                         pending = pending[end + 2:]
                 if pending:
                     await response.write(rename(pending) if rename else pending)
-                if (record := request.get(RECORD)) is not None:
-                    record.keep(upstream.status, before_last, last)
+                if record is not None:
+                    record.keep(upstream.status)
             await response.write_eof()
             return response
 
