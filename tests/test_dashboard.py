@@ -381,3 +381,20 @@ def test_records_stay_small() -> None:
     assert (whole.status, left.status) == (200, 499)
     assert whole.to_json()["predicted_tokens"] == left.to_json()["predicted_tokens"] == 7
     assert whole.last == left.last == (b"", b"")
+
+
+def test_marks_say_why_past_the_first_hundreds() -> None:
+    """Each unload gets its reason, also once the marks kept are full."""
+    from model_serve.runtime.dashboard import MARKS_KEPT, MemoryHistory
+
+    history = MemoryHistory()
+    history.look({"m": "unloaded"}, str.upper)
+    for i in range(MARKS_KEPT):
+        history.look({"m": "loaded" if i % 2 == 0 else "unloaded"}, str.upper)
+    assert len(history.marks) == MARKS_KEPT
+    history.look({"m": "loaded"}, str.upper)
+    history.note("m", "asked")
+    history.look({}, str.upper)  # the engine's feed is down: nothing went
+    [mark] = history.look({"m": "unloaded"}, str.upper)
+    assert (mark["event"], mark["model"], mark["why"]) == ("unload", "M", "asked")
+    assert history.marks[-1] is mark and len(history.marks) == MARKS_KEPT

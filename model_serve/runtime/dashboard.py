@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import re
 import time
 from collections import deque
@@ -28,6 +29,8 @@ from model_serve.runtime.memory import read_memory
 
 if TYPE_CHECKING:
     from model_serve.runtime.front import Front, Route
+
+log = logging.getLogger("model_serve.front")
 
 PAGE_DIR = Path(__file__).with_name("dashboard_page")
 PAGE_FILES = {"/dashboard": ("index.html", "text/html"),
@@ -166,27 +169,30 @@ class MemoryHistory:
         """Why a model is about to be unloaded (the first reason said counts)."""
         self.reasons.setdefault(engine_id, (time.monotonic(), why))
 
-    def look(self, states: dict[str, str], served: Callable[[str], str]) -> None:
+    def look(self, states: dict[str, str],
+             served: Callable[[str], str]) -> list[dict[str, Any]]:
         """Marks each load and unload since the last look (`states`: engine id -> state). An
         empty view is the engine's feed being down, not every model gone. `served`: the name
-        a model is served by, from its engine id."""
+        a model is served by, from its engine id. Returns the new marks."""
         if not states:
-            return
+            return []
         loaded = {name for name, state in states.items() if state == "loaded"}
+        new: list[dict[str, Any]] = []
         if self.loaded is not None:
             now = time.time()
             for name in sorted(loaded - self.loaded):
-                self.marks.append({"at": now, "event": "load", "model": served(name)})
-                self.version += 1
+                new.append({"at": now, "event": "load", "model": served(name)})
             for name in sorted(self.loaded - loaded):
                 said = self.reasons.pop(name, None)
-                self.marks.append({"at": now, "event": "unload", "model": served(name),
-                                   "engine_id": name, "why": said[1] if said else None})
-                self.version += 1
+                new.append({"at": now, "event": "unload", "model": served(name),
+                            "engine_id": name, "why": said[1] if said else None})
+        self.marks.extend(new)
+        self.version += len(new)
         stale = time.monotonic() - REASON_KEPT
         for name in [n for n, (at, _why) in self.reasons.items() if at < stale]:
             del self.reasons[name]  # said, but it never went (in use again, say)
         self.loaded = loaded
+        return new
 
     def to_json(self) -> dict[str, Any]:
         return {"samples": [asdict(s) for s in self.samples], "marks": list(self.marks)}
@@ -232,26 +238,33 @@ class Dashboard:
         self._closing.set()
 
     async def _record(self) -> None:
-        next_reading = 0.0
+        next_reading, said = 0.0, False
         while True:
-            for engine_id in self.front.admission.evicting:
-                self.memory.note(engine_id, "admission: room for another model's load")
-            marked = len(self.memory.marks)
-            self.memory.look({n: m.state for n, m in self.front.view.models.items()},
-                             self._served)
-            unexplained = [m for m in list(self.memory.marks)[marked:]
-                           if m["event"] == "unload" and not m["why"]]
-            if unexplained:
-                await self._explain(unexplained)
-            if time.monotonic() >= next_reading:
-                next_reading = time.monotonic() + MEMORY_EVERY
-                with contextlib.suppress(OSError):
-                    reading = await asyncio.to_thread(read_memory)
-                    self.memory.samples.append(MemorySample(
-                        time.time(), reading.used, reading.total, round(reading.percent, 1),
-                        len(self.memory.loaded or ())))
-                    self.memory.version += 1
+            try:
+                next_reading = await self._record_once(next_reading)
+            except Exception:  # noqa: BLE001 - the record must outlive any one bad look
+                if not said:  # once: it would repeat every second
+                    log.warning("the dashboard's record of memory and unloads failed",
+                                exc_info=True)
+                said = True
             await asyncio.sleep(VIEW_EVERY)
+
+    async def _record_once(self, next_reading: float) -> float:
+        for engine_id in self.front.admission.evicting:
+            self.memory.note(engine_id, "admission: room for another model's load")
+        new = self.memory.look({n: m.state for n, m in self.front.view.models.items()},
+                               self._served)
+        unexplained = [m for m in new if m["event"] == "unload" and not m["why"]]
+        if unexplained:
+            await self._explain(unexplained)
+        if time.monotonic() >= next_reading:
+            next_reading = time.monotonic() + MEMORY_EVERY
+            reading = await asyncio.to_thread(read_memory)
+            self.memory.samples.append(MemorySample(
+                time.time(), reading.used, reading.total, round(reading.percent, 1),
+                len(self.memory.loaded or ())))
+            self.memory.version += 1
+        return next_reading
 
     async def _explain(self, marks: list[dict[str, Any]]) -> None:
         """An unload nobody asked for: a crash when the model server's exit was recorded
