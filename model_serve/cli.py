@@ -159,7 +159,10 @@ def list_models(filter_text: str, served: bool, as_json: bool) -> None:
     needle = filter_text.lower()
     chosen = [s for s in plan if needle in s.name.lower()
               or any(needle in n.lower() for n in s.model.ollama_names)]
-    render.model_list(chosen, catalog.problems, as_json)
+    from model_serve.runtime.load_failures import load_failures
+
+    failing = {f.name: f.message() for f in load_failures(settings).values()}
+    render.model_list(chosen, catalog.problems, as_json, failing)
 
 
 @main.command()

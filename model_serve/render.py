@@ -223,9 +223,12 @@ def _served_json(served: ServedModel) -> dict[str, Any]:
     }
 
 
-def model_list(plan: list[ServedModel], problems: list[ScanProblem], as_json: bool) -> None:
+def model_list(plan: list[ServedModel], problems: list[ScanProblem], as_json: bool,
+               failing: dict[str, str] | None = None) -> None:
+    """`failing`: served name -> why its loads fail now (runtime/load_failures.py)."""
+    failing = failing or {}
     if as_json:
-        _json([_served_json(s) for s in plan])
+        _json([{**_served_json(s), "load_failure": failing.get(s.name)} for s in plan])
         return
     _problems(problems)
     if not plan:
@@ -236,9 +239,13 @@ def model_list(plan: list[ServedModel], problems: list[ScanProblem], as_json: bo
     for served in plan:
         source = ", ".join(served.model.ollama_names) or str(served.model.path)
         flag = "  [cannot load: Ollama-only format]" if served.model.info.incompatibility else ""
+        flag += "  [failing to load]" if served.name in failing else ""
         rows.append((served.name, _kind(served), human_bytes(served.model.size_bytes),
                      served.model.info.file_type or "-", str(served.ctx_size), source + flag))
     _echo_table(rows, right={2, 4})
+    for served in plan:
+        if served.name in failing:
+            click.echo(f"{served.name}: {failing[served.name]}")
 
 
 def served_list(models: list[EngineModel], as_json: bool,

@@ -97,6 +97,8 @@ def test_a_model_that_fails_to_load_is_remembered(stack: Env) -> None:
     served = json.loads(stack.run("list", "--served", "--json", check=True).stdout)
     [entry] = [m for m in served if m["name"] == BAD]
     assert entry["state"] == "failing to load" and CAUSE in entry["load_failure"], served
+    listed = stack.run("list", check=True).stdout
+    assert "[failing to load]" in listed and CAUSE in listed, listed
 
     # A new file is tried at its first request (here it fails again, with a longer backoff).
     bad_file.write_bytes(bad_file.read_bytes()[: 19 * 2**20])
