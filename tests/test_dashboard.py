@@ -96,8 +96,13 @@ def test_the_page_is_served_with_a_strict_policy(dash: Env) -> None:
     script = requests.get(f"{dash.base_url}/dashboard/dashboard.js", timeout=10).text
     assert "innerHTML" not in script and "insertAdjacentHTML" not in script
     assert "EventSource" not in script  # it cannot send a key in a header
-    # Only the page's files are open: anything else under /dashboard/ is not served.
+    # Only the page's files are open: anything else under /dashboard/ is not served, and
+    # reaches nothing behind the front.
     assert requests.get(f"{dash.base_url}/dashboard/../v1/models", timeout=10).status_code == 401
+    for path in ("/dashboard/slots", "/dashboard/x/../../v1/models", "/dashboard/health"):
+        assert requests.get(f"{dash.base_url}{path}", timeout=10).status_code in (401, 404)
+    other = requests.get(f"{dash.base_url}/dashboard/metrics", timeout=10)
+    assert other.status_code == 404 and "open /dashboard" in other.text
 
 
 def test_read_endpoints_answer_to_the_key(dash: Env) -> None:

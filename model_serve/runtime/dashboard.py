@@ -213,6 +213,8 @@ class Dashboard:
         path, method = request.path, request.method
         if path in PAGE_FILES and method in ("GET", "HEAD"):
             return self.page
+        if path.startswith("/dashboard/"):
+            return self.not_a_page  # open to all (the gate): nothing here reaches the engine
         if method == "GET":
             return {"/api/model_serve/status": self.status,
                     "/api/model_serve/requests": self.recent,
@@ -290,6 +292,10 @@ class Dashboard:
                           "reinstall model_serve (./install.sh)", "not_found")
         return web.Response(body=body, content_type=kind, charset="utf-8",
                             headers=PAGE_HEADERS)
+
+    async def not_a_page(self, request: web.Request) -> web.StreamResponse:
+        return _error(404, f"the dashboard has no {request.path}: open /dashboard",
+                      "not_found")
 
     # --- read endpoints --------------------------------------------------------------------
     async def status(self, request: web.Request) -> web.StreamResponse:
