@@ -86,6 +86,9 @@ def test_a_model_that_fails_to_load_is_remembered(stack: Env) -> None:
         "model": BAD, "messages": [{"role": "user", "content": "Hi"}]})
     assert raw.status_code == 503 and raw.json()["error"]["type"] == "model_load_failed"
     assert 1 <= int(raw.headers["Retry-After"]) <= 10 and raw.headers["x-should-retry"] == "false"
+    ollama = requests.post(f"{stack.base_url}/api/chat", timeout=30, json={
+        "model": BAD, "messages": [{"role": "user", "content": "Hi"}], "stream": False})
+    assert ollama.status_code == 503 and CAUSE in ollama.json()["error"], ollama.text
     assert loads_of(stack, bad_file) == 1
     print(f"{stack['ENGINE']}: the broken model's next requests took "
           f"{', '.join(f'{s * 1000:.0f} ms' for s in took)}; the crowd's: "
