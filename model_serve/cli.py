@@ -120,9 +120,12 @@ def sync(no_bridge: bool, as_json: bool) -> None:
 
     A running engine is told to reload only when the config changed."""
     from model_serve import render
+    from model_serve.runtime.load_failures import forget_failures
     from model_serve.runtime.sync import run_sync
 
-    result = run_sync(_settings(), bridge=not no_bridge)
+    settings = _settings()
+    result = run_sync(settings, bridge=not no_bridge)
+    forget_failures(settings)  # the user may have mended a file: every model is tried again
     render.sync_result(result, as_json)
     if result.reload_error:
         sys.exit(1)  # the engine refused the new config: the user has something to fix

@@ -113,4 +113,8 @@ def test_a_model_that_fails_to_load_is_remembered(stack: Env) -> None:
     stack.run("unload", BAD, check=True)
     assert ask(client, BAD)[0] == 503
     assert loads_of(stack, bad_file) == 3
+    assert ask(client, BAD)[0] == 503 and loads_of(stack, bad_file) == 3
+    stack.run("sync", check=True)  # and so does `model sync`, even one that changes nothing
+    assert ask(client, BAD)[0] == 503
+    assert loads_of(stack, bad_file) == 4
     assert ask(client, GOOD)[0] == 200

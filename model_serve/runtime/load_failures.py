@@ -6,10 +6,10 @@ load at a time, with every other model's loads queued behind it.
 After a failed load the model is refused at once, with the cause read from the model
 server's last lines in the log, for a backoff that grows with each failure (BACKOFF_FIRST,
 doubling, at most BACKOFF_MAX). The failure is forgotten when the file changes (inode, size,
-mtime), at a sync that changes the engine config, at a restart (the front keeps it in memory),
-and when the user unloads or loads the model by hand (`model unload` removes it from the file,
-which the front reads before each refusal). The current failures are written to
-state/load-failures.json for `model stats` and `model list`.
+mtime), at `model sync` and at any sync that changes the engine config, at a restart (the
+front keeps it in memory), and when the user unloads or loads the model by hand (`model sync`
+and `model unload` remove it from the file, which the front reads before each refusal). The
+current failures are written to state/load-failures.json for `model stats` and `model list`.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ class LoadFailure:
             text += f". Fix: {self.fix}"
         times = "once" if self.count == 1 else f"{self.count} times in a row"
         return text + (f" (failed {times}; not tried again for {left}s, or until the file "
-                       "changes, a sync changes the config, or the stack restarts)")
+                       "changes or 'model sync' runs)")
 
 
 class LoadFailures:
@@ -131,11 +131,13 @@ def load_failures(settings: Settings) -> dict[str, LoadFailure]:
     return {name: item for name, item in _on_disk(settings).items() if item.until > now}
 
 
-def forget_failures(settings: Settings, engine_ids: list[str]) -> list[str]:
-    """`model unload NAME`: the front tries these models again at their next request (it
-    reads the file before each refusal). Returns those that were failing."""
+def forget_failures(settings: Settings, engine_ids: list[str] | None = None) -> list[str]:
+    """`model unload NAME` (these models), `model sync` (every one): the front tries them
+    again at their next request (it reads the file before each refusal). Returns those that
+    were failing."""
     failing = _on_disk(settings)
-    gone = [name for name in engine_ids if failing.pop(name, None) is not None]
+    gone = [name for name in (list(failing) if engine_ids is None else engine_ids)
+            if failing.pop(name, None) is not None]
     if gone:
         write_if_changed(settings.state_dir / FAILURES_FILE,
                          json.dumps({n: asdict(f) for n, f in failing.items()}, indent=1))
