@@ -306,6 +306,9 @@ def test_the_page_in_a_browser(dash: Env, browser: Any, tmp_path: Path) -> None:
     assert model["state"] == "unloaded" and model["saved_conversations"] >= 1
     wait(lambda: f"unload {B} (asked: POST /api/models/unload/{B})" in text("memory-marks"),
          "the unload's mark and why")
+    # The log panel follows the log live (the save is logged), never with what was said.
+    wait(lambda: "saved 1 slot(s) of" in text("log"), "the save in the log panel")
+    assert "lighthouse" not in text("log")
     # The same conversation again: restored from what the unload saved, and Activity says so.
     client.chat.completions.create(model=B, messages=STORY, max_tokens=4)
     wait(lambda: any(r[1] == B and r[7] == "yes" for r in request_rows()),
@@ -403,3 +406,22 @@ def test_marks_say_why_past_the_first_hundreds() -> None:
     [mark] = history.look({"m": "unloaded"}, str.upper)
     assert (mark["event"], mark["model"], mark["why"]) == ("unload", "M", "asked")
     assert history.marks[-1] is mark and len(history.marks) == MARKS_KEPT
+
+
+def test_the_log_panel_reads_new_lines_only(tmp_path: Path) -> None:
+    from model_serve.runtime.dashboard import LOG_LINES, LogTail
+
+    log = tmp_path / "model_serve.log"
+    log.write_text("".join(f"old {i}\n" for i in range(LOG_LINES + 10)))
+    follow = LogTail(log)
+    lines, again = follow.read()
+    assert again and len(lines) == LOG_LINES and lines[-1] == f"old {LOG_LINES + 9}"
+    assert follow.read() == ([], False)
+    with log.open("a") as handle:
+        handle.write("new 1\nnew 2 is being writ")
+    assert follow.read() == (["new 1"], False)
+    with log.open("a") as handle:
+        handle.write("ten\n")
+    assert follow.read() == (["new 2 is being written"], False)
+    log.write_text("rotated\n")  # a new, shorter file: shown from its start
+    assert follow.read() == (["rotated"], True)

@@ -62,6 +62,7 @@ EVENTS_TICK = 0.5  # seconds between checks for new requests on an open event st
 STATUS_EVERY = 2.0  # seconds between model and memory updates on an event stream
 STATUS_FRESH = 1.5  # a status this recent is shared by every page open
 LOG_LINES = 200
+LOG_READ_MAX = 256 * 1024  # bytes of new log lines sent at once (the rest on the next tick)
 _TIMING = re.compile(rb'"(cache_n|prompt_n|predicted_n|predicted_per_second|prompt_tokens|'
                      rb'completion_tokens)":\s*([0-9.]+)')
 
@@ -196,6 +197,37 @@ class MemoryHistory:
 
     def to_json(self) -> dict[str, Any]:
         return {"samples": [asdict(s) for s in self.samples], "marks": list(self.marks)}
+
+
+class LogTail:
+    """The log's new lines since the last read; at first (and after a rotation) its last
+    LOG_LINES lines."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset: int | None = None
+
+    def read(self) -> tuple[list[str], bool]:
+        """(lines, whether they replace what was shown)."""
+        from model_serve.runtime.stack import tail
+
+        try:
+            size = self.path.stat().st_size
+        except OSError:
+            return [], False
+        if self.offset is None or size < self.offset:
+            self.offset = size
+            return tail(self.path, LOG_LINES).splitlines(), True
+        if size == self.offset:
+            return [], False
+        with open(self.path, "rb") as handle:
+            handle.seek(self.offset)
+            data = handle.read(min(size - self.offset, LOG_READ_MAX))
+        end = data.rfind(b"\n")
+        if end < 0:
+            return [], False  # a line being written: read it whole next time
+        self.offset += end + 1
+        return data[:end].decode("utf-8", "replace").splitlines(), False
 
 
 class Dashboard:
@@ -386,8 +418,13 @@ class Dashboard:
         return result
 
     async def events(self, request: web.Request) -> web.StreamResponse:
-        """Server-sent events: `requests` as they begin and end, `status` every few seconds.
-        Read with fetch (an EventSource cannot send a key)."""
+        """Server-sent events: `requests` as they begin and end, `status` every few seconds,
+        and `log`: new lines of the log as they come, for a key that may read it (control),
+        else once why not. Read with fetch (an EventSource cannot send a key)."""
+        from model_serve.runtime.gate import Access, request_key
+
+        refusal = self.front.gate.refusal(Access.CONTROL, request_key(request.headers))
+        log_tail = LogTail(self.front.settings.log_file) if refusal is None else None
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                                "Cache-Control": "no-store",
                                                "X-Accel-Buffering": "no"})
@@ -399,6 +436,8 @@ class Dashboard:
             next_status = 0.0
             seq = max((r.seq for r in self.requests.done), default=0)
             await _send(response, "requests", self._requests_json(0))
+            if refusal is not None:
+                await _send(response, "log", {"refused": refusal.message})
             version = self.requests.version
             while not self._closing.is_set():
                 if self.requests.version != version:
@@ -413,6 +452,11 @@ class Dashboard:
                         await _send(response, "status", await self.snapshot())
                     except ModelServeError as exc:
                         await _send(response, "engine", {"error": exc.message})
+                if log_tail is not None:
+                    lines, again = await asyncio.to_thread(log_tail.read)
+                    if lines or again:
+                        await _send(response, "log", {"lines": lines, "reset": again,
+                                                      "file": str(log_tail.path)})
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._closing.wait(), EVENTS_TICK)
             await response.write_eof()

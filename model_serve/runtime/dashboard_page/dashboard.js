@@ -5,7 +5,7 @@
 
 const KEY_STORE = "model_serve.key";
 const RECONNECT_MS = [500, 1000, 2000, 4000];
-const LOG_EVERY_MS = 3000;
+const LOG_KEPT = 500; // lines of the log the page keeps
 const MEMORY_EVERY_MS = 15000;
 const REQUESTS_SHOWN = 100;
 
@@ -169,6 +169,7 @@ function handleEvent(block) {
   if (event === "status") renderStatus(payload);
   else if (event === "requests") renderRequests(payload);
   else if (event === "engine") notice(`The engine does not answer: ${payload.error}`, "error");
+  else if (event === "log") renderLog(payload);
 }
 
 // --- models ----------------------------------------------------------------------------------
@@ -354,21 +355,22 @@ function renderRequests(news) {
     row([clock(r.at), el("td", r.model, "name"), r.path, seconds(r.waited), r.why])));
 }
 
-// --- log -------------------------------------------------------------------------------------
-async function loadLog() {
-  try {
-    const response = await api("/api/model_serve/log?lines=100", {}, true);
-    if (!response.ok) {
-      $("log-file").textContent = `The log is not shown: ${await errorText(response)}`;
-      return;
-    }
-    const data = await response.json();
-    $("log-file").textContent = data.file;
-    const pre = $("log");
-    const atBottom = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 4;
-    pre.textContent = data.lines.join("\n");
-    if (atBottom) pre.scrollTop = pre.scrollHeight;
-  } catch (err) { /* the event stream says when the server is gone */ }
+// --- log: its new lines come with the events, for a key that may read it ----------------------
+const logLines = [];
+
+function renderLog(data) {
+  if (data.refused) {
+    $("log-file").textContent = `The log is not shown: ${data.refused}`;
+    return;
+  }
+  $("log-file").textContent = data.file;
+  if (data.reset) logLines.length = 0;
+  logLines.push(...data.lines);
+  logLines.splice(0, Math.max(0, logLines.length - LOG_KEPT));
+  const pre = $("log");
+  const atBottom = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 4;
+  pre.textContent = logLines.join("\n");
+  if (atBottom) pre.scrollTop = pre.scrollHeight;
 }
 
 // --- start -----------------------------------------------------------------------------------
@@ -382,9 +384,7 @@ function start() {
   $("key-button").addEventListener("click", () => { askKey("Enter an API key for this server."); });
   follow();
   loadMemory();
-  loadLog();
   setInterval(() => { if (!document.hidden) loadMemory(); }, MEMORY_EVERY_MS);
-  setInterval(() => { if (!document.hidden) loadLog(); }, LOG_EVERY_MS);
 }
 
 start();
