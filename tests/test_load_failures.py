@@ -117,4 +117,7 @@ def test_a_model_that_fails_to_load_is_remembered(stack: Env) -> None:
     stack.run("sync", check=True)  # and so does `model sync`, even one that changes nothing
     assert ask(client, BAD)[0] == 503
     assert loads_of(stack, bad_file) == 4
+    assert "failing to load" in stack.run("stats", check=True).stdout
+    stack.run("restart", check=True, timeout=240)  # a new front tries every model again
+    assert "failing to load" not in stack.run("stats", check=True).stdout
     assert ask(client, GOOD)[0] == 200

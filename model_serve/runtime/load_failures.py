@@ -75,6 +75,7 @@ class LoadFailures:
         self.settings = settings
         self.file_of = file_of  # engine id -> its served name and GGUF file
         self.failures: dict[str, LoadFailure] = {}
+        forget_failures(settings)  # a new front tries every model: stats must not say otherwise
 
     def current(self, engine_id: str) -> LoadFailure | None:
         """The failure a request for `engine_id` is refused with now, if any."""
