@@ -31,7 +31,9 @@ FAILING = "failing to load"  # the state `model stats` and `model list --served`
 BACKOFF_FIRST = 10.0  # seconds a model is refused after its first failed load
 BACKOFF_MAX = 600.0
 LOG_TAIL_BYTES = 256 * 1024  # of the log, read for the model server's last lines
-CAUSE_WAIT = 1.0  # seconds the log gets to show the model server's last lines
+# Seconds the log gets to show the model server's last lines: a busy machine writes them late;
+# a load a reload cut (no such lines) waits this long once.
+CAUSE_WAIT = 3.0
 # A llama.cpp error line, as the engine's output lands in our log (the router prefixes the
 # model server's port): "... [port] 0.00.061.370 E llama_model_load: error loading model: X".
 ERROR_LINE_RE = re.compile(r"\d+\.\d+\.\d+\.\d+ E (?:[a-z]{2,4}\s+)?(?:[\w:]+?: )?(.*)$")
