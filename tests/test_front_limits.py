@@ -3,15 +3,19 @@ MAX_BODY_MB is a 413 before it is read whole; a client that sends its body too s
 408 after REQUEST_READ_TIMEOUT; past MAX_CONCURRENT_REQUESTS a request gets 503 at once. And
 /health answers while loads are waited on: engine calls have a thread pool of their own. And
 requests that wait on their own model's load are answered when it ends, even past
-LOAD_QUEUE_TIMEOUT (a big model may take longer to load)."""
+LOAD_QUEUE_TIMEOUT (a big model may take longer to load). A connection that sends its request
+head too slowly, or nothing, is closed after REQUEST_READ_TIMEOUT; past MAX_CONNECTIONS a new
+connection gets 503 and is closed, and the port serves again once connections close."""
 
 from __future__ import annotations
 
 import socket
 import threading
+import time
 from contextlib import ExitStack
 from pathlib import Path
 
+import openai
 import requests
 
 from model_serve import internal_key
@@ -41,7 +45,7 @@ def test_the_ports_limits(env: Env, gemma_path: Path) -> None:
     (env.models / gemma_path.name).symlink_to(gemma_path)
     (env.home / "custom_models.yaml").write_text(TWIN)
     env.update({"MAX_BODY_MB": "1", "REQUEST_READ_TIMEOUT": "3", "LOAD_QUEUE_TIMEOUT": "1",
-                "MAX_CONCURRENT_REQUESTS": "12"})
+                "MAX_CONCURRENT_REQUESTS": "12", "MAX_CONNECTIONS": "30"})
     with running(env):
         url = f"{env.base_url}/v1/completions"
         big = requests.post(url, timeout=60, json={"model": B, "prompt": "x" * (2 * 2**20)})
@@ -99,3 +103,53 @@ def test_the_ports_limits(env: Env, gemma_path: Path) -> None:
             # After REQUEST_READ_TIMEOUT each gets 408, and the port serves again.
             assert [status_of(sock) for sock in held] == [408] * 12
         assert requests.get(f"{env.base_url}/v1/models", timeout=5).status_code == 200
+
+        # A head sent a byte every half second, and a connection that sends nothing, are
+        # closed after REQUEST_READ_TIMEOUT (3 s here), not left holding a descriptor.
+        assert seconds_until_closed(env, drip=b"GET /v1/models HTTP/1.1\r\nHost: x\r\n"
+                                               b"X-Slow: " + b"a" * 60) < 3 + 3
+        assert seconds_until_closed(env, drip=b"") < 3 + 3
+
+        # Thirty idle connections fill the port: the next one gets 503 and is closed at once.
+        with ExitStack() as stack:
+            idle = [stack.enter_context(socket.create_connection(("127.0.0.1", env.port)))
+                    for _ in range(30)]
+            with socket.create_connection(("127.0.0.1", env.port), timeout=2) as extra:
+                answer = extra.recv(4096)
+                assert answer.startswith(b"HTTP/1.1 503") and b"MAX_CONNECTIONS" in answer, answer
+                assert extra.recv(4096) == b"", "the refused connection is closed"
+            assert len(idle) == 30
+        # Once they are closed the port serves a real client again.
+        client = openai.OpenAI(base_url=f"{env.base_url}/v1", api_key="x", max_retries=0)
+        assert wait_until(lambda: _lists(client), 5, interval=0.1)
+
+
+def seconds_until_closed(env: Env, drip: bytes) -> float:
+    """Send `drip` a byte every half second (then nothing); the seconds until the port closes
+    the connection, or 20 if it never does."""
+    began = time.monotonic()
+    with socket.create_connection(("127.0.0.1", env.port), timeout=0.5) as sock:
+        for byte in drip:
+            try:
+                sock.sendall(bytes([byte]))
+            except OSError:
+                return time.monotonic() - began
+            time.sleep(0.5)
+            if time.monotonic() - began > 20:
+                return 20.0
+        while time.monotonic() - began < 20:
+            try:
+                if sock.recv(4096) == b"":
+                    return time.monotonic() - began
+            except TimeoutError:
+                continue
+            except OSError:
+                return time.monotonic() - began
+    return 20.0
+
+
+def _lists(client: openai.OpenAI) -> bool:
+    try:
+        return bool(client.models.list().data)
+    except openai.APIError:
+        return False

@@ -99,8 +99,12 @@ SETTINGS_TABLE: tuple[Setting, ...] = (
             1, 4096),
     Setting("MAX_CONCURRENT_REQUESTS", "256", "Most requests the port serves at once (streams "
             "and waits included); past it HTTP 503 with Retry-After at once.", "int", 1),
+    Setting("MAX_CONNECTIONS", "1024", "Most connections the port keeps open at once (idle "
+            "keep-alive ones included); past it a new connection gets HTTP 503 with Retry-After "
+            "and is closed.", "int", 1),
     Setting("REQUEST_READ_TIMEOUT", "120", "Seconds a client may take to send its request "
-            "body; a slower one gets HTTP 408 and its connection is closed.", "int", 1),
+            "(head and body); a slower body gets HTTP 408, a slower head and a connection idle "
+            "that long are closed.", "int", 1),
     Setting("KV_CACHE", "on", "Keep each model's conversations (its KV cache) on disk when it "
             "is unloaded, and restore the one that fits the next request when it loads again "
             "(both engines, with the front).", "choice", choices=("on", "off")),
@@ -218,6 +222,7 @@ class Settings:
     load_queue_max: int
     max_body_mb: int
     max_concurrent_requests: int
+    max_connections: int
     request_read_timeout: int
     kv_cache: str
     kv_cache_dir: Path

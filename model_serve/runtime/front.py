@@ -49,6 +49,7 @@ from model_serve.models.names import identity
 from model_serve.models.plan import ServedModel
 from model_serve.runtime import gate, model_field
 from model_serve.runtime.admission import FAILED_KIND, Admission, Refusal
+from model_serve.runtime.connections import ConnectionCap
 from model_serve.runtime.dashboard import RECORD, Dashboard
 from model_serve.runtime.engine_calls import engine_call
 from model_serve.runtime.engine_view import EngineView
@@ -977,9 +978,25 @@ def main() -> int:
     except ImportError:
         pass
     log.info("front on %s, engine at %s", settings.base_url, settings.engine_url)
-    web.run_app(make_app(front), host=settings.host, port=settings.port, print=None,
-                access_log=None, handler_cancellation=True, shutdown_timeout=5)
+    with contextlib.suppress(web.GracefulExit, KeyboardInterrupt):
+        asyncio.run(serve(make_app(front), settings))
     return 0
+
+
+async def serve(app: web.Application, settings: Settings) -> None:
+    """aiohttp's run_app, with the connection cap on its server. An idle connection, and one
+    that has not sent its whole request head, is closed after REQUEST_READ_TIMEOUT: aiohttp
+    arms its keep-alive timer when a connection opens and does not re-arm it per byte."""
+    runner = web.AppRunner(app, handle_signals=True, access_log=None, handler_cancellation=True,
+                           keepalive_timeout=settings.request_read_timeout, shutdown_timeout=5)
+    await runner.setup()
+    assert runner.server is not None
+    ConnectionCap(runner.server, settings.max_connections)
+    try:
+        await web.TCPSite(runner, settings.host, settings.port).start()
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,61 @@
+"""The port's open connections, bounded: past MAX_CONNECTIONS a new connection gets an HTTP 503
+and is closed before anything of it is read, so idle or slow sockets cannot use up the
+front's file descriptors (macOS gives a process 256 by default) or its memory. Connections
+already open are untouched; the next one is taken as soon as one closes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+
+from aiohttp import web
+
+log = logging.getLogger("model_serve.front")
+
+LOG_EVERY = 60.0  # seconds between two "connections refused" lines in one burst
+RETRY_AFTER = 1
+
+
+def refusal(limit: int) -> bytes:
+    """The whole answer a connection past the cap gets (OpenAI's error shape)."""
+    body = json.dumps({"error": {
+        "message": f"the port has {limit} connections open (MAX_CONNECTIONS): try again, or "
+                   "close idle connections, or raise MAX_CONNECTIONS",
+        "type": "server_busy", "code": "too_many_connections"}}).encode()
+    head = ("HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+            f"Retry-After: {RETRY_AFTER}\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n").encode()
+    return head + body
+
+
+class ConnectionCap:
+    """Counts the server's connections as aiohttp's Server sees them (its `connections`), and
+    closes a new one past the limit. The check runs in the Server's own `connection_made`, the
+    one step every accepted socket goes through, before any byte of it is read."""
+
+    def __init__(self, server: web.Server, limit: int) -> None:
+        self.server = server
+        self.limit = limit
+        self.refused = 0
+        self._said_at = 0.0
+        self._accept = server.connection_made
+        server.connection_made = self.connection_made  # type: ignore[method-assign]
+
+    def connection_made(self, handler: web.RequestHandler, transport: asyncio.Transport) -> None:
+        self._accept(handler, transport)
+        if len(self.server.connections) <= self.limit:
+            return
+        self.refused += 1
+        transport.write(refusal(self.limit))
+        handler.force_close()  # closes the transport once the answer is written
+        self._say()
+
+    def _say(self) -> None:
+        now = time.monotonic()
+        if now - self._said_at < LOG_EVERY:
+            return
+        log.warning("the port has %d connections open (MAX_CONNECTIONS): new ones get HTTP 503 "
+                    "and are closed (%d refused so far)", self.limit, self.refused)
+        self._said_at = now
