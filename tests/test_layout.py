@@ -86,5 +86,6 @@ def test_only_the_front_loads_aiohttp() -> None:
         return False
 
     assert sorted(name for name, path in modules().items() if loads_aiohttp(path)) == \
-        ["model_serve.runtime.dashboard", "model_serve.runtime.front",
+        ["model_serve.runtime.connections", "model_serve.runtime.dashboard",
+         "model_serve.runtime.front",
          "model_serve.runtime.ollama_routes"]
