@@ -179,7 +179,8 @@ def _classify(answer: Answer, body: dict[str, Any] | None) -> None:
     elif answer.status == 503 and answer.error_type == "no_memory_for_model":
         if not answer.retry_after:
             answer.verdict = "503 without Retry-After"
-        elif ("busy" in answer.message or "LOAD_QUEUE_TIMEOUT" in answer.message) \
+        elif ("busy" in answer.message or "LOAD_QUEUE_TIMEOUT" in answer.message
+              or "still stopping" in answer.message) \
                 and answer.seconds >= QUEUE_TIMEOUT - 0.5:
             answer.verdict = "busy"  # every loaded model busy, or other loads ahead, all along
         else:  # two fit: a refusal before the queue timeout means admission misjudged
@@ -358,12 +359,17 @@ def _watch(soak: Soak, stack: Stack, stop: threading.Event) -> None:
     """The front's RSS and the most models in memory at once, every half second."""
     import psutil
 
+    from model_serve.config.settings import load_settings
+    from model_serve.runtime.memory import read_stack_memory
+
+    pid_file = load_settings(stack.env).pid_file
     while not stop.wait(0.5):
         with contextlib.suppress(OSError, KeyError, ValueError, psutil.Error):
             pids = stack.pids()
             soak.front_pids.add(pids["front"])
             soak.rss.append((time.monotonic(), psutil.Process(pids["front"]).memory_info().rss))
-            soak.memory.append((time.monotonic(), _used(), _private(pids["supervisor"])))
+            servers = read_stack_memory(pid_file).servers_bytes
+            soak.memory.append((time.monotonic(), _used(), servers))
         with contextlib.suppress(Exception):
             soak.most_in_memory = max(soak.most_in_memory, _in_memory(stack))
 
@@ -383,21 +389,9 @@ def _private(supervisor: int) -> int:
 
 
 def _in_memory(stack: Stack) -> int:
-    """Models in memory (loading ones too), from the engine's own API."""
-    import requests
+    from tests.conftest import models_in_memory
 
-    from model_serve import internal_key
-    from model_serve.config.settings import load_settings
-    from model_serve.engines.base import LOADED_STATES
-
-    settings = load_settings(stack.env)
-    auth = internal_key.engine_headers(settings)
-    if settings.engine == "llama-swap":
-        running = requests.get(settings.engine_url + "/running", headers=auth,
-                               timeout=2).json()["running"]
-        return sum(m["state"] != "stopped" for m in running)
-    data = requests.get(settings.engine_url + "/models", headers=auth, timeout=2).json()["data"]
-    return sum(m["status"]["value"] in LOADED_STATES for m in data)
+    return models_in_memory(stack.env)
 
 
 # --- the stack -----------------------------------------------------------------------------
@@ -501,8 +495,10 @@ def run_soak(root: Path, engine: dict[str, str], seconds: float, clients: int = 
 
 def _excuse_no_room(soak: Soak) -> None:
     """Other programs share this machine (on a busy one, other model servers). A refusal that
-    says the model does not fit is right when, in the second before it, memory that is not
-    the stack's own plus the model's need crossed the line: then there truly was no room."""
+    says the model does not fit is right when, in the second before it, memory admission
+    cannot free plus the model's need crossed the line: then there truly was no room. What
+    admission can free is the stack's model servers; the front, the supervisor and the engine
+    itself hold memory no unload gives back, so they count with the other programs."""
     import re
 
     import psutil
@@ -515,7 +511,7 @@ def _excuse_no_room(soak: Soak) -> None:
         if answer.verdict != "refused early" or not said_memory or not found:
             continue
         need = float(found.group(1)) * 2**30
-        others = [used - ours for at, used, ours in soak.memory
+        others = [used - servers for at, used, servers in soak.memory
                   if answer.ended - 1.5 <= at <= answer.ended]
         if others and max(others) + need > line:
             answer.verdict = "no room (others)"

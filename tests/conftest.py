@@ -8,7 +8,8 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -135,6 +136,47 @@ def stack_processes_under(root: Path) -> list[int]:
         if home.startswith(str(root)) and proc.pid != os.getpid():
             found.add(proc.info["pid"])
     return sorted(found)
+
+
+def models_in_memory(env: Mapping[str, str]) -> int:
+    """Models in memory (loading ones too), from the running engine's own API."""
+    import requests
+
+    from model_serve import internal_key
+    from model_serve.config.settings import load_settings
+    from model_serve.engines.base import LOADED_STATES
+
+    settings = load_settings(dict(env))
+    auth = internal_key.engine_headers(settings)  # the engine answers to model_serve only
+    if settings.engine == "llama-swap":
+        running = requests.get(settings.engine_url + "/running", headers=auth,
+                               timeout=2).json()["running"]
+        return sum(m["state"] != "stopped" for m in running)
+    data = requests.get(settings.engine_url + "/models", headers=auth, timeout=2).json()["data"]
+    return sum(m["status"]["value"] in LOADED_STATES for m in data)
+
+
+@contextlib.contextmanager
+def most_at_once(count: Callable[[], int], interval: float = 0.05,
+                 missed: tuple[type[Exception], ...] = (Exception,)) -> Iterator[list[int]]:
+    """Sample `count()` every `interval` seconds in a thread: the most seen so far, in
+    `[0]`. A sample that raises one of `missed` (the engine away a moment) is skipped."""
+    most = [0]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(*missed):
+                most[0] = max(most[0], count())
+            stop.wait(interval)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield most
+    finally:
+        stop.set()
+        sampler.join()
 
 
 @contextlib.contextmanager

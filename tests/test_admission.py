@@ -9,21 +9,16 @@ sliding-window cache: a KV cache of about 580 MiB each), and the threshold is se
 
 from __future__ import annotations
 
+import contextlib
 import json
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import psutil
 import requests
 from openai import OpenAI
 
-from model_serve import internal_key
-from model_serve.config.settings import load_settings
-from model_serve.engines.base import LOADED_STATES
-from tests.conftest import Env, running
+from tests.conftest import Env, models_in_memory, most_at_once, running
 
 NAMES = ("ls/gemma-3:270m-q4_k_m", "ls/g2", "ls/g3")
 THREE = ("models:\n"
@@ -44,36 +39,13 @@ def ask(env: Env, name: str) -> None:
 
 
 def in_memory(env: Env) -> int:
-    """Models in memory (loading ones too), from the engine's own API."""
-    settings = load_settings(dict(env))
-    auth = internal_key.engine_headers(settings)  # the engine answers to model_serve only
-    if settings.engine == "llama-swap":
-        running = requests.get(settings.engine_url + "/running", headers=auth,
-                               timeout=2).json()["running"]
-        return sum(m["state"] != "stopped" for m in running)
-    data = requests.get(settings.engine_url + "/models", headers=auth, timeout=2).json()["data"]
-    return sum(m["status"]["value"] in LOADED_STATES for m in data)
+    return models_in_memory(env)
 
 
-@contextmanager
-def most_loaded_at_once(env: Env) -> Iterator[list[int]]:
+def most_loaded_at_once(env: Env) -> contextlib.AbstractContextManager[list[int]]:
     """Sample the engine every 50 ms; the most models in memory at once so far."""
-    most = [0]
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            with suppress(requests.RequestException, ValueError, KeyError):
-                most[0] = max(most[0], in_memory(env))
-            stop.wait(0.05)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    try:
-        yield most
-    finally:
-        stop.set()
-        sampler.join()
+    return most_at_once(lambda: in_memory(env), 0.05,
+                        (requests.RequestException, ValueError, KeyError))
 
 
 def settled_used(limit: float = 10) -> int:

@@ -17,8 +17,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, suppress
 from pathlib import Path
 
 import requests
@@ -29,9 +28,9 @@ from model_serve.engines.base import LOADED_STATES
 from model_serve.errors import ModelServeError
 from model_serve.runtime.admission import Admission, Refusal
 from model_serve.runtime.engine_view import EngineView
-from model_serve.runtime.memory import MemoryReading
+from model_serve.runtime.memory import MemoryReading, StackMemory
 from model_serve.runtime.procs import wait_until
-from tests.conftest import Env, running
+from tests.conftest import Env, most_at_once, running
 
 NAMES = ("ls/gemma-3:270m-q4_k_m", "ls/g2", "ls/g3")
 THREE = ("models:\n  g2:\n    base_model: gemma-3:270m-q4_k_m\n"
@@ -63,33 +62,24 @@ class LaggingMemory:
         self.left: dict[str, float] = {}  # model -> when it was first seen gone
 
     def __call__(self) -> MemoryReading:
+        return MemoryReading(self.TOTAL, self.base + self.stack().servers_bytes)
+
+    def stack(self) -> StackMemory:
+        """The model servers as the same stand-in has them: one per model in memory, and one
+        per ended model whose memory is not free yet (its process still exiting)."""
         now = time.monotonic()
         present = {m.name for m in self.engine.models() if m.state in LOADED_STATES}
         for name in self.seen - present:
             self.left[name] = now
         self.seen = present
         lagging = [n for n, t in self.left.items() if n not in present and now - t < LAG]
-        return MemoryReading(self.TOTAL, self.base + self.PER * (len(present) + len(lagging)))
+        servers = len(present) + len(lagging)
+        return StackMemory(servers, self.PER * servers, self.PER * servers)
 
 
-@contextmanager
-def most_loading_at_once(engine: Engine) -> Iterator[list[int]]:
-    most = [0]
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            with suppress(ModelServeError):
-                most[0] = max(most[0], sum(s == "loading" for s in states(engine).values()))
-            stop.wait(0.02)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    try:
-        yield most
-    finally:
-        stop.set()
-        sampler.join()
+def most_loading_at_once(engine: Engine) -> AbstractContextManager[list[int]]:
+    return most_at_once(lambda: sum(s == "loading" for s in states(engine).values()), 0.02,
+                        (ModelServeError,))
 
 
 def post(env: Env, model: str, timeout: float = 120) -> requests.Response:
@@ -138,7 +128,7 @@ async def in_process(env: Env, engine: Engine, ids: list[str]) -> None:
     used = {a: (0, time.time() - 100), b: (0, time.time() - 50), c: (0, 0.0)}
     memory = LaggingMemory(engine)
     admission = Admission(settings, engine, EngineView(engine), lambda m: used[m],
-                          read=memory)
+                          read=memory, stack_memory=lambda: admission.read.stack())
     admission.footprints.update({name: LaggingMemory.PER for name in ids})
 
     # A and B loaded (70%), C needs 30%: A (used least recently) goes, and nothing else.

@@ -50,7 +50,12 @@ from model_serve.errors import ModelServeError
 from model_serve.runtime.engine_calls import engine_call
 from model_serve.runtime.engine_view import EngineView
 from model_serve.runtime.load_failures import LoadFailures
-from model_serve.runtime.memory import MemoryReading, read_memory
+from model_serve.runtime.memory import (
+    MemoryReading,
+    StackMemory,
+    read_memory,
+    read_stack_memory,
+)
 
 log = logging.getLogger("model_serve.front")
 
@@ -80,7 +85,8 @@ class Admission:
     def __init__(self, settings: Settings, engine: Engine, view: EngineView,
                  usage: Callable[[str], tuple[int, float]],
                  read: Callable[[], MemoryReading] = read_memory,
-                 gpu_limit: Callable[[], GpuLimit | None] | None = None) -> None:
+                 gpu_limit: Callable[[], GpuLimit | None] | None = None,
+                 stack_memory: Callable[[], StackMemory] | None = None) -> None:
         self.settings = settings
         self.engine = engine
         self.view = view
@@ -94,6 +100,7 @@ class Admission:
         self.gpu_limit = gpu_limit or (lambda: read_gpu_limit(settings.llama_server_bin,
                                                               settings.cache_dir))
         self.footprints: dict[str, int] = {}  # engine id -> its footprint, as last admitted
+        self.stack_memory = stack_memory or (lambda: read_stack_memory(settings.pid_file))
         self.failures = LoadFailures(settings, lambda _engine_id: None)  # the front names files
 
     async def admit(self, engine_id: str, need: int,
@@ -176,10 +183,13 @@ class Admission:
             if state in ("loaded", "loading", "sleeping"):
                 return None
             stopping = state in LOADED_STATES  # its memory is not free yet: wait for it
-            reading = await asyncio.to_thread(self.read)
+            reading, ours, back = await asyncio.to_thread(self._counted, models)
             gpu = await self._gpu_shortfall(models, engine_id, need)
             if not stopping and not reading.over(threshold, need) and gpu is None:
                 break
+            # A model server the engine no longer lists (stopped, killed, reloaded) is still
+            # exiting: its memory is coming back, so wait for it before unloading another.
+            stopping = stopping or (back > 0 and gpu is None)
             why = (f"loading {engine_id} needs {need / GIB:.2f} GiB; memory {reading.describe()}"
                    f" would cross {threshold:g}%") if gpu is None else \
                 f"loading {engine_id} needs {need / GIB:.2f} GiB; {gpu.why}"
@@ -201,12 +211,18 @@ class Admission:
                                    f"Lower its ctx_size in custom_models.yaml, or {fix}", 60)
             if time.monotonic() >= deadline:
                 waited = self.settings.load_queue_timeout
+                if back > 0 and state not in LOADED_STATES:
+                    return Refusal(f"{why}; a model server the engine no longer lists is "
+                                   f"still stopping (model servers hold {back / GIB:.2f} GiB; "
+                                   f"waited {waited}s)", 10)
                 if others or stopping:
                     return Refusal(f"{why}, and every loaded model is busy or was used in the "
                                    f"last {self.settings.min_model_age_seconds}s (waited "
                                    f"{waited}s)" + (f"; or {gpu.fix}" if gpu else ""), 10)
                 return Refusal(f"{why}, and no other model is loaded: other programs use "
-                               f"that memory (waited {waited}s)", 30)
+                               f"{(reading.used - ours.stack_bytes) / GIB:.1f} GiB (this "
+                               f"stack's own processes {ours.stack_bytes / GIB:.1f} GiB; "
+                               f"waited {waited}s)", 30)
             if not waiting_said and not stopping:
                 log.info("admission: %s; %s: waiting", why,
                          "every loaded model is busy or recently used" if others else
@@ -214,8 +230,9 @@ class Admission:
                          "not yet given back)")
                 waiting_said = True
             await asyncio.sleep(QUEUE_POLL)
-        log.info("admission: loading %s (%.2f GiB) with memory at %s", engine_id, need / GIB,
-                 reading.describe())
+        log.info("admission: loading %s (%.2f GiB) with memory at %s (%d model server(s) "
+                 "hold %.2f GiB)", engine_id, need / GIB, reading.describe(), ours.servers,
+                 ours.servers_bytes / GIB)
         started, began = time.monotonic(), time.time()
         self.loading_now = engine_id
         try:
@@ -233,6 +250,16 @@ class Admission:
                 return await engine_call(self.engine.restore_slots, engine_id,
                                          _json_object(body))
         return None
+
+    def _counted(self, models: list[EngineModel]) -> tuple[MemoryReading, StackMemory, int]:
+        """The memory reading, what the stack's processes hold, and the memory of model servers
+        the engine no longer lists (stopped, killed, a reload: coming back), 0 when none."""
+        # What the servers hold is read first: a server just loaded is touching its memory
+        # fast, and a reading taken before it would miss what `ours` already counts.
+        ours = self.stack_memory()
+        reading = self.read()
+        listed = [m for m in models if m.state in ("loaded", "loading", "sleeping")]
+        return reading, ours, ours.servers_bytes if ours.servers > len(listed) else 0
 
     async def _gpu_shortfall(self, models: list[EngineModel], engine_id: str,
                              need: int) -> GpuShortfall | None:

@@ -35,6 +35,7 @@ import re
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 _MACOS_LEVELS = {1: "normal", 2: "warn", 4: "critical"}
 KERNEL_LEVELS = ("warn", "critical")  # the levels at which macOS itself asks for memory back
@@ -126,3 +127,43 @@ def read_memory() -> MemoryReading:
     if sys.platform == "darwin":
         return MemoryReading(vm.total, _macos_used(vm), macos_pressure_level())
     return MemoryReading(vm.total, vm.total - vm.available)
+
+
+def private_bytes(pid: int) -> int:
+    """What process `pid` holds of its own: resident minus shared on Linux (a model file's
+    mapped pages are page cache, which `used` leaves out), resident elsewhere (macOS reports
+    no shared part); 0 for a process that has gone."""
+    import psutil
+
+    try:
+        info = psutil.Process(pid).memory_info()
+    except psutil.Error:
+        return 0
+    return max(0, info.rss - getattr(info, "shared", 0))
+
+
+@dataclass(frozen=True)
+class StackMemory:
+    """What the stack's own processes hold: its model servers (children of the engine), and
+    everything of the stack (supervisor, front, engine, unloader, model servers)."""
+
+    servers: int = 0  # how many model-server processes are alive
+    servers_bytes: int = 0
+    stack_bytes: int = 0
+
+
+def read_stack_memory(pid_file: Path) -> StackMemory:
+    """From the supervisor's state file; empty when no stack runs there."""
+    from model_serve.runtime.procs import descendants
+    from model_serve.runtime.state import read_state
+
+    state = read_state(pid_file)
+    if state is None:
+        return StackMemory()
+    engine = state.child("engine").pid
+    servers = descendants(engine) if engine is not None else []
+    held = [private_bytes(ref.pid) for ref in servers]
+    held = [bytes_ for bytes_ in held if bytes_ > 0]  # zombies and gone ones hold nothing
+    stack = [*state.owned(), *servers]
+    return StackMemory(len(held), sum(held),
+                       sum(private_bytes(pid) for pid in {ref.pid for ref in stack}))
