@@ -56,6 +56,7 @@ from model_serve.runtime.memory import (
     read_memory,
     read_stack_memory,
 )
+from model_serve.runtime.settling import Settling
 
 log = logging.getLogger("model_serve.front")
 
@@ -102,6 +103,7 @@ class Admission:
         self.footprints: dict[str, int] = {}  # engine id -> its footprint, as last admitted
         self.stack_memory = stack_memory or (lambda: read_stack_memory(settings.pid_file))
         self.failures = LoadFailures(settings, lambda _engine_id: None)  # the front names files
+        self.settling = Settling()  # models just admitted count at least at their estimate
 
     async def admit(self, engine_id: str, need: int,
                     body: bytes | None = None) -> Refusal | Restored | None:
@@ -230,6 +232,9 @@ class Admission:
                          "not yet given back)")
                 waiting_said = True
             await asyncio.sleep(QUEUE_POLL)
+        self.settling.admitted(engine_id, need, reading,
+                               {m.name: self.footprints.get(m.name, 0) for m in models
+                                if m.state in LOADED_STATES})
         log.info("admission: loading %s (%.2f GiB) with memory at %s (%d model server(s) "
                  "hold %.2f GiB)", engine_id, need / GIB, reading.describe(), ours.servers,
                  ours.servers_bytes / GIB)
@@ -252,12 +257,15 @@ class Admission:
         return None
 
     def _counted(self, models: list[EngineModel]) -> tuple[MemoryReading, StackMemory, int]:
-        """The memory reading, what the stack's processes hold, and the memory of model servers
-        the engine no longer lists (stopped, killed, a reload: coming back), 0 when none."""
+        """The memory reading (each model admitted here counted at least at its estimate until
+        the reading shows it: runtime/settling.py), what the stack's processes hold, and the
+        memory of model servers the engine no longer lists (stopped, killed, a reload: coming
+        back), 0 when none."""
         # What the servers hold is read first: a server just loaded is touching its memory
         # fast, and a reading taken before it would miss what `ours` already counts.
         ours = self.stack_memory()
-        reading = self.read()
+        reading = self.settling.counted(self.read(),
+                                        {m.name for m in models if m.state in LOADED_STATES})
         listed = [m for m in models if m.state in ("loaded", "loading", "sleeping")]
         return reading, ours, ours.servers_bytes if ours.servers > len(listed) else 0
 
