@@ -3,9 +3,9 @@ threshold where two of them fit, alternating requests over the three never have 
 memory at once, and none fails. The reference, in the same test: without the front (today's
 reactive unloader, which acts on the engine's `loading` event) the third load starts first.
 
-Each model's share of memory is measured first on this machine (a 32k context with a full
-sliding-window cache: a KV cache of about 580 MiB each), and the threshold is set between
-"two loaded plus one estimate" and "three loaded"."""
+Each model's share of memory is measured first on this machine (what its model server holds:
+a 32k context with a full sliding-window cache, a KV cache of about 580 MiB each), and the
+threshold is set between "two loaded plus one estimate" and "three loaded"."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ import psutil
 import requests
 from openai import OpenAI
 
+from model_serve.config.settings import load_settings
+from model_serve.runtime.memory import read_stack_memory
 from tests.conftest import Env, models_in_memory, most_at_once, running
 
 NAMES = ("ls/gemma-3:270m-q4_k_m", "ls/g2", "ls/g3")
@@ -63,20 +65,17 @@ def settled_used(limit: float = 10) -> int:
 
 
 def measure(env: Env) -> tuple[int, int]:
-    """What one model takes in memory here once loaded, and its estimate (bytes). Measured
-    on the whole machine, so memory freed elsewhere meanwhile can hide the model: then the
-    measurement is taken again, up to three times."""
-    for _attempt in range(3):
-        with running(env):
-            listed = json.loads(env.run("list", "--json").stdout)
-            estimate = max(m["estimated_bytes"] for m in listed)
-            before = settled_used()
-            ask(env, NAMES[0])
-            one = settled_used() - before
-        if one > 400 * 2**20:
-            break
+    """What one model takes in memory here once loaded, and its estimate (bytes): what its
+    model server holds of its own (not the whole machine's memory, which other programs move
+    meanwhile)."""
+    with running(env):
+        listed = json.loads(env.run("list", "--json").stdout)
+        estimate = max(m["estimated_bytes"] for m in listed)
+        ask(env, NAMES[0])
+        settled_used()
+        one = read_stack_memory(load_settings(dict(env)).pid_file).servers_bytes
     assert one > 400 * 2**20, f"a model took only {one / 2**20:.0f} MiB: the test needs more"
-    time.sleep(2)
+    settled_used()  # the stack stopped just before gives its memory back
     return one, estimate
 
 
