@@ -153,3 +153,20 @@ def _lists(client: openai.OpenAI) -> bool:
         return bool(client.models.list().data)
     except openai.APIError:
         return False
+
+
+def test_the_connection_cap_stays_within_the_open_files_limit() -> None:
+    """With macOS's default soft limit of 256 open files (the supervisor's raise refused),
+    MAX_CONNECTIONS=1024 would protect nothing: the cap comes down to what fits, said once."""
+    import subprocess
+    import sys
+
+    code = ("import logging, resource; logging.basicConfig(level=logging.WARNING); "
+            "hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]; "
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard)); "
+            "from model_serve.runtime.connections import usable_limit; "
+            "print(usable_limit(1024), usable_limit(50))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, check=True)
+    assert done.stdout.split() == ["96", "50"]
+    assert "MAX_CONNECTIONS=1024" in done.stderr and "ulimit -n" in done.stderr

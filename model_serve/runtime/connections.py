@@ -8,12 +8,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import resource
 import time
 
 from aiohttp import web
 
 log = logging.getLogger("model_serve.front")
 
+RESERVED_FILES = 64  # log files, the engine's pipes, the model files, sockets of our own
 LOG_EVERY = 60.0  # seconds between two "connections refused" lines in one burst
 RETRY_AFTER = 1
 
@@ -30,6 +32,22 @@ def refusal(limit: int) -> bytes:
     return head + body
 
 
+def usable_limit(limit: int) -> int:
+    """MAX_CONNECTIONS, lowered to what the open-files limit allows: each client connection
+    may hold a second one to the engine. (The supervisor raises the soft limit at start; where
+    that was refused, macOS's 256 would otherwise make the cap protect nothing.)"""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return limit
+    budget = max(16, (soft - RESERVED_FILES) // 2)
+    if limit <= budget:
+        return limit
+    log.warning("MAX_CONNECTIONS=%d is more than this process's open-files limit (%d) allows: "
+                "capping connections at %d (raise the limit with ulimit -n, or lower "
+                "MAX_CONNECTIONS)", limit, soft, budget)
+    return budget
+
+
 class ConnectionCap:
     """Counts the server's connections as aiohttp's Server sees them (its `connections`), and
     closes a new one past the limit. The check runs in the Server's own `connection_made`, the
@@ -37,7 +55,7 @@ class ConnectionCap:
 
     def __init__(self, server: web.Server, limit: int) -> None:
         self.server = server
-        self.limit = limit
+        self.limit = usable_limit(limit)
         self.refused = 0
         self._said_at = 0.0
         self._accept = server.connection_made
