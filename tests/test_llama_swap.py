@@ -37,7 +37,7 @@ from model_serve.errors import ConfigError, EngineError
 from model_serve.models.catalog import build_catalog
 from model_serve.models.plan import ServedModel, build_plan
 from model_serve.runtime.procs import wait_until
-from tests.conftest import REPO, Env, llama_servers_under
+from tests.conftest import REPO, Env, llama_servers_under, worker_share
 from tests.ollama_store import gguf_bytes
 
 STANDIN = Path(__file__).resolve().parent / "llama_swap_standin.py"
@@ -51,8 +51,9 @@ def port_block(count: int = 4) -> int:
     ephemeral range: there a client socket (or its TIME_WAIT) can hold the port a model needs,
     and llama-server then fails to bind. LLAMA_SWAP_PORT 5847 is below it too."""
     rng = random.Random()
+    low, high = worker_share(20000, 32000 - count)
     for _ in range(200):
-        first = rng.randrange(20000, 32000)
+        first = rng.randrange(low, high)
         with contextlib.ExitStack() as held:
             try:
                 for port in range(first, first + count):
@@ -61,7 +62,7 @@ def port_block(count: int = 4) -> int:
             except OSError:
                 continue
         return first
-    raise RuntimeError("no free block of ports between 20000 and 32000")
+    raise RuntimeError(f"no free block of ports between {low} and {high}")
 
 
 REAL_LLAMA_SWAP = REPO.parent / "shared" / "tools" / "llama-swap" / "llama-swap"
