@@ -15,6 +15,10 @@ from tests.test_llama_swap import llama_swap_binary, port_block
 
 SECONDS = 60.0
 
+# Room is set from the whole machine's memory and the verdicts judge latency: no other test
+# may load models beside it (pytest -n).
+pytestmark = pytest.mark.alone
+
 
 @pytest.mark.parametrize("engine", ["llama-server", "llama-swap"])
 def test_soak(engine: str, tmp_path: Path) -> None:
