@@ -124,8 +124,7 @@ class LoadFailures:
             self._write()
 
     def _write(self) -> None:
-        data = {name: asdict(item) for name, item in self.failures.items()}
-        write_if_changed(self.settings.state_dir / FAILURES_FILE, json.dumps(data, indent=1))
+        _save(self.settings, self.failures)
 
 
 def load_failures(settings: Settings) -> dict[str, LoadFailure]:
@@ -142,9 +141,15 @@ def forget_failures(settings: Settings, engine_ids: list[str] | None = None) -> 
     gone = [name for name in (list(failing) if engine_ids is None else engine_ids)
             if failing.pop(name, None) is not None]
     if gone:
-        write_if_changed(settings.state_dir / FAILURES_FILE,
-                         json.dumps({n: asdict(f) for n, f in failing.items()}, indent=1))
+        _save(settings, failing)
     return gone
+
+
+def _save(settings: Settings, failures: dict[str, LoadFailure]) -> None:
+    """Owner-only: each cause is a line of the model servers' log."""
+    write_if_changed(settings.state_dir / FAILURES_FILE,
+                     json.dumps({n: asdict(f) for n, f in failures.items()}, indent=1),
+                     mode=0o600)
 
 
 def _on_disk(settings: Settings) -> dict[str, LoadFailure]:
