@@ -76,22 +76,31 @@ def _follow_events(url: str, stop: threading.Event, seen: list[int]) -> None:
                 return
 
 
+def _timed_chat(urls: dict[str, str], sessions: dict, side: str) -> float:
+    """One 1-token chat on `side` (ms); a dropped kept-alive connection is retried once on a
+    new session with the same headers."""
+    import requests
+
+    for attempt in range(2):
+        try:
+            reply = chat(urls[side], MODEL_A, 1, session=sessions[side])
+            return (reply.done - reply.started) * 1000
+        except requests.ConnectionError:
+            if attempt:
+                raise
+            kept = sessions[side].headers
+            sessions[side] = requests.Session()
+            sessions[side].headers.update(kept)
+    raise AssertionError("unreachable")
+
+
 def _added(urls: dict[str, str], sessions: dict[str, object], rounds: int) -> list[float]:
     """Per round, the front minus the engine behind it (ms), sides in rotating order."""
-    import requests
 
     latency: dict[str, list[float]] = {"front": [], "engine": []}
     for i in range(rounds):
         for side in (("front", "engine") if i % 2 else ("engine", "front")):
-            for _attempt in range(2):
-                try:
-                    reply = chat(urls[side], MODEL_A, 1, session=sessions[side])
-                    break
-                except requests.ConnectionError:
-                    kept = sessions[side].headers
-                    sessions[side] = requests.Session()
-                    sessions[side].headers.update(kept)
-            latency[side].append((reply.done - reply.started) * 1000)
+            latency[side].append(_timed_chat(urls, sessions, side))
     return [f - e for f, e in zip(latency["front"], latency["engine"], strict=True)]
 
 
@@ -120,15 +129,7 @@ def run(root: Path, quick: bool) -> Outcome:
         order = list(urls)
         for i in range(rounds):
             for side in order[i % 3:] + order[:i % 3]:  # rotate: no side always first
-                for _attempt in range(2):  # a dropped kept-alive connection is retried once
-                    try:
-                        reply = chat(urls[side], MODEL_A, 1, session=sessions[side])
-                        break
-                    except requests.ConnectionError:
-                        kept = sessions[side].headers
-                        sessions[side] = requests.Session()
-                        sessions[side].headers.update(kept)
-                latency[side].append((reply.done - reply.started) * 1000)
+                latency[side].append(_timed_chat(urls, sessions, side))
         drops = {"front": _drops(urls["front"], in_a_row),
                  "engine": _drops(urls["engine"], in_a_row, behind)}
         front_rss = psutil.Process(int(state["children"]["front"]["pid"][0])).memory_info().rss
