@@ -15,8 +15,11 @@ crossed the line. A stream cut while its model server was
 being killed is counted apart. Anything else
 is a fault: another status, a refusal that came early ("it does not fit" while two fit), a
 broken stream, no answer within the hang bound. After `model stop` no process of the stack may
-be left, and the front's memory must be flat (its RSS over the last quarter of the run against
-the first quarter).
+be left, and the front's memory must be flat: its RSS over the last quarter of the run may
+exceed the first quarter's by RSS_GROWTH or RSS_SLACK_MB, whichever is more. The slack is
+the allocator's: in a one-minute run the front's RSS steps up a few MB as its arenas grow
+(seen: +4.7 MB in 60 s; in 180 s, +2.6 MB creeping over two minutes, one step of 2.7 MB, then
+flat for the last minute while requests went on), where a leak keeps growing with the work.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ KINDS = ("openai plain", "openai stream", "raw stream", "raw abandoned", "raw pl
 QUEUE_TIMEOUT = 10  # LOAD_QUEUE_TIMEOUT: short, so that a refused request comes back soon
 HANG_BOUND = 90.0  # seconds: the queue timeout, a load, a KV save and a reply, with margin
 RSS_GROWTH = 1.10  # the front's RSS, last quarter over first quarter
+RSS_SLACK_MB = 8.0  # ... or this much more, whichever is more
 PROMPT = [{"role": "user", "content": "Tell me about the sea."}]
 
 
@@ -113,9 +117,11 @@ class Soak:
             found.append(f"processes left after `model stop`: {self.left_after_stop}")
         if len(self.front_pids) > 1:
             found.append(f"the front was restarted during the soak: pids {self.front_pids}")
-        growth = self.rss_growth()
-        if growth is not None and growth > RSS_GROWTH:
-            found.append(f"front RSS grew {growth:.2f}x from the first quarter to the last")
+        quarters = self.rss_quarters()
+        if quarters is not None and quarters[1] - quarters[0] > rss_allowance(quarters[0]):
+            found.append(f"front RSS grew {quarters[1] / quarters[0]:.2f}x "
+                         f"({(quarters[1] - quarters[0]) / 1e6:+.1f} MB) from the first quarter "
+                         f"to the last")
         if not any(a.verdict == "ok" for a in self.answers):
             found.append("no request was answered at all")
         return found
@@ -131,8 +137,9 @@ class Soak:
         return statistics.median(values[:quarter]), statistics.median(values[-quarter:])
 
     def rss_growth(self) -> float | None:
+        """Bytes the front's RSS grew from the first quarter to the last."""
         quarters = self.rss_quarters()
-        return quarters[1] / quarters[0] if quarters else None
+        return quarters[1] - quarters[0] if quarters else None
 
     def figures(self) -> dict[str, Any]:
         verdicts: dict[str, int] = {}
@@ -527,6 +534,11 @@ def _excuse_kills(soak: Soak) -> None:
             answer.verdict = "cut by a kill"
 
 
+def rss_allowance(first_quarter: float) -> float:
+    """Bytes the front's RSS may grow over a soak (see the module's note)."""
+    return max(first_quarter * (RSS_GROWTH - 1), RSS_SLACK_MB * 1e6)
+
+
 # --- the benchmark -------------------------------------------------------------------------
 def engines() -> Iterator[tuple[str, dict[str, str]]]:
     yield "router", {}
@@ -557,9 +569,11 @@ def rows_of(label: str, soak: Soak) -> list[Row]:
             goal=Goal("measured", "<", HANG_BOUND, "s")),
         Row(f"soak {label}: config syncs, longest (s)", figures["sync_longest_s"],
             note=f"{figures['syncs']} syncs"),
-        Row(f"soak {label}: front RSS last vs first quarter (MB)",
-            quarters[1] / 1e6 if quarters else None, quarters[0] / 1e6 if quarters else None,
-            goal=Goal("ratio", "<=", RSS_GROWTH)),
+        Row(f"soak {label}: front RSS growth, last quarter over first (MB)",
+            (quarters[1] - quarters[0]) / 1e6 if quarters else None,
+            goal=Goal("measured", "<=", round(rss_allowance(quarters[0] if quarters else 0) / 1e6,
+                                              1), "MB"),
+            note=f"{quarters[0] / 1e6:.1f} -> {quarters[1] / 1e6:.1f} MB" if quarters else ""),
         Row(f"soak {label}: processes left after stop", float(len(soak.left_after_stop)),
             goal=Goal("measured", "==", 0)),
         Row(f"soak {label}: most models in memory at once", float(soak.most_in_memory),
