@@ -6,8 +6,11 @@ lives in the folder; without that sync a power cut can bring back the old file, 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -105,3 +108,29 @@ def try_lock(handle: IO[Any]) -> bool:
             log.warning("%s cannot be locked on its filesystem (%s): going on without the "
                         "lock", handle.name, exc.strerror or exc)
     return True
+
+
+@contextlib.contextmanager
+def held_lock(path: Path, wait: float, poll: float = 0.05,
+              mode: int | None = None) -> Iterator[bool]:
+    """Hold an exclusive flock on the file `path` (created, with `mode` if given) for the
+    block; yields False when another process held it for `wait` seconds (the caller decides
+    whether to go on unlocked or give up). The kernel lets go when the holder dies."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        if mode is not None:
+            with contextlib.suppress(OSError):
+                os.fchmod(handle.fileno(), mode)
+        deadline = time.monotonic() + wait
+        while not try_lock(handle):
+            if time.monotonic() >= deadline:
+                yield False
+                return
+            time.sleep(poll)
+        try:
+            yield True
+        finally:
+            with contextlib.suppress(OSError):  # a filesystem without locks
+                fcntl.flock(handle, fcntl.LOCK_UN)

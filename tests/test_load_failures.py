@@ -111,12 +111,15 @@ def test_a_model_that_fails_to_load_is_remembered(stack: Env) -> None:
     stack.run("unload", BAD, check=True)
     assert ask(client, BAD)[0] == 503 and loads_of(stack, bad_file) == 3
     assert ask(client, BAD)[0] == 503 and loads_of(stack, bad_file) == 3
+    stack.run("unload", "--all", check=True)  # every model, the failing ones too
+    assert ask(client, BAD)[0] == 503 and loads_of(stack, bad_file) == 4
+    assert ask(client, BAD)[0] == 503 and loads_of(stack, bad_file) == 4
     # So does a new file (here cut shorter: it fails again). No sync after it: one would
     # change the config (its conversations' key follows the file) and forget it meanwhile.
     bad_file.write_bytes(bad_file.read_bytes()[: 19 * 2**20])
     status, said, _took = ask(client, BAD)
     assert status == 503 and CAUSE in said and "failed once" in said, said
-    assert loads_of(stack, bad_file) == 4
+    assert loads_of(stack, bad_file) == 5
     assert "failing to load" in stack.run("stats", check=True).stdout
     stack.run("restart", check=True, timeout=240)  # a new front tries every model again
     assert "failing to load" not in stack.run("stats", check=True).stdout

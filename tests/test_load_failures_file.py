@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict
 from pathlib import Path
 
 from model_serve.config.settings import load_settings
-from model_serve.runtime.load_failures import FAILURES_FILE, LoadFailure, forget_failures
+from model_serve.runtime.load_failures import (
+    FAILURES_FILE,
+    FAILURES_LOCK,
+    LoadFailure,
+    LoadFailures,
+    forget_failures,
+)
 
 
 def test_the_failures_file_is_owner_only(tmp_path: Path) -> None:
@@ -22,3 +29,35 @@ def test_the_failures_file_is_owner_only(tmp_path: Path) -> None:
     assert forget_failures(settings, ["m"]) == ["m"]
     assert path.stat().st_mode & 0o777 == 0o600
     assert list(json.loads(path.read_text())) == ["n"]
+
+
+def log_line(path: Path, text: str) -> str:
+    """A line of the model servers' output as it lands in model_serve.log."""
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S,000")
+    return f"{stamp} model_serve.engine INFO [5801] 0.00.061.370 E {text.format(path=path)}\n"
+
+
+def test_a_reset_by_the_cli_is_not_undone_by_the_front(tmp_path: Path) -> None:
+    """`model unload a` removes a's failure from the file while the front remembers it: the
+    front's next write (b fails) must not bring it back, and a is tried again."""
+    settings = load_settings({"HOME": str(tmp_path), "STATE_DIR": str(tmp_path / "state")})
+    files = {name: tmp_path / f"{name}.gguf" for name in ("a", "b")}
+    lines = []
+    for path in files.values():
+        path.write_bytes(b"GGUF")
+        lines.append(log_line(path, "llama_model_load: loading model '{path}'"))
+        lines.append(log_line(path, "llama_model_load: error loading model: data is not "
+                                    "within the file bounds"))
+        lines.append(log_line(path, "common_init_from_params: failed to load model '{path}'"))
+    settings.log_file.parent.mkdir(parents=True, exist_ok=True)
+    settings.log_file.write_text("".join(lines))
+    front = LoadFailures(settings, lambda engine_id: (engine_id, files[engine_id]))
+    since = time.time() - 5
+    assert front.failed("a", since) is not None and front.current("a") is not None
+
+    assert forget_failures(settings, ["a"]) == ["a"]  # the CLI, another process
+    assert front.failed("b", since) is not None
+    on_disk = json.loads((settings.state_dir / FAILURES_FILE).read_text())
+    assert list(on_disk) == ["b"], on_disk
+    assert front.current("a") is None and front.current("b") is not None
+    assert (settings.state_dir / FAILURES_LOCK).stat().st_mode & 0o777 == 0o600

@@ -61,8 +61,8 @@ def unload(settings: Settings, name: str | None, unload_all: bool) -> UnloadResu
     else:
         raise ConfigError("name a model or pass --all",
                           "model unload ls/NAME  |  model unload --all")
-    if name:  # a model failing to load is tried again at its next request
-        from model_serve.runtime.load_failures import forget_failures
+    # A model failing to load is tried again at its next request (every model, with --all).
+    from model_serve.runtime.load_failures import forget_failures
 
-        forget_failures(settings, [m.name for m in chosen])
+    forget_failures(settings, None if unload_all else [m.name for m in chosen])
     return unload_models(engine, chosen)

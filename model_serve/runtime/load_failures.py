@@ -14,7 +14,9 @@ current failures are written to state/load-failures.json for `model stats` and `
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import re
 import time
@@ -24,9 +26,15 @@ from datetime import datetime
 from pathlib import Path
 
 from model_serve.config.settings import Settings
-from model_serve.fileio import write_if_changed
+from model_serve.fileio import held_lock, write_if_changed
+
+log = logging.getLogger("model_serve")
 
 FAILURES_FILE = "load-failures.json"
+FAILURES_LOCK = "load-failures.lock"
+# Seconds a writer waits for the other one (the front and the CLI each hold it for a read and
+# a write); past it the write goes on unlocked rather than stall the front's event loop.
+LOCK_WAIT = 0.5
 FAILING = "failing to load"  # the state `model stats` and `model list --served` show
 BACKOFF_FIRST = 10.0  # seconds a model is refused after its first failed load
 BACKOFF_MAX = 600.0
@@ -77,6 +85,7 @@ class LoadFailures:
         self.settings = settings
         self.file_of = file_of  # engine id -> its served name and GGUF file
         self.failures: dict[str, LoadFailure] = {}
+        self.written: set[str] = set()  # the ids this front last wrote to the file
         forget_failures(settings)  # a new front tries every model: stats must not say otherwise
 
     def current(self, engine_id: str) -> LoadFailure | None:
@@ -84,8 +93,8 @@ class LoadFailures:
         failure = self.failures.get(engine_id)
         if failure is None or time.time() >= failure.until:
             return None
-        if _stamp(Path(failure.file)) != failure.stamp or \
-                engine_id not in _on_disk(self.settings):  # a new file; or `model unload` it
+        removed = engine_id in self.written and engine_id not in _on_disk(self.settings)
+        if removed or _stamp(Path(failure.file)) != failure.stamp:  # `model unload`; a new file
             self.forget(engine_id)
             return None
         return failure
@@ -110,7 +119,7 @@ class LoadFailures:
         failure = LoadFailure(engine_id, name, str(path), cause, fix_for(cause), count, now,
                               now + min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (count - 1)), stamp)
         self.failures[engine_id] = failure
-        self._write()
+        self._write(engine_id)
         return failure
 
     def forget(self, engine_id: str | None = None) -> None:
@@ -123,8 +132,22 @@ class LoadFailures:
         if changed:
             self._write()
 
-    def _write(self) -> None:
-        _save(self.settings, self.failures)
+    def _write(self, recorded: str | None = None) -> None:
+        """Write what this front remembers, less what the CLI removed from the file since this
+        front last wrote it (`model unload NAME`, `model sync`): writing the front's whole
+        memory back would undo those. `recorded`: the failure just recorded, kept."""
+        with _file_lock(self.settings):
+            on_disk = _on_disk(self.settings)
+            for engine_id in self.written - on_disk.keys() - {recorded}:
+                self.failures.pop(engine_id, None)
+            try:
+                _save(self.settings, self.failures)
+            except OSError as exc:  # a full disk: remembered in memory still, and said
+                log.warning("could not write %s (%s): `model stats` will not show the models "
+                            "failing to load", self.settings.state_dir / FAILURES_FILE, exc)
+                self.written = set()
+                return
+            self.written = set(self.failures)
 
 
 def load_failures(settings: Settings) -> dict[str, LoadFailure]:
@@ -137,12 +160,18 @@ def forget_failures(settings: Settings, engine_ids: list[str] | None = None) -> 
     """`model unload NAME` (these models), `model sync` (every one): the front tries them
     again at their next request (it reads the file before each refusal). Returns those that
     were failing."""
-    failing = _on_disk(settings)
-    gone = [name for name in (list(failing) if engine_ids is None else engine_ids)
-            if failing.pop(name, None) is not None]
-    if gone:
-        _save(settings, failing)
+    with _file_lock(settings):
+        failing = _on_disk(settings)
+        gone = [name for name in (list(failing) if engine_ids is None else engine_ids)
+                if failing.pop(name, None) is not None]
+        if gone:
+            _save(settings, failing)
     return gone
+
+
+def _file_lock(settings: Settings) -> contextlib.AbstractContextManager[bool]:
+    """The front and the CLI read, change and write the file: one at a time."""
+    return held_lock(settings.state_dir / FAILURES_LOCK, LOCK_WAIT, poll=0.01, mode=0o600)
 
 
 def _save(settings: Settings, failures: dict[str, LoadFailure]) -> None:

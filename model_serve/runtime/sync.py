@@ -21,7 +21,7 @@ from model_serve.config.settings import BUNDLED_BRIDGE, Settings
 from model_serve.engines import Engine, select_engine
 from model_serve.engines.base import LOADED_STATES
 from model_serve.errors import ModelServeError
-from model_serve.fileio import try_lock, write_if_changed
+from model_serve.fileio import held_lock, write_if_changed
 from model_serve.models.catalog import Catalog, ScanProblem, build_catalog, ensure_models_dir
 from model_serve.models.plan import ServedModel, build_plan
 
@@ -100,17 +100,11 @@ def sync_lock(settings: Settings, wait: float = SYNC_LOCK_WAIT) -> Iterator[None
     the front's Ollama API) and threads: two at once would both read the config the other
     is replacing, drain and reload the engine twice, and one could return before the reload
     it depends on. flock: on Linux and macOS alike, and let go when its holder dies."""
-    import time
-
-    settings.state_dir.mkdir(parents=True, exist_ok=True)
     path = settings.state_dir / "sync.lock"
-    with open(path, "a") as lock:
-        deadline = time.monotonic() + wait
-        while not try_lock(lock):
-            if time.monotonic() >= deadline:
-                raise ModelServeError(f"another sync has held {path} for {wait:.0f}s",
-                                      "see 'model logs'; try again later")
-            time.sleep(0.1)
+    with held_lock(path, wait, poll=0.1) as held:
+        if not held:
+            raise ModelServeError(f"another sync has held {path} for {wait:.0f}s",
+                                  "see 'model logs'; try again later")
         yield
 
 
