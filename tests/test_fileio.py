@@ -105,3 +105,36 @@ def test_a_filesystem_without_locks_does_not_stall_syncs_or_prunes(
         with pytest.raises(ModelServeError, match="another sync"), \
                 sync_lock(settings, wait=0.3):
             pass
+
+
+@pytest.mark.parametrize("refused", [False, True], ids=["apfs", "a mount without it"])
+def test_on_macos_the_data_is_written_through_the_drive_cache(
+        refused: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        synced: list[tuple[int, bool]]) -> None:
+    """Where fcntl has F_FULLFSYNC (macOS: its fsync stops at the drive's cache), a file's data
+    is synced with it; where the filesystem refuses it, with fsync. Here Linux's fcntl gets
+    macOS's constant (51), and the kernel's fsync stands in for what the Mac's drive does."""
+    import fcntl
+
+    full: list[int] = []
+    real = fcntl.fcntl
+
+    def mac_fcntl(fd: int, cmd: int, arg: int = 0) -> int:
+        if cmd != 51:
+            return real(fd, cmd, arg)
+        if refused:
+            raise OSError(45, "Operation not supported")
+        full.append(os.fstat(fd).st_ino)
+        os.fdatasync(fd)
+        return 0
+
+    monkeypatch.setattr(fcntl, "F_FULLFSYNC", 51, raising=False)
+    monkeypatch.setattr(fcntl, "fcntl", mac_fcntl)
+    path = tmp_path / "engine.yaml"
+    write_if_changed(path, "models: {}\n")
+    inode = path.stat().st_ino
+    if refused:
+        assert full == [] and (inode, False) in synced
+    else:
+        assert full == [inode] and (inode, False) not in synced
+    assert (tmp_path.stat().st_ino, True) in synced  # the folder: fsync, as before
