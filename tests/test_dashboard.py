@@ -4,9 +4,11 @@ installs both)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import shutil
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -159,6 +161,32 @@ def test_each_request_is_recorded_with_its_status_duration_and_tokens(dash: Env)
         assert record["tokens_per_second"] > 0 and record["restored"] is False
     model = model_in(status_of(dash), A)
     assert model["state"] == "loaded" and model["requests"] >= 3 and model["rss_bytes"]
+
+
+def test_the_log_on_the_port_never_quotes_a_request(dash: Env) -> None:
+    """A grammar llama-server cannot parse is printed whole to its output (so to the owner's
+    log file); the log endpoint and the event stream show that a line was withheld."""
+    marker = "quetzalcoatl-4321"
+    answer = requests.post(f"{dash.base_url}/v1/completions", headers=keyed(), timeout=120,
+                           json={"model": A, "prompt": "hi", "max_tokens": 1,
+                                 "grammar": f"root ::= {marker}("})
+    assert answer.status_code >= 400
+    log_file = dash.state / "logs" / "model_serve.log"
+    wait_for(lambda: marker in log_file.read_text(errors="replace"), 30,
+             "the engine's grammar error in the log file")
+    tail = requests.get(f"{dash.base_url}/api/model_serve/log?lines=200", headers=keyed(),
+                        timeout=10)
+    assert tail.status_code == 200 and marker not in tail.text
+    assert any("withheld" in line for line in tail.json()["lines"])
+    with requests.get(f"{dash.base_url}/api/model_serve/events", headers=keyed(), stream=True,
+                      timeout=30) as events:
+        seen = ""
+        for chunk in events.iter_content(None):
+            seen += chunk.decode()
+            if "event: log" in seen and "\n\n" in seen.split("event: log", 1)[1]:
+                break
+    logged = seen.split("event: log", 1)[1]
+    assert "withheld" in logged and marker not in logged
 
 
 def test_held_requests_show_with_why_and_ollama_requests_are_recorded(dash: Env) -> None:
@@ -425,3 +453,88 @@ def test_the_log_panel_reads_new_lines_only(tmp_path: Path) -> None:
     assert follow.read() == (["new 2 is being written"], False)
     log.write_text("rotated\n")  # a new, shorter file: shown from its start
     assert follow.read() == (["rotated"], True)
+
+    # Renamed away and made anew, and the new file already longer than what was read of the
+    # old one (a burst of lines): read from its start, not from the old file's offset.
+    log.rename(tmp_path / "model_serve.log.1")
+    log.write_text("".join(f"after {i}\n" for i in range(50)))
+    lines, again = follow.read()
+    assert again and lines[0] == "after 0" and len(lines) == 50
+
+
+def test_the_log_panel_never_shows_what_a_request_said() -> None:
+    """llama-server's output quotes requests at times (its JSON parser's "last read", a
+    grammar it could not parse): the port shows that such a line was withheld."""
+    from model_serve.runtime.dashboard import WITHHELD, shown
+
+    said = "2026-12-04 15:48:12,345 model_serve.engine INFO "
+    for engine_line in (
+            "0.08.391.068 W srv    operator(): got exception: {\"error\":{\"message\":\"parse "
+            "error; last read: '\\\"my bank PIN is 4321 '\"}}",
+            "root ::= \"my bank PIN is 4321\"",
+            "parse: error parsing grammar: expecting ')' at my bank PIN is 4321",
+            "0.1.2.3 D srv  log_server_r: request:  {\"messages\": \"my bank PIN is 4321\"}"):
+        assert shown(said + engine_line) == said + WITHHELD, engine_line
+    ours = "2026-12-04 15:48:12,345 model_serve.front INFO admission: loading ls/g2"
+    timing = said + "0.08.381.484 I slot print_timing: id  3 | task 5 | eval time = 35.42 ms"
+    assert shown(ours) == ours and shown(timing) == timing
+
+
+def serve_front(env: Env) -> tuple[Any, Any, asyncio.AbstractEventLoop]:
+    """The real front (no engine behind it) on env.port, in a thread: (front, its runner, the
+    thread's event loop)."""
+    from aiohttp import web
+
+    from model_serve.config.settings import load_settings
+    from model_serve.runtime.front import Front, make_app
+
+    front = Front(load_settings(dict(env)))
+    front.settings.log_file.parent.mkdir(parents=True, exist_ok=True)
+    front.settings.log_file.write_text("started\n")
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(make_app(front), handler_cancellation=True, shutdown_timeout=1)
+
+    async def start() -> None:
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", env.port).start()
+
+    loop.run_until_complete(start())
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    return front, runner, loop
+
+
+def test_a_stalled_event_stream_is_closed(tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A page that stops reading its event stream (a frozen tab, a client that never reads)
+    does not keep its connection and task forever: the stream ends once a write has waited
+    EVENTS_WRITE_TIMEOUT (2 s here) for the reader."""
+    from model_serve.runtime import dashboard
+
+    monkeypatch.setattr(dashboard, "EVENTS_WRITE_TIMEOUT", 2.0)
+    monkeypatch.setattr(dashboard, "LOG_READ_MAX", 8 * 2**20)  # the buffers fill sooner
+    env = new_env(tmp_path)
+    front, runner, loop = serve_front(env)
+    reader = socket.socket()
+    reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    try:
+        reader.connect(("127.0.0.1", env.port))
+        reader.sendall(f"GET /api/model_serve/events HTTP/1.1\r\nHost: 127.0.0.1:{env.port}"
+                       "\r\n\r\n".encode())
+        time.sleep(1)
+        line = "x" * 8000 + "\n"
+        with front.settings.log_file.open("a") as log:  # more than every buffer on the way
+            for _ in range(3):
+                log.write(line * 1000)
+                log.flush()
+                time.sleep(1)
+        wait_for(lambda: not runner.server.connections, 20, "the stalled stream to be closed")
+        reader.settimeout(5)
+        with pytest.raises((ConnectionResetError, TimeoutError)) as ended:
+            while reader.recv(1 << 20):
+                pass
+            raise ConnectionResetError("closed")
+        assert ended.type is ConnectionResetError, "the stream went on"
+    finally:
+        reader.close()
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)

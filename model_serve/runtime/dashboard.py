@@ -63,6 +63,19 @@ STATUS_EVERY = 2.0  # seconds between model and memory updates on an event strea
 STATUS_FRESH = 1.5  # a status this recent is shared by every page open
 LOG_LINES = 200
 LOG_READ_MAX = 256 * 1024  # bytes of new log lines sent at once (the rest on the next tick)
+# An event stream whose reader takes nothing for this long is gone (a tab frozen, a laptop
+# asleep, a client that never reads): its connection is closed, not kept with a task forever.
+EVENTS_WRITE_TIMEOUT = 30.0
+# Lines of the engine's output that can quote a request (llama-server's "got exception" with
+# the JSON parser's "last read: '<text>'", a grammar it could not parse, its -v request and
+# response dumps, prompt debug lines): on the port, the log panel shows that one was withheld.
+_QUOTES_REQUEST = re.compile(
+    r"got exception|last read|::=|error parsing grammar|request:|response:|prompt:|"
+    r"formatted prompt|prompt token|\"(?:prompt|content|messages|input|text)\"",
+    re.IGNORECASE)
+_ENGINE_LINE = re.compile(r"^(\S+ \S+ model_serve\.engine \w+ )(.*)$")
+WITHHELD = ("[withheld from the dashboard: a line of the engine's output that may quote a "
+            "request; 'model logs' shows it]")
 _TIMING = re.compile(rb'"(cache_n|prompt_n|predicted_n|predicted_per_second|prompt_tokens|'
                      rb'completion_tokens)":\s*([0-9.]+)')
 
@@ -199,6 +212,19 @@ class MemoryHistory:
         return {"samples": [asdict(s) for s in self.samples], "marks": list(self.marks)}
 
 
+def shown(line: str) -> str:
+    """A log line as the port may show it: never what a request said (see _QUOTES_REQUEST).
+    The owner's own file keeps every line."""
+    engine = _ENGINE_LINE.match(line)
+    if engine is None or not _QUOTES_REQUEST.search(engine.group(2)):
+        return line
+    return engine.group(1) + WITHHELD
+
+
+def shown_lines(text: str) -> list[str]:
+    return [shown(line) for line in text.splitlines()]
+
+
 class LogTail:
     """The log's new lines since the last read; at first (and after a rotation) its last
     LOG_LINES lines."""
@@ -206,18 +232,20 @@ class LogTail:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.offset: int | None = None
+        self.file: tuple[int, int] | None = None  # (device, inode): a rotation makes a new one
 
     def read(self) -> tuple[list[str], bool]:
         """(lines, whether they replace what was shown)."""
         from model_serve.runtime.stack import tail
 
         try:
-            size = self.path.stat().st_size
+            found = self.path.stat()
         except OSError:
             return [], False
-        if self.offset is None or size < self.offset:
-            self.offset = size
-            return tail(self.path, LOG_LINES).splitlines(), True
+        size, file = found.st_size, (found.st_dev, found.st_ino)
+        if self.offset is None or size < self.offset or file != self.file:
+            self.offset, self.file = size, file
+            return shown_lines(tail(self.path, LOG_LINES)), True
         if size == self.offset:
             return [], False
         with open(self.path, "rb") as handle:
@@ -227,7 +255,7 @@ class LogTail:
         if end < 0:
             return [], False  # a line being written: read it whole next time
         self.offset += end + 1
-        return data[:end].decode("utf-8", "replace").splitlines(), False
+        return shown_lines(data[:end].decode("utf-8", "replace")), False
 
 
 class Dashboard:
@@ -352,7 +380,7 @@ class Dashboard:
             return _error(400, "lines must be a number", "invalid_request")
         path = self.front.settings.log_file
         text = await asyncio.to_thread(tail, path, lines)
-        return web.json_response({"file": str(path), "lines": text.splitlines()})
+        return web.json_response({"file": str(path), "lines": shown_lines(text)})
 
     async def snapshot(self) -> dict[str, Any]:
         """Models (as `model stats` shows them) and memory, for the event streams: shared
@@ -462,6 +490,9 @@ class Dashboard:
             await response.write_eof()
         except (ConnectionResetError, asyncio.CancelledError):
             pass
+        except _Stalled:
+            if request.transport is not None:
+                request.transport.abort()  # close() would wait to send what it holds
         finally:
             self.front.serving += 1
         return response
@@ -515,8 +546,16 @@ class Dashboard:
         return route
 
 
+class _Stalled(Exception):
+    """The reader of an event stream took nothing for EVENTS_WRITE_TIMEOUT."""
+
+
 async def _send(response: web.StreamResponse, event: str, data: Any) -> None:
-    await response.write(f"event: {event}\ndata: {json.dumps(data)}\n\n".encode())
+    try:
+        async with asyncio.timeout(EVENTS_WRITE_TIMEOUT):
+            await response.write(f"event: {event}\ndata: {json.dumps(data)}\n\n".encode())
+    except TimeoutError:
+        raise _Stalled from None
 
 
 def _error(status: int, message: str, kind: str, retry_after: int | None = None) -> web.Response:
