@@ -167,31 +167,10 @@ if [ "$DEV" = 1 ]; then
         || die "could not assemble the test model" "run ./install.sh --dev again"
 fi
 
-# The dashboard's test drives a real browser: Debian's Chromium and its driver (Linux only;
-# never on a user's Mac, and never without --dev).
-install_test_browser() {
-    if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then
-        say "test browser found: $(command -v chromium) and $(command -v chromedriver)"
-        return
-    fi
-    if ! command -v apt-get >/dev/null; then
-        say "no apt-get here: install Chromium and chromedriver by hand for tests/test_dashboard.py"
-        return
-    fi
-    local sudo=""
-    [ "$(id -u)" = 0 ] || sudo="sudo"
-    if ! confirm "Install Debian's chromium and chromium-driver (apt-get) for the dashboard's browser test?"; then
-        say "skipped the test browser: tests/test_dashboard.py will fail without it"
-        return
-    fi
-    say "installing chromium and chromium-driver with apt-get (about 30 s)"
-    { $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-        $sudo apt-get install -y -qq chromium chromium-driver >/dev/null; } \
-        || die "apt-get could not install chromium and chromium-driver" \
-               "run: sudo apt-get install chromium chromium-driver, then ./install.sh --dev again"
-    say "test browser ready: $(command -v chromium) and $(command -v chromedriver)"
-}
+# The dashboard's test drives a real browser (Linux only; never on a user's Mac).
 if [ "$DEV" = 1 ] && [ "$(uname -s)" = Linux ]; then
+    # shellcheck source=scripts/test_browser.sh
+    . scripts/test_browser.sh
     install_test_browser
 fi
 
