@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import platform
 import re
 import shutil
 import socket
@@ -105,6 +106,21 @@ def test_the_page_is_served_with_a_strict_policy(dash: Env) -> None:
         assert requests.get(f"{dash.base_url}{path}", timeout=10).status_code in (401, 404)
     other = requests.get(f"{dash.base_url}/dashboard/metrics", timeout=10)
     assert other.status_code == 404 and "open /dashboard" in other.text
+    # A link to the page on another site (a top-level navigation) opens it; nothing else
+    # answers another site's browser: not its endpoints, not a fetch of the page, not a frame.
+    link = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate",
+            "Sec-Fetch-Dest": "document"}
+    opened = requests.get(f"{dash.base_url}/dashboard", headers=link, timeout=10)
+    assert opened.status_code == 200 and "frame-ancestors 'none'" in \
+        opened.headers["Content-Security-Policy"]
+    for path in ("/api/model_serve/status", "/api/model_serve/log", "/unload", "/v1/models"):
+        answer = requests.get(f"{dash.base_url}{path}", headers={**link, **keyed()}, timeout=10)
+        assert answer.status_code == 403, path
+    for other_way in ({**link, "Sec-Fetch-Mode": "cors", "Sec-Fetch-Dest": "empty"},
+                      {**link, "Sec-Fetch-Dest": "iframe"},
+                      {**link, "Origin": "http://evil.example"}):
+        answer = requests.get(f"{dash.base_url}/dashboard", headers=other_way, timeout=10)
+        assert answer.status_code == 403, other_way
 
 
 def test_read_endpoints_answer_to_the_key(dash: Env) -> None:
@@ -223,13 +239,53 @@ def test_held_requests_show_with_why_and_ollama_requests_are_recorded(dash: Env)
 
 
 # --- in a real browser ------------------------------------------------------------------------
+MAC_BROWSERS = ("Google Chrome.app/Contents/MacOS/Google Chrome",
+                "Chromium.app/Contents/MacOS/Chromium")
+BROWSER_FIX = {
+    "Linux": "./install.sh --dev installs Debian's chromium and chromium-driver",
+    "Darwin": "install Google Chrome, and chromedriver (brew install --cask chromedriver) or "
+              "let selenium fetch the driver that matches Chrome (it needs the network once)",
+}
+
+
+def find_test_browser(system: str | None = None, path: str | None = None,
+                      apps: list[Path] | None = None) -> tuple[str | None, str | None, str]:
+    """(browser, driver, what to do when one is missing): Debian's Chromium on Linux, Chrome
+    (or Chromium) in /Applications on a Mac. On a Mac without chromedriver on PATH, selenium
+    finds the one that matches Chrome itself (driver None)."""
+    system = system or platform.system()
+    browser = next(filter(None, (shutil.which(name, path=path) for name in (
+        "chromium", "chromium-browser", "google-chrome"))), None)
+    if browser is None and system == "Darwin":
+        folders = apps if apps is not None else [Path("/Applications"),
+                                                 Path.home() / "Applications"]
+        browser = next((str(f / app) for f in folders for app in MAC_BROWSERS
+                        if os.access(f / app, os.X_OK)), None)
+    driver = shutil.which("chromedriver", path=path)
+    fix = BROWSER_FIX.get(system, "install Chromium and chromedriver")
+    return browser, driver, fix
+
+
+def test_the_test_browser_is_found_on_a_mac_and_on_linux(tmp_path: Path) -> None:
+    """On a Mac the browser test runs with Chrome from /Applications (no chromium on PATH);
+    on Linux without a browser it says how to get one."""
+    chrome = tmp_path / "Applications" / MAC_BROWSERS[0]
+    chrome.parent.mkdir(parents=True)
+    chrome.write_text("#!/bin/sh\n")
+    chrome.chmod(0o755)
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    found = find_test_browser("Darwin", str(empty), [tmp_path / "Applications"])
+    assert found[:2] == (str(chrome), None) and "chromedriver" in found[2]
+    browser, driver, fix = find_test_browser("Linux", str(empty), [tmp_path / "Applications"])
+    assert (browser, driver) == (None, None) and "./install.sh --dev" in fix
+
+
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver_path = shutil.which("chromedriver")
-    if not chromium or not driver_path:
-        message = ("Chromium and chromedriver are needed (./install.sh --dev installs Debian's "
-                   "chromium and chromium-driver)")
+    chromium, driver_path, fix = find_test_browser()
+    if not chromium or (not driver_path and platform.system() != "Darwin"):
+        message = f"Chromium (or Chrome) and chromedriver are needed: {fix}"
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
@@ -241,7 +297,8 @@ def browser() -> Iterator[Any]:
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
                  "--window-size=1400,1100"):
         options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    service = Service(driver_path) if driver_path else Service()  # selenium finds one
+    driver = webdriver.Chrome(service=service, options=options)
     try:
         yield driver
     finally:

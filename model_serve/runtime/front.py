@@ -324,7 +324,8 @@ class Front:
                               "origin_not_allowed")
             return web.Response(status=204, headers=self.gate.preflight_headers(
                 origin, request.headers.get("Access-Control-Request-Headers")))
-        if self.gate.cross_site(request.headers, host):
+        if self.gate.cross_site(request.headers, host) and not self.gate.opens_public_page(
+                request.method, request.path, request.headers):
             self._warn_once(f"refused a request a page of another web site sent (Origin "
                             f"{origin or 'not given'}): list it in CORS_ORIGINS to allow it")
             return _error(403, "a page of another web site sent this request; list its origin "

@@ -4,7 +4,8 @@ Checked on every request, before anything reaches the engine:
 - `Host` (DNS rebinding: a web page whose name resolves to 127.0.0.1 sends its own name):
   localhost, IP addresses and LISTEN_HOST pass, and the names in ALLOWED_HOSTS;
 - browsers from another site: a request that carries an `Origin` other than the page's own
-  (or, without one, `Sec-Fetch-Site: cross-site`) is refused unless CORS_ORIGINS lists it;
+  (or, without one, `Sec-Fetch-Site: cross-site`) is refused unless CORS_ORIGINS lists it,
+  but for a link to the dashboard's page (a top-level navigation);
   no origin is echoed otherwise, and the engine's own CORS headers never reach the client;
 - keys, by what the path does:
   - client: inference and reading (API_KEYS, when set);
@@ -178,6 +179,15 @@ class Gate:
         if origin is not None:
             return not self.origin_allowed(origin, host_header)
         return get("Sec-Fetch-Site", "").lower() in ("cross-site", "same-site")
+
+    def opens_public_page(self, method: str, path: str, headers: dict[str, str] | object
+                          ) -> bool:
+        """A link on another site to the dashboard (a top-level navigation by GET): the
+        page's files are the same for everyone, and the page then asks the port from its
+        own origin. Framing stays refused (frame-ancestors), and so does anything else."""
+        get = headers.get  # type: ignore[attr-defined]
+        return access_of(method, path, {}) is Access.PUBLIC and get("Origin") is None and \
+            get("Sec-Fetch-Mode", "") == "navigate" and get("Sec-Fetch-Dest", "") == "document"
 
     def cors_headers(self, origin: str | None, host_header: str | None) -> dict[str, str]:
         """What a reply carries for a browser: the origin echoed only when it is listed."""
