@@ -595,3 +595,41 @@ def test_a_stalled_event_stream_is_closed(tmp_path: Path,
         reader.close()
         asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(30)
         loop.call_soon_threadsafe(loop.stop)
+
+
+def test_event_streams_are_bounded(tmp_path: Path) -> None:
+    """Each open page's stream costs the front a look at the log twice a second: past
+    EVENT_STREAMS_MAX at once, a page gets a 503 (it retries); one closed makes room."""
+    from model_serve.runtime.dashboard import EVENT_STREAMS_MAX
+
+    env = new_env(tmp_path)
+    front, runner, loop = serve_front(env)
+
+    def open_stream() -> tuple[socket.socket, bytes]:
+        conn = socket.create_connection(("127.0.0.1", env.port), timeout=10)
+        conn.sendall(f"GET /api/model_serve/events HTTP/1.1\r\nHost: 127.0.0.1:{env.port}"
+                     "\r\n\r\n".encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += conn.recv(4096)
+        return conn, head.split(b"\r\n", 1)[0]
+
+    pages: list[socket.socket] = []
+    try:
+        for _ in range(EVENT_STREAMS_MAX):
+            conn, status = open_stream()
+            pages.append(conn)
+            assert b" 200 " in status
+        conn, status = open_stream()
+        pages.append(conn)
+        assert b" 503 " in status, "one stream too many"
+        pages.pop(0).close()
+        wait_for(lambda: front.dashboard.streams < EVENT_STREAMS_MAX, 10, "a stream to end")
+        conn, status = open_stream()
+        pages.append(conn)
+        assert b" 200 " in status
+    finally:
+        for conn in pages:
+            conn.close()
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)

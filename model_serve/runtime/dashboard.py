@@ -66,6 +66,9 @@ LOG_READ_MAX = 256 * 1024  # bytes of new log lines sent at once (the rest on th
 # An event stream whose reader takes nothing for this long is gone (a tab frozen, a laptop
 # asleep, a client that never reads): its connection is closed, not kept with a task forever.
 EVENTS_WRITE_TIMEOUT = 30.0
+# Event streams open at once: each reads the log twice a second in a thread of the front's
+# own pool (which the request path uses too); pages past this many get a 503 and retry.
+EVENT_STREAMS_MAX = 16
 # Lines of the engine's output that can quote a request (llama-server's "got exception" with
 # the JSON parser's "last read: '<text>'", a grammar it could not parse, its -v request and
 # response dumps, prompt debug lines): on the port, the log panel shows that one was withheld.
@@ -266,6 +269,7 @@ class Dashboard:
         self._status: tuple[float, dict[str, Any]] | None = None
         self._status_lock = asyncio.Lock()
         self._closing = asyncio.Event()  # the front stops: event streams end now
+        self.streams = 0  # event streams open
 
     # --- routing (the front's hook) ------------------------------------------------------
     def route(self, request: web.Request
@@ -451,12 +455,21 @@ class Dashboard:
         else once why not. Read with fetch (an EventSource cannot send a key)."""
         from model_serve.runtime.gate import Access, request_key
 
+        if self.streams >= EVENT_STREAMS_MAX:
+            return _error(503, f"{self.streams} dashboard pages are following events already "
+                          "(the most at once); close one, or wait", "server_busy",
+                          retry_after=5)
         refusal = self.front.gate.refusal(Access.CONTROL, request_key(request.headers))
         log_tail = LogTail(self.front.settings.log_file) if refusal is None else None
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                                "Cache-Control": "no-store",
                                                "X-Accel-Buffering": "no"})
-        await response.prepare(request)
+        self.streams += 1
+        try:
+            await response.prepare(request)
+        except BaseException:
+            self.streams -= 1
+            raise
         # An open page is not a request being served: it must not take a place that
         # MAX_CONCURRENT_REQUESTS keeps for clients of the models.
         self.front.serving -= 1
@@ -495,6 +508,7 @@ class Dashboard:
                 request.transport.abort()  # close() would wait to send what it holds
         finally:
             self.front.serving += 1
+            self.streams -= 1
         return response
 
     # --- actions (control endpoints: the gate asks for ADMIN_KEYS, or API_KEYS) ------------
