@@ -522,7 +522,7 @@ def test_the_log_panel_reads_new_lines_only(tmp_path: Path) -> None:
 def test_the_log_panel_never_shows_what_a_request_said() -> None:
     """llama-server's output quotes requests at times (its JSON parser's "last read", a
     grammar it could not parse): the port shows that such a line was withheld."""
-    from model_serve.runtime.dashboard import WITHHELD, shown
+    from model_serve.runtime.dashboard import WITHHELD, LogFilter, shown
 
     said = "2026-12-04 15:48:12,345 model_serve.engine INFO "
     for engine_line in (
@@ -535,6 +535,15 @@ def test_the_log_panel_never_shows_what_a_request_said() -> None:
     ours = "2026-12-04 15:48:12,345 model_serve.front INFO admission: loading ls/g2"
     timing = said + "0.08.381.484 I slot print_timing: id  3 | task 5 | eval time = 35.42 ms"
     assert shown(ours) == ours and shown(timing) == timing
+    # A grammar it could not parse, printed over several lines (through the router, each
+    # with its model server's port): withheld up to the engine's next line of its own.
+    dump = [said + line for line in (
+        "[41234] parse: error parsing grammar: expecting ')' at ", "[41234] ",
+        "[41234] root ::= item+", '[41234]    | "my bank PIN is 4321"', "[41234] x",
+        "[41234] 0.08.410.985 E failed to parse grammar")]
+    shown_now = LogFilter().lines("\n".join([*dump[:3], ours, *dump[3:]]))
+    assert all(line.endswith(WITHHELD) for line in shown_now[:3] + shown_now[4:6])
+    assert shown_now[3] == ours and shown_now[6] == dump[-1]
 
 
 def serve_front(env: Env) -> tuple[Any, Any, asyncio.AbstractEventLoop]:

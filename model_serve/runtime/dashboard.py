@@ -77,6 +77,10 @@ _QUOTES_REQUEST = re.compile(
     r"formatted prompt|prompt token|\"(?:prompt|content|messages|input|text)\"",
     re.IGNORECASE)
 _ENGINE_LINE = re.compile(r"^(\S+ \S+ model_serve\.engine \w+ )(.*)$")
+_DUMP_START = re.compile(r"error parsing grammar", re.IGNORECASE)
+# A line llama-server (or a model server through the router, "[port] ...") or llama-swap
+# writes itself, as opposed to a text it prints over several lines.
+_ENGINE_OWN_LINE = re.compile(r"^(\[\d+\] )?(\d+\.\d+\.\d+\.\d+ [IWED] |\[[A-Z]+\] )")
 WITHHELD = ("[withheld from the dashboard: a line of the engine's output that may quote a "
             "request; 'model logs' shows it]")
 _TIMING = re.compile(rb'"(cache_n|prompt_n|predicted_n|predicted_per_second|prompt_tokens|'
@@ -215,17 +219,35 @@ class MemoryHistory:
         return {"samples": [asdict(s) for s in self.samples], "marks": list(self.marks)}
 
 
-def shown(line: str) -> str:
-    """A log line as the port may show it: never what a request said (see _QUOTES_REQUEST).
-    The owner's own file keeps every line."""
-    engine = _ENGINE_LINE.match(line)
-    if engine is None or not _QUOTES_REQUEST.search(engine.group(2)):
+class LogFilter:
+    """Log lines as the port may show them: never what a request said (see _QUOTES_REQUEST).
+    A grammar llama-server cannot parse is printed whole, over as many lines as it has: the
+    engine's lines after it are withheld up to its next line of its own (a log prefix). The
+    owner's own file keeps every line."""
+
+    def __init__(self) -> None:
+        self.in_dump = False
+
+    def shown(self, line: str) -> str:
+        engine = _ENGINE_LINE.match(line)
+        if engine is None:
+            return line  # model_serve's own line
+        text = engine.group(2)
+        if _DUMP_START.search(text):
+            self.in_dump = True
+        elif self.in_dump and _ENGINE_OWN_LINE.match(text):
+            self.in_dump = False
+        if self.in_dump or _QUOTES_REQUEST.search(text):
+            return engine.group(1) + WITHHELD
         return line
-    return engine.group(1) + WITHHELD
+
+    def lines(self, text: str) -> list[str]:
+        return [self.shown(line) for line in text.splitlines()]
 
 
-def shown_lines(text: str) -> list[str]:
-    return [shown(line) for line in text.splitlines()]
+def shown(line: str) -> str:
+    """One line on its own, as the port may show it."""
+    return LogFilter().shown(line)
 
 
 class LogTail:
@@ -236,6 +258,7 @@ class LogTail:
         self.path = path
         self.offset: int | None = None
         self.file: tuple[int, int] | None = None  # (device, inode): a rotation makes a new one
+        self.filter = LogFilter()
 
     def read(self) -> tuple[list[str], bool]:
         """(lines, whether they replace what was shown)."""
@@ -248,7 +271,8 @@ class LogTail:
         size, file = found.st_size, (found.st_dev, found.st_ino)
         if self.offset is None or size < self.offset or file != self.file:
             self.offset, self.file = size, file
-            return shown_lines(tail(self.path, LOG_LINES)), True
+            self.filter = LogFilter()
+            return self.filter.lines(tail(self.path, LOG_LINES)), True
         if size == self.offset:
             return [], False
         with open(self.path, "rb") as handle:
@@ -258,7 +282,7 @@ class LogTail:
         if end < 0:
             return [], False  # a line being written: read it whole next time
         self.offset += end + 1
-        return shown_lines(data[:end].decode("utf-8", "replace")), False
+        return self.filter.lines(data[:end].decode("utf-8", "replace")), False
 
 
 class Dashboard:
@@ -384,7 +408,7 @@ class Dashboard:
             return _error(400, "lines must be a number", "invalid_request")
         path = self.front.settings.log_file
         text = await asyncio.to_thread(tail, path, lines)
-        return web.json_response({"file": str(path), "lines": shown_lines(text)})
+        return web.json_response({"file": str(path), "lines": LogFilter().lines(text)})
 
     async def snapshot(self) -> dict[str, Any]:
         """Models (as `model stats` shows them) and memory, for the event streams: shared
