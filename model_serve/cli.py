@@ -165,7 +165,12 @@ def list_models(filter_text: str, served: bool, as_json: bool) -> None:
     from model_serve.runtime.load_failures import load_failures
 
     failing = {f.name: f.message() for f in load_failures(settings).values()}
-    render.model_list(chosen, catalog.problems, as_json, failing)
+    from model_serve.models.names import identity
+    from model_serve.runtime.peers import survey
+
+    local = {identity(n) for s in plan for n in (s.name, *s.aliases)}
+    peers = survey(settings.peers, lambda name: identity(name) in local)
+    render.model_list(chosen, catalog.problems, as_json, failing, peers, needle)
 
 
 @main.command()

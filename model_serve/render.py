@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from model_serve.models.ollama import OllamaModel
     from model_serve.models.plan import ServedModel
     from model_serve.runtime.forget import ForgetResult
+    from model_serve.runtime.peers import Survey
     from model_serve.runtime.stack import StackStatus, StopReport
     from model_serve.runtime.stats import StatsReport
     from model_serve.runtime.sync import SyncResult
@@ -224,13 +225,20 @@ def _served_json(served: ServedModel) -> dict[str, Any]:
 
 
 def model_list(plan: list[ServedModel], problems: list[ScanProblem], as_json: bool,
-               failing: dict[str, str] | None = None) -> None:
-    """`failing`: served name -> why its loads fail now (runtime/load_failures.py)."""
+               failing: dict[str, str] | None = None, peers: list[Survey] | None = None,
+               needle: str = "") -> None:
+    """`failing`: served name -> why its loads fail now (runtime/load_failures.py); `peers`:
+    the PEERS' models, shown as theirs (only those whose name holds `needle`)."""
     failing = failing or {}
+    peers = peers or []
     if as_json:
-        _json([{**_served_json(s), "load_failure": failing.get(s.name)} for s in plan])
+        _json([{**_served_json(s), "load_failure": failing.get(s.name)} for s in plan]
+              + [{"name": m.name, "peer": p.peer.name, "peer_url": p.peer.url,
+                  "peer_name": m.remote, "state": m.state}
+                 for p in peers for m in p.models if needle in m.name.lower()])
         return
     _problems(problems)
+    _peer_list(peers, needle)
     if not plan:
         click.echo("no models found (put GGUF files under MODELS_DIR, or pull with Ollama and "
                    "run 'model sync')")
@@ -246,6 +254,20 @@ def model_list(plan: list[ServedModel], problems: list[ScanProblem], as_json: bo
     for served in plan:
         if served.name in failing:
             click.echo(f"{served.name}: {failing[served.name]}")
+
+
+def _peer_list(peers: list[Survey], needle: str) -> None:
+    """The peers' models first: the local table below may end the output with its notes."""
+    rows: list[Sequence[str]] = []
+    for survey in peers:
+        if survey.problem:
+            click.echo(f"peer {survey.peer.name} ({survey.peer.url}) is not answering: "
+                       f"{survey.problem}")
+        rows += [(m.name, f"peer {m.peer} ({survey.peer.url})", m.state)
+                 for m in survey.models if needle in m.name.lower()]
+    if rows:
+        _echo_table([("PEER'S MODEL", "SERVED BY", "STATE"), *rows])
+        click.echo("")
 
 
 def served_list(models: list[EngineModel], as_json: bool,

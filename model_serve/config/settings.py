@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from model_serve.config.peers import Peer, build_peers
 from model_serve.errors import ConfigError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -117,6 +118,15 @@ SETTINGS_TABLE: tuple[Setting, ...] = (
             "within the service managers' 45 s (0 = none saved at stop).", "int", 0, 30),
     Setting("MAX_LOADED_MODELS", "0", "Most models loaded at once (0 = no limit; memory "
             "pressure decides).", "int", 0),
+    Setting("PEERS", "", "Other servers whose models this port serves too, as NAME=URL pairs "
+            "(comma separated): another model_serve, a llama-swap, an Ollama or any "
+            "OpenAI-compatible server. Their models are served here as NAME/<their name>.",
+            "str"),
+    Setting("PEER_KEYS_FILE", "peer-keys", "The keys sent to the PEERS, one NAME=KEY line "
+            "each, in a file only you may read (chmod 600; relative paths are relative to the "
+            "project folder). A peer without a line gets no key.", "path"),
+    Setting("PEER_CHECK_INTERVAL", "30", "Seconds between checks of each peer's model list "
+            "(a peer that is down keeps its models listed as unavailable).", "int", 1),
     Setting("BRIDGE_SCRIPT", "", "Program that links Ollama's models into MODELS_DIR/ollama; "
             "empty = the bundled lm-studio-ollama-bridge/ollama-bridge.", "path"),
     Setting("BRIDGE_SYNC_INTERVAL", "3600", "Seconds between background syncs of Ollama's "
@@ -229,6 +239,9 @@ class Settings:
     kv_cache_max_gb: float
     kv_cache_stop_save_seconds: int
     max_loaded_models: int
+    peers: tuple[Peer, ...]
+    peer_keys_file: Path
+    peer_check_interval: int
     bridge_script: Path
     bridge_sync_interval: int
     ollama_models: Path | None
@@ -359,6 +372,9 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
         keys_file, name = values[f"{keys}_file"], f"{keys.upper()}_FILE"
         if not values[keys] and keys_file is not None:
             values[keys] = _read_keys_file(keys_file, sources[name], name)
+    values["peer_keys_file"] = values["peer_keys_file"] or home / "peer-keys"
+    values["peers"] = build_peers(values["peers"], sources["PEERS"], values["model_prefix"],
+                                  values["peer_keys_file"], sources["PEER_KEYS_FILE"])
     if values["models_dir"] is None:
         raise ConfigError("MODELS_DIR is empty", "set MODELS_DIR to the folder of your models")
     values["state_dir"] = values["state_dir"] or home / "state"

@@ -62,6 +62,7 @@ from model_serve.runtime.gate import (
     request_key,
 )
 from model_serve.runtime.ollama_routes import OllamaApi
+from model_serve.runtime.peers import PeerRoute, Peers
 
 log = logging.getLogger("model_serve.front")
 
@@ -172,6 +173,9 @@ class Front:
         self.admission = Admission(settings, self.engine, self.view, self.usage)
         self.admission.failures.file_of = self._file_of
         self.ollama = OllamaApi(self)  # Ollama's API, translated onto the paths below
+        # Other servers' models (PEERS), served as <peer>/<model>: forwarded, never admitted.
+        self.peers = Peers(settings.peers, settings.peer_check_interval,
+                           lambda name: self.names.find(name) is not None)
         self.dashboard = Dashboard(self)  # /dashboard and its read endpoints
 
     # --- names ------------------------------------------------------------------------------
@@ -454,6 +458,9 @@ class Front:
                 path_qs = f"{request.path}?{query}"
                 # The router's `autoload=false` asks about a model without loading it.
                 loads = request.query.get("autoload", "").lower() != "false"
+        if route is None and sent is not None and body is not None and \
+                self.peers.state_of(sent) is not None:
+            return await self.forward_to_peer(request, body, path_qs, sent, answer)
         if route is None and sent is not None and self.engine.name == "llama-server":
             # The router also serves files of its own download cache by name, without
             # admission: only the names model_serve serves reach it.
@@ -494,6 +501,28 @@ class Front:
             if counted is not None:
                 self.ended(counted)
                 self.dashboard.requests.end(record, response)  # type: ignore[arg-type]
+
+    async def forward_to_peer(self, request: web.Request, body: bytes, path_qs: str | None,
+                              sent: str, answer: Answer | None) -> web.StreamResponse:
+        """A request for `<peer>/<model>`: to the peer, with its key and its own name for the
+        model; no admission, activity or saved conversation here (the peer has its own)."""
+        state = self.peers.state_of(sent)
+        assert state is not None
+        peer = await self.peers.find(sent)
+        if not state.up:
+            return _error(503, state.unavailable(self.peers.interval), "peer_unavailable",
+                          retry_after=min(self.peers.interval, 30))
+        if peer is None:
+            return _error(404, f"model not found: {sent} (the peer {state.peer.name} does not "
+                          "list it; see 'model list')", "model_not_found")
+        try:
+            body, _sent, _remote = model_field.in_body(
+                body, request.headers.get("Content-Type", ""),
+                lambda name: peer.remote if name == sent else None)
+        except model_field.BadBody as exc:
+            return _error(400, str(exc), "invalid_request")
+        return await self._proxy(request, body, path_qs or request.path_qs, state.peer.url,
+                                 sent, None, answer=answer, peer=peer)
 
     async def admit(self, route: Route) -> web.Response | CacheReuse | None:
         """A load with no request to send yet (the router's /models/load, Ollama's)."""
@@ -567,12 +596,13 @@ class Front:
 
     async def _proxy(self, request: web.Request, body: bytes | None, path_qs: str,
                      base: str | None, sent: str | None, route: Route | None,
-                     reuse: CacheReuse | None = None,
-                     answer: Answer | None = None) -> web.StreamResponse:
+                     reuse: CacheReuse | None = None, answer: Answer | None = None,
+                     peer: PeerRoute | None = None) -> web.StreamResponse:
         assert self.session is not None
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
-        headers.update(self._engine_auth)
-        if body is not None and route is not None and body[:1] == b"{":
+        # A peer gets its own key (PEER_KEYS_FILE), never the client's nor ours.
+        headers.update(peer.state.peer.headers if peer else self._engine_auth)
+        if body is not None and (route is not None or peer) and body[:1] == b"{":
             # Read as JSON here (its model admitted): the engine must read it so too, whatever
             # the client called it (llama-swap reads a text/plain body's model otherwise).
             for key in [k for k in headers if k.lower() == "content-type"]:
@@ -614,6 +644,8 @@ class Front:
             except (client_errors.ClientOSError,  # refused, reset, or closed on us
                     client_errors.ServerDisconnectedError) as exc:
                 refused_connection = isinstance(exc, client_errors.ClientConnectorError)
+                if peer is not None and (refused_connection or retried or body is None):
+                    return self._peer_failed(peer, exc, refused_connection)
                 if not refused_connection and body is None:
                     return _error(502, f"the engine closed the connection: {exc}",
                                   "engine_disconnected")
@@ -639,6 +671,10 @@ class Front:
                     return admitted
                 reuse = admitted or reuse
                 base, direct = None, False
+            except (client_errors.ClientError, asyncio.TimeoutError) as exc:
+                if peer is None:
+                    raise
+                return self._peer_failed(peer, exc, True)
         record = request.get(RECORD)  # the dashboard's record of this request
         async with upstream:
             if record is not None:
@@ -662,7 +698,7 @@ class Front:
                         "access-control-"):
                     response.headers.add(key, value)
             rename = _renamer(route.engine_id, sent) if route and sent != route.engine_id \
-                else None
+                else _renamer(peer.remote, sent) if peer else None
             length = upstream.headers.get("Content-Length")
             if rename is not None and length is not None:
                 payload = rename(await upstream.read())
@@ -699,6 +735,17 @@ class Front:
             await response.write_eof()
             return response
 
+    def _peer_failed(self, peer: PeerRoute, exc: Exception, down: bool) -> web.Response:
+        """A peer that refused the connection (or timed out) is down: said at once here and
+        to the next requests, until a check finds it back. One that dropped it, a 502."""
+        name = peer.state.peer.name
+        if down:
+            self.peers.down_now(peer.state, f"{type(exc).__name__}: {exc}")
+            return _error(503, peer.state.unavailable(self.peers.interval), "peer_unavailable",
+                          retry_after=min(self.peers.interval, 30))
+        return _error(502, f"the peer {name} closed the connection: {exc}",
+                      "peer_disconnected")
+
     async def _until_engine_sees_it_gone(self, engine_id: str, port: int | None,
                                          timeout: float = 5.0) -> None:
         deadline = time.monotonic() + timeout
@@ -728,6 +775,13 @@ class Front:
             data.append({"id": served, "object": "model", "created": 0,
                          "owned_by": "model_serve", "aliases": aliases,
                          "status": {"value": state}})
+        for listed in self.peers.listing():
+            # llama-swap's own marking of a peer's model: a server that has us as its peer
+            # leaves these out of what it serves (runtime/peers.py).
+            data.append({"id": listed.name, "object": "model", "created": 0,
+                         "owned_by": "model_serve", "name": f"{listed.peer}: {listed.remote}",
+                         "meta": {"llamaswap": {"type": "peer", "peerID": listed.peer}},
+                         "status": {"value": listed.state}})
         return web.json_response({"object": "list", "data": data})
 
     async def running(self, request: web.Request) -> web.StreamResponse:
@@ -942,10 +996,13 @@ def make_app(front: Front) -> web.Application:
                                       timeout=ClientTimeout(total=None, sock_connect=5),
                                       auto_decompress=False)
         refresher = asyncio.create_task(front.keep_names_fresh())
+        peers = asyncio.create_task(front.peers.keep_checked()) if front.peers else None
         front.view.start()
         yield
         front.view.stop()
         refresher.cancel()
+        if peers is not None:
+            peers.cancel()
         await front.session.close()
         await front.fresh_session.close()
 

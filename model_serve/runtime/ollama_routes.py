@@ -178,6 +178,7 @@ class OllamaApi:
     async def tags(self, request: web.Request) -> web.StreamResponse:
         await self.front.refresh_names()
         models = [self.facts(s).tag() for _n, s in sorted(self.front.names.models.items())]
+        models += [shapes.peer_tag(listed.name) for listed in self.front.peers.listing()]
         return web.json_response({"models": models})
 
     async def ps(self, request: web.Request) -> web.StreamResponse:

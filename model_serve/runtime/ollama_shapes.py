@@ -72,6 +72,14 @@ def now_iso(at: float | None = None) -> str:
     return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
+def peer_tag(name: str) -> dict[str, Any]:
+    """`/api/tags`'s entry for a peer's model (PEERS): its name; the file is the peer's."""
+    details = {"parent_model": "", "format": "gguf", "family": "", "families": [],
+               "parameter_size": "", "quantization_level": ""}
+    return {"name": name, "model": name, "modified_at": now_iso(0), "size": 0, "digest": "",
+            "details": details}
+
+
 def strip_latest(name: str) -> str:
     """Ollama's `X:latest` is `X`."""
     return name[:-len(":latest")] if name.lower().endswith(":latest") else name

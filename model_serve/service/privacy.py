@@ -50,6 +50,7 @@ def paths_to_check(settings: Settings, checkout: Path = PROJECT_ROOT,
     optional = {"OLLAMA_MODELS": settings.ollama_models,
                 "API_KEYS_FILE": settings.api_keys_file,
                 "ADMIN_KEYS_FILE": settings.admin_keys_file,
+                "PEER_KEYS_FILE": settings.peer_keys_file if settings.peers else None,
                 **{name: getattr(settings, name.lower()) for name in PROGRAM_SETTINGS}}
     found = resolved_programs(settings, os.environ if environ is None else environ)
     for name, path in optional.items():

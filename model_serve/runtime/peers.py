@@ -1,0 +1,246 @@
+"""The peers' models (PEERS), as this port serves them: `<peer>/<the peer's own name>`.
+
+Each peer's `/v1/models` is read at the front's start and again every PEER_CHECK_INTERVAL
+(and at once after a request found it down). A peer that stops answering keeps the models it
+last listed, marked unavailable, and their requests get a 503 naming it at once, without a
+connection attempt each. Only a peer's own models are served: the ones it forwards to peers
+of its own are marked `meta.llamaswap.type: "peer"` (by llama-swap v250, and by model_serve),
+and left out, so two servers that are each other's peers never list `a/b/a/...`.
+
+Nothing here touches the local engine: admission, eviction, TTLs and saved conversations are
+for local models only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from model_serve.config.peers import Peer
+from model_serve.models.names import identity
+
+log = logging.getLogger("model_serve.peers")
+
+CHECK_TIMEOUT = 5.0  # seconds one read of a peer's model list may take
+PEER_TYPE = "peer"  # llama-swap's meta.llamaswap.type of a model it forwards to a peer
+
+
+class PeerDown(Exception):
+    """The peer did not answer its model list (the message says how)."""
+
+
+@dataclass(frozen=True)
+class RemoteModel:
+    name: str  # the peer's own name for it
+    state: str  # as the peer listed it at the last check ("loaded", "unloaded", ...)
+
+
+def forwarded(entry: dict[str, Any]) -> bool:
+    """Whether a `/v1/models` entry is a model its server forwards to a peer of its own."""
+    meta = entry.get("meta")
+    llamaswap = meta.get("llamaswap") if isinstance(meta, dict) else None
+    return isinstance(llamaswap, dict) and llamaswap.get("type") == PEER_TYPE
+
+
+def own_models(payload: Any) -> list[RemoteModel]:
+    """The models a peer serves itself, from its `/v1/models` answer."""
+    data = payload.get("data") if isinstance(payload, dict) else None
+    if not isinstance(data, list):
+        raise PeerDown("its /v1/models answer has no \"data\" list (not an OpenAI-compatible "
+                       "server?)")
+    models = []
+    for entry in data:
+        if not isinstance(entry, dict) or not isinstance(entry.get("id"), str) or \
+                not entry["id"] or forwarded(entry):
+            continue
+        status = entry.get("status")
+        state = status.get("value") if isinstance(status, dict) else None
+        models.append(RemoteModel(entry["id"], state if isinstance(state, str) else "unknown"))
+    return models
+
+
+def read_models(peer: Peer, timeout: float = CHECK_TIMEOUT) -> list[RemoteModel]:
+    """The peer's own models, asked of it now (blocking: the CLI, or the front's thread)."""
+    import requests
+
+    try:
+        reply = requests.get(f"{peer.url}/v1/models", headers=peer.headers, timeout=timeout)
+    except requests.RequestException as exc:
+        raise PeerDown(_reason(exc)) from None
+    if reply.status_code in (401, 403):
+        raise PeerDown(f"it refused our key (HTTP {reply.status_code}): put the key it "
+                       f"accepts in PEER_KEYS_FILE as {peer.name}=KEY")
+    if reply.status_code != 200:
+        raise PeerDown(f"its /v1/models answered HTTP {reply.status_code}")
+    try:
+        return own_models(reply.json())
+    except ValueError:
+        raise PeerDown("its /v1/models answer is not JSON") from None
+
+
+def _reason(exc: Exception) -> str:
+    import requests
+
+    if isinstance(exc, requests.ConnectTimeout):
+        return "no connection within the check's timeout"
+    if isinstance(exc, requests.ConnectionError):
+        return "connection refused or unreachable"
+    if isinstance(exc, requests.Timeout):
+        return "no answer within the check's timeout"
+    return type(exc).__name__
+
+
+@dataclass
+class PeerState:
+    peer: Peer
+    models: dict[str, RemoteModel] = field(default_factory=dict)  # identity -> model
+    up: bool = False
+    checked: float = 0.0  # time.time() of the last check's end; 0 = never
+    problem: str = "not checked yet"
+    checking: asyncio.Task[None] | None = None
+
+    def unavailable(self, interval: int) -> str:
+        """Why its models get a 503 now, and when they come back."""
+        return (f"peer {self.peer.name} ({self.peer.url}) is not answering: {self.problem}; "
+                f"its models come back when it does (checked every {interval}s, PEERS)")
+
+
+@dataclass(frozen=True)
+class PeerRoute:
+    """Where a `<peer>/<model>` request goes."""
+
+    state: PeerState
+    remote: str  # the peer's own name: the body's `model` sent to it
+
+
+@dataclass(frozen=True)
+class Listed:
+    name: str  # as served here: <peer>/<its name>
+    peer: str
+    remote: str
+    state: str  # the peer's word for it, or "unavailable"
+
+
+class Peers:
+    """`is_local(name)`: whether the name is one of this server's own (it wins: a peer's
+    model of that name is refused, once in the log)."""
+
+    def __init__(self, peers: tuple[Peer, ...], interval: int,
+                 is_local: Callable[[str], bool]) -> None:
+        self.states = {p.name.lower(): PeerState(p) for p in peers}
+        self.interval = interval
+        self.is_local = is_local
+        self._said: set[str] = set()
+
+    def __bool__(self) -> bool:
+        return bool(self.states)
+
+    def state_of(self, name: str) -> PeerState | None:
+        """The peer a served name belongs to, by its first part (before '/')."""
+        prefix, slash, _rest = name.partition("/")
+        return self.states.get(prefix.lower()) if slash else None
+
+    async def find(self, name: str) -> PeerRoute | None:
+        """The peer and its own name for `name`; None when no peer lists it. A peer not
+        checked yet is checked first; one that lists no such model, again (at most once per
+        second: it may have just got it)."""
+        state = self.state_of(name)
+        if state is None:
+            return None
+        remote = name.partition("/")[2]
+        if state.checked == 0 or (state.up and identity(remote) not in state.models
+                                  and time.time() - state.checked > 1):
+            await self.check(state)
+        model = state.models.get(identity(remote))
+        if model is None or self._collides(state, model):
+            return None
+        return PeerRoute(state, model.name)
+
+    def listing(self) -> list[Listed]:
+        listed = []
+        for state in self.states.values():
+            for model in state.models.values():
+                if self._collides(state, model):
+                    continue
+                listed.append(Listed(f"{state.peer.name}/{model.name}", state.peer.name,
+                                     model.name, model.state if state.up else "unavailable"))
+        return sorted(listed, key=lambda m: m.name)
+
+    def _collides(self, state: PeerState, model: RemoteModel) -> bool:
+        name = f"{state.peer.name}/{model.name}"
+        if not self.is_local(name):
+            return False
+        if name not in self._said:
+            self._said.add(name)
+            log.warning("%s, a model of the peer %s, has the name of one of this server's own "
+                        "models: it is not served; rename the peer in PEERS", name,
+                        state.peer.name)
+        return True
+
+    async def check(self, state: PeerState) -> None:
+        """Read the peer's list now; with a check already under way, wait for that one."""
+        if state.checking is None or state.checking.done():
+            state.checking = asyncio.create_task(self._check(state))
+        await asyncio.shield(state.checking)
+
+    async def _check(self, state: PeerState) -> None:
+        try:
+            models = await asyncio.to_thread(read_models, state.peer)
+        except PeerDown as exc:
+            self.mark_down(state, str(exc))
+        else:
+            if not state.up:
+                log.info("peer %s (%s) answers: %d models", state.peer.name, state.peer.url,
+                         len(models))
+            state.models = {identity(m.name): m for m in models}
+            state.up, state.problem = True, ""
+        state.checked = time.time()
+
+    def mark_down(self, state: PeerState, problem: str) -> None:
+        """Its models stay listed, unavailable, until a check finds it answering again."""
+        if state.up or state.checked == 0 or problem != state.problem:
+            log.warning("peer %s (%s) is not answering: %s", state.peer.name, state.peer.url,
+                        problem)
+        state.up, state.problem = False, problem
+
+    def down_now(self, state: PeerState, problem: str) -> None:
+        """A request found it down: said at once, and checked again (it may be back)."""
+        self.mark_down(state, problem)
+        if state.checking is None or state.checking.done():
+            state.checking = asyncio.create_task(self._check(state))
+
+    async def keep_checked(self) -> None:
+        while True:
+            await asyncio.gather(*(self.check(s) for s in self.states.values()))
+            await asyncio.sleep(self.interval)
+
+
+@dataclass(frozen=True)
+class Survey:
+    """One peer's models as `model list` shows them, asked of it now."""
+
+    peer: Peer
+    models: list[Listed]
+    problem: str = ""  # why it did not answer; empty when it did
+
+
+def survey(peers: tuple[Peer, ...], is_local: Callable[[str], bool]) -> list[Survey]:
+    """Every peer asked at once (each within CHECK_TIMEOUT); names of local models left out."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def ask(peer: Peer) -> Survey:
+        try:
+            models = read_models(peer)
+        except PeerDown as exc:
+            return Survey(peer, [], str(exc))
+        listed = [Listed(f"{peer.name}/{m.name}", peer.name, m.name, m.state) for m in models]
+        return Survey(peer, [m for m in listed if not is_local(m.name)])
+
+    if not peers:
+        return []
+    with ThreadPoolExecutor(max_workers=min(8, len(peers))) as pool:
+        return list(pool.map(ask, peers))

@@ -1,0 +1,229 @@
+"""Peers (PEERS): another server's models on our port as `<peer>/<model>`, forwarded by the
+front with the peer's own key, on both engines. Three real stacks on one machine, each with
+its own home and the real gemma model: B, and two stacks whose peer B is (one on the router,
+one on the real llama-swap v250); B has the router stack as its own peer, so each lists the
+other and neither may list `a/b/...`. Then B stops: a clear 503 at once, our own models go on.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+import requests
+import yaml
+from openai import APIStatusError, OpenAI
+
+from model_serve.config.settings import load_settings
+from model_serve.errors import ConfigError
+from tests.conftest import Env, new_env, running
+from tests.test_llama_swap import REAL_LLAMA_SWAP, llama_swap_binary, port_block
+
+GEMMA = "ls/gemma-3:270m-q4_k_m"
+B_KEY, A_KEY = "sk-peer-b", "sk-peer-a"
+ENGINES = ("llama-server", "llama-swap")
+T = TypeVar("T")
+
+
+def eventually(value: Callable[[], T | None], timeout: float) -> T:
+    """`value()` once it is not None (or falsy), within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = value()
+        if found:
+            return found
+        assert time.monotonic() < deadline, f"nothing within {timeout}s"
+        time.sleep(0.2)
+
+
+def write_keys(env: Env, text: str, mode: int = 0o600) -> Path:
+    path = env.home / "peer-keys"  # PEER_KEYS_FILE's default
+    path.write_text(text)
+    path.chmod(mode)
+    return path
+
+
+# --- settings -------------------------------------------------------------------------------
+def test_peers_and_their_keys_from_the_settings(env: Env) -> None:
+    env["PEERS"] = "studio=http://studio.local:5847/ , gpu=https://gpu.lan/api"
+    write_keys(env, "# the keys these servers accept\nstudio = sk-1\n\n")
+    studio, gpu = load_settings(dict(env)).peers
+    assert (studio.name, studio.url, studio.key) == ("studio", "http://studio.local:5847", "sk-1")
+    assert (gpu.name, gpu.url, gpu.key, gpu.headers) == ("gpu", "https://gpu.lan/api", "", {})
+    assert "sk-1" not in repr(studio)  # a key never reaches a log line by a repr
+    assert load_settings(dict(env)).peer_check_interval == 30
+
+
+@pytest.mark.parametrize(("peers", "keys", "said"), [
+    ("studio", "", "is not NAME=URL"),
+    ("st/udio=http://x", "", "may hold only letters"),
+    ("studio=ftp://x", "", "is not an http:// or https:// base URL"),
+    ("studio=http://me:pw@x", "", "the URL holds a user or password"),
+    ("a=http://x,A=http://y", "", "names the peer 'A' twice"),
+    ("ls=http://x", "", "MODEL_PREFIX=ls/"),
+    ("studio=http://x", "studio sk-1\n", "line 1, is not NAME=KEY"),
+    ("studio=http://x", "stuido=sk-1\n", "is for 'stuido', which PEERS does not name"),
+])
+def test_bad_peers_or_keys_are_refused_by_name(env: Env, peers: str, keys: str,
+                                               said: str) -> None:
+    env["PEERS"] = peers
+    if keys:
+        write_keys(env, keys)
+    with pytest.raises(ConfigError) as refused:
+        load_settings(dict(env))
+    assert said in refused.value.message
+    assert "sk-1" not in refused.value.message + (refused.value.hint or "")
+
+
+def test_a_keys_file_others_may_read_is_refused(env: Env) -> None:
+    env["PEERS"] = "studio=http://x"
+    path = write_keys(env, "studio=sk-1\n", 0o644)
+    with pytest.raises(ConfigError) as refused:
+        load_settings(dict(env))
+    assert "PEER_KEYS_FILE" in refused.value.message and "other users" in refused.value.message
+    assert refused.value.hint == f"chmod 600 {path}"
+    path.unlink()  # no file: no peer needs a key
+    assert load_settings(dict(env)).peers[0].key == ""
+
+
+def test_models_a_llama_swap_forwards_to_its_own_peers_are_not_its_own(tmp_path: Path) -> None:
+    """The real llama-swap v250 marks its peers' models; those are left out (no a/b/a/...)."""
+    import subprocess
+
+    from model_serve.runtime.peers import own_models
+
+    assert REAL_LLAMA_SWAP.exists()
+    port = port_block(1)
+    config = {"models": {"m1": {"cmd": "/bin/sleep 100", "proxy": "http://127.0.0.1:9"}},
+              "peers": {"other": {"proxy": "http://127.0.0.1:9", "models": ["ls/gemma"]}}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    proc = subprocess.Popen([str(REAL_LLAMA_SWAP), "--config", str(tmp_path / "config.yaml"),
+                             "--listen", f"127.0.0.1:{port}"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        def listing() -> dict | None:
+            try:
+                return requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).json()
+            except requests.RequestException:
+                return None
+
+        payload = eventually(listing, 20)
+        assert {m["id"] for m in payload["data"]} == {"m1", "other/ls/gemma"}
+        assert [(m.name, m.state) for m in own_models(payload)] == [("m1", "unloaded")]
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+# --- three real stacks ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def stacks(tmp_path_factory: pytest.TempPathFactory,
+           gemma_path: Path) -> Iterator[dict[str, Env]]:
+    """B (the peer, router engine), and one stack per engine whose peer B is."""
+    b = new_env(tmp_path_factory.mktemp("peer-b"))
+    a = {engine: new_env(tmp_path_factory.mktemp(f"a-{engine}")) for engine in ENGINES}
+    swap = a["llama-swap"]
+    swap.port = port_block()
+    swap.update({"ENGINE": "llama-swap", "LLAMA_SWAP_PORT": str(swap.port),
+                 "LLAMA_SWAP_BIN": str(llama_swap_binary(tmp_path_factory.mktemp("bin")))})
+    for env in (b, *a.values()):
+        (env.models / gemma_path.name).symlink_to(gemma_path)
+        env.update({"PEER_CHECK_INTERVAL": "1", "DEFAULT_CTX_SIZE": "2048"})
+    router = a["llama-server"]
+    b.update({"API_KEYS": B_KEY, "PEERS": f"a={router.base_url}"})
+    write_keys(b, f"a={A_KEY}\n")
+    for env in a.values():
+        env.update({"API_KEYS": A_KEY, "PEERS": f"b={b.base_url}"})
+        write_keys(env, f"b={B_KEY}\n")
+    with running(b), running(router), running(swap):
+        yield {"b": b, **a}
+
+
+def listed(env: Env, key: str) -> dict[str, dict]:
+    reply = requests.get(f"{env.base_url}/v1/models", timeout=10,
+                         headers={"Authorization": f"Bearer {key}"})
+    assert reply.status_code == 200, reply.text
+    return {m["id"]: m for m in reply.json()["data"]}
+
+
+def requests_served(env: Env, key: str) -> int:
+    """Requests B's own front served for its gemma (its activity record)."""
+    report = requests.get(f"{env.base_url}/api/model_serve/activity", timeout=10,
+                          headers={"Authorization": f"Bearer {key}"}).json()
+    return report.get(GEMMA, {}).get("requests", 0)
+
+
+def client(env: Env) -> OpenAI:
+    return OpenAI(base_url=f"{env.base_url}/v1", api_key=A_KEY, max_retries=0, timeout=120)
+
+
+def test_each_lists_the_others_own_models_only(stacks: dict[str, Env]) -> None:
+    b, router = stacks["b"], stacks["llama-server"]
+    for env, key, peer in ((router, A_KEY, "b"), (stacks["llama-swap"], A_KEY, "b"),
+                           (b, B_KEY, "a")):
+        models = eventually(lambda e=env, k=key, p=peer: (m := listed(e, k)) and
+                            f"{p}/{GEMMA}" in m and m, 60)
+        assert set(models) == {GEMMA, f"{peer}/{GEMMA}"}, models  # no b/a/..., no a/b/...
+        entry = models[f"{peer}/{GEMMA}"]
+        assert entry["meta"]["llamaswap"] == {"type": "peer", "peerID": peer}
+        assert entry["status"]["value"] in ("loaded", "unloaded")
+    tags = requests.get(f"{router.base_url}/api/tags", timeout=10,
+                        headers={"Authorization": f"Bearer {A_KEY}"}).json()["models"]
+    assert {t["name"] for t in tags} == {GEMMA, f"b/{GEMMA}"}
+    shown = router.run("list", check=True).stdout
+    assert f"b/{GEMMA}" in shown and f"peer b ({b.base_url})" in shown
+    as_json = yaml.safe_load(router.run("list", "--json", check=True).stdout)
+    assert [(m["peer"], m["peer_name"]) for m in as_json if "peer" in m] == [("b", GEMMA)]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_chat_and_a_stream_reach_the_peers_model(stacks: dict[str, Env],
+                                                   engine: str) -> None:
+    b, a = stacks["b"], stacks[engine]
+    eventually(lambda: f"b/{GEMMA}" in listed(a, A_KEY), 60)
+    before = requests_served(b, B_KEY)
+    # Our key (A_KEY) goes to our port; B accepts only B_KEY, which the front sends it.
+    reply = client(a).chat.completions.create(
+        model=f"b/{GEMMA}", max_tokens=3, temperature=0,
+        messages=[{"role": "user", "content": "Say hello"}])
+    assert reply.model == f"b/{GEMMA}" and reply.usage.completion_tokens == 3
+    chunks = list(client(a).chat.completions.create(
+        model=f"b/{GEMMA}", max_tokens=3, stream=True,
+        messages=[{"role": "user", "content": "Say hello"}]))
+    assert {c.model for c in chunks} == {f"b/{GEMMA}"}
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert requests_served(b, B_KEY) == before + 2  # B's own model answered both
+    # Our own admission and activity never see a peer's model.
+    report = requests.get(f"{a.base_url}/api/model_serve/activity", timeout=10,
+                          headers={"Authorization": f"Bearer {A_KEY}"}).json()
+    assert not any(name.startswith("b/") for name in report)
+    with pytest.raises(APIStatusError) as missing:
+        client(a).chat.completions.create(model="b/no-such-model", max_tokens=1,
+                                          messages=[{"role": "user", "content": "Hi"}])
+    assert missing.value.status_code == 404 and "peer b" in missing.value.message
+
+
+def test_a_peer_that_stops_gets_a_clear_503_at_once(stacks: dict[str, Env]) -> None:
+    b = stacks["b"]
+    b.run("stop", check=True)
+    for engine in ENGINES:
+        a = stacks[engine]
+        started = time.monotonic()
+        with pytest.raises(APIStatusError) as down:
+            client(a).chat.completions.create(model=f"b/{GEMMA}", max_tokens=1,
+                                              messages=[{"role": "user", "content": "Hi"}])
+        assert down.value.status_code == 503
+        assert f"peer b ({b.base_url}) is not answering" in down.value.message
+        assert down.value.response.json()["error"]["type"] == "peer_unavailable"
+        assert time.monotonic() - started < 10  # not after a connect or request timeout
+        # Listed still, as unavailable; our own model serves as before.
+        models = eventually(lambda a=a: (m := listed(a, A_KEY)) and
+                            m[f"b/{GEMMA}"]["status"]["value"] == "unavailable" and m, 30)
+        assert set(models) == {GEMMA, f"b/{GEMMA}"}
+        reply = client(a).chat.completions.create(
+            model=GEMMA, max_tokens=2, messages=[{"role": "user", "content": "Hi"}])
+        assert reply.usage.completion_tokens == 2
+        assert f"peer b ({b.base_url}) is not answering" in a.run("list").stdout
