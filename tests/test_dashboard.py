@@ -642,3 +642,42 @@ def test_event_streams_are_bounded(tmp_path: Path) -> None:
             conn.close()
         asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(30)
         loop.call_soon_threadsafe(loop.stop)
+
+
+def test_logs_and_prompts_are_never_for_another_origin(tmp_path: Path) -> None:
+    """CORS_ORIGINS opens the API to a web app's pages, never the log (the endpoint, the event
+    stream's log, llama-swap's /logs) nor /slots (what users said), whatever key it holds."""
+    app = "http://app.example:3000"
+    env = new_env(tmp_path)
+    env.update({"API_KEYS": KEY, "ADMIN_KEYS": "admin-key", "CORS_ORIGINS": app})
+    front, runner, loop = serve_front(env)
+    base = f"http://127.0.0.1:{env.port}"
+    admin = {**keyed("admin-key"), "Origin": app}
+    try:
+        front.settings.log_file.write_text("the log's line\n")
+        for path in ("/api/model_serve/log", "/logs", "/logs/stream", "/api/events", "/slots",
+                     "/upstream/ls/x/slots"):
+            answer = requests.get(f"{base}{path}", headers=admin, timeout=10)
+            assert answer.status_code == 403, (path, answer.status_code, answer.text)
+            assert "never served to a page of another web site" in answer.text, path
+        with requests.get(f"{base}/api/model_serve/events", headers=admin, stream=True,
+                          timeout=10) as events:
+            assert events.headers["Access-Control-Allow-Origin"] == app
+            seen = ""
+            for chunk in events.iter_content(None):
+                seen += chunk.decode()
+                if "event: log" in seen and "\n\n" in seen.split("event: log", 1)[1]:
+                    break
+        logged = seen.split("event: log", 1)[1]
+        assert "refused" in logged and "the log's line" not in logged
+        # The page's own origin reads it; the listed app still reads what is not the log.
+        own = requests.get(f"{base}/api/model_serve/log", timeout=10,
+                           headers={**keyed("admin-key"), "Origin": base})
+        assert own.status_code == 200 and "the log's line" in own.text
+        memory = requests.get(f"{base}/api/model_serve/memory", timeout=10,
+                              headers={**keyed(), "Origin": app})
+        assert memory.status_code == 200 and \
+            memory.headers["Access-Control-Allow-Origin"] == app
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)

@@ -477,13 +477,18 @@ class Dashboard:
         """Server-sent events: `requests` as they begin and end, `status` every few seconds,
         and `log`: new lines of the log as they come, for a key that may read it (control),
         else once why not. Read with fetch (an EventSource cannot send a key)."""
-        from model_serve.runtime.gate import Access, request_key
+        from model_serve.runtime.gate import Access, Refusal, request_key
 
         if self.streams >= EVENT_STREAMS_MAX:
             return _error(503, f"{self.streams} dashboard pages are following events already "
                           "(the most at once); close one, or wait", "server_busy",
                           retry_after=5)
-        refusal = self.front.gate.refusal(Access.CONTROL, request_key(request.headers))
+        gate = self.front.gate
+        refusal = gate.refusal(Access.CONTROL, request_key(request.headers))
+        origin = request.headers.get("Origin")
+        if origin is not None and not gate.is_own_page(origin, request.headers.get("Host")):
+            refusal = Refusal(403, "the log is never shown to a page of another web site "
+                              "(CORS_ORIGINS or not)", "origin_not_allowed")
         log_tail = LogTail(self.front.settings.log_file) if refusal is None else None
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                                "Cache-Control": "no-store",

@@ -335,6 +335,10 @@ class Front:
             return _error(403, "a page of another web site sent this request; list its origin "
                           "in CORS_ORIGINS in .env to allow it", "origin_not_allowed")
         access = access_of(request.method, request.path, dict(request.query))
+        if self.gate.same_origin_only(access, request.path, origin, host):
+            return _error(403, "logs, and what users said to their models, are never served "
+                          "to a page of another web site (CORS_ORIGINS or not)",
+                          "origin_not_allowed")
         refusal = self.gate.refusal(access, request_key(request.headers))
         if refusal is not None:
             return _error(refusal.status, refusal.message, refusal.kind)

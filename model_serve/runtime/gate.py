@@ -5,7 +5,8 @@ Checked on every request, before anything reaches the engine:
   localhost, IP addresses and LISTEN_HOST pass, and the names in ALLOWED_HOSTS;
 - browsers from another site: a request that carries an `Origin` other than the page's own
   (or, without one, `Sec-Fetch-Site: cross-site`) is refused unless CORS_ORIGINS lists it,
-  but for a link to the dashboard's page (a top-level navigation);
+  but for a link to the dashboard's page (a top-level navigation); logs and the SECRET
+  paths answer no other origin at all;
   no origin is echoed otherwise, and the engine's own CORS headers never reach the client;
 - keys, by what the path does:
   - client: inference and reading (API_KEYS, when set);
@@ -35,6 +36,8 @@ CORS_METHODS = "GET, POST, PUT, PATCH, DELETE, OPTIONS"
 CORS_HEADERS = "Authorization, Content-Type, Accept, X-Api-Key, X-Requested-With"
 CORS_MAX_AGE = "600"
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+# Paths that show the log (llama-swap's /logs* too): never to another web origin.
+LOG_PATHS = ("/api/model_serve/log", "/api/events")
 
 
 class Access(Enum):
@@ -165,8 +168,19 @@ class Gate:
         origin = origin.rstrip("/").lower()
         if origin in self.origins or "*" in self.origins:
             return True
-        parts = urlsplit(origin)
-        # A page the port serves itself (llama-swap's /ui) calls it from its own origin.
+        return self.is_own_page(origin, host_header)
+
+    def same_origin_only(self, access: Access, path: str, origin: str | None,
+                         host_header: str | None) -> bool:
+        """Logs and what users said to their models (the SECRET paths) are never for a page of
+        another origin, CORS_ORIGINS or not: whether this request is one to refuse."""
+        if origin is None or self.is_own_page(origin, host_header):
+            return False
+        return access is Access.SECRET or path in LOG_PATHS or path.startswith("/logs")
+
+    def is_own_page(self, origin: str, host_header: str | None) -> bool:
+        """A page the port serves itself (the dashboard, llama-swap's /ui)."""
+        parts = urlsplit(origin.rstrip("/").lower())
         return bool(host_header) and parts.scheme in ("http", "https") and \
             parts.netloc == host_header.strip().lower()
 
