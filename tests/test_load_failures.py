@@ -1,11 +1,16 @@
 """A model whose header parses but whose load fails (its tensor data cut short) is answered
 with the cause, loaded once for a crowd of requests, then refused at once during a backoff,
 while a good model beside it keeps answering; on both engines, through the real openai client.
-`model stats` and `model list --served` say it fails to load, and why."""
+`model stats` and `model list --served` say it fails to load, and why. A model server that ends
+while loading without a word (killed, crashed) is remembered the same way."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -15,7 +20,7 @@ import openai
 import pytest
 import requests
 
-from tests.conftest import Env, new_env, running
+from tests.conftest import Env, llama_servers_under, new_env, running
 
 GOOD = "ls/gemma-3:gemma-3-270m-q4_k_m"
 BAD = "ls/gemma-3:broken-270m"
@@ -123,4 +128,49 @@ def test_a_model_that_fails_to_load_is_remembered(stack: Env) -> None:
     assert "failing to load" in stack.run("stats", check=True).stdout
     stack.run("restart", check=True, timeout=240)  # a new front tries every model again
     assert "failing to load" not in stack.run("stats", check=True).stdout
+    assert ask(client, GOOD)[0] == 200
+
+
+@contextlib.contextmanager
+def killing_model_servers(env: Env) -> Iterator[list[int]]:
+    """SIGKILL every model server of `env` as soon as it appears (as the kernel's OOM killer
+    ends one mid-load): the pids killed."""
+    killed: list[int] = []
+    done = threading.Event()
+
+    def kill() -> None:
+        import psutil
+
+        while not done.wait(0.01):
+            for pid in llama_servers_under(env.home.parent):
+                with contextlib.suppress(psutil.Error, ProcessLookupError):
+                    if "--alias" in psutil.Process(pid).cmdline():
+                        os.kill(pid, signal.SIGKILL)
+                        killed.append(pid)
+
+    thread = threading.Thread(target=kill, daemon=True)
+    thread.start()
+    try:
+        yield killed
+    finally:
+        done.set()
+        thread.join()
+
+
+def test_a_model_server_that_ends_while_loading_is_remembered(stack: Env) -> None:
+    """No "failed to load" line: the model server is killed as it loads. One load, then the
+    model is refused at once, with the engine's own account of the end; not a load (and
+    admission's lock held for seconds) per request."""
+    client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key="unused", timeout=120)
+    assert ask(client, GOOD)[0] == 200
+    stack.run("unload", GOOD, check=True)
+    with killing_model_servers(stack) as killed:
+        status, said, _took = ask(client, GOOD)
+        assert status == 503 and f"model {GOOD} failed to load" in said, said
+        assert "ended while loading" in said, said
+        for _ in range(3):
+            status, said, took = ask(client, GOOD)
+            assert status == 503 and "ended while loading" in said and took < 2, (said, took)
+        assert len(set(killed)) == 1, killed
+    stack.run("unload", GOOD, check=True)  # tried again at its next request
     assert ask(client, GOOD)[0] == 200

@@ -34,6 +34,15 @@ def note_stopping(settings: Settings, model_ids: list[str]) -> None:
             log.warning("could not note the stop of %s: %s", model_id, exc)
 
 
+def stop_noted(settings: Settings, model_id: str, since: float) -> bool:
+    """Whether a stop of this model was noted at or after `since` (wall clock); the note is
+    left for the exit watcher."""
+    try:
+        return _stop_note(settings, model_id).stat().st_mtime >= since
+    except OSError:
+        return False
+
+
 def stopped_on_purpose(settings: Settings, model_id: str) -> bool:
     """Whether model_serve noted this model's stop within ON_PURPOSE_WINDOW (the note is
     used up: a later exit is judged on its own)."""

@@ -4,7 +4,8 @@ allocated) would otherwise be loaded again by every request, each through admiss
 load at a time, with every other model's loads queued behind it.
 
 After a failed load the model is refused at once, with the cause read from the model
-server's last lines in the log, for a backoff that grows with each failure (BACKOFF_FIRST,
+server's last lines in the log (or, when it ended without a word, killed or crashed, the
+engine's line about its end), for a backoff that grows with each failure (BACKOFF_FIRST,
 doubling, at most BACKOFF_MAX). The failure is forgotten when the file changes (inode, size,
 mtime), at `model sync` and at any sync that changes the engine config, at a restart (the
 front keeps it in memory), and when the user unloads or loads the model by hand (`model sync`
@@ -26,6 +27,7 @@ from datetime import datetime
 from pathlib import Path
 
 from model_serve.config.settings import Settings
+from model_serve.engines.stop_notes import stop_noted
 from model_serve.fileio import held_lock, write_if_changed
 
 log = logging.getLogger("model_serve")
@@ -45,6 +47,13 @@ CAUSE_WAIT = 3.0
 # A llama.cpp error line, as the engine's output lands in our log (the router prefixes the
 # model server's port): "... [port] 0.00.061.370 E llama_model_load: error loading model: X".
 ERROR_LINE_RE = re.compile(r"\d+\.\d+\.\d+\.\d+ E (?:[a-z]{2,4}\s+)?(?:[\w:]+?: )?(.*)$")
+# How each engine says a model server ended during its load, for one that said nothing of its
+# own (killed by the OOM killer, crashed): the router, and llama-swap's start that failed.
+ROUTER_ENDED_RE = re.compile(r"instance name=(\S+) exited with status (-?\d+)")
+SWAP_ENDED_RE = re.compile(r"starting (.+?) failed: (upstream command exited prematurely)")
+ENDED = "its model server ended while loading"
+ENDED_FIX = ("'model logs' shows its last lines (killed for memory? crashed?); with the "
+             "llama-server engine 'model stats' says whether it crashes when started alone")
 FIXES = (  # what the cause says -> what to do
     ("not within the file bounds", "the file is cut short or damaged: download it again "
      "('model pull' for an Ollama model, else replace the file)"),
@@ -54,6 +63,7 @@ FIXES = (  # what the cause says -> what to do
      "custom_models.yaml"),
     ("failed to create context", "its context does not fit: lower its ctx_size in "
      "custom_models.yaml"),
+    (ENDED, ENDED_FIX),
 )
 
 
@@ -101,17 +111,19 @@ class LoadFailures:
 
     def failed(self, engine_id: str, since: float) -> LoadFailure | None:
         """After a load begun at `since` (wall clock) that did not end loaded: the failure,
-        when the model server's log says that load failed (a load a reload cut short is no
-        failure)."""
+        when the log says that load failed or its server ended (a load model_serve stopped on
+        purpose, a reload's cut, is no failure)."""
         served = self.file_of(engine_id)
         if served is None:
             return None
         name, path = served
         deadline = time.monotonic() + CAUSE_WAIT
-        while (cause := load_error(self.settings.log_file, path, since)) is None:
+        while (cause := load_error(self.settings.log_file, path, since, engine_id)) is None:
             if time.monotonic() >= deadline:
                 return None
             time.sleep(0.1)
+        if cause.startswith(ENDED) and stop_noted(self.settings, engine_id, since):
+            return None  # a reload (or an unload) ended it during the load
         last = self.failures.get(engine_id)
         stamp = _stamp(path)
         count = last.count + 1 if last is not None and last.stamp == stamp else 1
@@ -189,9 +201,11 @@ def _on_disk(settings: Settings) -> dict[str, LoadFailure]:
         return {}
 
 
-def load_error(log_file: Path, path: Path, since: float = 0.0) -> str | None:
+def load_error(log_file: Path, path: Path, since: float = 0.0,
+               engine_id: str | None = None) -> str | None:
     """The cause of the last failed load of `path`, from the model server's error lines in
-    the log, or None when the log shows no failed load of it logged after `since`."""
+    the log; else, for `engine_id`, the engine's line saying its server ended; None when the
+    log shows neither logged after `since`."""
     try:
         with open(log_file, "rb") as handle:
             handle.seek(max(0, os.fstat(handle.fileno()).st_size - LOG_TAIL_BYTES))
@@ -202,7 +216,7 @@ def load_error(log_file: Path, path: Path, since: float = 0.0) -> str | None:
     end = next((i for i in range(len(lines) - 1, -1, -1)
                 if quoted in lines[i] and "failed to" in lines[i]), None)
     if end is None or _logged_at(lines[end]) < since - 1:  # the log's clock has ms
-        return None
+        return _ended(lines, engine_id, since) if engine_id else None
     start = next((i for i in range(end - 1, -1, -1)
                   if quoted in lines[i] and "loading model" in lines[i]), max(0, end - 200))
     errors = [m.group(1).strip() for line in lines[start:end + 1]
@@ -210,6 +224,20 @@ def load_error(log_file: Path, path: Path, since: float = 0.0) -> str | None:
     said = next((e.split("error loading model: ", 1)[1] for e in errors
                  if "error loading model: " in e), None)
     return said or (errors[0] if errors else lines[end].split(" E ", 1)[-1].strip())
+
+
+def _ended(lines: list[str], engine_id: str, since: float) -> str | None:
+    """The engine's word that `engine_id`'s server ended, logged after `since`, as a cause."""
+    for line in reversed(lines):
+        router, swap = ROUTER_ENDED_RE.search(line), SWAP_ENDED_RE.search(line)
+        said = (f"exit status {router.group(2)}" if router and router.group(2) != "0"
+                and router.group(1) == engine_id else
+                f"llama-swap: {swap.group(2)}" if swap and swap.group(1) == engine_id else None)
+        if said is not None:
+            if _logged_at(line) < since - 1:
+                return None
+            return f"{ENDED} ({said}), with no error of its own in the log"
+    return None
 
 
 def fix_for(cause: str) -> str:
