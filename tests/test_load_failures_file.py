@@ -61,3 +61,23 @@ def test_a_reset_by_the_cli_is_not_undone_by_the_front(tmp_path: Path) -> None:
     assert list(on_disk) == ["b"], on_disk
     assert front.current("a") is None and front.current("b") is not None
     assert (settings.state_dir / FAILURES_LOCK).stat().st_mode & 0o777 == 0o600
+
+
+def test_a_load_that_succeeds_ends_the_run_of_failures(tmp_path: Path) -> None:
+    """The backoff doubles for failures in a row: a model that failed once last week, loaded
+    fine since, and fails once today is refused for 10 s, not 20 (nor 10 min after a few
+    such weeks)."""
+    settings = load_settings({"HOME": str(tmp_path), "STATE_DIR": str(tmp_path / "state")})
+    path = tmp_path / "a.gguf"
+    path.write_bytes(b"GGUF")
+    settings.log_file.parent.mkdir(parents=True, exist_ok=True)
+    settings.log_file.write_text(
+        log_line(path, "llama_model_load: error loading model: failed to allocate buffer")
+        + log_line(path, "common_init_from_params: failed to load model '{path}'"))
+    front = LoadFailures(settings, lambda engine_id: (engine_id, path))
+    since = time.time() - 5
+    assert front.failed("a", since).count == 1
+    front.loaded("a")  # the backoff passed, and the next load worked
+    assert "a" not in json.loads((settings.state_dir / FAILURES_FILE).read_text())
+    again = front.failed("a", since)
+    assert again.count == 1 and again.until - again.at == 10 and "failed once" in again.message()

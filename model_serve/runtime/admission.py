@@ -246,7 +246,9 @@ class Admission:
             self.loading_now = None
         log.info("admission: %s %s in %.0f ms", engine_id, "loaded" if loaded else "did not load",
                  (time.monotonic() - started) * 1000)
-        if not loaded and await asyncio.to_thread(self.failures.failed, engine_id, began):
+        if loaded:
+            self.failures.loaded(engine_id)
+        elif await asyncio.to_thread(self.failures.failed, engine_id, began):
             log.error("admission: %s", self.failures.failures[engine_id].message())
             return self._failed(engine_id)
         with contextlib.suppress(ModelServeError):

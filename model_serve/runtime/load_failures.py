@@ -134,6 +134,11 @@ class LoadFailures:
         self._write(engine_id)
         return failure
 
+    def loaded(self, engine_id: str) -> None:
+        """A load of it succeeded: its next failure is a first one again ("in a row"), not
+        one more step of a backoff that would otherwise grow over months of rare failures."""
+        self.forget(engine_id)
+
     def forget(self, engine_id: str | None = None) -> None:
         """Try the model (every model: None) again at its next request."""
         if engine_id is None:
