@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
+import ollama
 import pytest
 import requests
 import yaml
@@ -160,6 +161,10 @@ def client(env: Env) -> OpenAI:
     return OpenAI(base_url=f"{env.base_url}/v1", api_key=A_KEY, max_retries=0, timeout=120)
 
 
+def ollama_client(env: Env) -> ollama.Client:
+    return ollama.Client(host=env.base_url, headers={"Authorization": f"Bearer {A_KEY}"})
+
+
 def test_each_lists_the_others_own_models_only(stacks: dict[str, Env]) -> None:
     b, router = stacks["b"], stacks["llama-server"]
     for env, key, peer in ((router, A_KEY, "b"), (stacks["llama-swap"], A_KEY, "b"),
@@ -177,6 +182,9 @@ def test_each_lists_the_others_own_models_only(stacks: dict[str, Env]) -> None:
     assert f"b/{GEMMA}" in shown and f"peer b ({b.base_url})" in shown
     as_json = yaml.safe_load(router.run("list", "--json", check=True).stdout)
     assert [(m["peer"], m["peer_name"]) for m in as_json if "peer" in m] == [("b", GEMMA)]
+    checks = {c["name"]: c for c in yaml.safe_load(router.run("doctor", "--json").stdout)}
+    assert checks["peers"]["status"] == "ok"
+    assert checks["peers"]["detail"] == f"b ({b.base_url}): 1 model(s)"
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -195,7 +203,11 @@ def test_a_chat_and_a_stream_reach_the_peers_model(stacks: dict[str, Env],
         messages=[{"role": "user", "content": "Say hello"}]))
     assert {c.model for c in chunks} == {f"b/{GEMMA}"}
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert requests_served(b, B_KEY) == before + 2  # B's own model answered both
+    # Ollama's API: listed in /api/tags, so Ollama's clients may chat with it too.
+    answer = ollama_client(a).chat(model=f"b/{GEMMA}", options={"num_predict": 3},
+                                   messages=[{"role": "user", "content": "Say hello"}])
+    assert answer.model == f"b/{GEMMA}" and answer.message.content and answer.eval_count == 3
+    assert requests_served(b, B_KEY) == before + 3  # B's own model answered each
     # Our own admission and activity never see a peer's model.
     report = requests.get(f"{a.base_url}/api/model_serve/activity", timeout=10,
                           headers={"Authorization": f"Bearer {A_KEY}"}).json()
@@ -216,9 +228,13 @@ def test_a_peer_that_stops_gets_a_clear_503_at_once(stacks: dict[str, Env]) -> N
             client(a).chat.completions.create(model=f"b/{GEMMA}", max_tokens=1,
                                               messages=[{"role": "user", "content": "Hi"}])
         assert down.value.status_code == 503
-        assert f"peer b ({b.base_url}) is not answering" in down.value.message
+        assert f"peer b ({b.base_url}) is unavailable" in down.value.message
         assert down.value.response.json()["error"]["type"] == "peer_unavailable"
         assert time.monotonic() - started < 10  # not after a connect or request timeout
+        with pytest.raises(ollama.ResponseError) as shaped:  # known down now: no connection
+            ollama_client(a).chat(model=f"b/{GEMMA}", messages=[{"role": "user",
+                                                                  "content": "Hi"}])
+        assert shaped.value.status_code == 503 and "peer b" in shaped.value.error
         # Listed still, as unavailable; our own model serves as before.
         models = eventually(lambda a=a: (m := listed(a, A_KEY)) and
                             m[f"b/{GEMMA}"]["status"]["value"] == "unavailable" and m, 30)

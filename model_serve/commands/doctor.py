@@ -243,9 +243,26 @@ def _privacy(settings: Settings) -> Check:
                  "launchd and cron")
 
 
+def _peers(settings: Settings) -> Check:
+    """Each peer asked for its models now, with our key for it."""
+    from model_serve.runtime.peers import survey
+
+    if not settings.peers:
+        return Check("peers", "ok", "none (PEERS is empty)")
+    answers = survey(settings.peers, lambda _name: False)
+    down = [a for a in answers if a.problem]
+    said = "; ".join(f"{a.peer.name} ({a.peer.url}): " +
+                     (a.problem if a.problem else f"{len(a.models)} model(s)") for a in answers)
+    if down:
+        return Check("peers", "warn", said, "start the peer, or fix its URL in PEERS (a peer "
+                     "that is another model_serve needs LISTEN_HOST, API_KEYS and "
+                     "ALLOWED_HOSTS set for other machines)")
+    return Check("peers", "ok", said)
+
+
 CHECKS: tuple[Callable[[Settings], Check], ...] = (
     _engine, _engine_computes, _models_dir, _catalog, _port, _exposure, _ollama, _store,
-    _service, _threads,
+    _service, _threads, _peers,
 )
 def _gpu_limit(settings: Settings, machine: Machine | None = None) -> Check:
     """What Metal lets the GPU wire, which admission keeps the loaded models under; a

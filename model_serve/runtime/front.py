@@ -62,7 +62,7 @@ from model_serve.runtime.gate import (
     request_key,
 )
 from model_serve.runtime.ollama_routes import OllamaApi
-from model_serve.runtime.peers import PeerRoute, Peers
+from model_serve.runtime.peers import PeerRoute, Peers, PeerState
 
 log = logging.getLogger("model_serve.front")
 
@@ -514,8 +514,7 @@ class Front:
         assert state is not None
         peer = await self.peers.find(sent)
         if not state.up:
-            return _error(503, state.unavailable(self.peers.interval), "peer_unavailable",
-                          retry_after=min(self.peers.interval, 30))
+            return self._peer_unavailable(state)
         if peer is None:
             return _error(404, f"model not found: {sent} (the peer {state.peer.name} does not "
                           "list it; see 'model list')", "model_not_found")
@@ -679,6 +678,12 @@ class Front:
                 if peer is None:
                     raise
                 return self._peer_failed(peer, exc, True)
+        if peer is not None and upstream.status in (401, 403):
+            upstream.release()  # the client's own key was good: ours to the peer was not
+            name = peer.state.peer.name
+            return _error(502, f"the peer {name} refused the key we send it (HTTP "
+                          f"{upstream.status}): put the key it accepts in PEER_KEYS_FILE as "
+                          f"{name}=KEY", "peer_refused_key")
         record = request.get(RECORD)  # the dashboard's record of this request
         async with upstream:
             if record is not None:
@@ -745,10 +750,16 @@ class Front:
         name = peer.state.peer.name
         if down:
             self.peers.down_now(peer.state, f"{type(exc).__name__}: {exc}")
-            return _error(503, peer.state.unavailable(self.peers.interval), "peer_unavailable",
-                          retry_after=min(self.peers.interval, 30))
+            return self._peer_unavailable(peer.state)
         return _error(502, f"the peer {name} closed the connection: {exc}",
                       "peer_disconnected")
+
+    def _peer_unavailable(self, state: PeerState) -> web.Response:
+        # Not retried by the openai client: its wait (Retry-After) would hide a down peer
+        # behind a minute of silence; the client asks again when it wants to.
+        return _error(503, state.unavailable(self.peers.interval), "peer_unavailable",
+                      retry_after=min(self.peers.interval, 30),
+                      headers={"x-should-retry": "false"})
 
     async def _until_engine_sees_it_gone(self, engine_id: str, port: int | None,
                                          timeout: float = 5.0) -> None:

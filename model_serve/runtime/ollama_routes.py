@@ -228,6 +228,9 @@ class OllamaApi:
     async def _infer(self, request: web.Request, kind: str) -> web.StreamResponse:
         try:
             data = await self._json(request)
+            peer = self._peer_model(data)
+            if peer is not None:
+                return await self._infer_on_peer(request, data, peer, kind)
             sent, route, served = await self._named(data)
             keep = shapes.parse_keep_alive(data.get("keep_alive"))
             if kind == "chat":
@@ -280,6 +283,41 @@ class OllamaApi:
                                             body=translated.encoded(), answer=answer)
         if keep == 0:
             await self.unload_when_idle(route)
+        return _as_ollama_error(response)
+
+    def _peer_model(self, data: dict[str, Any]) -> str | None:
+        """The name, when it is a peer's model (PEERS) and not one of ours."""
+        name = data.get("model") or data.get("name")
+        if not isinstance(name, str) or self.front.peers.state_of(name) is None:
+            return None
+        return name if self.find(name) is None else None
+
+    async def _infer_on_peer(self, request: web.Request, data: dict[str, Any], sent: str,
+                             kind: str) -> web.StreamResponse:
+        """Translated as for our own models, then sent on by the front to the peer in OpenAI's
+        API (every kind of peer has it). Loading and keep_alive are the peer's business: an
+        empty request (`ollama run`, `ollama stop`) is answered here, with nothing done."""
+        if kind == "chat":
+            translated = shapes.chat_request(data, sent) if data.get("messages") else None
+        elif kind == "generate":
+            translated = shapes.generate_request(data, sent) if data.get("prompt") or \
+                data.get("suffix") else None
+        else:
+            translated = shapes.embed_request(data, sent, kind == "embeddings")
+        reply = Reply(sent, chat=kind == "chat")
+        if translated is None:
+            keep = shapes.parse_keep_alive(data.get("keep_alive"))
+            return web.json_response(reply.final("unload" if keep == 0 else "load"))
+        if not translated.path.startswith("/v1/"):
+            raise OllamaError(f"{sent} is a peer's model: raw, context and suffix reach this "
+                              "server's own models only (a peer is asked in OpenAI's API)")
+
+        async def answer(req: web.Request, upstream: ClientResponse,
+                         seen: Callable[[bytes], None]) -> web.StreamResponse:
+            return await self._answer(req, upstream, seen, translated, reply, kind)
+
+        response = await self.front.forward(request, path_qs=translated.path,
+                                            body=translated.encoded(), answer=answer)
         return _as_ollama_error(response)
 
     async def _answer(self, request: web.Request, upstream: ClientResponse,

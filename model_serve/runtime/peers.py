@@ -105,7 +105,7 @@ class PeerState:
 
     def unavailable(self, interval: int) -> str:
         """Why its models get a 503 now, and when they come back."""
-        return (f"peer {self.peer.name} ({self.peer.url}) is not answering: {self.problem}; "
+        return (f"peer {self.peer.name} ({self.peer.url}) is unavailable: {self.problem}; "
                 f"its models come back when it does (checked every {interval}s, PEERS)")
 
 
