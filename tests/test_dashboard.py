@@ -544,6 +544,15 @@ def test_the_log_panel_never_shows_what_a_request_said() -> None:
     shown_now = LogFilter().lines("\n".join([*dump[:3], ours, *dump[3:]]))
     assert all(line.endswith(WITHHELD) for line in shown_now[:3] + shown_now[4:6])
     assert shown_now[3] == ours and shown_now[6] == dump[-1]
+    # Shown by what it is, not by what it says: an engine line without the engine's own
+    # prefix (a text printed over several lines that no pattern above knows) is withheld, and
+    # so is a line with no record of its own after such a line; a traceback under
+    # model_serve's own record is shown.
+    unknown = said + "[41234] <start_of_turn>user my bank PIN is 4321"
+    assert shown(unknown) == said + WITHHELD
+    assert LogFilter().lines(f"{unknown}\nmy bank PIN is 4321") == [said + WITHHELD, WITHHELD]
+    traceback = f"{ours}\nTraceback (most recent call last):"
+    assert LogFilter().lines(traceback) == traceback.splitlines()
 
 
 def serve_front(env: Env) -> tuple[Any, Any, asyncio.AbstractEventLoop]:

@@ -76,10 +76,11 @@ _QUOTES_REQUEST = re.compile(
     r"got exception|last read|::=|error parsing grammar|request:|response:|prompt:|"
     r"formatted prompt|prompt token|\"(?:prompt|content|messages|input|text)\"",
     re.IGNORECASE)
+_RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (\S+) \w+ ")
 _ENGINE_LINE = re.compile(r"^(\S+ \S+ model_serve\.engine \w+ )(.*)$")
-_DUMP_START = re.compile(r"error parsing grammar", re.IGNORECASE)
 # A line llama-server (or a model server through the router, "[port] ...") or llama-swap
-# writes itself, as opposed to a text it prints over several lines.
+# writes itself, as opposed to a text it prints over several lines (a grammar, a template, a
+# request at -v): only those are shown.
 _ENGINE_OWN_LINE = re.compile(r"^(\[\d+\] )?(\d+\.\d+\.\d+\.\d+ [IWED] |\[[A-Z]+\] )")
 WITHHELD = ("[withheld from the dashboard: a line of the engine's output that may quote a "
             "request; 'model logs' shows it]")
@@ -220,26 +221,28 @@ class MemoryHistory:
 
 
 class LogFilter:
-    """Log lines as the port may show them: never what a request said (see _QUOTES_REQUEST).
-    A grammar llama-server cannot parse is printed whole, over as many lines as it has: the
-    engine's lines after it are withheld up to its next line of its own (a log prefix). The
-    owner's own file keeps every line."""
+    """Log lines as the port may show them: never what a request said. Shown are model_serve's
+    own records, and those of the engine's lines that begin with its own log prefix and name
+    nothing that quotes a request (_QUOTES_REQUEST); not a line without that prefix (a text
+    the engine prints over several lines: a grammar it could not parse, a template, a request
+    at -v), whatever it holds. A record's continuation lines (a traceback) go as the record
+    went. The owner's own file keeps every line."""
 
     def __init__(self) -> None:
-        self.in_dump = False
+        self.withholding = False  # the record the next continuation line belongs to
 
     def shown(self, line: str) -> str:
+        record = _RECORD.match(line)
+        if record is None:  # a continuation line
+            return WITHHELD if self.withholding else line
         engine = _ENGINE_LINE.match(line)
         if engine is None:
-            return line  # model_serve's own line
+            self.withholding = False
+            return line  # model_serve's own record
         text = engine.group(2)
-        if _DUMP_START.search(text):
-            self.in_dump = True
-        elif self.in_dump and _ENGINE_OWN_LINE.match(text):
-            self.in_dump = False
-        if self.in_dump or _QUOTES_REQUEST.search(text):
-            return engine.group(1) + WITHHELD
-        return line
+        self.withholding = (_ENGINE_OWN_LINE.match(text) is None
+                            or _QUOTES_REQUEST.search(text) is not None)
+        return engine.group(1) + WITHHELD if self.withholding else line
 
     def lines(self, text: str) -> list[str]:
         return [self.shown(line) for line in text.splitlines()]
