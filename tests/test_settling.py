@@ -42,3 +42,31 @@ def test_a_model_admitted_again_has_one_floor() -> None:
     settling.admitted("a", GIB, reading(2), {})
     settling.admitted("a", 2 * GIB, reading(2), {})
     assert [f.bytes for f in settling.floors] == [4 * GIB]
+
+
+def test_memory_other_programs_free_meanwhile_comes_off_a_floor() -> None:
+    """A floor is no absolute level: an app closed while the model settles gives its memory
+    back to the count, though the model's own memory has not shown whole (its weights are
+    page cache on Linux: it may never show)."""
+    settling = Settling()
+    settling.counted(reading(10), set())
+    settling.admitted("a", 4 * GIB, reading(10), {})
+    assert settling.counted(reading(10.5), {"a"}).used == 14 * GIB  # a shows 0.5 GiB
+    # Another program frees 2 GiB: the reading falls 1.5 GiB below the lowest seen (10).
+    assert settling.counted(reading(8.5), {"a"}).used == int(12.5 * GIB)
+    # a's memory keeps coming: the floor holds until the reading reaches it.
+    assert settling.counted(reading(9.5), {"a"}).used == int(12.5 * GIB)
+    assert settling.counted(reading(12.6), {"a"}).used == int(12.6 * GIB)
+    assert settling.floors == []
+
+
+def test_a_gone_model_is_taken_off_a_floor_once() -> None:
+    """Its estimate comes off when the engine no longer lists it; its memory coming back in
+    the readings after that does not come off a second time."""
+    settling = Settling()
+    settling.counted(reading(3), {"a"})
+    settling.admitted("b", GIB, reading(4), {"a": GIB})  # counted 4: a's floor, say
+    assert settling.counted(reading(3), {"b"}).used == 4 * GIB  # a gone: 5 - 1
+    assert settling.counted(reading(2.2), {"b"}).used == 4 * GIB  # a's 0.8 GiB came back
+    # 0.5 GiB more: up to a's estimate it may still be a's (0.2), the rest others' (0.3).
+    assert settling.counted(reading(1.7), {"b"}).used == int(3.7 * GIB)

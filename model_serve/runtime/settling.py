@@ -6,7 +6,14 @@ load therefore leaves a floor, the memory in use it was admitted at plus its est
 reading admission judges by is never below a live floor. A floor ends when the reading
 reaches it (the model's memory shows), and when its model is no longer in memory. A model
 that was in memory when a later one was admitted and has gone since takes its estimate out
-of that later floor."""
+of that later floor.
+
+A floor follows what other programs give back meanwhile: a model that is loading only adds
+to the reading, so a reading below the lowest one seen since the admission is memory others
+freed (or a model gone, whose estimate already came out), and the floor comes down by as
+much. Otherwise a floor whose model's memory never shows whole (its weights mapped from the
+file, page cache on Linux) would keep what a closed app freed counted as used for as long as
+the model stays loaded."""
 
 from __future__ import annotations
 
@@ -21,29 +28,43 @@ class Floor:
     bytes: int
     estimate: int
     beneath: dict[str, int]  # the models in memory when it was admitted, and their estimates
+    lowest: int  # the lowest raw reading seen since it was admitted
+    credit: int = 0  # of the estimates of models gone, what the reading has not shown back
 
 
 class Settling:
     def __init__(self) -> None:
         self.floors: list[Floor] = []
+        self.last: MemoryReading | None = None  # the raw reading `counted` was last given
 
     def admitted(self, engine_id: str, estimate: int, counted: MemoryReading,
                  in_memory: dict[str, int]) -> None:
-        """`engine_id` loads now, admitted at `counted` (the reading as counted here) with
-        `in_memory` (each model in memory then, with its estimate)."""
+        """`engine_id` loads now, admitted at `counted` (the reading as counted here, from
+        the raw one `counted` was last given) with `in_memory` (each model in memory then,
+        with its estimate)."""
         self.floors = [f for f in self.floors if f.engine_id != engine_id]
+        raw = self.last.used if self.last is not None else counted.used
         self.floors.append(Floor(engine_id, counted.used + estimate, estimate,
-                                 {k: v for k, v in in_memory.items() if k != engine_id}))
+                                 {k: v for k, v in in_memory.items() if k != engine_id}, raw))
 
     def counted(self, reading: MemoryReading, in_memory: set[str]) -> MemoryReading:
         """`reading` with every live floor under it; floors that ended are dropped."""
+        self.last = reading
         kept: list[Floor] = []
         for floor in self.floors:
             if floor.engine_id not in in_memory:
                 continue
             gone = [name for name in floor.beneath if name not in in_memory]
             for name in gone:
-                floor.bytes -= floor.beneath.pop(name)
+                estimate = floor.beneath.pop(name)
+                floor.bytes -= estimate
+                floor.credit += estimate
+            if reading.used < floor.lowest:  # freed by others, or a gone model's coming back
+                fallen = floor.lowest - reading.used
+                floor.lowest = reading.used
+                taken = min(fallen, floor.credit)
+                floor.credit -= taken
+                floor.bytes -= fallen - taken
             if reading.used >= floor.bytes:
                 continue  # its memory shows in the reading now
             kept.append(floor)
