@@ -81,3 +81,22 @@ def test_a_load_that_succeeds_ends_the_run_of_failures(tmp_path: Path) -> None:
     assert "a" not in json.loads((settings.state_dir / FAILURES_FILE).read_text())
     again = front.failed("a", since)
     assert again.count == 1 and again.until - again.at == 10 and "failed once" in again.message()
+
+
+def test_a_cause_is_printable_text(tmp_path: Path) -> None:
+    """The cause quotes the file (llama.cpp: "unknown model architecture: '<its name>'"), and
+    `model stats` prints it to a terminal: escape sequences a hostile GGUF put in its
+    architecture's name are shown, not obeyed."""
+    settings = load_settings({"HOME": str(tmp_path), "STATE_DIR": str(tmp_path / "state")})
+    path = tmp_path / "a.gguf"
+    path.write_bytes(b"GGUF")
+    hostile = "\x1b]52;c;ZWNobyBwd25lZA==\x07\x1b[2J"  # set the clipboard, clear the screen
+    settings.log_file.parent.mkdir(parents=True, exist_ok=True)
+    settings.log_file.write_text(
+        log_line(path, "llama_model_load: error loading model: unknown model architecture: "
+                       f"'{hostile}'")
+        + log_line(path, "common_init_from_params: failed to load model '{path}'"))
+    failure = LoadFailures(settings, lambda engine_id: (engine_id, path)).failed(
+        "a", time.time() - 5)
+    assert failure is not None and "unknown model architecture" in failure.message()
+    assert failure.message().isprintable() and "\\x1b]52" in failure.cause, failure.cause

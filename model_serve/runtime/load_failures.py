@@ -118,10 +118,11 @@ class LoadFailures:
             return None
         name, path = served
         deadline = time.monotonic() + CAUSE_WAIT
-        while (cause := load_error(self.settings.log_file, path, since, engine_id)) is None:
+        while (said := load_error(self.settings.log_file, path, since, engine_id)) is None:
             if time.monotonic() >= deadline:
                 return None
             time.sleep(0.1)
+        cause = printable(said)
         if cause.startswith(ENDED) and stop_noted(self.settings, engine_id, since):
             return None  # a reload (or an unload) ended it during the load
         last = self.failures.get(engine_id)
@@ -243,6 +244,13 @@ def _ended(lines: list[str], engine_id: str, since: float) -> str | None:
                 return None
             return f"{ENDED} ({said}), with no error of its own in the log"
     return None
+
+
+def printable(text: str) -> str:
+    """`text` with each control character shown as an escape: a cause quotes the file (its
+    architecture's name, say), and `model stats` prints it to a terminal, which would obey
+    escape sequences a hostile GGUF planted there."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def fix_for(cause: str) -> str:
