@@ -20,10 +20,13 @@ from openai import APIStatusError, OpenAI
 
 from model_serve.config.settings import load_settings
 from model_serve.errors import ConfigError
+from tests.conftest import TWIN as TWIN_YAML
 from tests.conftest import Env, new_env, running
 from tests.test_llama_swap import REAL_LLAMA_SWAP, llama_swap_binary, port_block
 
 GEMMA = "ls/gemma-3:270m-q4_k_m"
+TWIN = "ls/g2"  # B's second model (tests.conftest.TWIN): B's alone
+ORIGIN = "https://chat.example"  # a web page allowed on the front stacks' port
 B_KEY, A_KEY = "sk-peer-b", "sk-peer-a"
 ENGINES = ("llama-server", "llama-swap")
 T = TypeVar("T")
@@ -90,6 +93,14 @@ def test_a_keys_file_others_may_read_is_refused(env: Env) -> None:
     assert load_settings(dict(env)).peers[0].key == ""
 
 
+def test_peers_need_the_front(env: Env) -> None:
+    env.update({"PEERS": "studio=http://x", "FRONT": "off"})
+    with pytest.raises(ConfigError) as refused:
+        load_settings(dict(env))
+    assert "PEERS" in refused.value.message and refused.value.hint == \
+        "set FRONT=on, or unset PEERS"
+
+
 def test_models_a_llama_swap_forwards_to_its_own_peers_are_not_its_own(tmp_path: Path) -> None:
     """The real llama-swap v250 marks its peers' models; those are left out (no a/b/a/...)."""
     import subprocess
@@ -135,9 +146,10 @@ def stacks(tmp_path_factory: pytest.TempPathFactory,
         env.update({"PEER_CHECK_INTERVAL": "1", "DEFAULT_CTX_SIZE": "2048"})
     router = a["llama-server"]
     b.update({"API_KEYS": B_KEY, "PEERS": f"a={router.base_url}"})
+    (b.home / "custom_models.yaml").write_text(TWIN_YAML)
     write_keys(b, f"a={A_KEY}\n")
     for env in a.values():
-        env.update({"API_KEYS": A_KEY, "PEERS": f"b={b.base_url}"})
+        env.update({"API_KEYS": A_KEY, "PEERS": f"b={b.base_url}", "CORS_ORIGINS": ORIGIN})
         write_keys(env, f"b={B_KEY}\n")
     with running(b), running(router), running(swap):
         yield {"b": b, **a}
@@ -167,24 +179,28 @@ def ollama_client(env: Env) -> ollama.Client:
 
 def test_each_lists_the_others_own_models_only(stacks: dict[str, Env]) -> None:
     b, router = stacks["b"], stacks["llama-server"]
-    for env, key, peer in ((router, A_KEY, "b"), (stacks["llama-swap"], A_KEY, "b"),
-                           (b, B_KEY, "a")):
-        models = eventually(lambda e=env, k=key, p=peer: (m := listed(e, k)) and
-                            f"{p}/{GEMMA}" in m and m, 60)
-        assert set(models) == {GEMMA, f"{peer}/{GEMMA}"}, models  # no b/a/..., no a/b/...
+    for env, key, ours, theirs in ((router, A_KEY, {GEMMA}, {f"b/{GEMMA}", f"b/{TWIN}"}),
+                                   (stacks["llama-swap"], A_KEY, {GEMMA},
+                                    {f"b/{GEMMA}", f"b/{TWIN}"}),
+                                   (b, B_KEY, {GEMMA, TWIN}, {f"a/{GEMMA}"})):
+        peer = next(iter(theirs)).partition("/")[0]
+        models = eventually(lambda e=env, k=key, t=theirs: (m := listed(e, k)) and
+                            t <= set(m) and m, 60)
+        assert set(models) == ours | theirs, models  # no b/a/..., no a/b/...
         entry = models[f"{peer}/{GEMMA}"]
         assert entry["meta"]["llamaswap"] == {"type": "peer", "peerID": peer}
         assert entry["status"]["value"] in ("loaded", "unloaded")
     tags = requests.get(f"{router.base_url}/api/tags", timeout=10,
                         headers={"Authorization": f"Bearer {A_KEY}"}).json()["models"]
-    assert {t["name"] for t in tags} == {GEMMA, f"b/{GEMMA}"}
+    assert {t["name"] for t in tags} == {GEMMA, f"b/{GEMMA}", f"b/{TWIN}"}
     shown = router.run("list", check=True).stdout
     assert f"b/{GEMMA}" in shown and f"peer b ({b.base_url})" in shown
     as_json = yaml.safe_load(router.run("list", "--json", check=True).stdout)
-    assert [(m["peer"], m["peer_name"]) for m in as_json if "peer" in m] == [("b", GEMMA)]
+    assert {(m["peer"], m["peer_name"]) for m in as_json if "peer" in m} == {("b", GEMMA),
+                                                                             ("b", TWIN)}
     checks = {c["name"]: c for c in yaml.safe_load(router.run("doctor", "--json").stdout)}
     assert checks["peers"]["status"] == "ok"
-    assert checks["peers"]["detail"] == f"b ({b.base_url}): 1 model(s)"
+    assert checks["peers"]["detail"] == f"b ({b.base_url}): 2 model(s)"
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -208,6 +224,17 @@ def test_a_chat_and_a_stream_reach_the_peers_model(stacks: dict[str, Env],
                                    messages=[{"role": "user", "content": "Say hello"}])
     assert answer.model == f"b/{GEMMA}" and answer.message.content and answer.eval_count == 3
     assert requests_served(b, B_KEY) == before + 3  # B's own model answered each
+    # A page allowed here (CORS_ORIGINS) reaches it too: B never judges our client's origin.
+    page = requests.post(f"{a.base_url}/v1/chat/completions", timeout=120, json={
+        "model": f"b/{GEMMA}", "max_tokens": 1, "messages": [{"role": "user", "content": "Hi"}]},
+        headers={"Authorization": f"Bearer {A_KEY}", "Origin": ORIGIN,
+                 "Sec-Fetch-Site": "cross-site", "Cookie": "session=ours"})
+    assert page.status_code == 200, page.text
+    assert page.headers["Access-Control-Allow-Origin"] == ORIGIN
+    # A name only one peer lists needs no `b/` (llama-swap's rule); ours win over theirs.
+    reply = client(a).chat.completions.create(
+        model=TWIN, max_tokens=1, messages=[{"role": "user", "content": "Hi"}])
+    assert reply.model == TWIN and reply.usage.completion_tokens == 1
     # Our own admission and activity never see a peer's model.
     report = requests.get(f"{a.base_url}/api/model_serve/activity", timeout=10,
                           headers={"Authorization": f"Bearer {A_KEY}"}).json()
@@ -238,7 +265,7 @@ def test_a_peer_that_stops_gets_a_clear_503_at_once(stacks: dict[str, Env]) -> N
         # Listed still, as unavailable; our own model serves as before.
         models = eventually(lambda a=a: (m := listed(a, A_KEY)) and
                             m[f"b/{GEMMA}"]["status"]["value"] == "unavailable" and m, 30)
-        assert set(models) == {GEMMA, f"b/{GEMMA}"}
+        assert set(models) == {GEMMA, f"b/{GEMMA}", f"b/{TWIN}"}
         reply = client(a).chat.completions.create(
             model=GEMMA, max_tokens=2, messages=[{"role": "user", "content": "Hi"}])
         assert reply.usage.completion_tokens == 2

@@ -375,6 +375,10 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
     values["peer_keys_file"] = values["peer_keys_file"] or home / "peer-keys"
     values["peers"] = build_peers(values["peers"], sources["PEERS"], values["model_prefix"],
                                   values["peer_keys_file"], sources["PEER_KEYS_FILE"])
+    if values["peers"] and values["front"] != "on":
+        raise ConfigError(f"PEERS (from {sources['PEERS']}) needs the front, and FRONT=off "
+                          f"(from {sources['FRONT']}): the front forwards the peers' requests",
+                          "set FRONT=on, or unset PEERS")
     if values["models_dir"] is None:
         raise ConfigError("MODELS_DIR is empty", "set MODELS_DIR to the folder of your models")
     values["state_dir"] = values["state_dir"] or home / "state"

@@ -62,7 +62,7 @@ from model_serve.runtime.gate import (
     request_key,
 )
 from model_serve.runtime.ollama_routes import OllamaApi
-from model_serve.runtime.peers import PeerRoute, Peers, PeerState
+from model_serve.runtime.peers import PeerRoute, Peers, PeerState, refusal
 
 log = logging.getLogger("model_serve.front")
 
@@ -75,6 +75,10 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy
 MODEL_PATHS = ("/v1/", "/v/", "/sdapi/", "/audioapi/", "/completion", "/infill", "/embedding",
                "/rerank", "/apply-template",
                "/tokenize", "/detokenize")
+# What a client's browser says of itself and its site: our gate has judged it; a peer would
+# judge us by it (refuse the origin, say) and has no use for the cookies of our port.
+NOT_TO_PEERS = frozenset({"origin", "referer", "cookie", "sec-fetch-site", "sec-fetch-mode",
+                          "sec-fetch-dest", "sec-fetch-user"})
 NAMES_REFRESH = 2.0  # seconds between checks of the engine config (names follow every sync)
 LOAD_WAIT = 300.0  # seconds /upstream waits for a model to load
 HOLD_LIMIT = 300.0  # seconds a request waits at most for a model the sync is restarting
@@ -463,7 +467,7 @@ class Front:
                 # The router's `autoload=false` asks about a model without loading it.
                 loads = request.query.get("autoload", "").lower() != "false"
         if route is None and sent is not None and body is not None and \
-                self.peers.state_of(sent) is not None:
+                self.peers.serves(sent):
             return await self.forward_to_peer(request, body, path_qs, sent, answer)
         if route is None and sent is not None and self.engine.name == "llama-server":
             # The router also serves files of its own download cache by name, without
@@ -509,10 +513,11 @@ class Front:
     async def forward_to_peer(self, request: web.Request, body: bytes, path_qs: str | None,
                               sent: str, answer: Answer | None) -> web.StreamResponse:
         """A request for `<peer>/<model>`: to the peer, with its key and its own name for the
-        model; no admission, activity or saved conversation here (the peer has its own)."""
-        state = self.peers.state_of(sent)
-        assert state is not None
+        model; no admission, activity or saved conversation here (the peer has its own).
+        A name without `<peer>/` is one only one peer lists (llama-swap's rule)."""
         peer = await self.peers.find(sent)
+        state = peer.state if peer is not None else self.peers.state_of(sent)
+        assert state is not None
         if not state.up:
             return self._peer_unavailable(state)
         if peer is None:
@@ -602,7 +607,8 @@ class Front:
                      reuse: CacheReuse | None = None, answer: Answer | None = None,
                      peer: PeerRoute | None = None) -> web.StreamResponse:
         assert self.session is not None
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP
+                   and (peer is None or k.lower() not in NOT_TO_PEERS)}
         # A peer gets its own key (PEER_KEYS_FILE), never the client's nor ours.
         headers.update(peer.state.peer.headers if peer else self._engine_auth)
         if body is not None and (route is not None or peer) and body[:1] == b"{":
@@ -679,11 +685,10 @@ class Front:
                     raise
                 return self._peer_failed(peer, exc, True)
         if peer is not None and upstream.status in (401, 403):
-            upstream.release()  # the client's own key was good: ours to the peer was not
-            name = peer.state.peer.name
-            return _error(502, f"the peer {name} refused the key we send it (HTTP "
-                          f"{upstream.status}): put the key it accepts in PEER_KEYS_FILE as "
-                          f"{name}=KEY", "peer_refused_key")
+            # The client's own key and origin were good here: the peer refused us.
+            async with upstream:
+                said = refusal(peer.state.peer, upstream.status, await upstream.read())
+            return _error(502, f"the peer {peer.state.peer.name}: {said}", "peer_refused")
         record = request.get(RECORD)  # the dashboard's record of this request
         async with upstream:
             if record is not None:

@@ -288,9 +288,9 @@ class OllamaApi:
     def _peer_model(self, data: dict[str, Any]) -> str | None:
         """The name, when it is a peer's model (PEERS) and not one of ours."""
         name = data.get("model") or data.get("name")
-        if not isinstance(name, str) or self.front.peers.state_of(name) is None:
+        if not isinstance(name, str) or self.find(name) is not None:
             return None
-        return name if self.find(name) is None else None
+        return name if self.front.peers.serves(name) else None
 
     async def _infer_on_peer(self, request: web.Request, data: dict[str, Any], sent: str,
                              kind: str) -> web.StreamResponse:

@@ -72,14 +72,23 @@ def read_models(peer: Peer, timeout: float = CHECK_TIMEOUT) -> list[RemoteModel]
     except requests.RequestException as exc:
         raise PeerDown(_reason(exc)) from None
     if reply.status_code in (401, 403):
-        raise PeerDown(f"it refused our key (HTTP {reply.status_code}): put the key it "
-                       f"accepts in PEER_KEYS_FILE as {peer.name}=KEY")
+        raise PeerDown(refusal(peer, reply.status_code, reply.content))
     if reply.status_code != 200:
         raise PeerDown(f"its /v1/models answered HTTP {reply.status_code}")
     try:
         return own_models(reply.json())
     except ValueError:
         raise PeerDown("its /v1/models answer is not JSON") from None
+
+
+def refusal(peer: Peer, status: int, body: bytes) -> str:
+    """What a peer's 401 or 403 means: our key, or what its own message says."""
+    if status == 401:
+        return (f"it refused our key (HTTP 401): put the key it accepts in PEER_KEYS_FILE as "
+                f"{peer.name}=KEY")
+    from model_serve.runtime.ollama_shapes import error_message
+
+    return f"it refused us (HTTP {status}: {error_message(body)[:300]})"
 
 
 def _reason(exc: Exception) -> str:
@@ -144,13 +153,27 @@ class Peers:
         prefix, slash, _rest = name.partition("/")
         return self.states.get(prefix.lower()) if slash else None
 
+    def serves(self, name: str) -> bool:
+        """Whether a request for `name` is a peer's: `<peer>/...`, or a name that only one
+        peer lists (not ours: the front asks this of names it does not serve itself)."""
+        return self.state_of(name) is not None or self.unqualified(name) is not None
+
+    def unqualified(self, name: str) -> PeerRoute | None:
+        """llama-swap's rule: a peer's model may be asked for by its own name alone when
+        exactly one peer lists it."""
+        found = [(s, s.models[identity(name)]) for s in self.states.values()
+                 if identity(name) in s.models]
+        if len(found) != 1 or self._collides(*found[0]):
+            return None
+        return PeerRoute(found[0][0], found[0][1].name)
+
     async def find(self, name: str) -> PeerRoute | None:
         """The peer and its own name for `name`; None when no peer lists it. A peer not
         checked yet is checked first; one that lists no such model, again (at most once per
         second: it may have just got it)."""
         state = self.state_of(name)
         if state is None:
-            return None
+            return self.unqualified(name)
         remote = name.partition("/")[2]
         if state.checked == 0 or (state.up and identity(remote) not in state.models
                                   and time.time() - state.checked > 1):
