@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import requests
 import yaml
-from openai import OpenAI
+from openai import APIStatusError, OpenAI
 
 from tests.conftest import Env, new_env, running
 
@@ -434,6 +434,19 @@ def test_the_page_in_a_browser(dash: Env, browser: Any, tmp_path: Path) -> None:
     wait(lambda: connection() == "live" and state(B) == "unloaded", "the page back", 60)
     assert browser.execute_script("return window.notReloaded") is True
     assert not browser.find_element(By.ID, "notice").is_displayed()
+
+    # A model whose load fails shows so, with why, while its requests are refused. (Last: a
+    # second gemma file renames the others.)
+    gemma = next((dash.models / "google").glob("*.gguf"))
+    with open(gemma, "rb") as whole:  # its header and a part of its data
+        (dash.models / "google" / "broken-270m.gguf").write_bytes(whole.read(20 * 2**20))
+    dash.run("sync", check=True)
+    [broken] = [m.id for m in client.models.list().data if "broken" in m.id]
+    with pytest.raises(APIStatusError) as refused:
+        client.chat.completions.create(model=broken, messages=STORY, max_tokens=4)
+    assert refused.value.status_code == 503
+    wait(lambda: (cells(broken) or [""])[0] == "failing to load", "the failing model's state")
+    assert "not within the file bounds" in cells(broken)[2], cells(broken)
 
 
 # --- the records, on their own ------------------------------------------------------------------

@@ -176,7 +176,7 @@ function handleEvent(block) {
 function stateClass(state) {
   if (state === "loaded") return "state-loaded";
   if (state === "loading") return "state-loading";
-  if (state.startsWith("crashed")) return "state-crashed";
+  if (state.startsWith("crashed") || state === "failing to load") return "state-crashed";
   return "";
 }
 
@@ -194,11 +194,13 @@ function renderStatus(status) {
   $("engine").textContent = `engine: ${status.engine}`;
   const rows = status.models.map((m) => {
     const name = el("td", m.name, "name");
-    // Why its server last ended, when nobody asked it to: shown under a crashed state.
+    // Why its server last ended, when nobody asked it to: shown under a crashed state; why
+    // its loads fail (its requests are refused meanwhile): under "failing to load".
     const crashed = m.state.startsWith("crashed") && m.last_exit;
-    const state = lines([m.state, crashed ? m.last_exit : ""]);
+    const why = m.load_failure || (crashed ? m.last_exit : "");
+    const state = lines([m.state, why]);
     state.className = stateClass(m.state);
-    if (m.last_exit) state.title = m.last_exit;
+    if (why || m.last_exit) state.title = why || m.last_exit;
     const memory = lines([m.estimate_bytes ? `${bytes(m.estimate_bytes)} est.` : "",
                           m.rss_bytes ? `${bytes(m.rss_bytes)} held` : ""]);
     const saved = m.saved_conversations
