@@ -67,6 +67,26 @@ def engine_headers(settings: Settings) -> dict[str, str]:
     return _bearer(read(settings))
 
 
+FRONT_SOCKET = "front.sock"
+# Longest socket path every platform takes (macOS's sun_path holds 104 bytes, Linux's 108).
+SOCKET_PATH_MAX = 103
+
+
+def front_socket_path(settings: Settings) -> Path | None:
+    """Where the front listens for model_serve's own calls (None: a path too long for a
+    socket, so they go through the port): a Unix socket, 0600, that no client can fill
+    up, unlike the port's MAX_CONNECTIONS."""
+    path = settings.state_dir / FRONT_SOCKET
+    return path if len(str(path).encode()) <= SOCKET_PATH_MAX else None
+
+
+def front_socket(settings: Settings) -> Path | None:
+    """The front's own socket, when it runs and has one: model_serve's own calls (the
+    unloader's, the sync's hold, `model status`) go through it."""
+    path = front_socket_path(settings) if settings.front_enabled else None
+    return path if path is not None and path.is_socket() else None
+
+
 def own_headers(settings: Settings) -> dict[str, str]:
     """What model_serve sends to its own port: the owner key where the front runs (it opens
     the control endpoints), else the user's first API key."""

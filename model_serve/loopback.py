@@ -8,10 +8,12 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # imported when a call is made: commands that never call start faster
     import http.client
+    import socket
 
 
 class LoopbackError(OSError):
@@ -31,24 +33,44 @@ class Answer:
         return json.loads(self.body)
 
 
-def _connect(url: str, params: dict[str, str] | None,
-             timeout: float) -> tuple[http.client.HTTPConnection, str]:
+def _connect(url: str, params: dict[str, str] | None, timeout: float,
+             unix_socket: Path | None = None) -> tuple[http.client.HTTPConnection, str]:
     import http.client
     from urllib.parse import urlencode, urlsplit
 
     parts = urlsplit(url)
     query = "&".join(q for q in (parts.query, urlencode(params or {})) if q)
     target = (parts.path or "/") + (f"?{query}" if query else "")
-    return http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port,
-                                      timeout=timeout), target
+    conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=timeout)
+    if unix_socket is not None:  # the same request (Host included), through the socket
+        conn.sock = unix_connection(unix_socket, timeout)
+    return conn, target
+
+
+def unix_connection(path: Path, timeout: float) -> socket.socket:
+    import socket
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(str(path))
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def call(method: str, url: str, headers: dict[str, str] | None = None, timeout: float = 10,
-         json_body: Any = None, params: dict[str, str] | None = None) -> Answer:
-    """One request; the whole answer."""
+         json_body: Any = None, params: dict[str, str] | None = None,
+         unix_socket: Path | None = None) -> Answer:
+    """One request; the whole answer. `unix_socket`: sent through it, not to `url`'s port
+    (the front's own socket)."""
     import http.client
 
-    conn, target = _connect(url, params, timeout)
+    try:
+        conn, target = _connect(url, params, timeout, unix_socket)
+    except OSError as exc:
+        raise LoopbackError(f"{method} {url} via {unix_socket}: {exc}") from exc
     sent = dict(headers or {})
     body = None
     if json_body is not None:

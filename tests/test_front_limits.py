@@ -5,10 +5,12 @@ MAX_BODY_MB is a 413 before it is read whole; a client that sends its body too s
 requests that wait on their own model's load are answered when it ends, even past
 LOAD_QUEUE_TIMEOUT (a big model may take longer to load). A connection that sends its request
 head too slowly, or nothing, is closed after REQUEST_READ_TIMEOUT; past MAX_CONNECTIONS a new
-connection gets 503 and is closed, and the port serves again once connections close."""
+connection gets 503 and is closed, and the port serves again once connections close; model_serve's
+own calls meanwhile pass through the front's own socket."""
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -21,6 +23,7 @@ import requests
 from model_serve import internal_key
 from model_serve.config.settings import load_settings
 from model_serve.engines import select_engine
+from model_serve.runtime.activity import front_record
 from model_serve.runtime.procs import wait_until
 from tests.conftest import Env, running
 
@@ -119,6 +122,12 @@ def test_the_ports_limits(env: Env, gemma_path: Path) -> None:
                 assert answer.startswith(b"HTTP/1.1 503") and b"MAX_CONNECTIONS" in answer, answer
                 assert extra.recv(4096) == b"", "the refused connection is closed"
             assert len(idle) == 30
+            # model_serve's own calls come in through the front's own socket, which clients
+            # cannot fill: the unloader's read of the activity, `model status`.
+            settings = load_settings(dict(env))
+            assert front_record(settings) is not None
+            status = json.loads(env.run("status", "--json").stdout)
+            assert status["healthy"] is True, status
         # Once they are closed the port serves a real client again.
         client = openai.OpenAI(base_url=f"{env.base_url}/v1", api_key="x", max_retries=0)
         assert wait_until(lambda: _lists(client), 5, interval=0.1)

@@ -348,18 +348,22 @@ def parse_prometheus(text: str) -> dict[str, float]:
     return values
 
 
-def answers_health(url: str, api_keys: tuple[str, ...] = (), timeout: float = 2) -> bool:
+def answers_health(url: str, api_keys: tuple[str, ...] = (), timeout: float = 2,
+                   unix_socket: Path | None = None) -> bool:
     """GET `url`/health answers 200 (the front and both engines serve it). One HTTP/1.0
     request on a plain socket: `model status` must start fast, and http.client alone costs it
-    13 ms of imports."""
+    13 ms of imports. `unix_socket`: asked through it (the front's own socket)."""
     import socket
+
+    from model_serve.loopback import unix_connection
 
     host, _, port = url.split("//", 1)[1].rpartition(":")
     host = host.strip("[]")
     auth = f"Authorization: Bearer {api_keys[0]}\r\n" if api_keys else ""
     request = f"GET /health HTTP/1.0\r\nHost: {host}\r\n{auth}\r\n".encode()
     try:
-        with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        with unix_connection(unix_socket, timeout) if unix_socket is not None else \
+                socket.create_connection((host, int(port)), timeout=timeout) as sock:
             sock.sendall(request)
             status_line = sock.makefile("rb").readline(256)
     except OSError:

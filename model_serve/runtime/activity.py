@@ -122,7 +122,8 @@ def front_record(settings: Settings) -> dict[str, dict[str, Any]] | None:
 
     try:
         answer = call("GET", f"{settings.base_url}/api/model_serve/activity",
-                      internal_key.own_headers(settings), timeout=2)
+                      internal_key.own_headers(settings), timeout=2,
+                      unix_socket=internal_key.front_socket(settings))
         record = answer.json() if answer.status_code == 200 else None
     except (LoopbackError, ValueError):
         return None

@@ -1,7 +1,8 @@
 """The port's open connections, bounded: past MAX_CONNECTIONS a new connection gets an HTTP 503
 and is closed before anything of it is read, so idle or slow sockets cannot use up the
 front's file descriptors (macOS gives a process 256 by default) or its memory. Connections
-already open are untouched; the next one is taken as soon as one closes."""
+already open are untouched; the next one is taken as soon as one closes. model_serve's own
+calls come through the front's own Unix socket (runtime/front.py `serve`), which is not capped."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import asyncio
 import json
 import logging
 import resource
+import socket
 import time
 
 from aiohttp import web
@@ -63,7 +65,7 @@ class ConnectionCap:
 
     def connection_made(self, handler: web.RequestHandler, transport: asyncio.Transport) -> None:
         self._accept(handler, transport)
-        if len(self.server.connections) <= self.limit:
+        if len(self.server.connections) <= self.limit or _own_socket(transport):
             return
         self.refused += 1
         transport.write(refusal(self.limit))
@@ -77,3 +79,9 @@ class ConnectionCap:
         log.warning("the port has %d connections open (MAX_CONNECTIONS): new ones get HTTP 503 "
                     "and are closed (%d refused so far)", self.limit, self.refused)
         self._said_at = now
+
+
+def _own_socket(transport: asyncio.BaseTransport) -> bool:
+    """A connection to the front's own Unix socket (model_serve's own calls), never capped."""
+    sock = transport.get_extra_info("socket")
+    return sock is not None and sock.family == socket.AF_UNIX

@@ -1064,17 +1064,31 @@ def main() -> int:
 async def serve(app: web.Application, settings: Settings) -> None:
     """aiohttp's run_app, with the connection cap on its server. An idle connection, and one
     that has not sent its whole request head, is closed after REQUEST_READ_TIMEOUT: aiohttp
-    arms its keep-alive timer when a connection opens and does not re-arm it per byte."""
+    arms its keep-alive timer when a connection opens and does not re-arm it per byte.
+    model_serve's own calls (the unloader's, a sync's hold, `model status`) have a Unix socket
+    of their own, owner-only and outside the cap: clients that fill the port must not stop
+    memory relief or a sync. It opens after the port, so it answering means the port is up."""
     runner = web.AppRunner(app, handle_signals=True, access_log=None, handler_cancellation=True,
                            keepalive_timeout=settings.request_read_timeout, shutdown_timeout=5)
     await runner.setup()
     assert runner.server is not None
     ConnectionCap(runner.server, settings.max_connections)
+    door = internal_key.front_socket_path(settings)
     try:
         await web.TCPSite(runner, settings.host, settings.port).start()
+        if door is not None:
+            door.parent.mkdir(parents=True, exist_ok=True)
+            door.unlink(missing_ok=True)  # a dead front's
+            await web.UnixSite(runner, str(door)).start()
+            door.chmod(0o600)
+        else:
+            log.warning("the state folder's path is too long for a socket: model_serve's own "
+                        "calls go through the port, and wait like any client when it is full")
         await asyncio.Event().wait()
     finally:
         await runner.cleanup()
+        if door is not None:
+            door.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from model_serve import internal_key
 from model_serve.config.settings import Settings
 from model_serve.engines import select_engine
 from model_serve.engines.base import answers_health
@@ -73,7 +74,10 @@ def stack_status(settings: Settings) -> StackStatus:
         front=settings.front_enabled,
     )
     # The state names the engine: its module need not load to ask /health.
-    status.healthy = alive and answers_health(settings.base_url, settings.api_keys, timeout=1)
+    # Through the front's own socket where it has one: a port full of clients (MAX_CONNECTIONS)
+    # is no sign of an unhealthy stack.
+    status.healthy = alive and answers_health(settings.base_url, settings.api_keys, timeout=1,
+                                              unix_socket=internal_key.front_socket(settings))
     return status
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from model_serve import machine
+from model_serve import internal_key, machine
 from model_serve.config.settings import Settings
 from model_serve.engines import Engine, select_engine
 from model_serve.engines.base import answers_health
@@ -96,7 +96,8 @@ class Supervisor:
         if settings.front_enabled:
             self.front_child = Child(
                 "front", lambda: [sys.executable, "-m", "model_serve.runtime.front"],
-                lambda: answers_health(settings.base_url, settings.api_keys, timeout=0.5))
+                lambda: answers_health(settings.base_url, settings.api_keys, timeout=0.5,
+                                       unix_socket=internal_key.front_socket(settings)))
             self.children.insert(1, self.front_child)
         self.sync_status = ChildState()
         self._stop = threading.Event()
@@ -389,8 +390,6 @@ class Supervisor:
                  self.engine.name, self.settings.base_url, self.settings.state_dir)
         self.engine_version = self.engine.version()
         if self.settings.front_enabled:
-            from model_serve import internal_key
-
             internal_key.make(self.settings)  # before the engine and the front read it
         self._secure_saved_conversations()
         try:

@@ -184,6 +184,7 @@ def _requests_held(settings: Settings, engine: Engine, previous: str | None,
     from model_serve.loopback import LoopbackError, call
 
     headers = internal_key.own_headers(settings)  # hold and release are the owner's to ask
+    door = internal_key.front_socket(settings)  # clients filling the port cannot stop them
     restarting = [m for m in engine.models() if m.state in LOADED_STATES
                   and (restarted is None or m.name in restarted)]
     loaded = [m.name for m in restarting]
@@ -191,7 +192,7 @@ def _requests_held(settings: Settings, engine: Engine, previous: str | None,
         held = call("POST", f"{settings.base_url}/api/model_serve/hold", headers,
                     DRAIN_SECONDS + 10,
                     json_body={"models": None if restarted is None else sorted(restarted),
-                               "drain_seconds": DRAIN_SECONDS})
+                               "drain_seconds": DRAIN_SECONDS}, unix_socket=door)
         hold_id = held.json()["hold"]  # the release names it: it frees this hold only
     except (LoopbackError, ValueError, KeyError, TypeError) as exc:
         log.warning("the front did not hold requests during the reload: %s", exc)
@@ -207,7 +208,7 @@ def _requests_held(settings: Settings, engine: Engine, previous: str | None,
         for _attempt in range(3):
             try:
                 call("POST", f"{settings.base_url}/api/model_serve/release", headers, 10,
-                     json_body={"hold": hold_id})
+                     json_body={"hold": hold_id}, unix_socket=door)
                 break
             except LoopbackError as exc:
                 log.warning("releasing the held requests failed (%s); trying again", exc)

@@ -239,7 +239,8 @@ class PressureUnloader:
             answer = call("POST", f"{self.settings.base_url}/api/model_serve/evict",
                           internal_key.own_headers(self.settings), UNLOAD_WAIT + 90,
                           json_body={"model": victim.name, "idle_seconds": idle_seconds,
-                                     "why": why})
+                                     "why": why},
+                          unix_socket=internal_key.front_socket(self.settings))
         except LoopbackError as exc:
             log.warning("the front did not answer the unload of %s (%s); asking the engine",
                         victim.name, exc)
