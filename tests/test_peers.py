@@ -2,7 +2,8 @@
 front with the peer's own key, on both engines. Three real stacks on one machine, each with
 its own home and the real gemma model: B, and two stacks whose peer B is (one on the router,
 one on the real llama-swap v250); B has the router stack as its own peer, so each lists the
-other and neither may list `a/b/...`. Then B stops: a clear 503 at once, our own models go on.
+other and neither may list `a/b/...`. Then B stops: a clear 503 at once, our own models go on;
+and B comes back.
 """
 
 from __future__ import annotations
@@ -270,3 +271,12 @@ def test_a_peer_that_stops_gets_a_clear_503_at_once(stacks: dict[str, Env]) -> N
             model=GEMMA, max_tokens=2, messages=[{"role": "user", "content": "Hi"}])
         assert reply.usage.completion_tokens == 2
         assert f"peer b ({b.base_url}) is not answering" in a.run("list").stdout
+    # Back: its models serve again, found by the next check.
+    b.run("start", check=True)
+    for engine in ENGINES:
+        a = stacks[engine]
+        eventually(lambda a=a: listed(a, A_KEY)[f"b/{GEMMA}"]["status"]["value"] !=
+                   "unavailable", 30)
+        reply = client(a).chat.completions.create(
+            model=f"b/{GEMMA}", max_tokens=1, messages=[{"role": "user", "content": "Hi"}])
+        assert reply.model == f"b/{GEMMA}" and reply.usage.completion_tokens == 1

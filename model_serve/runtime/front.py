@@ -14,7 +14,9 @@
 - the start, end and number in flight of every request, per model (`/api/model_serve/activity`);
 - Ollama's API (`/api/chat`, `/api/tags`, ...), translated onto the paths above by
   ollama_routes.py;
-- on the router, a request for a loaded model goes to the model's own server (see Front).
+- on the router, a request for a loaded model goes to the model's own server (see Front);
+- other servers' models (PEERS) as `<peer>/<model>`, forwarded with the peer's key
+  (peers.py), never admitted here.
 
 Run as `python -m model_serve.runtime.front` (the supervisor does).
 """
