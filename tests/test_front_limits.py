@@ -133,6 +133,20 @@ def test_the_ports_limits(env: Env, gemma_path: Path) -> None:
         assert wait_until(lambda: _lists(client), 5, interval=0.1)
 
 
+def test_a_front_whose_socket_cannot_open_serves_on_the_port(env: Env) -> None:
+    """Where state/front.sock cannot be a socket (a folder in its way here; an exFAT drive, a
+    path over macOS's 104 bytes) the front serves all the same, says so, and model_serve's
+    own calls go through the port."""
+    (env.state / "front.sock").mkdir(parents=True)
+    with running(env):
+        assert requests.get(f"{env.base_url}/health", timeout=10).status_code == 200
+        assert json.loads(env.run("status", "--json").stdout)["healthy"] is True
+        assert front_record(load_settings(dict(env))) is not None
+        log = (env.state / "logs" / "model_serve.log").read_text()
+        assert "no socket of the front's own" in log
+    assert (env.state / "front.sock").is_dir()
+
+
 def seconds_until_closed(env: Env, drip: bytes) -> float:
     """Send `drip` a byte every half second (then nothing); the seconds until the port closes
     the connection, or 20 if it never does."""

@@ -1075,22 +1075,34 @@ async def serve(app: web.Application, settings: Settings) -> None:
     await runner.setup()
     assert runner.server is not None
     ConnectionCap(runner.server, settings.max_connections)
-    door = internal_key.front_socket_path(settings)
+    door: Path | None = None
     try:
         await web.TCPSite(runner, settings.host, settings.port).start()
-        if door is not None:
-            door.parent.mkdir(parents=True, exist_ok=True)
-            door.unlink(missing_ok=True)  # a dead front's
-            await web.UnixSite(runner, str(door)).start()
-            door.chmod(0o600)
-        else:
-            log.warning("the state folder's path is too long for a socket: model_serve's own "
-                        "calls go through the port, and wait like any client when it is full")
+        door = await _open_own_socket(runner, internal_key.front_socket_path(settings))
         await asyncio.Event().wait()
     finally:
         await runner.cleanup()
         if door is not None:
-            door.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                door.unlink()
+
+
+async def _open_own_socket(runner: web.AppRunner, door: Path | None) -> Path | None:
+    """The front's own socket at `door`, or None (said in the log) where there can be none:
+    a path too long, a filesystem without sockets (an exFAT drive), a folder in the way."""
+    why = "its path is too long for a socket"
+    if door is not None:
+        try:
+            door.parent.mkdir(parents=True, exist_ok=True)
+            door.unlink(missing_ok=True)  # a dead front's
+            await web.UnixSite(runner, str(door)).start()
+            door.chmod(0o600)
+            return door
+        except OSError as exc:
+            why = f"it cannot be opened ({exc})"
+    log.warning("no socket of the front's own in the state folder: %s. model_serve's own calls "
+                "go through the port, and wait like any client while it is full", why)
+    return None
 
 
 if __name__ == "__main__":
