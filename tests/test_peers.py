@@ -19,13 +19,16 @@ import requests
 import yaml
 from openai import APIStatusError, OpenAI
 
+from model_serve.commands import doctor
 from model_serve.config.settings import load_settings
 from model_serve.errors import ConfigError
 from tests.conftest import TWIN as TWIN_YAML
 from tests.conftest import Env, new_env, running
+from tests.real_ollama import serving
 from tests.test_llama_swap import REAL_LLAMA_SWAP, llama_swap_binary, port_block
 
 GEMMA = "ls/gemma-3:270m-q4_k_m"
+OLLAMA_MODEL = "gemma3-peer:latest"  # what the real Ollama serves the gemma file as
 TWIN = "ls/g2"  # B's second model (tests.conftest.TWIN): B's alone
 ORIGIN = "https://chat.example"  # a web page allowed on the front stacks' port
 B_KEY, A_KEY = "sk-peer-b", "sk-peer-a"
@@ -135,7 +138,8 @@ def test_models_a_llama_swap_forwards_to_its_own_peers_are_not_its_own(tmp_path:
 @pytest.fixture(scope="module")
 def stacks(tmp_path_factory: pytest.TempPathFactory,
            gemma_path: Path) -> Iterator[dict[str, Env]]:
-    """B (the peer, router engine), and one stack per engine whose peer B is."""
+    """B (the peer, router engine), and one stack per engine whose peer B is; the llama-swap
+    one has the real Ollama as a peer too."""
     b = new_env(tmp_path_factory.mktemp("peer-b"))
     a = {engine: new_env(tmp_path_factory.mktemp(f"a-{engine}")) for engine in ENGINES}
     swap = a["llama-swap"]
@@ -144,7 +148,8 @@ def stacks(tmp_path_factory: pytest.TempPathFactory,
                  "LLAMA_SWAP_BIN": str(llama_swap_binary(tmp_path_factory.mktemp("bin")))})
     for env in (b, *a.values()):
         (env.models / gemma_path.name).symlink_to(gemma_path)
-        env.update({"PEER_CHECK_INTERVAL": "1", "DEFAULT_CTX_SIZE": "2048"})
+        # Saved conversations are no peer's business: off, for quick stops.
+        env.update({"PEER_CHECK_INTERVAL": "1", "DEFAULT_CTX_SIZE": "2048", "KV_CACHE": "off"})
     router = a["llama-server"]
     b.update({"API_KEYS": B_KEY, "PEERS": f"a={router.base_url}"})
     (b.home / "custom_models.yaml").write_text(TWIN_YAML)
@@ -152,8 +157,11 @@ def stacks(tmp_path_factory: pytest.TempPathFactory,
     for env in a.values():
         env.update({"API_KEYS": A_KEY, "PEERS": f"b={b.base_url}", "CORS_ORIGINS": ORIGIN})
         write_keys(env, f"b={B_KEY}\n")
-    with running(b), running(router), running(swap):
-        yield {"b": b, **a}
+    with serving(tmp_path_factory.mktemp("ollama")) as server:
+        server.create(OLLAMA_MODEL.removesuffix(":latest"), gemma_path)
+        swap["PEERS"] += f",ol={server.host}"  # no key: Ollama takes none
+        with running(b), running(router), running(swap):
+            yield {"b": b, **a}
 
 
 def listed(env: Env, key: str) -> dict[str, dict]:
@@ -180,11 +188,11 @@ def ollama_client(env: Env) -> ollama.Client:
 
 def test_each_lists_the_others_own_models_only(stacks: dict[str, Env]) -> None:
     b, router = stacks["b"], stacks["llama-server"]
-    for env, key, ours, theirs in ((router, A_KEY, {GEMMA}, {f"b/{GEMMA}", f"b/{TWIN}"}),
-                                   (stacks["llama-swap"], A_KEY, {GEMMA},
-                                    {f"b/{GEMMA}", f"b/{TWIN}"}),
-                                   (b, B_KEY, {GEMMA, TWIN}, {f"a/{GEMMA}"})):
-        peer = next(iter(theirs)).partition("/")[0]
+    for env, key, ours, peer, theirs in (
+            (router, A_KEY, {GEMMA}, "b", {f"b/{GEMMA}", f"b/{TWIN}"}),
+            (stacks["llama-swap"], A_KEY, {GEMMA}, "b",
+             {f"b/{GEMMA}", f"b/{TWIN}", f"ol/{OLLAMA_MODEL}"}),
+            (b, B_KEY, {GEMMA, TWIN}, "a", {f"a/{GEMMA}"})):
         models = eventually(lambda e=env, k=key, t=theirs: (m := listed(e, k)) and
                             t <= set(m) and m, 60)
         assert set(models) == ours | theirs, models  # no b/a/..., no a/b/...
@@ -199,9 +207,8 @@ def test_each_lists_the_others_own_models_only(stacks: dict[str, Env]) -> None:
     as_json = yaml.safe_load(router.run("list", "--json", check=True).stdout)
     assert {(m["peer"], m["peer_name"]) for m in as_json if "peer" in m} == {("b", GEMMA),
                                                                              ("b", TWIN)}
-    checks = {c["name"]: c for c in yaml.safe_load(router.run("doctor", "--json").stdout)}
-    assert checks["peers"]["status"] == "ok"
-    assert checks["peers"]["detail"] == f"b ({b.base_url}): 2 model(s)"
+    check = doctor._peers(load_settings(dict(router)))  # model doctor's, asking B now
+    assert (check.status, check.detail) == ("ok", f"b ({b.base_url}): 2 model(s)")
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -246,6 +253,17 @@ def test_a_chat_and_a_stream_reach_the_peers_model(stacks: dict[str, Env],
     assert missing.value.status_code == 404 and "peer b" in missing.value.message
 
 
+def test_an_ollama_is_a_peer_too(stacks: dict[str, Env]) -> None:
+    """The real Ollama 0.32.15: its OpenAI API lists and answers; it gives no model state."""
+    swap = stacks["llama-swap"]
+    entry = eventually(lambda: listed(swap, A_KEY).get(f"ol/{OLLAMA_MODEL}"), 60)
+    assert entry["status"]["value"] == "unknown"
+    reply = client(swap).chat.completions.create(
+        model=f"ol/{OLLAMA_MODEL}", max_tokens=2, temperature=0,
+        messages=[{"role": "user", "content": "Say hello"}])
+    assert reply.model == f"ol/{OLLAMA_MODEL}" and reply.usage.completion_tokens == 2
+
+
 def test_a_peer_that_stops_gets_a_clear_503_at_once(stacks: dict[str, Env]) -> None:
     b = stacks["b"]
     b.run("stop", check=True)
@@ -266,11 +284,14 @@ def test_a_peer_that_stops_gets_a_clear_503_at_once(stacks: dict[str, Env]) -> N
         # Listed still, as unavailable; our own model serves as before.
         models = eventually(lambda a=a: (m := listed(a, A_KEY)) and
                             m[f"b/{GEMMA}"]["status"]["value"] == "unavailable" and m, 30)
-        assert set(models) == {GEMMA, f"b/{GEMMA}", f"b/{TWIN}"}
+        assert {GEMMA, f"b/{GEMMA}", f"b/{TWIN}"} <= set(models)
         reply = client(a).chat.completions.create(
             model=GEMMA, max_tokens=2, messages=[{"role": "user", "content": "Hi"}])
         assert reply.usage.completion_tokens == 2
         assert f"peer b ({b.base_url}) is not answering" in a.run("list").stdout
+    # Another peer is not affected either.
+    ollama_entry = listed(stacks["llama-swap"], A_KEY)[f"ol/{OLLAMA_MODEL}"]
+    assert ollama_entry["status"]["value"] == "unknown"
     # Back: its models serve again, found by the next check.
     b.run("start", check=True)
     for engine in ENGINES:
