@@ -68,7 +68,9 @@ def read_models(peer: Peer, timeout: float = CHECK_TIMEOUT) -> list[RemoteModel]
     import requests
 
     try:
-        reply = requests.get(f"{peer.url}/v1/models", headers=peer.headers, timeout=timeout)
+        # Not redirected: the key is for this URL alone.
+        reply = requests.get(f"{peer.url}/v1/models", headers=peer.headers, timeout=timeout,
+                             allow_redirects=False)
     except requests.RequestException as exc:
         raise PeerDown(_reason(exc)) from None
     if reply.status_code in (401, 403):
