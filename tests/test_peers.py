@@ -159,7 +159,8 @@ def stacks(tmp_path_factory: pytest.TempPathFactory,
         write_keys(env, f"b={B_KEY}\n")
     with serving(tmp_path_factory.mktemp("ollama")) as server:
         server.create(OLLAMA_MODEL.removesuffix(":latest"), gemma_path)
-        swap["PEERS"] += f",ol={server.host}"  # no key: Ollama takes none
+        swap["PEERS"] += f",ol={server.host},wrong={b.base_url}"  # no key: Ollama takes none
+        write_keys(swap, f"b={B_KEY}\nwrong=sk-not-bs-key\n")
         with running(b), running(router), running(swap):
             yield {"b": b, **a}
 
@@ -262,6 +263,17 @@ def test_an_ollama_is_a_peer_too(stacks: dict[str, Env]) -> None:
         model=f"ol/{OLLAMA_MODEL}", max_tokens=2, temperature=0,
         messages=[{"role": "user", "content": "Say hello"}])
     assert reply.model == f"ol/{OLLAMA_MODEL}" and reply.usage.completion_tokens == 2
+
+
+def test_a_peer_that_refuses_our_key_is_named_with_the_fix(stacks: dict[str, Env]) -> None:
+    swap = stacks["llama-swap"]
+    with pytest.raises(APIStatusError) as refused:
+        client(swap).chat.completions.create(model=f"wrong/{GEMMA}", max_tokens=1,
+                                             messages=[{"role": "user", "content": "Hi"}])
+    assert refused.value.status_code == 503
+    assert "it refused our key (HTTP 401): put the key it accepts in PEER_KEYS_FILE as " \
+        "wrong=KEY" in refused.value.message
+    assert not any(name.startswith("wrong/") for name in listed(swap, A_KEY))
 
 
 def test_a_peer_that_stops_gets_a_clear_503_at_once(stacks: dict[str, Env]) -> None:
