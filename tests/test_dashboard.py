@@ -666,6 +666,46 @@ def test_event_streams_are_bounded(tmp_path: Path) -> None:
         loop.call_soon_threadsafe(loop.stop)
 
 
+def test_clients_cannot_take_every_event_stream_from_the_owner(tmp_path: Path) -> None:
+    """With ADMIN_KEYS set, pages holding an API key alone (a client, a CORS_ORIGINS app's
+    tabs) are refused before they fill every stream: the owner's page still opens one."""
+    from model_serve.runtime.dashboard import EVENT_STREAMS_MAX
+
+    env = new_env(tmp_path)
+    env.update({"API_KEYS": KEY, "ADMIN_KEYS": "admin-key"})
+    _front, runner, loop = serve_front(env)
+
+    def open_stream(key: str) -> tuple[socket.socket, bytes]:
+        conn = socket.create_connection(("127.0.0.1", env.port), timeout=10)
+        conn.sendall(f"GET /api/model_serve/events HTTP/1.1\r\nHost: 127.0.0.1:{env.port}"
+                     f"\r\nAuthorization: Bearer {key}\r\n\r\n".encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += conn.recv(4096)
+        return conn, head.split(b"\r\n", 1)[0]
+
+    pages: list[socket.socket] = []
+    try:
+        client_streams = 0
+        for _ in range(EVENT_STREAMS_MAX + 1):
+            conn, status = open_stream(KEY)
+            pages.append(conn)
+            if b" 503 " in status:
+                break
+            assert b" 200 " in status
+            client_streams += 1
+        print(f"client streams before a 503: {client_streams}")
+        assert client_streams < EVENT_STREAMS_MAX
+        conn, status = open_stream("admin-key")
+        pages.append(conn)
+        assert b" 200 " in status, "the owner's page was locked out"
+    finally:
+        for conn in pages:
+            conn.close()
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+
+
 def test_logs_and_prompts_are_never_for_another_origin(tmp_path: Path) -> None:
     """CORS_ORIGINS opens the API to a web app's pages, never the log (the endpoint, the event
     stream's log, llama-swap's /logs) nor /slots (what users said), whatever key it holds."""

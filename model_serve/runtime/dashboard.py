@@ -69,6 +69,9 @@ EVENTS_WRITE_TIMEOUT = 30.0
 # Event streams open at once: each reads the log twice a second in a thread of the front's
 # own pool (which the request path uses too); pages past this many get a 503 and retry.
 EVENT_STREAMS_MAX = 16
+# Of those, kept for the owner's pages (a key that may read the log): clients with an API key
+# alone, or a CORS_ORIGINS app's tabs, must not take every stream and lock the owner out.
+EVENT_STREAMS_OWNER = 4
 # Lines of the engine's output that can quote a request (llama-server's "got exception" with
 # the JSON parser's "last read: '<text>'", a grammar it could not parse, its -v request and
 # response dumps, prompt debug lines): on the port, the log panel shows that one was withheld.
@@ -482,16 +485,17 @@ class Dashboard:
         else once why not. Read with fetch (an EventSource cannot send a key)."""
         from model_serve.runtime.gate import Access, Refusal, request_key
 
-        if self.streams >= EVENT_STREAMS_MAX:
-            return _error(503, f"{self.streams} dashboard pages are following events already "
-                          "(the most at once); close one, or wait", "server_busy",
-                          retry_after=5)
         gate = self.front.gate
         refusal = gate.refusal(Access.CONTROL, request_key(request.headers))
         origin = request.headers.get("Origin")
         if origin is not None and not gate.is_own_page(origin, request.headers.get("Host")):
             refusal = Refusal(403, "the log is never shown to a page of another web site "
                               "(CORS_ORIGINS or not)", "origin_not_allowed")
+        room = EVENT_STREAMS_MAX - (0 if refusal is None else EVENT_STREAMS_OWNER)
+        if self.streams >= room:
+            return _error(503, f"{self.streams} dashboard pages are following events already "
+                          "(the most at once); close one, or wait", "server_busy",
+                          retry_after=5)
         log_tail = LogTail(self.front.settings.log_file) if refusal is None else None
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                                "Cache-Control": "no-store",
