@@ -52,12 +52,29 @@ def test_memory_other_programs_free_meanwhile_comes_off_a_floor() -> None:
     settling.counted(reading(10), set())
     settling.admitted("a", 4 * GIB, reading(10), {})
     assert settling.counted(reading(10.5), {"a"}).used == 14 * GIB  # a shows 0.5 GiB
-    # Another program frees 2 GiB: the reading falls 1.5 GiB below the lowest seen (10).
+    # Another program frees 2 GiB: the reading falls 1.5 GiB below the admission's (10).
     assert settling.counted(reading(8.5), {"a"}).used == int(12.5 * GIB)
-    # a's memory keeps coming: the floor holds until the reading reaches it.
-    assert settling.counted(reading(9.5), {"a"}).used == int(12.5 * GIB)
-    assert settling.counted(reading(12.6), {"a"}).used == int(12.6 * GIB)
+    assert settling.counted(reading(8.6), {"a"}).used == int(12.6 * GIB)
+    # Once the reading is back up, the floor is whole again; it ends when the reading reaches it.
+    assert settling.counted(reading(13.9), {"a"}).used == 14 * GIB
+    assert settling.counted(reading(14.1), {"a"}).used == int(14.1 * GIB)
     assert settling.floors == []
+
+
+def test_memory_others_take_back_goes_back_on_the_floor() -> None:
+    """A dip of other programs' memory (a browser freeing and taking again) while a model
+    settles does not lower its floor for good: a rise after it may be theirs, not the model's.
+    Else a second model is admitted on a count 2 GiB short, and then a third that does not
+    fit."""
+    settling = Settling()
+    settling.counted(reading(10), set())
+    settling.admitted("a", 4 * GIB, reading(10), {})
+    assert settling.counted(reading(8), {"a"}).used == 12 * GIB  # others freed 2 GiB
+    # They take it back; a shows 0.5 GiB: others 10, a 4 once settled.
+    counted = settling.counted(reading(10.5), {"a"})
+    assert counted.used == 14 * GIB
+    settling.admitted("b", 4 * GIB, counted, {"a": 4 * GIB})
+    assert settling.counted(reading(11), {"a", "b"}).used == 18 * GIB
 
 
 def test_a_gone_model_is_taken_off_a_floor_once() -> None:

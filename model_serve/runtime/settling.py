@@ -8,12 +8,15 @@ reaches it (the model's memory shows), and when its model is no longer in memory
 that was in memory when a later one was admitted and has gone since takes its estimate out
 of that later floor.
 
-A floor follows what other programs give back meanwhile: a model that is loading only adds
-to the reading, so a reading below the lowest one seen since the admission is memory others
-freed (or a model gone, whose estimate already came out), and the floor comes down by as
-much. Otherwise a floor whose model's memory never shows whole (its weights mapped from the
-file, page cache on Linux) would keep what a closed app freed counted as used for as long as
-the model stays loaded."""
+A floor follows what other programs give back meanwhile, for as long as they keep it given
+back: a model that is loading only adds to the reading, so a reading below the one its
+admission was judged on is memory others freed (or a model gone, whose estimate already came
+out), and the floor is that much lower while the reading stays there. Otherwise a floor whose
+model's memory never shows whole (its weights mapped from the file, page cache on Linux)
+would keep what a closed app freed counted as used for as long as the model stays loaded. A
+reading that rises again is not taken for the model's own memory showing: it may be the
+others' coming back (a browser's tabs, a build), and a floor that stayed down would then let
+in a model that does not fit, the very thing floors are for."""
 
 from __future__ import annotations
 
@@ -28,8 +31,8 @@ class Floor:
     bytes: int
     estimate: int
     beneath: dict[str, int]  # the models in memory when it was admitted, and their estimates
-    lowest: int  # the lowest raw reading seen since it was admitted
-    credit: int = 0  # of the estimates of models gone, what the reading has not shown back
+    base: int  # the raw reading it was admitted at
+    credit: int = 0  # the estimates of models gone since (already out of `bytes`)
 
 
 class Settling:
@@ -51,6 +54,7 @@ class Settling:
         """`reading` with every live floor under it; floors that ended are dropped."""
         self.last = reading
         kept: list[Floor] = []
+        levels: list[int] = []
         for floor in self.floors:
             if floor.engine_id not in in_memory:
                 continue
@@ -59,15 +63,13 @@ class Settling:
                 estimate = floor.beneath.pop(name)
                 floor.bytes -= estimate
                 floor.credit += estimate
-            if reading.used < floor.lowest:  # freed by others, or a gone model's coming back
-                fallen = floor.lowest - reading.used
-                floor.lowest = reading.used
-                taken = min(fallen, floor.credit)
-                floor.credit -= taken
-                floor.bytes -= fallen - taken
-            if reading.used >= floor.bytes:
+            # Below the admission's reading now, past what gone models give back: freed by
+            # others, off the floor while it stays freed.
+            freed = max(0, floor.base - reading.used - floor.credit)
+            if freed == 0 and reading.used >= floor.bytes:
                 continue  # its memory shows in the reading now
             kept.append(floor)
+            levels.append(floor.bytes - freed)
         self.floors = kept
-        highest = max((f.bytes for f in kept), default=0)
+        highest = max(levels, default=0)
         return reading if highest <= reading.used else replace(reading, used=highest)
