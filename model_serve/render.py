@@ -154,14 +154,22 @@ def logs(path: Path, lines: int, follow: bool) -> None:
         return
     text = stack.tail(path, lines)
     if text:
-        click.echo(text)
+        click.echo(shown_on_terminal(text))
     if not follow:
         return
     try:
         for line in stack.follow(path):
-            click.echo(line, nl=False)
+            click.echo(shown_on_terminal(line), nl=False)
     except KeyboardInterrupt:
         pass
+
+
+def shown_on_terminal(text: str) -> str:
+    """`text` with each control character but line breaks and tabs shown as an escape. The
+    log quotes files (a GGUF's architecture name) and requests (a grammar the engine could
+    not parse): escape sequences a hostile file or client put there would be obeyed by the
+    owner's terminal (set the clipboard, rewrite what the screen shows)."""
+    return "".join(c if c.isprintable() or c in "\n\t" else repr(c)[1:-1] for c in text)
 
 
 def _problems(problems: list[ScanProblem]) -> None:

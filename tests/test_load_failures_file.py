@@ -100,3 +100,21 @@ def test_a_cause_is_printable_text(tmp_path: Path) -> None:
         "a", time.time() - 5)
     assert failure is not None and "unknown model architecture" in failure.message()
     assert failure.message().isprintable() and "\\x1b]52" in failure.cause, failure.cause
+
+
+def test_model_logs_shows_escape_sequences_as_text(tmp_path: Path) -> None:
+    """`model logs` (where a failure's fix sends the owner) prints the log's lines, which quote
+    files (a hostile GGUF's architecture name) and clients' requests (a grammar the engine
+    could not parse): their escape sequences are shown, not obeyed by the terminal."""
+    from tests.conftest import new_env
+
+    env = new_env(tmp_path)
+    path = tmp_path / "a.gguf"
+    hostile = "\x1b]52;c;ZWNobyBwd25lZA==\x07\x1b[2J\u202e"  # clipboard, clear, right-to-left
+    log = env.state / "logs" / "model_serve.log"
+    log.parent.mkdir(parents=True)
+    log.write_text(log_line(path, f"unknown model architecture: '{hostile}'\tend"))
+    shown = env.run("logs", "-n", "5", check=True).stdout
+    assert "unknown model architecture" in shown and "\tend" in shown
+    assert "\x1b" not in shown and "\x07" not in shown and "\u202e" not in shown, repr(shown)
+    assert "\\x1b]52;c;" in shown
