@@ -158,19 +158,22 @@ def killing_model_servers(env: Env) -> Iterator[list[int]]:
 
 
 def test_a_model_server_that_ends_while_loading_is_remembered(stack: Env) -> None:
-    """No "failed to load" line: the model server is killed as it loads. One load, then the
-    model is refused at once, with the engine's own account of the end; not a load (and
-    admission's lock held for seconds) per request."""
+    """No "failed to load" line: the model server is killed as it loads. Once may come from
+    outside (the OOM killer, a kill): tried again. Twice in a row, the model is refused at
+    once, with the engine's own account of the end; not a load (and admission's lock held
+    for seconds) per request."""
     client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key="unused", timeout=120)
     assert ask(client, GOOD)[0] == 200
     stack.run("unload", GOOD, check=True)
     with killing_model_servers(stack) as killed:
+        first = ask(client.with_options(max_retries=0), GOOD)  # the client's own retry: 2nd
+        assert first[0] != 200 and "ended while loading" not in first[1], first
         status, said, _took = ask(client, GOOD)
         assert status == 503 and f"model {GOOD} failed to load" in said, said
-        assert "ended while loading" in said, said
+        assert "ended while loading" in said and "2 times in a row" in said, said
         for _ in range(3):
             status, said, took = ask(client, GOOD)
             assert status == 503 and "ended while loading" in said and took < 2, (said, took)
-        assert len(set(killed)) == 1, killed
+        assert 2 <= len(set(killed)) <= 3, killed
     stack.run("unload", GOOD, check=True)  # tried again at its next request
     assert ask(client, GOOD)[0] == 200

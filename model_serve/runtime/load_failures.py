@@ -128,12 +128,17 @@ class LoadFailures:
         last = self.failures.get(engine_id)
         stamp = _stamp(path)
         count = last.count + 1 if last is not None and last.stamp == stamp else 1
+        # A server that ended without a word of its own may have been ended from outside (the
+        # OOM killer, a kill): once is not the model's fault, and is tried again at once;
+        # twice in a row is.
+        steps = count - 2 if cause.startswith(ENDED) else count - 1
         now = time.time()
+        until = now + min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** steps) if steps >= 0 else now
         failure = LoadFailure(engine_id, name, str(path), cause, fix_for(cause), count, now,
-                              now + min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (count - 1)), stamp)
+                              until, stamp)
         self.failures[engine_id] = failure
         self._write(engine_id)
-        return failure
+        return failure if steps >= 0 else None
 
     def loaded(self, engine_id: str) -> None:
         """A load of it succeeded: its next failure is a first one again ("in a row"), not
