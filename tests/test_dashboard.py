@@ -666,6 +666,27 @@ def test_event_streams_are_bounded(tmp_path: Path) -> None:
         loop.call_soon_threadsafe(loop.stop)
 
 
+def test_a_site_that_opens_the_page_keeps_no_handle_on_it(tmp_path: Path) -> None:
+    """The gate lets another site's link (window.open) open the page: the page is then cut from
+    its opener's window (no navigating it to a look-alike asking for the key), and its files
+    are not for another site's page to load."""
+    env = new_env(tmp_path)
+    _front, runner, loop = serve_front(env)
+    link = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate",
+            "Sec-Fetch-Dest": "document"}
+    try:
+        opened = requests.get(f"http://127.0.0.1:{env.port}/dashboard", headers=link,
+                              timeout=10)
+        assert opened.status_code == 200
+        assert opened.headers.get("Cross-Origin-Opener-Policy") == "same-origin"
+        for name in ("dashboard.js", "dashboard.css"):
+            part = requests.get(f"http://127.0.0.1:{env.port}/dashboard/{name}", timeout=10)
+            assert part.headers.get("Cross-Origin-Resource-Policy") == "same-origin", name
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+
+
 def test_clients_cannot_take_every_event_stream_from_the_owner(tmp_path: Path) -> None:
     """With ADMIN_KEYS set, pages holding an API key alone (a client, a CORS_ORIGINS app's
     tabs) are refused before they fill every stream: the owner's page still opens one."""

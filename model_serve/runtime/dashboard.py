@@ -47,6 +47,11 @@ PAGE_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-cache",
+    # A site that opened the page (a link, window.open: the gate lets that navigation in) keeps
+    # no handle on its window: it cannot send it elsewhere (a look-alike asking for the key) or
+    # watch it. Nor may another site load the page's files into its own.
+    "Cross-Origin-Opener-Policy": "same-origin",
+    "Cross-Origin-Resource-Policy": "same-origin",
 }
 RECORD = "model_serve.record"  # the request's RequestRecord, on the aiohttp request
 TAIL_KEPT = 4096  # bytes of an answer kept: its timings and usage come last
