@@ -18,11 +18,13 @@ log = logging.getLogger("model_serve")
 _unlockable: set[str] = set()
 
 
-def write_if_changed(path: Path, content: str, mode: int | None = None) -> bool:
+def write_if_changed(path: Path, content: str, mode: int | None = None,
+                     through_drive_cache: bool = True) -> bool:
     """Write `content` to `path` atomically; return False (and leave the content) if unchanged.
     `mode`: exactly these permissions, whatever the umask (0o600 for what holds prompts or
     keys; an unchanged file gets them too); None: those of any new file (0o666 less the
-    umask)."""
+    umask). `through_drive_cache` False: a status file rewritten every few seconds and made
+    anew from memory (sync_file)."""
     try:
         if path.read_text(encoding="utf-8") == content:
             if mode is not None and (path.stat().st_mode & 0o777) != mode:
@@ -40,7 +42,7 @@ def write_if_changed(path: Path, content: str, mode: int | None = None) -> bool:
             handle.flush()
             if mode is not None:
                 os.fchmod(handle.fileno(), mode)
-            sync_file(handle.fileno())
+            sync_file(handle.fileno(), through_drive_cache)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -76,13 +78,16 @@ def replace_symlink(link: Path, target: str | Path) -> None:
     sync_folder(link.parent)
 
 
-def sync_file(fd: int) -> None:
+def sync_file(fd: int, through_drive_cache: bool = True) -> None:
     """Put the file's data on the disk itself. macOS's fsync stops at the drive's own cache,
     which a power cut empties: there F_FULLFSYNC asks the drive to write it through (where a
-    filesystem refuses it, some network mounts, fsync is what is left)."""
+    filesystem refuses it, some network mounts, fsync is what is left). It empties the whole
+    drive's cache, every program's writes, so a file rewritten every few seconds and made anew
+    from memory after a crash (the unloader's activity.json) asks for fsync alone: still never
+    a file cut short behind the rename, on the drive's own schedule."""
     import fcntl
 
-    full_sync = getattr(fcntl, "F_FULLFSYNC", None)
+    full_sync = getattr(fcntl, "F_FULLFSYNC", None) if through_drive_cache else None
     if full_sync is not None:
         try:
             fcntl.fcntl(fd, full_sync)

@@ -138,3 +138,36 @@ def test_on_macos_the_data_is_written_through_the_drive_cache(
     else:
         assert full == [inode] and (inode, False) not in synced
     assert (tmp_path.stat().st_ino, True) in synced  # the folder: fsync, as before
+
+
+def test_on_macos_the_activity_record_does_not_flush_the_drive(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        synced: list[tuple[int, bool]]) -> None:
+    """F_FULLFSYNC empties the whole drive's cache (every program's writes): the unloader's
+    activity.json, rewritten at each poll (5 s, 1 s with FRONT=off) while models work and made
+    anew from memory, is synced with fsync alone; an engine config still goes through the
+    drive's cache. Linux's fcntl gets macOS's constant (51) here."""
+    import fcntl
+
+    from model_serve.runtime.activity import ActivityTracker, ModelActivity
+
+    full: list[int] = []
+    real = fcntl.fcntl
+
+    def mac_fcntl(fd: int, cmd: int, arg: int = 0) -> int:
+        if cmd != 51:
+            return real(fd, cmd, arg)
+        full.append(os.fstat(fd).st_ino)
+        os.fdatasync(fd)
+        return 0
+
+    monkeypatch.setattr(fcntl, "F_FULLFSYNC", 51, raising=False)
+    monkeypatch.setattr(fcntl, "fcntl", mac_fcntl)
+    tracker = ActivityTracker(engine=None)  # type: ignore[arg-type]  # save() asks no engine
+    tracker.models = {"a": ModelActivity("a", "loaded", 5801, time.time(), time.time())}
+    path = tmp_path / "activity.json"
+    tracker.save(path)
+    assert full == [] and (path.stat().st_ino, False) in synced
+    config = tmp_path / "engine.yaml"
+    write_if_changed(config, "models: {}\n")
+    assert full == [config.stat().st_ino]

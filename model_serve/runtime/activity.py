@@ -109,7 +109,9 @@ class ActivityTracker:
     def save(self, path: Path, extra: dict[str, Any] | None = None) -> None:
         data = {"models": {name: asdict(act) for name, act in sorted(self.models.items())},
                 **(extra or {})}
-        write_if_changed(path, json.dumps(data, indent=1, sort_keys=True))
+        # Rewritten every poll while models work, and made anew from memory: no drive flush.
+        write_if_changed(path, json.dumps(data, indent=1, sort_keys=True),
+                         through_drive_cache=False)
 
 
 def front_record(settings: Settings) -> dict[str, dict[str, Any]] | None:
