@@ -8,10 +8,14 @@ and B comes back.
 
 from __future__ import annotations
 
+import asyncio
+import json
+import threading
 import time
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import ollama
 import pytest
@@ -25,6 +29,7 @@ from model_serve.errors import ConfigError
 from tests.conftest import TWIN as TWIN_YAML
 from tests.conftest import Env, new_env, running
 from tests.real_ollama import serving
+from tests.test_dashboard import serve_front
 from tests.test_llama_swap import REAL_LLAMA_SWAP, llama_swap_binary, port_block
 
 GEMMA = "ls/gemma-3:270m-q4_k_m"
@@ -313,3 +318,115 @@ def test_a_peer_that_stops_gets_a_clear_503_at_once(stacks: dict[str, Env]) -> N
         reply = client(a).chat.completions.create(
             model=f"b/{GEMMA}", max_tokens=1, messages=[{"role": "user", "content": "Hi"}])
         assert reply.model == f"b/{GEMMA}" and reply.usage.completion_tokens == 1
+
+
+# --- hostile peers: a stand-in server, following the OpenAI /v1/models contract -----------
+class StandInPeer(ThreadingHTTPServer):
+    """A stand-in for other servers (one per base path: /good, /drip, /huge), each answering
+    /v1/models as a broken or hostile OpenAI-compatible server would; the paths and keys of
+    every other request are kept in `seen`."""
+
+    daemon_threads = True
+    GOOD = {"object": "list", "data": [
+        {"id": "m1", "object": "model"},
+        {"id": "forged\nINFO a line of ours", "object": "model"},  # a newline: a forged log
+        {"id": "\x1b]52;c;aGk=\x07clip", "object": "model"},  # sets a terminal's clipboard
+        {"id": "x" * 5000, "object": "model"},
+        {"id": "m2", "object": "model", "status": {"value": "\x1b[2Jloaded"}},
+    ]}
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), StandInHandler)
+        self.seen: list[tuple[str, str, str]] = []  # (method, path, Authorization)
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class StandInHandler(BaseHTTPRequestHandler):
+    server: StandInPeer
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *_args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        kind = self.path.split("/")[1]
+        if self.path != f"/{kind}/v1/models":
+            return self.answer(404, b'{"error": "no such path"}')
+        if kind == "good":
+            return self.answer(200, json.dumps(self.server.GOOD).encode())
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        piece = b' ' if kind == "drip" else b'{"id": "m", "object": "model"},' * 2000
+        try:
+            self.wfile.write(b'11\r\n{"data": [       \r\n')
+            while True:  # forever: a byte every 0.3 s (drip), or megabytes a second (huge)
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                self.wfile.flush()
+                if kind == "drip":
+                    time.sleep(0.3)
+        except OSError:
+            pass  # the reader gave up
+
+    def do_POST(self) -> None:  # noqa: N802
+        length = int(self.headers.get("Content-Length", 0))
+        self.rfile.read(length)
+        self.server.seen.append(("POST", self.path, self.headers.get("Authorization", "")))
+        self.answer(200, b'{"object": "chat.completion", "model": "m1", "choices": []}')
+
+    def answer(self, status: int, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Env, Any, StandInPeer]]:
+    """The real front (no engine behind it) whose peers are the stand-in's three servers."""
+    peer = StandInPeer()
+    threading.Thread(target=peer.serve_forever, daemon=True).start()
+    env = new_env(tmp_path_factory.mktemp("hostile"))
+    env.update({"PEERS": f"good={peer.url}/good,drip={peer.url}/drip,huge={peer.url}/huge",
+                "PEER_CHECK_INTERVAL": "2"})
+    write_keys(env, "good=sk-for-good\n")
+    front, runner, loop = serve_front(env)
+    try:
+        yield env, front, peer
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        peer.shutdown()
+
+
+def post_chat(env: Env, model: str, path: str = "/v1/chat/completions") -> requests.Response:
+    return requests.post(f"{env.base_url}{path}", timeout=30, json={
+        "model": model, "messages": [{"role": "user", "content": "Hi"}]})
+
+
+def test_a_peer_whose_list_drips_or_never_ends_is_down_within_the_check(
+        hostile: tuple[Env, Any, StandInPeer]) -> None:
+    """A list that drips a byte at a time, or streams megabytes for ever, marks its peer
+    unavailable within CHECK_TIMEOUT (5 s) or LIST_MAX: it holds no request, no thread, no
+    memory, and the other peers and `model list` go on."""
+    env, front, _peer = hostile
+    for name, said in (("drip", "did not arrive whole within 5s"), ("huge", "over 8 MiB")):
+        reply = post_chat(env, f"{name}/m")
+        assert reply.status_code == 503, reply.text
+        assert f"peer {name} " in reply.json()["error"]["message"]
+        assert said in reply.json()["error"]["message"]
+    assert [m.name for m in front.peers.listing()] == ["good/m1", "good/m2"]
+    shown = env.run("list", timeout=60)
+    assert "good/m1" in shown.stdout and "did not arrive whole within 5s" in shown.stdout
+
+
+def test_a_peers_names_that_are_not_printable_text_are_left_out(
+        hostile: tuple[Env, Any, StandInPeer]) -> None:
+    env, front, _peer = hostile
+    listed = eventually(lambda: front.peers.listing(), 20)
+    assert [(m.name, m.state) for m in listed] == [("good/m1", "unknown"),
+                                                   ("good/m2", "unknown")]
+    shown = env.run("list", "--json", timeout=60).stdout
+    assert "\x1b" not in shown and "forged" not in shown and "x" * 300 not in shown

@@ -14,6 +14,7 @@ for local models only.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -24,8 +25,11 @@ from model_serve.config.peers import Peer
 from model_serve.models.names import identity
 
 log = logging.getLogger("model_serve.peers")
+_UNFIT_SAID: set[str] = set()  # peers whose unfit names the log has told of
 
-CHECK_TIMEOUT = 5.0  # seconds one read of a peer's model list may take
+CHECK_TIMEOUT = 5.0  # seconds one read of a peer's model list may take, whole
+LIST_MAX = 8 * 2**20  # bytes of a peer's model list: some thousands of models
+NAME_MAX = 256  # characters of a peer's name for a model
 PEER_TYPE = "peer"  # llama-swap's meta.llamaswap.type of a model it forwards to a peer
 
 
@@ -46,41 +50,71 @@ def forwarded(entry: dict[str, Any]) -> bool:
     return isinstance(llamaswap, dict) and llamaswap.get("type") == PEER_TYPE
 
 
-def own_models(payload: Any) -> list[RemoteModel]:
-    """The models a peer serves itself, from its `/v1/models` answer."""
+def fit_name(name: Any) -> bool:
+    """Whether a peer's name for a model may be served here: printable text of a sane length
+    (it reaches terminals, logs and the dashboard; a newline or ESC would forge lines there)."""
+    return isinstance(name, str) and 0 < len(name) <= NAME_MAX and name.isprintable()
+
+
+def own_models(payload: Any, peer: str = "") -> list[RemoteModel]:
+    """The models a peer serves itself, from its `/v1/models` answer (names that are not
+    printable text left out, once in the log)."""
     data = payload.get("data") if isinstance(payload, dict) else None
     if not isinstance(data, list):
         raise PeerDown("its /v1/models answer has no \"data\" list (not an OpenAI-compatible "
                        "server?)")
-    models = []
+    models, unfit = [], 0
     for entry in data:
-        if not isinstance(entry, dict) or not isinstance(entry.get("id"), str) or \
-                not entry["id"] or forwarded(entry):
+        if not isinstance(entry, dict) or forwarded(entry):
+            continue
+        if not fit_name(entry.get("id")):
+            unfit += 1
             continue
         status = entry.get("status")
         state = status.get("value") if isinstance(status, dict) else None
-        models.append(RemoteModel(entry["id"], state if isinstance(state, str) else "unknown"))
+        models.append(RemoteModel(entry["id"], state if isinstance(state, str) and
+                                  fit_name(state) and len(state) <= 40 else "unknown"))
+    if unfit and peer not in _UNFIT_SAID:
+        _UNFIT_SAID.add(peer)
+        log.warning("peer %s lists %d model(s) whose names are not printable text of at most "
+                    "%d characters: left out", peer, unfit, NAME_MAX)
     return models
 
 
-def read_models(peer: Peer, timeout: float = CHECK_TIMEOUT) -> list[RemoteModel]:
-    """The peer's own models, asked of it now (blocking: the CLI, or the front's thread)."""
-    import requests
+async def read_models(peer: Peer, timeout: float = CHECK_TIMEOUT) -> list[RemoteModel]:
+    """The peer's own models, asked of it now: the whole answer within `timeout` and
+    LIST_MAX bytes. A hostile or broken peer (one that drips its answer, streams one forever,
+    or sends gigabytes) costs at most that, and no thread: requests' timeout is per read, so
+    a drip held a worker thread, the check and every request awaiting it for ever."""
+    import aiohttp
 
     try:
-        # Not redirected: the key is for this URL alone.
-        reply = requests.get(f"{peer.url}/v1/models", headers=peer.headers, timeout=timeout,
-                             allow_redirects=False)
-    except requests.RequestException as exc:
-        raise PeerDown(_reason(exc)) from None
-    if reply.status_code in (401, 403):
-        raise PeerDown(refusal(peer, reply.status_code, reply.content))
-    if reply.status_code != 200:
-        raise PeerDown(f"its /v1/models answered HTTP {reply.status_code}")
+        async with asyncio.timeout(timeout), aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=timeout)) as session, session.get(
+                f"{peer.url}/v1/models", headers=peer.headers,
+                allow_redirects=False) as reply:  # not redirected: the key is for this URL
+            body = bytearray()
+            async for chunk in reply.content.iter_any():
+                body += chunk
+                if len(body) > LIST_MAX:
+                    raise PeerDown(f"its /v1/models answer is over {LIST_MAX // 2**20} MiB")
+            status = reply.status
+    except TimeoutError:
+        raise PeerDown(f"its /v1/models answer did not arrive whole within {timeout:g}s"
+                       ) from None
+    except aiohttp.ClientConnectorError:
+        raise PeerDown("connection refused or unreachable") from None
+    except (aiohttp.ClientError, OSError) as exc:
+        raise PeerDown(f"its /v1/models answer broke off ({type(exc).__name__})") from None
+    if status in (401, 403):
+        raise PeerDown(refusal(peer, status, bytes(body)))
+    if status != 200:
+        raise PeerDown(f"its /v1/models answered HTTP {status}")
     try:
-        return own_models(reply.json())
+        payload = json.loads(body)
     except ValueError:
         raise PeerDown("its /v1/models answer is not JSON") from None
+    return own_models(payload, peer.name)
 
 
 def refusal(peer: Peer, status: int, body: bytes) -> str:
@@ -91,18 +125,6 @@ def refusal(peer: Peer, status: int, body: bytes) -> str:
     from model_serve.runtime.ollama_shapes import error_message
 
     return f"it refused us (HTTP {status}: {error_message(body)[:300]})"
-
-
-def _reason(exc: Exception) -> str:
-    import requests
-
-    if isinstance(exc, requests.ConnectTimeout):
-        return "no connection within the check's timeout"
-    if isinstance(exc, requests.ConnectionError):
-        return "connection refused or unreachable"
-    if isinstance(exc, requests.Timeout):
-        return "no answer within the check's timeout"
-    return type(exc).__name__
 
 
 @dataclass
@@ -214,7 +236,7 @@ class Peers:
 
     async def _check(self, state: PeerState) -> None:
         try:
-            models = await asyncio.to_thread(read_models, state.peer)
+            models = await read_models(state.peer)
         except PeerDown as exc:
             self.mark_down(state, str(exc))
         else:
@@ -239,9 +261,14 @@ class Peers:
             state.checking = asyncio.create_task(self._check(state))
 
     async def keep_checked(self) -> None:
-        while True:
-            await asyncio.gather(*(self.check(s) for s in self.states.values()))
-            await asyncio.sleep(self.interval)
+        try:
+            while True:
+                await asyncio.gather(*(self.check(s) for s in self.states.values()))
+                await asyncio.sleep(self.interval)
+        finally:  # the front stops: no check outlives it (each holds a connection)
+            for state in self.states.values():
+                if state.checking is not None:
+                    state.checking.cancel()
 
 
 @dataclass(frozen=True)
@@ -254,18 +281,18 @@ class Survey:
 
 
 def survey(peers: tuple[Peer, ...], is_local: Callable[[str], bool]) -> list[Survey]:
-    """Every peer asked at once (each within CHECK_TIMEOUT); names of local models left out."""
-    from concurrent.futures import ThreadPoolExecutor
+    """Every peer asked at once (each within CHECK_TIMEOUT); names of local models left out.
+    Not from a running event loop (the CLI's)."""
 
-    def ask(peer: Peer) -> Survey:
+    async def ask(peer: Peer) -> Survey:
         try:
-            models = read_models(peer)
+            models = await read_models(peer)
         except PeerDown as exc:
             return Survey(peer, [], str(exc))
         listed = [Listed(f"{peer.name}/{m.name}", peer.name, m.name, m.state) for m in models]
         return Survey(peer, [m for m in listed if not is_local(m.name)])
 
-    if not peers:
-        return []
-    with ThreadPoolExecutor(max_workers=min(8, len(peers))) as pool:
-        return list(pool.map(ask, peers))
+    async def ask_all() -> list[Survey]:
+        return list(await asyncio.gather(*(ask(p) for p in peers)))
+
+    return asyncio.run(ask_all()) if peers else []
