@@ -430,3 +430,22 @@ def test_a_peers_names_that_are_not_printable_text_are_left_out(
                                                    ("good/m2", "unknown")]
     shown = env.run("list", "--json", timeout=60).stdout
     assert "\x1b" not in shown and "forged" not in shown and "x" * 300 not in shown
+
+
+def test_a_peer_is_sent_only_what_any_client_may_ask_of_a_model(
+        hostile: tuple[Env, Any, StandInPeer]) -> None:
+    """The peer's key opens the peer's model paths to our clients, nothing more: a control
+    path (the router's POST /v1/models downloads a model), a path the name rides on in the
+    query, or any other path never reach it."""
+    env, front, peer = hostile
+    eventually(lambda: front.peers.listing(), 20)
+    peer.seen.clear()
+    for path in ("/v1/models", "/props", "/anything/else?model=good/m1"):
+        reply = post_chat(env, "good/m1", path)
+        assert reply.status_code != 200, (path, reply.text)  # ours answered (the engine's)
+    reply = requests.post(f"{env.base_url}/v1/chat/completions?model=good/m1", timeout=30,
+                          json={"messages": [{"role": "user", "content": "Hi"}]})
+    assert reply.status_code != 200, reply.text
+    assert peer.seen == []
+    assert post_chat(env, "good/m1").status_code == 200
+    assert peer.seen == [("POST", "/good/v1/chat/completions", "Bearer sk-for-good")]

@@ -457,6 +457,11 @@ class Front:
                     body, sent, route = self._named_in_body(body, kind)
             except model_field.BadBody as exc:
                 return _error(400, str(exc), "invalid_request")
+        # A peer is sent only what any client may ask of a model: a body naming it, on a
+        # model path; never a control or secret path (its key may open more there than the
+        # client's opens here), nor a path a query names it on.
+        to_peer = sent is not None and access_of(
+            request.method, (path_qs or request.path).partition("?")[0], {}) is Access.CLIENT
         if len(request.query.getall("model", [])) > 1 or (
                 sent is not None and request.query.get("model", sent) != sent):
             # Engines read the query and the body by other rules: one name, one model.
@@ -468,7 +473,7 @@ class Front:
                 path_qs = f"{request.path}?{query}"
                 # The router's `autoload=false` asks about a model without loading it.
                 loads = request.query.get("autoload", "").lower() != "false"
-        if route is None and sent is not None and body is not None and \
+        if route is None and to_peer and sent is not None and body is not None and \
                 self.peers.serves(sent):
             return await self.forward_to_peer(request, body, path_qs, sent, answer)
         if route is None and sent is not None and self.engine.name == "llama-server":
