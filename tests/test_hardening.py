@@ -248,3 +248,19 @@ def test_model_run_says_what_went_wrong_and_keeps_the_conversation(stack: Env,
     finally:
         chat.close(force=True)
     assert chat.exitstatus == 0
+
+
+def test_a_keys_file_others_may_read_is_warned_of_by_name(env: Env) -> None:
+    """API_KEYS_FILE readable by other users: accepted (refusing would stop existing
+    installs), but `model doctor` warns, naming the file and the chmod."""
+    keys = env.home / "api-keys"
+    keys.write_text("k1\n")
+    keys.chmod(0o644)
+    env["API_KEYS_FILE"] = str(keys)
+    checks = {c["name"]: c for c in json.loads(env.run("doctor", "--json").stdout)}
+    warned = [c for c in checks.values() if str(keys) in c["detail"]]
+    assert [(c["status"], c["fix"]) for c in warned] == [("warn", f"chmod 600 {keys}")]
+    assert "other users" in warned[0]["detail"]
+    keys.chmod(0o600)
+    checks = {c["name"]: c for c in json.loads(env.run("doctor", "--json").stdout)}
+    assert not any(str(keys) in c["detail"] and c["status"] == "warn" for c in checks.values())

@@ -187,6 +187,16 @@ def _exposure(settings: Settings) -> Check:
                  f"{len(settings.api_keys)} API key(s)")
 
 
+def _keys_files(settings: Settings) -> Check:
+    from model_serve.config.settings import keys_files_open_to_others
+
+    warnings = keys_files_open_to_others(settings)
+    if warnings:
+        return Check("keys files", "warn", "; ".join(said for _path, said in warnings),
+                     "chmod 600 " + " ".join(str(path) for path, _said in warnings))
+    return Check("keys files", "ok", "the keys files, if any, are readable by their owner only")
+
+
 def _port(settings: Settings) -> Check:
     from model_serve.runtime import procs
     from model_serve.runtime.stack import stack_status
@@ -262,7 +272,7 @@ def _peers(settings: Settings) -> Check:
 
 CHECKS: tuple[Callable[[Settings], Check], ...] = (
     _engine, _engine_computes, _models_dir, _catalog, _port, _exposure, _ollama, _store,
-    _service, _threads, _peers,
+    _service, _threads, _peers, _keys_files,
 )
 def _gpu_limit(settings: Settings, machine: Machine | None = None) -> Check:
     """What Metal lets the GPU wire, which admission keeps the loaded models under; a

@@ -7,6 +7,7 @@ isolated by environment variables alone. The table below also generates `.env.ex
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -451,6 +452,25 @@ def _read_keys_file(path: Path, source: str, name: str) -> tuple[str, ...]:
         raise ConfigError(f"{name}={path} (from {source}) holds no key",
                           f"put one key per line in it, or unset {name}")
     return keys
+
+
+def keys_files_open_to_others(settings: Settings) -> list[tuple[Path, str]]:
+    """A warning per keys file (API_KEYS_FILE, ADMIN_KEYS_FILE) that other users may read.
+    Warned of, not refused as PEER_KEYS_FILE is: these were accepted before, and a refusal
+    would stop an install (its service restarting for ever) at an upgrade."""
+    warnings = []
+    for name, path in (("API_KEYS_FILE", settings.api_keys_file),
+                       ("ADMIN_KEYS_FILE", settings.admin_keys_file)):
+        try:
+            mode = stat.S_IMODE(path.stat().st_mode) if path is not None else 0
+        except OSError:
+            continue
+        if mode & 0o077:
+            said = (f"{name}={path} may be read by other users of this machine (mode "
+                    f"{mode:o}): anyone who reads it can use this server; run "
+                    f"'chmod 600 {path}'")
+            warnings.append((path, said))
+    return warnings
 
 
 def env_example() -> str:

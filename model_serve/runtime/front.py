@@ -41,7 +41,7 @@ from aiohttp import client_exceptions as client_errors
 from yarl import URL
 
 from model_serve import internal_key
-from model_serve.config.settings import Settings, load_settings
+from model_serve.config.settings import Settings, keys_files_open_to_others, load_settings
 from model_serve.engines import Engine, select_engine, slot_cache
 from model_serve.engines.base import LOADED_STATES, EngineModel
 from model_serve.engines.slot_cache import Restored
@@ -1063,6 +1063,8 @@ def main() -> int:
     except ImportError:
         pass
     log.info("front on %s, engine at %s", settings.base_url, settings.engine_url)
+    for _path, warning in keys_files_open_to_others(settings):
+        log.warning("%s", warning)
     with contextlib.suppress(web.GracefulExit, KeyboardInterrupt):
         asyncio.run(serve(make_app(front), settings))
     return 0
