@@ -338,6 +338,7 @@ class StandInPeer(ThreadingHTTPServer):
     def __init__(self) -> None:
         super().__init__(("127.0.0.1", 0), StandInHandler)
         self.seen: list[tuple[str, str, str]] = []  # (method, path, Authorization)
+        self.seen_via: list[str] = []
         self.url = f"http://127.0.0.1:{self.server_address[1]}"
 
 
@@ -373,6 +374,7 @@ class StandInHandler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length", 0))
         self.rfile.read(length)
         self.server.seen.append(("POST", self.path, self.headers.get("Authorization", "")))
+        self.server.seen_via.append(self.headers.get("Via", ""))
         self.answer(200, b'{"object": "chat.completion", "model": "m1", "choices": []}')
 
     def answer(self, status: int, body: bytes) -> None:
@@ -449,3 +451,21 @@ def test_a_peer_is_sent_only_what_any_client_may_ask_of_a_model(
     assert peer.seen == []
     assert post_chat(env, "good/m1").status_code == 200
     assert peer.seen == [("POST", "/good/v1/chat/completions", "Bearer sk-for-good")]
+
+
+def test_a_request_that_came_through_peers_is_not_forwarded_again(
+        hostile: tuple[Env, Any, StandInPeer]) -> None:
+    """What we send a peer says so (Via); a request that came so is never sent to a peer
+    again: a peer URL that is our own port (or two servers' stale lists) would loop, each
+    hop a connection more, until the port is full."""
+    env, front, peer = hostile
+    eventually(lambda: front.peers.listing(), 20)
+    peer.seen.clear()
+    peer.seen_via.clear()
+    assert post_chat(env, "good/m1").status_code == 200
+    assert peer.seen_via == ["1.1 model_serve"]
+    looped = requests.post(f"{env.base_url}/v1/chat/completions", timeout=30,
+                           headers={"Via": "1.1 proxy.lan, 1.1 model_serve"},
+                           json={"model": "good/m1", "messages": []})
+    assert looped.status_code == 508 and looped.json()["error"]["type"] == "peer_loop"
+    assert len(peer.seen) == 1

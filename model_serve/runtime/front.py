@@ -81,6 +81,7 @@ MODEL_PATHS = ("/v1/", "/v/", "/sdapi/", "/audioapi/", "/completion", "/infill",
 # judge us by it (refuse the origin, say) and has no use for the cookies of our port.
 NOT_TO_PEERS = frozenset({"origin", "referer", "cookie", "sec-fetch-site", "sec-fetch-mode",
                           "sec-fetch-dest", "sec-fetch-user"})
+VIA = "1.1 model_serve"  # RFC 9110's Via, on what we send a peer: a loop is seen by it
 NAMES_REFRESH = 2.0  # seconds between checks of the engine config (names follow every sync)
 LOAD_WAIT = 300.0  # seconds /upstream waits for a model to load
 HOLD_LIMIT = 300.0  # seconds a request waits at most for a model the sync is restarting
@@ -522,6 +523,13 @@ class Front:
         """A request for `<peer>/<model>`: to the peer, with its key and its own name for the
         model; no admission, activity or saved conversation here (the peer has its own).
         A name without `<peer>/` is one only one peer lists (llama-swap's rule)."""
+        if VIA in request.headers.get("Via", ""):
+            # Came from a model_serve through its PEERS (this one, when a peer's URL is our
+            # own port): a peer serves its own models only, so sending it on would be a loop,
+            # each hop holding a connection until the port is full.
+            return _error(508, f"{sent}: this request came through another server's PEERS "
+                          "(or ours: a peer's URL that is this server's own port) and would be "
+                          "forwarded again; a peer serves only its own models", "peer_loop")
         peer = await self.peers.find(sent)
         state = peer.state if peer is not None else self.peers.state_of(sent)
         assert state is not None
@@ -618,6 +626,9 @@ class Front:
                    and (peer is None or k.lower() not in NOT_TO_PEERS)}
         # A peer gets its own key (PEER_KEYS_FILE), never the client's nor ours.
         headers.update(peer.state.peer.headers if peer else self._engine_auth)
+        if peer is not None:
+            via = headers.pop("Via", headers.pop("via", ""))
+            headers["Via"] = f"{via}, {VIA}" if via else VIA
         if body is not None and (route is not None or peer) and body[:1] == b"{":
             # Read as JSON here (its model admitted): the engine must read it so too, whatever
             # the client called it (llama-swap reads a text/plain body's model otherwise).
