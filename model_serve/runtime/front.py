@@ -82,6 +82,7 @@ MODEL_PATHS = ("/v1/", "/v/", "/sdapi/", "/audioapi/", "/completion", "/infill",
 NOT_TO_PEERS = frozenset({"origin", "referer", "cookie", "sec-fetch-site", "sec-fetch-mode",
                           "sec-fetch-dest", "sec-fetch-user"})
 VIA = "1.1 model_serve"  # RFC 9110's Via, on what we send a peer: a loop is seen by it
+EVENT_MAX = 2**20  # bytes of a stream held while waiting for an event's end (to rename it)
 NAMES_REFRESH = 2.0  # seconds between checks of the engine config (names follow every sync)
 LOAD_WAIT = 300.0  # seconds /upstream waits for a model to load
 HOLD_LIMIT = 300.0  # seconds a request waits at most for a model the sync is restarting
@@ -757,6 +758,10 @@ class Front:
                     # Streams: rename whole events (they end with a blank line), as they come.
                     pending += chunk
                     end = pending.rfind(b"\n\n")
+                    if end < 0 and len(pending) > EVENT_MAX:
+                        # No event's end in a megabyte (a hostile peer's endless line): sent
+                        # on as it is rather than held, which would grow without a bound.
+                        end = len(pending) - 2
                     if end >= 0:
                         await response.write(rename(pending[:end + 2]))
                         pending = pending[end + 2:]
