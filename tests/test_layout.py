@@ -76,7 +76,8 @@ def test_no_import_cycle_at_load_time() -> None:
 
 def test_only_the_front_loads_aiohttp() -> None:
     """The CLI must start fast: aiohttp is for the front's own process (and the routes it
-    imports)."""
+    imports). runtime/peers.py loads it inside the list check alone, which the CLI runs only
+    when PEERS is set (`model list`, `model doctor`)."""
     def loads_aiohttp(path: Path) -> bool:
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
@@ -88,4 +89,4 @@ def test_only_the_front_loads_aiohttp() -> None:
     assert sorted(name for name, path in modules().items() if loads_aiohttp(path)) == \
         ["model_serve.runtime.connections", "model_serve.runtime.dashboard",
          "model_serve.runtime.front",
-         "model_serve.runtime.ollama_routes"]
+         "model_serve.runtime.ollama_routes", "model_serve.runtime.peers"]
