@@ -235,26 +235,37 @@ def models_in_memory(env: Mapping[str, str]) -> int:
 
 
 @contextlib.contextmanager
+def repeating(step: Callable[[], None], interval: float) -> Iterator[None]:
+    """Run `step()` in a thread, then again every `interval` seconds, until the block ends."""
+    stop = threading.Event()
+
+    def run() -> None:
+        while not stop.is_set():
+            step()
+            stop.wait(interval)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+@contextlib.contextmanager
 def most_at_once(count: Callable[[], int], interval: float = 0.05,
                  missed: tuple[type[Exception], ...] = (Exception,)) -> Iterator[list[int]]:
     """Sample `count()` every `interval` seconds in a thread: the most seen so far, in
     `[0]`. A sample that raises one of `missed` (the engine away a moment) is skipped."""
     most = [0]
-    stop = threading.Event()
 
     def sample() -> None:
-        while not stop.is_set():
-            with contextlib.suppress(*missed):
-                most[0] = max(most[0], count())
-            stop.wait(interval)
+        with contextlib.suppress(*missed):
+            most[0] = max(most[0], count())
 
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    try:
+    with repeating(sample, interval):
         yield most
-    finally:
-        stop.set()
-        sampler.join()
 
 
 @contextlib.contextmanager

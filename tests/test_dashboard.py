@@ -5,6 +5,7 @@ installs both)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import platform
 import re
@@ -568,9 +569,10 @@ def test_the_log_panel_never_shows_what_a_request_said() -> None:
     assert LogFilter().lines(traceback) == traceback.splitlines()
 
 
-def serve_front(env: Env) -> tuple[Any, Any, asyncio.AbstractEventLoop]:
-    """The real front (no engine behind it) on env.port, in a thread: (front, its runner, the
-    thread's event loop)."""
+@contextlib.contextmanager
+def serve_front(env: Env, cleanup_timeout: float = 30) -> Iterator[tuple[Any, Any]]:
+    """The real front (no engine behind it) on env.port, in a thread of its own, for the
+    block: (front, its runner); cleaned up and its loop stopped afterwards."""
     from aiohttp import web
 
     from model_serve.config.settings import load_settings
@@ -588,7 +590,23 @@ def serve_front(env: Env) -> tuple[Any, Any, asyncio.AbstractEventLoop]:
 
     loop.run_until_complete(start())
     threading.Thread(target=loop.run_forever, daemon=True).start()
-    return front, runner, loop
+    try:
+        yield front, runner
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(cleanup_timeout)
+        loop.call_soon_threadsafe(loop.stop)
+
+
+def open_stream(port: int, key: str | None = None) -> tuple[socket.socket, bytes]:
+    """An event stream opened as a page would, left unread: (its socket, the status line)."""
+    conn = socket.create_connection(("127.0.0.1", port), timeout=10)
+    auth = f"\r\nAuthorization: Bearer {key}" if key else ""
+    conn.sendall(f"GET /api/model_serve/events HTTP/1.1\r\nHost: 127.0.0.1:{port}{auth}"
+                 "\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += conn.recv(4096)
+    return conn, head.split(b"\r\n", 1)[0]
 
 
 def test_a_stalled_event_stream_is_closed(tmp_path: Path,
@@ -601,10 +619,8 @@ def test_a_stalled_event_stream_is_closed(tmp_path: Path,
     monkeypatch.setattr(dashboard, "EVENTS_WRITE_TIMEOUT", 2.0)
     monkeypatch.setattr(dashboard, "LOG_READ_MAX", 8 * 2**20)  # the buffers fill sooner
     env = new_env(tmp_path)
-    front, runner, loop = serve_front(env)
-    reader = socket.socket()
-    reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    try:
+    with serve_front(env) as (front, runner), socket.socket() as reader:
+        reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         reader.connect(("127.0.0.1", env.port))
         reader.sendall(f"GET /api/model_serve/events HTTP/1.1\r\nHost: 127.0.0.1:{env.port}"
                        "\r\n\r\n".encode())
@@ -622,10 +638,6 @@ def test_a_stalled_event_stream_is_closed(tmp_path: Path,
                 pass
             raise ConnectionResetError("closed")
         assert ended.type is ConnectionResetError, "the stream went on"
-    finally:
-        reader.close()
-        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(30)
-        loop.call_soon_threadsafe(loop.stop)
 
 
 def test_event_streams_are_bounded(tmp_path: Path) -> None:
@@ -634,36 +646,24 @@ def test_event_streams_are_bounded(tmp_path: Path) -> None:
     from model_serve.runtime.dashboard import EVENT_STREAMS_MAX
 
     env = new_env(tmp_path)
-    front, runner, loop = serve_front(env)
-
-    def open_stream() -> tuple[socket.socket, bytes]:
-        conn = socket.create_connection(("127.0.0.1", env.port), timeout=10)
-        conn.sendall(f"GET /api/model_serve/events HTTP/1.1\r\nHost: 127.0.0.1:{env.port}"
-                     "\r\n\r\n".encode())
-        head = b""
-        while b"\r\n\r\n" not in head:
-            head += conn.recv(4096)
-        return conn, head.split(b"\r\n", 1)[0]
-
-    pages: list[socket.socket] = []
-    try:
-        for _ in range(EVENT_STREAMS_MAX):
-            conn, status = open_stream()
+    with serve_front(env) as (front, _runner):
+        pages: list[socket.socket] = []
+        try:
+            for _ in range(EVENT_STREAMS_MAX):
+                conn, status = open_stream(env.port)
+                pages.append(conn)
+                assert b" 200 " in status
+            conn, status = open_stream(env.port)
+            pages.append(conn)
+            assert b" 503 " in status, "one stream too many"
+            pages.pop(0).close()
+            wait_for(lambda: front.dashboard.streams < EVENT_STREAMS_MAX, 10, "a stream to end")
+            conn, status = open_stream(env.port)
             pages.append(conn)
             assert b" 200 " in status
-        conn, status = open_stream()
-        pages.append(conn)
-        assert b" 503 " in status, "one stream too many"
-        pages.pop(0).close()
-        wait_for(lambda: front.dashboard.streams < EVENT_STREAMS_MAX, 10, "a stream to end")
-        conn, status = open_stream()
-        pages.append(conn)
-        assert b" 200 " in status
-    finally:
-        for conn in pages:
-            conn.close()
-        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(30)
-        loop.call_soon_threadsafe(loop.stop)
+        finally:
+            for conn in pages:
+                conn.close()
 
 
 def test_a_site_that_opens_the_page_keeps_no_handle_on_it(tmp_path: Path) -> None:
@@ -671,10 +671,9 @@ def test_a_site_that_opens_the_page_keeps_no_handle_on_it(tmp_path: Path) -> Non
     its opener's window (no navigating it to a look-alike asking for the key), and its files
     are not for another site's page to load."""
     env = new_env(tmp_path)
-    _front, runner, loop = serve_front(env)
-    link = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate",
-            "Sec-Fetch-Dest": "document"}
-    try:
+    with serve_front(env) as (_front, _runner):
+        link = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate",
+                "Sec-Fetch-Dest": "document"}
         opened = requests.get(f"http://127.0.0.1:{env.port}/dashboard", headers=link,
                               timeout=10)
         assert opened.status_code == 200
@@ -682,9 +681,6 @@ def test_a_site_that_opens_the_page_keeps_no_handle_on_it(tmp_path: Path) -> Non
         for name in ("dashboard.js", "dashboard.css"):
             part = requests.get(f"http://127.0.0.1:{env.port}/dashboard/{name}", timeout=10)
             assert part.headers.get("Cross-Origin-Resource-Policy") == "same-origin", name
-    finally:
-        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(30)
-        loop.call_soon_threadsafe(loop.stop)
 
 
 def test_clients_cannot_take_every_event_stream_from_the_owner(tmp_path: Path) -> None:
@@ -694,37 +690,25 @@ def test_clients_cannot_take_every_event_stream_from_the_owner(tmp_path: Path) -
 
     env = new_env(tmp_path)
     env.update({"API_KEYS": KEY, "ADMIN_KEYS": "admin-key"})
-    _front, runner, loop = serve_front(env)
-
-    def open_stream(key: str) -> tuple[socket.socket, bytes]:
-        conn = socket.create_connection(("127.0.0.1", env.port), timeout=10)
-        conn.sendall(f"GET /api/model_serve/events HTTP/1.1\r\nHost: 127.0.0.1:{env.port}"
-                     f"\r\nAuthorization: Bearer {key}\r\n\r\n".encode())
-        head = b""
-        while b"\r\n\r\n" not in head:
-            head += conn.recv(4096)
-        return conn, head.split(b"\r\n", 1)[0]
-
-    pages: list[socket.socket] = []
-    try:
-        client_streams = 0
-        for _ in range(EVENT_STREAMS_MAX + 1):
-            conn, status = open_stream(KEY)
+    with serve_front(env) as (_front, _runner):
+        pages: list[socket.socket] = []
+        try:
+            client_streams = 0
+            for _ in range(EVENT_STREAMS_MAX + 1):
+                conn, status = open_stream(env.port, KEY)
+                pages.append(conn)
+                if b" 503 " in status:
+                    break
+                assert b" 200 " in status
+                client_streams += 1
+            print(f"client streams before a 503: {client_streams}")
+            assert client_streams < EVENT_STREAMS_MAX
+            conn, status = open_stream(env.port, "admin-key")
             pages.append(conn)
-            if b" 503 " in status:
-                break
-            assert b" 200 " in status
-            client_streams += 1
-        print(f"client streams before a 503: {client_streams}")
-        assert client_streams < EVENT_STREAMS_MAX
-        conn, status = open_stream("admin-key")
-        pages.append(conn)
-        assert b" 200 " in status, "the owner's page was locked out"
-    finally:
-        for conn in pages:
-            conn.close()
-        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(30)
-        loop.call_soon_threadsafe(loop.stop)
+            assert b" 200 " in status, "the owner's page was locked out"
+        finally:
+            for conn in pages:
+                conn.close()
 
 
 def test_logs_and_prompts_are_never_for_another_origin(tmp_path: Path) -> None:
@@ -733,10 +717,9 @@ def test_logs_and_prompts_are_never_for_another_origin(tmp_path: Path) -> None:
     app = "http://app.example:3000"
     env = new_env(tmp_path)
     env.update({"API_KEYS": KEY, "ADMIN_KEYS": "admin-key", "CORS_ORIGINS": app})
-    front, runner, loop = serve_front(env)
-    base = f"http://127.0.0.1:{env.port}"
-    admin = {**keyed("admin-key"), "Origin": app}
-    try:
+    with serve_front(env) as (front, _runner):
+        base = f"http://127.0.0.1:{env.port}"
+        admin = {**keyed("admin-key"), "Origin": app}
         front.settings.log_file.write_text("the log's line\n")
         for path in ("/api/model_serve/log", "/logs", "/logs/stream", "/api/events", "/slots",
                      "/upstream/ls/x/slots"):
@@ -761,6 +744,3 @@ def test_logs_and_prompts_are_never_for_another_origin(tmp_path: Path) -> None:
                               headers={**keyed(), "Origin": app})
         assert memory.status_code == 200 and \
             memory.headers["Access-Control-Allow-Origin"] == app
-    finally:
-        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(30)
-        loop.call_soon_threadsafe(loop.stop)

@@ -10,7 +10,6 @@ import contextlib
 import json
 import os
 import signal
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +19,7 @@ import openai
 import pytest
 import requests
 
-from tests.conftest import Env, llama_servers_under, new_env, running
+from tests.conftest import Env, llama_servers_under, new_env, repeating, running
 
 GOOD = "ls/gemma-3:gemma-3-270m-q4_k_m"
 BAD = "ls/gemma-3:broken-270m"
@@ -135,26 +134,19 @@ def test_a_model_that_fails_to_load_is_remembered(stack: Env) -> None:
 def killing_model_servers(env: Env) -> Iterator[list[int]]:
     """SIGKILL every model server of `env` as soon as it appears (as the kernel's OOM killer
     ends one mid-load): the pids killed."""
+    import psutil
+
     killed: list[int] = []
-    done = threading.Event()
 
     def kill() -> None:
-        import psutil
+        for pid in llama_servers_under(env.home.parent):
+            with contextlib.suppress(psutil.Error, ProcessLookupError):
+                if "--alias" in psutil.Process(pid).cmdline():
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
 
-        while not done.wait(0.01):
-            for pid in llama_servers_under(env.home.parent):
-                with contextlib.suppress(psutil.Error, ProcessLookupError):
-                    if "--alias" in psutil.Process(pid).cmdline():
-                        os.kill(pid, signal.SIGKILL)
-                        killed.append(pid)
-
-    thread = threading.Thread(target=kill, daemon=True)
-    thread.start()
-    try:
+    with repeating(kill, 0.01):
         yield killed
-    finally:
-        done.set()
-        thread.join()
 
 
 def test_a_model_server_that_ends_while_loading_is_remembered(stack: Env) -> None:

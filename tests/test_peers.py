@@ -8,7 +8,6 @@ and B comes back.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import threading
 import time
@@ -407,12 +406,10 @@ def hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Env, Any
                 f"flood={peer.url}/flood",
                 "PEER_CHECK_INTERVAL": "2"})
     write_keys(env, "good=sk-for-good\n")
-    front, runner, loop = serve_front(env)
     try:
-        yield env, front, peer
+        with serve_front(env, cleanup_timeout=10) as (front, _runner):
+            yield env, front, peer
     finally:
-        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
         peer.shutdown()
 
 
