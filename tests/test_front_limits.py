@@ -10,6 +10,7 @@ own calls meanwhile pass through the front's own socket."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -193,3 +194,34 @@ def test_the_connection_cap_stays_within_the_open_files_limit() -> None:
                           timeout=60, check=True)
     assert done.stdout.split() == ["96", "50"]
     assert "MAX_CONNECTIONS=1024" in done.stderr and "ulimit -n" in done.stderr
+
+
+def test_a_front_that_stops_leaves_a_newer_fronts_socket(env: Env) -> None:
+    """A front ending after another one opened the same state/front.sock (a restart that did
+    not wait for it) removes only the socket it opened itself: the newer front's own calls
+    (the unloader's, `model status`) must not lose their way in."""
+    import asyncio
+
+    from model_serve.runtime.front import Front, make_app, serve
+
+    settings = load_settings(dict(env))
+    settings.log_file.parent.mkdir(parents=True, exist_ok=True)
+    door = settings.state_dir / "front.sock"
+    newer = socket.socket(socket.AF_UNIX)
+    loop = asyncio.new_event_loop()
+    task = loop.create_task(serve(make_app(Front(settings)), settings))
+
+    def open_a_newer_one_then_stop() -> None:
+        if wait_until(door.is_socket, 20, interval=0.05):
+            door.unlink()
+            newer.bind(str(door))
+        loop.call_soon_threadsafe(task.cancel)
+
+    threading.Thread(target=open_a_newer_one_then_stop, daemon=True).start()
+    try:  # in this thread: the front handles signals, which only the main thread may
+        with contextlib.suppress(asyncio.CancelledError):
+            loop.run_until_complete(task)
+        assert door.is_socket(), "the older front removed the newer one's socket"
+    finally:
+        newer.close()
+        loop.close()

@@ -1099,15 +1099,27 @@ async def serve(app: web.Application, settings: Settings) -> None:
     assert runner.server is not None
     ConnectionCap(runner.server, settings.max_connections)
     door: Path | None = None
+    opened: tuple[int, int] | None = None
     try:
         await web.TCPSite(runner, settings.host, settings.port).start()
         door = await _open_own_socket(runner, internal_key.front_socket_path(settings))
+        opened = _identity(door)
         await asyncio.Event().wait()
     finally:
         await runner.cleanup()
-        if door is not None:
+        # Only the socket this front opened: a front started after it (a restart that did not
+        # wait) may already listen at the same path.
+        if door is not None and opened is not None and _identity(door) == opened:
             with contextlib.suppress(OSError):
                 door.unlink()
+
+
+def _identity(path: Path | None) -> tuple[int, int] | None:
+    try:
+        st = path.lstat() if path is not None else None
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if st is not None else None
 
 
 async def _open_own_socket(runner: web.AppRunner, door: Path | None) -> Path | None:
