@@ -7,6 +7,8 @@
       gemma-creative:             # a second entry on the same file, with other settings
         base_model: gemma3:27.4b-q8_0
         sampler_args: "--temp 1.2"
+      big-model:
+        rpc: [192.168.1.20:50052, 192.168.1.21:50052]   # its layers on these workers
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ FIELDS: dict[str, Field] = {
     "reranking": Field(bool, "serve /v1/rerank (rerankers have it on)"),
     "swa_full": Field(bool, "full KV cache for sliding-window layers (--swa-full): more "
                       "memory, and a saved conversation can be restored"),
+    "rpc": Field(list, "workers ('model worker start') that hold the model's layers, as a list "
+                 "of host:port, e.g. [192.168.1.20:50052, 192.168.1.21:50052]"),
 }
 
 
@@ -226,8 +230,60 @@ def load_custom_models(path: Path) -> CustomModels:
                 hint = f"did you mean '{near[0]}'?" if near else "valid keys: " + ", ".join(FIELDS)
                 raise ConfigError(f"{field_where}: unknown key '{name}' for model '{key}'", hint)
             value = _scalar_value(field_value, field_where, name)
-            entry.settings[name] = _check_type(name, value, field_where)
+            if name == "rpc":
+                entry.settings[name] = check_workers(value, field_where, key)
+            else:
+                entry.settings[name] = _check_type(name, value, field_where)
+        if entry.get("rpc") and entry.get("cmd"):
+            raise ConfigError(f"{where}: model '{key}' has both rpc and cmd; cmd is used as "
+                              "written, so rpc would not reach it",
+                              "remove cmd, or remove rpc and put --rpc HOST:PORT,... in cmd")
     return CustomModels(path, entries)
+
+
+# llama.cpp's RPC client splits an endpoint at its first ':', so a host is a name or an IPv4
+# address: an IPv6 address cannot be written there.
+_WORKER = re.compile(r"(?P<host>[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?):(?P<port>[0-9]{1,5})")
+_WORKER_FIX = ("write each worker as host:port, one list item each, e.g. "
+               "rpc: [192.168.1.20:50052, 192.168.1.21:50052]")
+
+
+def check_workers(value: Any, where: str, model: str) -> list[str]:
+    """The model's RPC workers as llama-server's --rpc takes them, each one checked here: the
+    list is joined with ',' into one option value, so a comma or space inside an item would
+    add or break a worker."""
+    items = value if isinstance(value, list) else [value]
+    if not items:
+        raise ConfigError(f"{where}: rpc of model '{model}' is an empty list",
+                          f"remove rpc to serve the model on this machine alone; or "
+                          f"{_WORKER_FIX}")
+    workers: list[str] = []
+    for item in items:
+        if not isinstance(item, str):
+            raise ConfigError(f"{where}: rpc of model '{model}' holds {item!r}, not host:port",
+                              _WORKER_FIX)
+        worker = item.strip()
+        if "," in worker or any(c.isspace() for c in worker):
+            raise ConfigError(f"{where}: rpc of model '{model}' holds {item!r}: a comma or "
+                              "space inside one worker", _WORKER_FIX)
+        match = _WORKER.fullmatch(worker)
+        if match is None:
+            ipv6 = " (an IPv6 address cannot be given: use a host name)" \
+                if worker.count(":") > 1 else ""
+            raise ConfigError(f"{where}: rpc of model '{model}' holds {item!r}, which is not "
+                              f"host:port{ipv6}", _WORKER_FIX)
+        port = int(match["port"])
+        if not 1 <= port <= 65535:
+            raise ConfigError(f"{where}: rpc of model '{model}': the port of {worker!r} is "
+                              "not between 1 and 65535",
+                              "give the port the worker listens on ('model worker status' "
+                              "on it shows it)")
+        worker = f"{match['host'].lower()}:{port}"
+        if worker in workers:
+            raise ConfigError(f"{where}: rpc of model '{model}' lists {worker} twice",
+                              "list each worker once")
+        workers.append(worker)
+    return workers
 
 
 def sampler_options(args: str) -> dict[str, str]:

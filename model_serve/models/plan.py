@@ -47,6 +47,7 @@ class ServedModel:
     kind: str = kinds.CHAT  # chat, embedding or rerank (models/kinds.py)
     kind_reason: str = ""
     chat_template: TemplateChoice | None = None
+    workers: list[str] = field(default_factory=list)  # rpc: host:port of its RPC servers
 
     @property
     def embeddings(self) -> bool:
@@ -132,7 +133,14 @@ def _served(model: CatalogModel, name: str, entry: CustomEntry | None, custom: C
         model.info, kind, name=get("chat_template"), file=get("chat_template_file"),
         jinja=get("jinja"), sampler=sampler, where=where or "custom_models.yaml")
     options.update(template.options)
+    if "rpc" in sampler:
+        raise ConfigError(f"{where}: sampler_args of {name} sets --rpc",
+                          "list the workers as rpc: [host:port, ...] in the model's entry "
+                          "instead, so admission and 'model show' know them")
     options.update(sampler)  # they come last: llama-server's own words win
+    workers = list(get("rpc") or [])
+    if workers:
+        options["rpc"] = ",".join(workers)
     if get("swa_full") is not None:  # llama-server has no flag to turn it off: unset is off
         options.pop("swa-full", None)
         if get("swa_full"):
@@ -158,7 +166,7 @@ def _served(model: CatalogModel, name: str, entry: CustomEntry | None, custom: C
         name=name, aliases=aliases, model=model, ctx_size=ctx, ctx_reason=reason,
         ttl=get("ttl", settings.model_ttl), parallel=parallel, options=options,
         cmd=get("cmd"), custom_line=where, keeps_conversations=keeps, conversations_reason=why,
-        kind=kind, kind_reason=kind_reason, chat_template=template,
+        kind=kind, kind_reason=kind_reason, chat_template=template, workers=workers,
     )
 
 
