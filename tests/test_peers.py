@@ -67,6 +67,29 @@ def test_peers_and_their_keys_from_the_settings(env: Env) -> None:
     assert (gpu.name, gpu.url, gpu.key, gpu.headers) == ("gpu", "https://gpu.lan/api", "", {})
     assert "sk-1" not in repr(studio)  # a key never reaches a log line by a repr
     assert load_settings(dict(env)).peer_check_interval == 30
+    assert (studio.timeout, gpu.timeout) == (300, 300)  # PEER_TIMEOUT's default
+    env["PEER_TIMEOUT"] = " 120 , GPU=900"
+    studio, gpu = load_settings(dict(env)).peers
+    assert (studio.timeout, gpu.timeout) == (120, 900)
+    env["PEER_TIMEOUT"] = "gpu=0"  # no limit for it; the default for the others
+    studio, gpu = load_settings(dict(env)).peers
+    assert (studio.timeout, gpu.timeout) == (300, 0)
+
+
+@pytest.mark.parametrize(("timeout", "said"), [
+    ("soon", "'soon' is not a number of seconds"),
+    ("-1", "'-1' is not a number of seconds"),
+    ("nan", "'nan' is not a number of seconds"),
+    ("30,stuido=60", "is for 'stuido', which PEERS does not name"),
+    ("30,60", "gives the default twice"),
+    ("studio=30,STUDIO=60", "gives the peer 'studio' twice"),
+])
+def test_a_bad_peer_timeout_is_refused_by_name(env: Env, timeout: str, said: str) -> None:
+    env.update({"PEERS": "studio=http://x", "PEER_TIMEOUT": timeout})
+    with pytest.raises(ConfigError) as refused:
+        load_settings(dict(env))
+    assert refused.value.message.startswith("PEER_TIMEOUT (from the environment)")
+    assert said in refused.value.message and "PEER_TIMEOUT" in (refused.value.hint or "")
 
 
 @pytest.mark.parametrize(("peers", "keys", "said"), [
@@ -321,9 +344,9 @@ def test_a_peer_that_stops_gets_a_clear_503_at_once(stacks: dict[str, Env]) -> N
 
 # --- hostile peers: a stand-in server, following the OpenAI /v1/models contract -----------
 class StandInPeer(ThreadingHTTPServer):
-    """A stand-in for other servers (one per base path: /good, /drip, /huge), each answering
-    /v1/models as a broken or hostile OpenAI-compatible server would; the paths and keys of
-    every other request are kept in `seen`."""
+    """A stand-in for other servers (one per base path: /good, /drip, /huge, ...), each
+    answering /v1/models, or a request for a model, as a broken or hostile OpenAI-compatible
+    server would; the paths and keys of the requests answered well are kept in `seen`."""
 
     daemon_threads = True
     GOOD = {"object": "list", "data": [
@@ -333,6 +356,9 @@ class StandInPeer(ThreadingHTTPServer):
         {"id": "x" * 5000, "object": "model"},
         {"id": "m2", "object": "model", "status": {"value": "\x1b[2Jloaded"}},
     ]}
+
+    CHUNK = {"id": "c1", "object": "chat.completion.chunk", "created": 0, "model": "m1",
+             "choices": [{"index": 0, "delta": {"content": "Hi"}, "finish_reason": None}]}
 
     def __init__(self) -> None:
         super().__init__(("127.0.0.1", 0), StandInHandler)
@@ -352,7 +378,7 @@ class StandInHandler(BaseHTTPRequestHandler):
         kind = self.path.split("/")[1]
         if self.path != f"/{kind}/v1/models":
             return self.answer(404, b'{"error": "no such path"}')
-        if kind in ("good", "flood"):
+        if kind in ("good", "flood", "silent", "stall", "moved"):
             return self.answer(200, json.dumps(self.server.GOOD).encode())
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -384,6 +410,25 @@ class StandInHandler(BaseHTTPRequestHandler):
                     self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
             except OSError:
                 return
+        if self.path.startswith("/silent/"):  # takes the request, never answers it
+            time.sleep(60)
+            return
+        if self.path.startswith("/stall/"):  # a stream that stops after its first event
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            event = b"data: %s\n\n" % json.dumps(self.server.CHUNK).encode()
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
+            self.wfile.flush()
+            time.sleep(60)
+            return
+        if self.path.startswith("/moved/"):  # its API moved, to an address of its own LAN
+            self.send_response(307)
+            self.send_header("Location", "http://10.1.2.3:5847/v1/chat/completions")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         self.server.seen.append(("POST", self.path, self.headers.get("Authorization", "")))
         self.server.seen_via.append(self.headers.get("Via", ""))
         self.answer(200, b'{"object": "chat.completion", "model": "m1", "choices": []}')
@@ -403,8 +448,9 @@ def hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Env, Any
     threading.Thread(target=peer.serve_forever, daemon=True).start()
     env = new_env(tmp_path_factory.mktemp("hostile"))
     env.update({"PEERS": f"good={peer.url}/good,drip={peer.url}/drip,huge={peer.url}/huge,"
-                f"flood={peer.url}/flood",
-                "PEER_CHECK_INTERVAL": "2"})
+                f"flood={peer.url}/flood,silent={peer.url}/silent,stall={peer.url}/stall,"
+                f"moved={peer.url}/moved",
+                "PEER_TIMEOUT": "30,silent=2,stall=2", "PEER_CHECK_INTERVAL": "2"})
     write_keys(env, "good=sk-for-good\n")
     try:
         with serve_front(env, cleanup_timeout=10) as (front, _runner):
@@ -497,3 +543,67 @@ def test_a_peers_stream_without_an_events_end_is_not_held(
             if got > 8 * 2**20:
                 break
     assert got > 8 * 2**20
+
+
+def test_a_peer_that_never_answers_gets_a_504_naming_it(
+        hostile: tuple[Env, Any, StandInPeer]) -> None:
+    """It takes the request and sends nothing: after its PEER_TIMEOUT (2 s for it here) the
+    client gets a 504 naming it, not a wait for ever; it is not marked down (it may be busy)."""
+    env, front, _peer = hostile
+    eventually(lambda: any(m.peer == "silent" for m in front.peers.listing()), 20)
+    reply = post_chat(env, "silent/m1")
+    assert reply.status_code == 504, reply.text
+    error = reply.json()["error"]
+    assert error["type"] == "peer_timeout"
+    assert "the peer silent" in error["message"] and "for 2s (PEER_TIMEOUT)" in error["message"]
+    assert front.peers.states["silent"].up
+
+
+def test_a_peers_stream_that_stalls_ends_with_an_error_the_client_sees(
+        hostile: tuple[Env, Any, StandInPeer]) -> None:
+    """One event, then silence: the stream ends with an error event after PEER_TIMEOUT, which
+    the real openai client raises (not its own read timeout, nor a wait for ever)."""
+    from openai import APIError, APITimeoutError
+
+    env, front, _peer = hostile
+    eventually(lambda: any(m.peer == "stall" for m in front.peers.listing()), 20)
+    openai = OpenAI(base_url=f"{env.base_url}/v1", api_key="none", max_retries=0, timeout=30)
+    got = []
+    with pytest.raises(APIError) as failed:
+        for chunk in openai.chat.completions.create(
+                model="stall/m1", stream=True, messages=[{"role": "user", "content": "Hi"}]):
+            got.append(chunk.choices[0].delta.content)
+    assert not isinstance(failed.value, APITimeoutError)
+    assert got == ["Hi"]
+    assert "the peer stall" in failed.value.message
+    assert "stopped sending its answer for 2s" in failed.value.message
+
+
+def test_a_peers_redirect_is_neither_followed_nor_passed_on(
+        hostile: tuple[Env, Any, StandInPeer]) -> None:
+    """It could send our client anywhere, and its Location names the peer's LAN: a 502
+    naming the peer and its status instead, with no Location."""
+    env, front, _peer = hostile
+    eventually(lambda: any(m.peer == "moved" for m in front.peers.listing()), 20)
+    reply = requests.post(f"{env.base_url}/v1/chat/completions", timeout=30,
+                          allow_redirects=False,
+                          json={"model": "moved/m1", "messages": []})
+    assert reply.status_code == 502, reply.text
+    assert "Location" not in reply.headers and "10.1.2.3" not in reply.text
+    error = reply.json()["error"]
+    assert error["type"] == "peer_refused"
+    assert "the peer moved" in error["message"] and "HTTP 307" in error["message"]
+
+
+def test_the_peers_models_are_listed_while_our_engine_is_down(
+        hostile: tuple[Env, Any, StandInPeer]) -> None:
+    """This front has no engine behind it (as while ours starts or restarts): /v1/models
+    still lists the peers' models, and they are served, rather than a 503 for the list."""
+    env, front, peer = hostile
+    eventually(lambda: front.peers.listing(), 20)
+    reply = requests.get(f"{env.base_url}/v1/models", timeout=30)
+    assert reply.status_code == 200, reply.text
+    listed = {m["id"]: m for m in reply.json()["data"]}
+    assert {"good/m1", "good/m2", "silent/m1"} <= set(listed)
+    assert listed["good/m1"]["meta"]["llamaswap"] == {"type": "peer", "peerID": "good"}
+    assert post_chat(env, "good/m1").status_code == 200

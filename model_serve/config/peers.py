@@ -2,7 +2,9 @@
 
 `PEERS=studio=http://studio.local:5847,gpu=https://gpu.lan/api`: each peer's models are served
 here as `<peer>/<its own name>`. The key for a peer lives in PEER_KEYS_FILE (`NAME=KEY` lines,
-owner-only), never in `.env`: keys are not settings others may read.
+owner-only), never in `.env`: keys are not settings others may read. PEER_TIMEOUT says how
+long a peer may stay silent (llama-swap's peer `timeouts.responseHeader`, which also bounds a
+stream's stall here).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ class Peer:
     name: str
     url: str  # base URL without a trailing '/': request paths are appended to it
     key: str = field(default="", repr=False)  # sent as a Bearer key; empty = no key
+    timeout: float = 300.0  # seconds it may stay silent (PEER_TIMEOUT); 0 = no limit
 
     @property
     def headers(self) -> dict[str, str]:
@@ -108,10 +111,45 @@ def read_peer_keys(path: Path, source: str, peers: tuple[tuple[str, str], ...]
     return keys
 
 
+def parse_timeouts(raw: str, source: str, peers: tuple[tuple[str, str], ...]
+                   ) -> dict[str, float]:
+    """`SECONDS` for every peer, then `NAME=SECONDS` for one (`300,gpu=900`): by peer name,
+    the default under ''."""
+    names = {name.lower(): name for name, _url in peers}
+    found: dict[str, float] = {}
+    hint = ("write PEER_TIMEOUT as seconds for every peer, then NAME=SECONDS for one, comma "
+            "separated, e.g. PEER_TIMEOUT=300,gpu=900 (0 = no limit)")
+    for part in (p.strip() for p in raw.split(",")):
+        if not part:
+            continue
+        name, equals, seconds = (s.strip() for s in part.rpartition("="))
+        where = f"PEER_TIMEOUT (from {source}): {part!r}"
+        if equals and name.lower() not in names:
+            raise ConfigError(f"{where} is for {name!r}, which PEERS does not name "
+                              f"({', '.join(names.values()) or 'none'})",
+                              "spell the name as in PEERS, or remove it from PEER_TIMEOUT")
+        try:
+            value = float(seconds)
+        except ValueError:
+            value = -1.0
+        if not 0 <= value < 10**7:
+            raise ConfigError(f"{where}: {seconds!r} is not a number of seconds", hint)
+        key = names[name.lower()] if equals else ""
+        if key in found:
+            raise ConfigError(f"PEER_TIMEOUT (from {source}) gives "
+                              f"{'the peer ' + repr(key) if key else 'the default'} twice", hint)
+        found[key] = value
+    return found
+
+
 def build_peers(raw: str, source: str, model_prefix: str, keys_file: Path,
-                keys_source: str) -> tuple[Peer, ...]:
+                keys_source: str, timeouts: str = "", timeouts_source: str = "the defaults"
+                ) -> tuple[Peer, ...]:
     pairs = parse_peers(raw, source, model_prefix)
     if not pairs:
         return ()
     keys = read_peer_keys(keys_file, keys_source, pairs)
-    return tuple(Peer(name, url, keys.get(name, "")) for name, url in pairs)
+    seconds = parse_timeouts(timeouts, timeouts_source, pairs)
+    default = seconds.get("", Peer.timeout)
+    return tuple(Peer(name, url, keys.get(name, ""), seconds.get(name, default))
+                 for name, url in pairs)

@@ -126,6 +126,11 @@ SETTINGS_TABLE: tuple[Setting, ...] = (
     Setting("PEER_KEYS_FILE", "peer-keys", "The keys sent to the PEERS, one NAME=KEY line "
             "each, in a file only you may read (chmod 600; relative paths are relative to the "
             "project folder). A peer without a line gets no key.", "path"),
+    Setting("PEER_TIMEOUT", "300", "Seconds a peer may stay silent: before its answer begins "
+            "(it may be loading the model, or writing a whole answer that is not streamed) and "
+            "between two pieces of a stream; then HTTP 504 naming the peer, or the stream ends "
+            "with an error event. Seconds for every peer, then NAME=SECONDS for one "
+            "(300,gpu=900); 0 = no limit.", "str"),
     Setting("PEER_CHECK_INTERVAL", "30", "Seconds between checks of each peer's model list "
             "(a peer that is down keeps its models listed as unavailable).", "int", 1),
     Setting("BRIDGE_SCRIPT", "", "Program that links Ollama's models into MODELS_DIR/ollama; "
@@ -375,7 +380,8 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
             values[keys] = _read_keys_file(keys_file, sources[name], name)
     values["peer_keys_file"] = values["peer_keys_file"] or home / "peer-keys"
     values["peers"] = build_peers(values["peers"], sources["PEERS"], values["model_prefix"],
-                                  values["peer_keys_file"], sources["PEER_KEYS_FILE"])
+                                  values["peer_keys_file"], sources["PEER_KEYS_FILE"],
+                                  values.pop("peer_timeout"), sources["PEER_TIMEOUT"])
     if values["peers"] and values["front"] != "on":
         raise ConfigError(f"PEERS (from {sources['PEERS']}) needs the front, and FRONT=off "
                           f"(from {sources['FRONT']}): the front forwards the peers' requests",

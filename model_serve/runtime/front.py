@@ -650,7 +650,8 @@ class Front:
                 session = self.fresh_session if retried and self.fresh_session else self.session
                 upstream = await session.request(
                     request.method, (base or self.upstream) + path_qs, headers=headers,
-                    data=data, allow_redirects=False, auto_decompress=False)
+                    data=data, allow_redirects=False, auto_decompress=False,
+                    **({"timeout": _silence(peer.state.peer.timeout)} if peer else {}))
                 if upstream.status == 502 and self.engine.name == "llama-swap" and \
                         body is not None and route is not None and not lost_retried:
                     # llama-swap's answer when the model's server ended under the request
@@ -669,6 +670,10 @@ class Front:
                     reuse = admitted or reuse
                     continue
                 break
+            except client_errors.SocketTimeoutError:
+                if peer is None:
+                    raise
+                return self._peer_silent(peer, started=False)
             except (client_errors.ClientOSError,  # refused, reset, or closed on us
                     client_errors.ServerDisconnectedError) as exc:
                 refused_connection = isinstance(exc, client_errors.ClientConnectorError)
@@ -708,69 +713,82 @@ class Front:
             async with upstream:
                 said = refusal(peer.state.peer, upstream.status, await upstream.read())
             return _error(502, f"the peer {peer.state.peer.name}: {said}", "peer_refused")
+        if peer is not None and 300 <= upstream.status < 400:
+            # Never followed nor passed on: it could send our client anywhere, and its
+            # Location may name the peer's private address.
+            upstream.release()
+            return _error(502, f"the peer {peer.state.peer.name} answered with a redirect "
+                          f"(HTTP {upstream.status}), which is not passed on: check its URL in "
+                          "PEERS (the base URL its API answers on)", "peer_refused")
         record = request.get(RECORD)  # the dashboard's record of this request
         async with upstream:
-            if record is not None:
-                record.engine_status = upstream.status
-            if answer is not None:
-                def seen(chunk: bytes) -> None:
-                    nonlocal reuse
-                    if record is not None:
-                        record.last = (record.last[1], chunk)  # the timings come last
-                    if reuse is not None and reuse.feed(chunk):
-                        reuse = None
+            response: web.StreamResponse | None = None
+            try:
+                if record is not None:
+                    record.engine_status = upstream.status
+                if answer is not None:
+                    def seen(chunk: bytes) -> None:
+                        nonlocal reuse
+                        if record is not None:
+                            record.last = (record.last[1], chunk)  # the timings come last
+                        if reuse is not None and reuse.feed(chunk):
+                            reuse = None
 
-                answered = await answer(request, upstream, seen)
-                if record is not None:
-                    record.keep(answered.status)
-                return answered
-            response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-            for key, value in upstream.headers.items():
-                # The engines allow every web origin: their CORS headers never pass.
-                if key.lower() not in HOP_BY_HOP and not key.lower().startswith(
-                        "access-control-"):
-                    response.headers.add(key, value)
-            rename = _renamer(route.engine_id, sent) if route and sent != route.engine_id \
-                else _renamer(peer.remote, sent) if peer else None
-            length = upstream.headers.get("Content-Length")
-            if rename is not None and length is not None:
-                payload = rename(await upstream.read())
-                if record is not None:
-                    record.keep(upstream.status, payload)
-                if reuse is not None:
-                    reuse.feed(payload)
-                response.content_length = len(payload)
-                await response.prepare(request)
-                await response.write(payload)
-            else:
-                if length is not None:
-                    response.content_length = int(length)
-                await response.prepare(request)
-                pending = b""
-                async for chunk in upstream.content.iter_any():
+                    answered = await answer(request, upstream, seen)
                     if record is not None:
-                        record.last = (record.last[1], chunk)  # the timings come last
-                    if reuse is not None and reuse.feed(chunk):
-                        reuse = None
-                    if rename is None:
-                        await response.write(chunk)
-                        continue
-                    # Streams: rename whole events (they end with a blank line), as they come.
-                    pending += chunk
-                    end = pending.rfind(b"\n\n")
-                    if end < 0 and len(pending) > EVENT_MAX:
-                        # No event's end in a megabyte (a hostile peer's endless line): sent
-                        # on as it is rather than held, which would grow without a bound.
-                        end = len(pending) - 2
-                    if end >= 0:
-                        await response.write(rename(pending[:end + 2]))
-                        pending = pending[end + 2:]
-                if pending:
-                    await response.write(rename(pending) if rename else pending)
-                if record is not None:
-                    record.keep(upstream.status)
-            await response.write_eof()
-            return response
+                        record.keep(answered.status)
+                    return answered
+                response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+                for key, value in upstream.headers.items():
+                    # The engines allow every web origin: their CORS headers never pass.
+                    if key.lower() not in HOP_BY_HOP and not key.lower().startswith(
+                            "access-control-"):
+                        response.headers.add(key, value)
+                rename = _renamer(route.engine_id, sent) if route and sent != route.engine_id \
+                    else _renamer(peer.remote, sent) if peer else None
+                length = upstream.headers.get("Content-Length")
+                if rename is not None and length is not None:
+                    payload = rename(await upstream.read())
+                    if record is not None:
+                        record.keep(upstream.status, payload)
+                    if reuse is not None:
+                        reuse.feed(payload)
+                    response.content_length = len(payload)
+                    await response.prepare(request)
+                    await response.write(payload)
+                else:
+                    if length is not None:
+                        response.content_length = int(length)
+                    await response.prepare(request)
+                    pending = b""
+                    async for chunk in upstream.content.iter_any():
+                        if record is not None:
+                            record.last = (record.last[1], chunk)  # the timings come last
+                        if reuse is not None and reuse.feed(chunk):
+                            reuse = None
+                        if rename is None:
+                            await response.write(chunk)
+                            continue
+                        # Streams: rename whole events (they end with a blank line), as they come.
+                        pending += chunk
+                        end = pending.rfind(b"\n\n")
+                        if end < 0 and len(pending) > EVENT_MAX:
+                            # No event's end in a megabyte (a hostile peer's endless line): sent
+                            # on as it is rather than held, which would grow without a bound.
+                            end = len(pending) - 2
+                        if end >= 0:
+                            await response.write(rename(pending[:end + 2]))
+                            pending = pending[end + 2:]
+                    if pending:
+                        await response.write(rename(pending) if rename else pending)
+                    if record is not None:
+                        record.keep(upstream.status)
+                await response.write_eof()
+                return response
+            except client_errors.SocketTimeoutError:
+                if peer is None:
+                    raise
+                return await self._peer_stalled(request, peer, response)
 
     def _peer_failed(self, peer: PeerRoute, exc: Exception, down: bool) -> web.Response:
         """A peer that refused the connection (or timed out) is down: said at once here and
@@ -781,6 +799,35 @@ class Front:
             return self._peer_unavailable(peer.state)
         return _error(502, f"the peer {name} closed the connection: {exc}",
                       "peer_disconnected")
+
+    async def _peer_stalled(self, request: web.Request, peer: PeerRoute,
+                            response: web.StreamResponse | None) -> web.StreamResponse:
+        """The peer stopped sending for PEER_TIMEOUT in the middle of its answer: a 504 if
+        nothing of it was sent on yet; else a stream ends with an error event (the openai
+        client raises it), and any other answer is cut (its client sees it short)."""
+        said = self._peer_silent(peer, started=True)
+        if response is None or not response.prepared:
+            return said
+        log.warning("%s", json.loads(said.body)["error"]["message"])  # type: ignore[arg-type]
+        if response.headers.get("Content-Type", "").startswith("text/event-stream"):
+            with contextlib.suppress(ConnectionError):
+                # After a blank line: what came last may have been cut in the middle of an event.
+                await response.write(b"\n\ndata: " + said.body + b"\n\n")  # type: ignore[operator]
+                await response.write_eof()
+            return response
+        if request.transport is not None:
+            request.transport.close()  # short of its length: the client sees it cut
+        return response
+
+    def _peer_silent(self, peer: PeerRoute, started: bool) -> web.Response:
+        """A 504 naming the peer that sent nothing for its PEER_TIMEOUT. It is not marked
+        down: it answers connections, and may be busy (loading, a long answer)."""
+        timeout = peer.state.peer.timeout
+        what = "stopped sending its answer" if started else "sent no answer"
+        return _error(504, f"the peer {peer.state.peer.name} ({peer.state.peer.url}) {what} "
+                      f"for {timeout:g}s (PEER_TIMEOUT): it may be loading a large model or "
+                      "stuck; raise PEER_TIMEOUT for it (PEER_TIMEOUT=300,"
+                      f"{peer.state.peer.name}=900) if it is only slow", "peer_timeout")
 
     def _peer_unavailable(self, state: PeerState) -> web.Response:
         # Not retried by the openai client: its wait (Retry-After) would hide a down peer
@@ -806,15 +853,19 @@ class Front:
 
     async def list_models(self, request: web.Request) -> web.StreamResponse:
         await self.refresh_names()
+        engine_down = None
         try:
             listed = {m.name: m for m in await self.engine_models()}
         except ModelServeError as exc:
-            return _error(503, exc.message, "engine_unavailable", retry_after=2)
+            if not self.peers:
+                return _error(503, exc.message, "engine_unavailable", retry_after=2)
+            # The peers' models are served all the same: ours are listed, unavailable.
+            listed, engine_down = {}, exc
         data = []
         for served, aliases in sorted(self.names.aliases.items()):
             route = self.names.find(served)
             model = listed.get(route.engine_id) if route else None
-            state = model.state if model else "unloaded"
+            state = "unavailable" if engine_down else model.state if model else "unloaded"
             data.append({"id": served, "object": "model", "created": 0,
                          "owned_by": "model_serve", "aliases": aliases,
                          "status": {"value": state}})
@@ -1024,6 +1075,12 @@ def _error(status: int, message: str, kind: str, retry_after: int | None = None,
         headers["Retry-After"] = str(retry_after)
     return web.json_response({"error": {"message": message, "type": kind, "code": status}},
                              status=status, headers=headers or None)
+
+
+def _silence(seconds: float) -> ClientTimeout:
+    """How long a peer may stay silent: for its answer's head, and between two reads of its
+    body (llama-swap's peer timeouts.responseHeader, which bounds only the head)."""
+    return ClientTimeout(total=None, sock_connect=5, sock_read=seconds or None)
 
 
 def make_app(front: Front) -> web.Application:
