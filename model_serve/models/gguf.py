@@ -49,6 +49,7 @@ JUMP_BUDGET = 1 << 16
 MAX_JUMP_SPAN = 64 << 20  # how far past a list's smallest possible end its next key is looked for
 MAX_JUMP_NESTING = 4  # a jump tried while trying one (tokens, then merges): deeper lists are walked
 _MIN_KV_BYTES = 13  # key length (8), type (4), the smallest value (1)
+INPUT_EMBEDDING = b"token_embd.weight"
 _MIN_TENSOR_BYTES = 24  # name length (8), dimension count (4), type (4), offset (8)
 
 # value type id -> (struct format, size)
@@ -98,6 +99,9 @@ class GGUFHeader:
     metadata: dict[str, Any]
     tensor_names: list[str] = field(default_factory=list)
     tensor_info_offset: int = 0  # where the tensors' descriptions start
+    # Bytes of `token_embd.weight` (0 when the file has none): the input layer, which
+    # llama.cpp keeps on the CPU even when every layer is offloaded (RPC workers, a GPU).
+    input_embedding_bytes: int = 0
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.metadata.get(key, default)
@@ -330,23 +334,46 @@ class _Reader:
             raise GGUFError(f"{self.path}: implausible first tensor", "")
         self.handle.seek(position)
 
-    def tensor_infos(self, count: int, keep_names: bool) -> list[str]:
+    def tensor_infos(self, count: int, keep_names: bool) -> tuple[list[str], int]:
         """Walk the tensors' descriptions (name, dimensions, type, offset): a file cut short
-        within them is found here; their names when `keep_names`."""
+        within them is found here. Their names when `keep_names`, and the size of the input
+        embedding: the distance from its data offset to the next one's (or to the end), so
+        no table of quantization block sizes is needed."""
         self.need(count * _MIN_TENSOR_BYTES, f"a tensor count of {count}")
         self.tick(count)
         names: list[str] = []
+        offsets: list[int] = []
+        embedding = -1
         for _ in range(count):
-            if keep_names:
-                names.append(self.string())
+            (length,) = struct.unpack("<Q", self.read(8))
+            if length > MAX_STRING:
+                raise self.corrupt(f"implausible tensor name length {length} in GGUF header")
+            if keep_names or length == len(INPUT_EMBEDDING):
+                raw = self.read(length)
+                if raw == INPUT_EMBEDDING:
+                    embedding = len(offsets)
+                if keep_names:
+                    self.decode(length)
+                    names.append(raw.decode("utf-8", errors="replace"))
             else:
-                self.skip_string()
+                self.skip(length)
             (n_dims,) = struct.unpack("<I", self.read(4))
             if n_dims > GGML_MAX_DIMS:
                 raise self.corrupt(f"a tensor with {n_dims} dimensions (at most "
                                    f"{GGML_MAX_DIMS})")
-            self.read(8 * n_dims + 4 + 8)  # dims, type, offset
-        return names
+            self.read(8 * n_dims + 4)  # dims, type
+            offsets.append(struct.unpack("<Q", self.read(8))[0])
+        return names, self._tensor_bytes(offsets, embedding)
+
+    def _tensor_bytes(self, offsets: list[int], index: int) -> int:
+        """Bytes of the tensor at `index` of `offsets` (0 when none, or implausible)."""
+        if index < 0:
+            return 0
+        start = offsets[index]
+        later = [o for o in offsets if o > start]
+        data_start = self.handle.tell()  # the data follows, aligned: up to 32 bytes later
+        end = min(later) if later else self.size - data_start
+        return end - start if 0 < end - start <= self.size else 0
 
 
 def file_kind(mode: int) -> str:
@@ -412,11 +439,12 @@ def read_header(path: Path, *,
                 reader.read_kvs(kv_count - 1, metadata, tensor_count)
             tensor_info_offset = handle.tell()
             keep = tensor_names is True or (callable(tensor_names) and tensor_names(metadata))
-            names = reader.tensor_infos(tensor_count, keep)
+            names, embedding_bytes = reader.tensor_infos(tensor_count, keep)
         except (struct.error, OverflowError, ValueError) as exc:  # a bug's net: still this file
             raise reader.corrupt(f"unreadable GGUF header ({exc})") from exc
         finally:
             reader.close()
     return GGUFHeader(path=path, version=version, tensor_count=tensor_count,
                       metadata=metadata, tensor_names=names,
-                      tensor_info_offset=tensor_info_offset)
+                      tensor_info_offset=tensor_info_offset,
+                      input_embedding_bytes=embedding_bytes)

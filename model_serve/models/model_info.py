@@ -18,7 +18,8 @@ from typing import Any
 from model_serve.fileio import write_if_changed
 from model_serve.models import gguf
 
-CACHE_VERSION = 4  # 2: `recurrent`; 3: numbers checked, failures remembered; 4: pooling
+# 2: `recurrent`; 3: numbers checked, failures remembered; 4: pooling; 5: input embedding
+CACHE_VERSION = 5
 
 # Header numbers that feed arithmetic (the footprint estimate walks the layers), with far more
 # than any real model has: a file beyond them is refused, the key named, so no estimate can
@@ -76,6 +77,7 @@ class ModelInfo:
     pooling: str = ""
     classifier: bool = False  # `<arch>.classifier.output_labels`: a classification head
     tokenizer_pre: str = ""  # `tokenizer.ggml.pre`: which vocabulary (llama-bpe: Llama 3)
+    input_embedding_bytes: int = 0  # token_embd.weight: stays local when layers go to RPC
 
     @property
     def is_projector(self) -> bool:
@@ -174,6 +176,7 @@ def info_from_header(header: gguf.GGUFHeader) -> ModelInfo:
         pooling=_pooling(header.arch_key("pooling_type")),
         classifier=header.arch_key("classifier.output_labels") is not None,
         tokenizer_pre=str(header.get("tokenizer.ggml.pre", "") or "")[:100],
+        input_embedding_bytes=header.input_embedding_bytes,
     )
 
 

@@ -6,6 +6,7 @@ arguments, aliases) is decided once, here, with the reason recorded for `model s
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -64,13 +65,26 @@ class ServedModel:
 
     @property
     def estimated_bytes(self) -> int:
-        return footprint.estimate(self.model.info, self.model.size_bytes, self.ctx_size,
-                                  self.parallel, _file_size(self.options.get("mmproj")),
-                                  swa_full=self.swa_full).total
+        """What loading it takes of this machine's memory: with RPC workers, the local share."""
+        mmproj = _file_size(self.options.get("mmproj"))
+        full = footprint.estimate(self.model.info, self.model.size_bytes, self.ctx_size,
+                                  self.parallel, mmproj, swa_full=self.swa_full)
+        if not self.workers:
+            return full.total
+        return footprint.local_share(self.model.info, full, mmproj, _local_gpu()).total
 
     @property
     def swa_full(self) -> bool:
         return self.options.get("swa-full") == "true"
+
+
+@functools.cache
+def _local_gpu() -> bool:
+    """Whether this machine's llama.cpp has a GPU that takes layers beside RPC workers: Metal on
+    Apple Silicon (./install.sh builds llama.cpp for the CPU elsewhere)."""
+    from model_serve.machine_code import this_machine
+
+    return this_machine().apple_silicon
 
 
 def _file_size(path: str | None) -> int:
@@ -97,6 +111,16 @@ def _choose_ctx(model: CatalogModel, wanted: int, source: str, parallel: int,
         reason = f"{reason}; reduced from {ctx} so weights + KV cache fit {gib:.1f} GiB"
         ctx = fitted
     return ctx, reason
+
+
+def _rpc_ctx(model: CatalogModel, wanted: int, source: str) -> tuple[int, str]:
+    """A model on RPC workers keeps its KV cache there, in memory this machine cannot see: its
+    context is capped at the trained one only, not fitted to the local budget."""
+    trained = model.info.context_length
+    if trained and wanted > trained:
+        return trained, f"{source} capped at the model's trained context {trained}"
+    return wanted, f"{source} (not fitted to this machine's memory: its layers and KV " \
+        "cache are on the RPC workers)"
 
 
 def _served(model: CatalogModel, name: str, entry: CustomEntry | None, custom: CustomModels,
@@ -138,9 +162,6 @@ def _served(model: CatalogModel, name: str, entry: CustomEntry | None, custom: C
                           "list the workers as rpc: [host:port, ...] in the model's entry "
                           "instead, so admission and 'model show' know them")
     options.update(sampler)  # they come last: llama-server's own words win
-    workers = list(get("rpc") or [])
-    if workers:
-        options["rpc"] = ",".join(workers)
     if get("swa_full") is not None:  # llama-server has no flag to turn it off: unset is off
         options.pop("swa-full", None)
         if get("swa_full"):
@@ -150,8 +171,13 @@ def _served(model: CatalogModel, name: str, entry: CustomEntry | None, custom: C
         options["swa-full"] = "true"  # a restored cache is reused only with it
     if settings.model_threads and not {"threads", "t"} & options.keys():
         options["threads"] = str(settings.model_threads)
-    ctx, reason = _choose_ctx(model, wanted, source, parallel, budget,
-                              options.get("swa-full") == "true")
+    workers = list(get("rpc") or [])
+    if workers:
+        options["rpc"] = ",".join(workers)
+        ctx, reason = _rpc_ctx(model, wanted, source)
+    else:
+        ctx, reason = _choose_ctx(model, wanted, source, parallel, budget,
+                                  options.get("swa-full") == "true")
     if kind != kinds.CHAT and not {"ubatch-size", "ub", "batch-size", "b"} & options.keys():
         # llama-server embeds or scores an input in one batch of at most --ubatch-size tokens
         # (512 unless said): a longer input failed with HTTP 500. An encoder's batch is small.

@@ -21,6 +21,9 @@ starts the load.
 - A model whose load failed is refused at once, with the cause, during a backoff
   (runtime/load_failures.py): its requests never wait for the lock again meanwhile.
 - Memory others take (other apps) is still the pressure unloader's job (polls and load events).
+- A model on RPC workers (custom_models.yaml rpc:) counts only its local share
+  (models/footprint.py), and is refused at once with a 503 naming a worker that does not
+  accept a connection (runtime/rpc_reach.py).
 - On Apple Silicon the loaded models' footprints together also stay under Metal's working-set
   limit (engines/metal.py), which llama-server checks per process only.
 """
@@ -32,7 +35,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +50,7 @@ from model_serve.engines.metal import (
 )
 from model_serve.engines.slot_cache import Restored
 from model_serve.errors import ModelServeError
+from model_serve.runtime import rpc_reach
 from model_serve.runtime.engine_calls import engine_call
 from model_serve.runtime.engine_view import EngineView
 from model_serve.runtime.load_failures import LoadFailures
@@ -105,17 +109,22 @@ class Admission:
         self.failures = LoadFailures(settings, lambda _engine_id: None)  # the front names files
         self.settling = Settling()  # models just admitted count at least at their estimate
 
-    async def admit(self, engine_id: str, need: int,
-                    body: bytes | None = None) -> Refusal | Restored | None:
+    async def admit(self, engine_id: str, need: int, body: bytes | None = None,
+                    workers: Sequence[str] = ()) -> Refusal | Restored | None:
         """Return once `engine_id` is loaded or loading, or why it cannot be (Refusal). A
         model this request loads gets the saved conversation that fits the request (its
         `body`) before any request reaches it; what was restored is returned, for the front
-        to check in the reply."""
+        to check in the reply. `workers`: its RPC workers, which must answer before a load."""
         self.footprints[engine_id] = need
         if self.view.state(engine_id) == "loaded" and engine_id not in self.evicting:
             return None  # the common case: no lock, no read, no await
         if (failed := self._failed(engine_id)) is not None:
             return failed  # never through the lock: other models' loads go on
+        if workers and self.view.state(engine_id) not in ("loading", "sleeping"):
+            missing = await rpc_reach.unreachable(workers)
+            if missing:
+                return Refusal(rpc_reach.describe(engine_id, missing), 10,
+                               kind=rpc_reach.UNREACHABLE_KIND)
         limit = self.settings.load_queue_max
         if self.waiting >= limit:
             return Refusal(f"{self.waiting} requests already wait for a model to load "

@@ -65,6 +65,7 @@ from model_serve.runtime.gate import (
 )
 from model_serve.runtime.ollama_routes import OllamaApi
 from model_serve.runtime.peers import PeerRoute, Peers, PeerState, refusal
+from model_serve.runtime.rpc_reach import UNREACHABLE_KIND
 
 log = logging.getLogger("model_serve.front")
 
@@ -117,6 +118,7 @@ class Route:
     kind: str = kinds.CHAT  # what it answers (models/kinds.py)
     embeddings: bool = False
     reranking: bool = False
+    workers: tuple[str, ...] = ()  # its RPC workers (host:port), asked before a load
 
 
 @dataclass
@@ -141,7 +143,8 @@ def build_names(settings: Settings, engine: Engine) -> Names:
     names = Names()
     for served in plan:
         route = Route(engine.model_id(served.name), served.name, served.ttl,
-                      served.estimated_bytes, served.kind, served.embeddings, served.reranking)
+                      served.estimated_bytes, served.kind, served.embeddings, served.reranking,
+                      tuple(served.workers))
         if served.embeddings:
             names.embedding_models.append(served.name)
         if served.reranking:
@@ -572,14 +575,17 @@ class Front:
         """Room made and the model loaded (admission): None, or what to check in this
         request's reply when a saved conversation was restored for it; else the 503 to
         answer."""
-        admitted = await self.admission.admit(route.engine_id, route.footprint, body)
+        admitted = await self.admission.admit(route.engine_id, route.footprint, body,
+                                              route.workers)
         if isinstance(admitted, Refusal):
             self._log_refusal(admitted)
             kind = admitted.kind or ("load_queue_full" if admitted.status == 429
                                      else "no_memory_for_model")
             # The openai client retries a 503 after Retry-After unless told not to: a model
             # whose file is broken would hold its caller for nothing.
-            headers = {"x-should-retry": "false"} if admitted.kind == FAILED_KIND else None
+            # Nor would a worker that is down come back by itself within a retry.
+            headers = {"x-should-retry": "false"} \
+                if admitted.kind in (FAILED_KIND, UNREACHABLE_KIND) else None
             return _error(admitted.status, admitted.message, kind,
                           retry_after=admitted.retry_after, headers=headers)
         return CacheReuse(admitted) if admitted is not None else None

@@ -41,6 +41,7 @@ class ModelStats:
     restores: int = 0
     kind: str | None = None  # chat, embedding or rerank (models/kinds.py)
     estimate_bytes: int | None = None  # what it takes once loaded, from its GGUF header
+    workers: list[str] = field(default_factory=list)  # RPC workers holding its layers
 
 
 @dataclass
@@ -128,6 +129,7 @@ def collect_stats(settings: Settings, engine: Engine | None = None,
         if served is not None:
             stats.ctx_size, stats.slots, stats.ttl = served.ctx_size, served.parallel, served.ttl
             stats.kind, stats.estimate_bytes = served.kind, served.estimated_bytes
+            stats.workers = list(served.workers)
         _saved_conversations(folders.get(model.name), stats)
         crash = exits.get(model.name)
         if crash is not None:
