@@ -376,6 +376,9 @@ class StandInHandler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
         kind = self.path.split("/")[1]
+        if self.path.startswith("/good/props?"):  # llama-server's (router's) /props?model=
+            self.server.seen.append(("GET", self.path, self.headers.get("Authorization", "")))
+            return self.answer(200, b'{"model_alias": "m1", "n_ctx": 4096}')
         if self.path != f"/{kind}/v1/models":
             return self.answer(404, b'{"error": "no such path"}')
         if kind in ("good", "flood", "silent", "stall", "moved"):
@@ -607,3 +610,26 @@ def test_the_peers_models_are_listed_while_our_engine_is_down(
     assert {"good/m1", "good/m2", "silent/m1"} <= set(listed)
     assert listed["good/m1"]["meta"]["llamaswap"] == {"type": "peer", "peerID": "good"}
     assert post_chat(env, "good/m1").status_code == 200
+
+
+def test_a_peers_props_are_read_and_its_upstream_refused(
+        hostile: tuple[Env, Any, StandInPeer]) -> None:
+    """GET /props?model=<peer>/<model> reads the peer's /props for its own name (and nothing
+    else of the query); /upstream/<peer>/... is refused by name, never sent on: a peer's model
+    servers are its own, and its key may open paths there that our client's does not here."""
+    env, front, peer = hostile
+    eventually(lambda: front.peers.listing(), 20)
+    peer.seen.clear()
+    reply = requests.get(f"{env.base_url}/props", timeout=30,
+                         params={"model": "good/m1", "autoload": "false"})
+    assert reply.status_code == 200, reply.text
+    assert reply.json() == {"model_alias": "m1", "n_ctx": 4096}
+    assert peer.seen == [("GET", "/good/props?model=m1", "Bearer sk-for-good")]
+    for path in ("/upstream/good/m1/props", "/upstream/good/m1/health"):
+        refused = requests.get(f"{env.base_url}{path}", timeout=30)
+        assert refused.status_code == 400, refused.text
+        assert refused.json()["error"]["type"] == "peer_model"
+        assert "good/... is a peer's model (PEERS)" in refused.json()["error"]["message"]
+    assert requests.get(f"{env.base_url}/props", timeout=30,
+                        params={"model": "good/nothing"}).status_code == 404
+    assert len(peer.seen) == 1

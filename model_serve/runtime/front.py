@@ -35,6 +35,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 from aiohttp import ClientResponse, ClientSession, ClientTimeout, TCPConnector, web
 from aiohttp import client_exceptions as client_errors
@@ -481,6 +482,10 @@ class Front:
         if route is None and to_peer and sent is not None and body is not None and \
                 self.peers.serves(sent):
             return await self.forward_to_peer(request, body, path_qs, sent, answer)
+        if route is None and sent is not None and body is None and path_qs is None and \
+                request.method == "GET" and request.path == "/props" and \
+                self.peers.serves(sent):
+            return await self.props_of_peer(request, sent)
         if route is None and sent is not None and self.engine.name == "llama-server":
             # The router also serves files of its own download cache by name, without
             # admission: only the names model_serve serves reach it.
@@ -527,6 +532,30 @@ class Front:
         """A request for `<peer>/<model>`: to the peer, with its key and its own name for the
         model; no admission, activity or saved conversation here (the peer has its own).
         A name without `<peer>/` is one only one peer lists (llama-swap's rule)."""
+        peer = await self._peer_route(request, sent)
+        if isinstance(peer, web.Response):
+            return peer
+        try:
+            body, _sent, _remote = model_field.in_body(
+                body, request.headers.get("Content-Type", ""),
+                lambda name: peer.remote if name == sent else None)
+        except model_field.BadBody as exc:
+            return _error(400, str(exc), "invalid_request")
+        return await self._proxy(request, body, path_qs or request.path_qs, peer.state.peer.url,
+                                 sent, None, answer=answer, peer=peer)
+
+    async def props_of_peer(self, request: web.Request, sent: str) -> web.StreamResponse:
+        """`GET /props?model=<peer>/<model>`: the peer's /props for its own name, read-only
+        (a POST /props changes a model server's settings: a control path, never sent on);
+        the query's other words stay here (the router's `autoload` is the peer's business)."""
+        peer = await self._peer_route(request, sent)
+        if isinstance(peer, web.Response):
+            return peer
+        return await self._proxy(request, None, f"/props?{urlencode({'model': peer.remote})}",
+                                 peer.state.peer.url, sent, None, peer=peer)
+
+    async def _peer_route(self, request: web.Request, sent: str) -> PeerRoute | web.Response:
+        """Where a peer's model is, or why it cannot be asked now."""
         if VIA in request.headers.get("Via", ""):
             # Came from a model_serve through its PEERS (this one, when a peer's URL is our
             # own port): a peer serves its own models only, so sending it on would be a loop,
@@ -542,14 +571,7 @@ class Front:
         if peer is None:
             return _error(404, f"model not found: {sent} (the peer {state.peer.name} does not "
                           "list it; see 'model list')", "model_not_found")
-        try:
-            body, _sent, _remote = model_field.in_body(
-                body, request.headers.get("Content-Type", ""),
-                lambda name: peer.remote if name == sent else None)
-        except model_field.BadBody as exc:
-            return _error(400, str(exc), "invalid_request")
-        return await self._proxy(request, body, path_qs or request.path_qs, state.peer.url,
-                                 sent, None, answer=answer, peer=peer)
+        return peer
 
     async def admit(self, route: Route) -> web.Response | CacheReuse | None:
         """A load with no request to send yet (the router's /models/load, Ollama's)."""
@@ -965,6 +987,13 @@ class Front:
             if route is not None:
                 tail = rest[cut:]
                 break
+        if route is None and self.peers.state_of(rest) is not None:
+            # A peer's model servers are its own: its /upstream may open paths (slots, a
+            # server's settings) its key allows that our client's key does not here.
+            return _error(400, f"{rest.partition('/')[0]}/... is a peer's model (PEERS): "
+                          "/upstream reaches this server's own model servers only; ask for it on "
+                          "this port's /v1 paths (its settings: GET /props?model=NAME)",
+                          "peer_model")
         if route is None:
             return _error(404, f"model not found: {rest}", "model_not_found")
         await self.wait_if_held(route)
