@@ -144,6 +144,24 @@ def status(result: StackStatus, as_json: bool) -> None:
     click.echo(f"  config:   {result.config_path}")
     click.echo(f"  log:      {result.log_file}")
     click.echo(f"  page:     {result.dashboard or 'none (FRONT=off: the engine has the port)'}")
+    if result.peers is not None:
+        _peers(result.peers)
+
+
+def _peers(peers: list[dict[str, Any]]) -> None:
+    """Each peer as the front sees it: up with its models, or down with the reason (a peer's
+    own words may be in it: shown escaped)."""
+    up = sum(1 for p in peers if p.get("up"))
+    click.echo(f"  peers:    {len(peers)} ({up} up)")
+    for peer in peers:
+        models = f"{peer.get('models', 0)} model(s)"
+        if peer.get("up"):
+            state = f"up, {models}"
+        elif not peer.get("checked"):
+            state = "not checked yet"
+        else:
+            state = f"DOWN ({models} listed, unavailable): {peer.get('problem', '')}"
+        click.echo(shown_on_terminal(f"    {peer.get('name')}  {peer.get('url')}  {state}"))
 
 
 def logs(path: Path, lines: int, follow: bool) -> None:

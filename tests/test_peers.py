@@ -25,6 +25,7 @@ from openai import APIStatusError, OpenAI
 from model_serve.commands import doctor
 from model_serve.config.settings import load_settings
 from model_serve.errors import ConfigError
+from tests import test_dashboard
 from tests.conftest import TWIN as TWIN_YAML
 from tests.conftest import Env, new_env, running
 from tests.real_ollama import serving
@@ -38,6 +39,7 @@ ORIGIN = "https://chat.example"  # a web page allowed on the front stacks' port
 B_KEY, A_KEY = "sk-peer-b", "sk-peer-a"
 ENGINES = ("llama-server", "llama-swap")
 T = TypeVar("T")
+browser = test_dashboard.browser  # the real Chromium's fixture, for the page's peers
 
 
 def eventually(value: Callable[[], T | None], timeout: float) -> T:
@@ -304,7 +306,13 @@ def test_a_peer_that_refuses_our_key_is_named_with_the_fix(stacks: dict[str, Env
 
 
 def test_a_peer_that_stops_gets_a_clear_503_at_once(stacks: dict[str, Env]) -> None:
-    b = stacks["b"]
+    b, swap = stacks["b"], stacks["llama-swap"]
+    shown = swap.run("status", check=True).stdout  # each peer as the front sees it
+    assert "peers:    3 (2 up)" in shown
+    assert f"    b  {b.base_url}  up, 2 model(s)" in shown
+    assert "    ol  http://" in shown and "  up, 1 model(s)" in shown
+    assert f"    wrong  {b.base_url}  DOWN (0 model(s) listed, unavailable): it refused our " \
+        "key (HTTP 401)" in shown
     b.run("stop", check=True)
     for engine in ENGINES:
         a = stacks[engine]
@@ -328,6 +336,9 @@ def test_a_peer_that_stops_gets_a_clear_503_at_once(stacks: dict[str, Env]) -> N
             model=GEMMA, max_tokens=2, messages=[{"role": "user", "content": "Hi"}])
         assert reply.usage.completion_tokens == 2
         assert f"peer b ({b.base_url}) is not answering" in a.run("list").stdout
+        peers = {p["name"]: p for p in json.loads(a.run("status", "--json").stdout)["peers"]}
+        assert peers["b"]["up"] is False and peers["b"]["models"] == 2
+        assert "connect" in peers["b"]["problem"].lower()  # refused, or cannot connect
     # Another peer is not affected either.
     ollama_entry = listed(stacks["llama-swap"], A_KEY)[f"ol/{OLLAMA_MODEL}"]
     assert ollama_entry["status"]["value"] == "unknown"
@@ -633,3 +644,46 @@ def test_a_peers_props_are_read_and_its_upstream_refused(
     assert requests.get(f"{env.base_url}/props", timeout=30,
                         params={"model": "good/nothing"}).status_code == 404
     assert len(peer.seen) == 1
+
+
+def test_the_front_reports_each_peer_up_or_down_with_the_reason(
+        hostile: tuple[Env, Any, StandInPeer]) -> None:
+    """What `model status` and the dashboard show: each peer's URL, up or down with the
+    reason, and how many models it serves here; read without an engine."""
+    env, front, peer = hostile
+    eventually(lambda: front.peers.states["drip"].checked and
+               front.peers.states["good"].checked, 20)
+    reply = requests.get(f"{env.base_url}/api/model_serve/peers", timeout=30)
+    assert reply.status_code == 200, reply.text
+    peers = {p["name"]: p for p in reply.json()["peers"]}
+    assert peers["good"] == {"name": "good", "url": f"{peer.url}/good", "up": True,
+                             "problem": "", "models": 2, "timeout": 30,
+                             "checked": peers["good"]["checked"]}
+    assert peers["good"]["checked"] > 0 and peers["silent"]["timeout"] == 2
+    assert peers["drip"]["up"] is False and peers["drip"]["models"] == 0
+    assert "did not arrive whole within 5s" in peers["drip"]["problem"]
+
+
+def test_the_dashboard_shows_each_peer(hostile: tuple[Env, Any, StandInPeer],
+                                       browser: Any) -> None:
+    """The page, in a real Chromium, lists each peer with its URL, up or down with the
+    reason, and its models; from a front whose own engine is down (the peers serve anyway)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    env, front, peer = hostile
+    eventually(lambda: all(s.checked for s in front.peers.states.values()), 20)
+    browser.get(f"{env.base_url}/dashboard")
+
+    def rows() -> list[list[str]] | None:
+        return browser.execute_script(
+            "return [...document.querySelectorAll('#peers tbody tr')]"
+            ".map(r => [r.dataset.up, ...[...r.cells].map(c => c.textContent)]);") or None
+
+    shown = WebDriverWait(browser, 30, 0.2).until(lambda _d: rows(), "the peers' rows")
+    by_name = {r[1]: r for r in shown}
+    assert set(by_name) == set(front.peers.states)
+    assert by_name["good"][:5] == ["true", "good", f"{peer.url}/good", "up", "2"]
+    assert by_name["drip"][0] == "false" and by_name["drip"][4] == "0"
+    assert by_name["drip"][3].startswith("down") and "within 5s" in by_name["drip"][3]
+    assert browser.find_element(By.ID, "peers-section").is_displayed()

@@ -319,7 +319,8 @@ class Dashboard:
                     "/api/model_serve/requests": self.recent,
                     "/api/model_serve/memory": self.memory_history,
                     "/api/model_serve/events": self.events,
-                    "/api/model_serve/log": self.log_tail}.get(path)
+                    "/api/model_serve/log": self.log_tail,
+                    "/api/model_serve/peers": self.peers}.get(path)
         if method == "POST":
             return {"/api/model_serve/load": self.load,
                     "/api/model_serve/forget": self.forget}.get(path)
@@ -403,6 +404,10 @@ class Dashboard:
         except ModelServeError as exc:
             return _error(503, exc.message, "engine_unavailable", retry_after=2)
 
+    async def peers(self, request: web.Request) -> web.StreamResponse:
+        """The PEERS as this front sees them (no engine needed: they are served without it)."""
+        return web.json_response({"peers": self.front.peers.report()})
+
     async def recent(self, request: web.Request) -> web.StreamResponse:
         return web.json_response(self._requests_json(0))
 
@@ -485,9 +490,10 @@ class Dashboard:
         return result
 
     async def events(self, request: web.Request) -> web.StreamResponse:
-        """Server-sent events: `requests` as they begin and end, `status` every few seconds,
-        and `log`: new lines of the log as they come, for a key that may read it (control),
-        else once why not. Read with fetch (an EventSource cannot send a key)."""
+        """Server-sent events: `requests` as they begin and end, `status` (and `peers`, with
+        PEERS) every few seconds, and `log`: new lines of the log as they come, for a key that
+        may read it (control), else once why not. Read with fetch (an EventSource cannot send
+        a key)."""
         from model_serve.runtime.gate import Access, Refusal, request_key
 
         gate = self.front.gate
@@ -534,6 +540,8 @@ class Dashboard:
                         await _send(response, "status", await self.snapshot())
                     except ModelServeError as exc:
                         await _send(response, "engine", {"error": exc.message})
+                    if self.front.peers:  # served while our engine is down, so shown then too
+                        await _send(response, "peers", {"peers": self.front.peers.report()})
                 if log_tail is not None:
                     lines, again = await asyncio.to_thread(log_tail.read)
                     if lines or again:

@@ -217,6 +217,16 @@ class Peers:
                                      model.name, model.state if state.up else "unavailable"))
         return sorted(listed, key=lambda m: m.name)
 
+    def report(self) -> list[dict[str, Any]]:
+        """Each peer as the front sees it now (`model status`, the dashboard): up, or down
+        with the reason; the models it serves here; when it was last checked."""
+        counts: dict[str, int] = {}
+        for listed in self.listing():
+            counts[listed.peer] = counts.get(listed.peer, 0) + 1
+        return [{"name": s.peer.name, "url": s.peer.url, "up": s.up, "problem": s.problem,
+                 "models": counts.get(s.peer.name, 0), "checked": s.checked or None,
+                 "timeout": s.peer.timeout} for s in self.states.values()]
+
     def _collides(self, state: PeerState, model: RemoteModel) -> bool:
         name = f"{state.peer.name}/{model.name}"
         if not self.is_local(name):

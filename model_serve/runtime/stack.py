@@ -38,6 +38,7 @@ class StackStatus:
     served_models: int | None = None  # how many models the config serves, when known
     via_service: str = ""  # the login service it was started through, if any
     front: bool = True  # FRONT=on: the port has the dashboard (/dashboard)
+    peers: list[dict[str, Any]] | None = None  # PEERS as the front sees them; None: unknown
 
     @property
     def dashboard(self) -> str | None:
@@ -54,7 +55,7 @@ class StackStatus:
                 "uptime_seconds": round(self.uptime, 1),
                 "children": {name: child.to_json() for name, child in self.children.items()},
                 "config_path": self.config_path, "log_file": self.log_file, "stale": self.stale,
-                "dashboard": self.dashboard}
+                "dashboard": self.dashboard, "peers": self.peers}
 
 
 def stack_status(settings: Settings) -> StackStatus:
@@ -78,7 +79,24 @@ def stack_status(settings: Settings) -> StackStatus:
     # is no sign of an unhealthy stack.
     status.healthy = alive and answers_health(settings.base_url, settings.api_keys, timeout=1,
                                               unix_socket=internal_key.front_socket(settings))
+    if status.healthy and settings.peers:
+        status.peers = front_peers(settings)
     return status
+
+
+def front_peers(settings: Settings) -> list[dict[str, Any]] | None:
+    """The front's view of its PEERS (up or down with the reason, models); None when it does
+    not answer. Not asked of the peers here: what the front serves is what counts."""
+    from model_serve.loopback import LoopbackError, call
+
+    try:
+        answer = call("GET", f"{settings.base_url}/api/model_serve/peers",
+                      internal_key.own_headers(settings), timeout=2,
+                      unix_socket=internal_key.front_socket(settings))
+        peers = answer.json().get("peers") if answer.status_code == 200 else None
+    except (LoopbackError, ValueError, AttributeError):
+        return None
+    return [p for p in peers if isinstance(p, dict)] if isinstance(peers, list) else None
 
 
 def cleanup_stale(settings: Settings) -> int:

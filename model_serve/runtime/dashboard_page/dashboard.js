@@ -170,6 +170,22 @@ function handleEvent(block) {
   else if (event === "requests") renderRequests(payload);
   else if (event === "engine") notice(`The engine does not answer: ${payload.error}`, "error");
   else if (event === "log") renderLog(payload);
+  else if (event === "peers") renderPeers(payload.peers);
+}
+
+// --- peers -------------------------------------------------------------------------------------
+function renderPeers(peers) {
+  $("peers-section").hidden = !peers.length;
+  replaceRows($("peers").tBodies[0], peers.map((p) => {
+    const state = p.up ? lines(["up"])
+      : lines([p.checked ? "down" : "not checked yet", p.checked ? p.problem : ""]);
+    state.className = p.up ? "state-loaded" : (p.checked ? "state-crashed" : "");
+    const tr = row([el("td", p.name, "name"), p.url, state, p.models,
+                    p.checked ? clock(p.checked) : ""]);
+    tr.dataset.peer = p.name;
+    tr.dataset.up = String(p.up);
+    return tr;
+  }));
 }
 
 // --- models ----------------------------------------------------------------------------------
