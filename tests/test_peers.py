@@ -573,6 +573,23 @@ def test_a_peer_that_never_answers_gets_a_504_naming_it(
     assert front.peers.states["silent"].up
 
 
+def test_ollamas_api_gets_the_504_and_a_stalled_stream_ends_with_an_error(
+        hostile: tuple[Env, Any, StandInPeer]) -> None:
+    """The same through Ollama's API (translated for the peer), with the real ollama client."""
+    env, front, _peer = hostile
+    eventually(lambda: {"silent", "stall"} <= {m.peer for m in front.peers.listing()}, 20)
+    said = ollama.Client(host=env.base_url, timeout=30)
+    with pytest.raises(ollama.ResponseError) as silent:
+        said.chat(model="silent/m1", messages=[{"role": "user", "content": "Hi"}])
+    assert silent.value.status_code == 504 and "the peer silent" in silent.value.error
+    got = []
+    with pytest.raises(ollama.ResponseError):
+        for part in said.chat(model="stall/m1", stream=True,
+                              messages=[{"role": "user", "content": "Hi"}]):
+            got.append(part.message.content)
+    assert got == ["Hi"]
+
+
 def test_a_peers_stream_that_stalls_ends_with_an_error_the_client_sees(
         hostile: tuple[Env, Any, StandInPeer]) -> None:
     """One event, then silence: the stream ends with an error event after PEER_TIMEOUT, which
@@ -607,6 +624,30 @@ def test_a_peers_redirect_is_neither_followed_nor_passed_on(
     error = reply.json()["error"]
     assert error["type"] == "peer_refused"
     assert "the peer moved" in error["message"] and "HTTP 307" in error["message"]
+
+
+def test_our_models_are_marked_unavailable_beside_the_peers_while_our_engine_is_down(
+        hostile: tuple[Env, Any, StandInPeer], gemma_path: Path,
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A front whose engine config serves the gemma model, and no engine running (as between
+    a crash and its restart): /v1/models lists ours as unavailable, and the peer's."""
+    from model_serve.engines import select_engine
+    from model_serve.runtime.sync import build_current_plan
+
+    _env, _front, peer = hostile
+    env = new_env(tmp_path_factory.mktemp("engine-down"))
+    env["PEERS"] = f"good={peer.url}/good"
+    (env.models / gemma_path.name).symlink_to(gemma_path)
+    settings = load_settings(dict(env))
+    engine = select_engine(settings)
+    engine.write_config(build_current_plan(settings, engine)[1])
+    with serve_front(env, cleanup_timeout=10) as (front, _runner):
+        eventually(lambda: front.peers.listing(), 20)
+        reply = requests.get(f"{env.base_url}/v1/models", timeout=30)
+    assert reply.status_code == 200, reply.text
+    states = {m["id"]: m["status"]["value"] for m in reply.json()["data"]}
+    assert states[GEMMA] == "unavailable"
+    assert {"good/m1", "good/m2"} <= set(states)
 
 
 def test_the_peers_models_are_listed_while_our_engine_is_down(

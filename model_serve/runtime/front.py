@@ -1138,6 +1138,8 @@ def make_app(front: Front) -> web.Application:
         refresher.cancel()
         if peers is not None:
             peers.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await peers  # its checks cancelled too: none left pending when the loop ends
         await front.session.close()
         await front.fresh_session.close()
 

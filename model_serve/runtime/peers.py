@@ -276,9 +276,10 @@ class Peers:
                 await asyncio.gather(*(self.check(s) for s in self.states.values()))
                 await asyncio.sleep(self.interval)
         finally:  # the front stops: no check outlives it (each holds a connection)
-            for state in self.states.values():
-                if state.checking is not None:
-                    state.checking.cancel()
+            checks = [s.checking for s in self.states.values() if s.checking is not None]
+            for check in checks:
+                check.cancel()
+            await asyncio.gather(*checks, return_exceptions=True)
 
 
 @dataclass(frozen=True)
