@@ -25,6 +25,7 @@ from bench import (
     front,
     kv_cache,
     ollama,
+    rpc,
     serving,
     soak,
     start_scale,
@@ -48,6 +49,7 @@ BENCHMARKS: dict[str, Callable[[Path, bool], Outcome]] = {
     "soak": soak.run,
     "embeddings": embeddings.run,
     "ollama": ollama.run,
+    "rpc": rpc.run,
 }
 DEFAULT_RESULTS = Path(__file__).resolve().parent / "results"
 BUSY_PERCENT = 20.0

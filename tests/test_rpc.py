@@ -135,8 +135,8 @@ def wait_for_port(port: int, timeout: float = 10) -> None:
 
 @pytest.fixture(scope="module")
 def rpc_stack(tmp_path_factory: pytest.TempPathFactory, gemma_path: Path) -> Iterator[Env]:
-    """The real gemma three ways: over two workers, alone with --no-repack, and over a worker
-    that is not there."""
+    """The real gemma four ways: over two workers, alone with --no-repack, over a worker that
+    is not there, and over the second worker of the first."""
     env = new_env(tmp_path_factory.mktemp("rpc"))
     env.update({"DEFAULT_CTX_SIZE": "2048", "KV_CACHE": "off", "DEFAULT_PARALLEL": "1"})
     (env.models / gemma_path.name).symlink_to(gemma_path)
@@ -145,7 +145,8 @@ def rpc_stack(tmp_path_factory: pytest.TempPathFactory, gemma_path: Path) -> Ite
             "models:\n"
             f"  g-rpc:\n    base_model: {GEMMA}\n    rpc: [{', '.join(workers)}]\n"
             f"  g-alone:\n    base_model: {GEMMA}\n    sampler_args: --no-repack\n"
-            f"  g-dead:\n    base_model: {GEMMA}\n    rpc: [127.0.0.1:{free_port()}]\n")
+            f"  g-dead:\n    base_model: {GEMMA}\n    rpc: [127.0.0.1:{free_port()}]\n"
+            f"  g-shares:\n    base_model: {GEMMA}\n    rpc: [{workers[1]}]\n")
         with running(env):
             yield env
 
@@ -202,6 +203,24 @@ def test_a_worker_that_is_not_there_is_named_at_once(rpc_stack: Env) -> None:
     rows = json.loads(env.run("stats", "--json").stdout)["models"]
     states = {m["name"]: m["state"] for m in rows}
     assert states["ls/g-dead"] == "unloaded"  # no model server was started for it
+
+
+def test_a_worker_another_model_holds_is_named_at_once(rpc_stack: Env) -> None:
+    # ggml-rpc-server serves one client at a time: a second model server on it would wait,
+    # silent, until the first ended (llama-server sat in its option parsing here).
+    env = rpc_stack
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    url = f"{env.base_url}/v1/chat/completions"
+    assert requests.post(url, json={"model": "ls/g-rpc", **chat}, timeout=60).status_code == 200
+    started = time.monotonic()
+    reply = requests.post(url, json={"model": "ls/g-shares", **chat}, timeout=60)
+    assert time.monotonic() - started < 15
+    assert reply.status_code == 503, reply.text
+    message = reply.json()["error"]["message"]
+    shared = json.loads(env.run("show", "ls/g-shares", "--json").stdout)["workers"][0]
+    assert f"{shared} (another model server is using it (a worker serves one at a time" in message
+    # The first model goes on being served over it.
+    assert requests.post(url, json={"model": "ls/g-rpc", **chat}, timeout=60).status_code == 200
 
 
 def test_the_input_embedding_is_measured_from_the_header(gemma_path: Path) -> None:

@@ -120,7 +120,10 @@ class Admission:
             return None  # the common case: no lock, no read, no await
         if (failed := self._failed(engine_id)) is not None:
             return failed  # never through the lock: other models' loads go on
-        if workers and self.view.state(engine_id) not in ("loading", "sleeping"):
+        # A model server that holds its workers (loaded, loading, stopping) would make them
+        # look busy: they are asked before a load from nothing only.
+        if workers and self.view.state(engine_id) not in LOADED_STATES and \
+                engine_id not in self.evicting:
             missing = await rpc_reach.unreachable(workers)
             if missing:
                 return Refusal(rpc_reach.describe(engine_id, missing), 10,
