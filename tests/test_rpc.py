@@ -203,6 +203,9 @@ def test_a_worker_that_is_not_there_is_named_at_once(rpc_stack: Env) -> None:
     rows = json.loads(env.run("stats", "--json").stdout)["models"]
     states = {m["name"]: m["state"] for m in rows}
     assert states["ls/g-dead"] == "unloaded"  # no model server was started for it
+    doctor = env.run("doctor", check=False)
+    assert f"{dead}: connection refused" in doctor.stdout, doctor.stdout
+    assert "run 'model worker status' on 127.0.0.1" in doctor.stdout
 
 
 def test_a_worker_another_model_holds_is_named_at_once(rpc_stack: Env) -> None:

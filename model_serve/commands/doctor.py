@@ -270,9 +270,35 @@ def _peers(settings: Settings) -> Check:
     return Check("peers", "ok", said)
 
 
+def _rpc_workers(settings: Settings) -> Check:
+    """Each RPC worker of the models with rpc: asked for ggml-rpc's HELLO now."""
+    import asyncio
+
+    from model_serve.runtime import rpc_reach
+    from model_serve.runtime.sync import build_current_plan
+
+    try:
+        _catalog, plan = build_current_plan(settings)
+    except ModelServeError:
+        return Check("rpc workers", "ok", "not checked: see the custom_models.yaml check")
+    workers = sorted({w for served in plan for w in served.workers})
+    if not workers:
+        return Check("rpc workers", "ok", "none (no model has rpc: in custom_models.yaml)")
+    problems = dict(asyncio.run(rpc_reach.unreachable(workers)))
+    # A loaded model holds its workers: busy is then what a worker should be.
+    down = {w: why for w, why in problems.items() if why != rpc_reach.BUSY}
+    said = "; ".join(f"{w}: " + ("in use by a model server" if problems.get(w) else "answers")
+                     if w not in down else f"{w}: {down[w]}" for w in workers)
+    if down:
+        hosts = ", ".join(dict.fromkeys(w.rpartition(":")[0] for w in down))
+        return Check("rpc workers", "warn", said,
+                     f"run 'model worker status' on {hosts}, or fix rpc: in custom_models.yaml")
+    return Check("rpc workers", "ok", said)
+
+
 CHECKS: tuple[Callable[[Settings], Check], ...] = (
     _engine, _engine_computes, _models_dir, _catalog, _port, _exposure, _ollama, _store,
-    _service, _threads, _peers, _keys_files,
+    _service, _threads, _peers, _keys_files, _rpc_workers,
 )
 def _gpu_limit(settings: Settings, machine: Machine | None = None) -> Check:
     """What Metal lets the GPU wire, which admission keeps the loaded models under; a

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import struct
 from collections.abc import Sequence
 
@@ -37,8 +38,8 @@ async def _problem(worker: str, timeout: float) -> str:
             reader, writer = await asyncio.open_connection(host, int(port))
     except TimeoutError:
         return f"no answer within {timeout:g}s"
-    except OSError as exc:
-        return (exc.strerror or str(exc)).lower()
+    except OSError as exc:  # asyncio's own loop puts "Connect call failed" in strerror
+        return (os.strerror(exc.errno) if exc.errno else str(exc)).lower()
     try:
         writer.write(_HELLO)
         async with asyncio.timeout(HELLO_TIMEOUT):
