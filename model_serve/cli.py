@@ -426,5 +426,59 @@ def unload(name: str | None, unload_all: bool) -> None:
     render.unloaded(result.unloaded, result.not_loaded)
 
 
+# --- RPC workers -----------------------------------------------------------------------------
+@main.group()
+def worker() -> None:
+    """Lend this machine to a model served elsewhere (llama.cpp RPC; trusted networks only)."""
+
+
+@worker.command("start")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; another machine's model server needs one it can "
+                   "reach (llama.cpp RPC has no authentication: a network you trust only).")
+@click.option("--port", default=50052, show_default=True, type=int, help="Port to listen on.")
+@click.option("--threads", type=int, help="CPU threads for the CPU device (the server's "
+              "default: 1).")
+@click.option("--device", help="Devices to lend, comma separated (default: all).")
+@click.option("--cache", is_flag=True, help="Keep received tensors in llama.cpp's local file "
+              "cache: the next load of the same model sends less.")
+@json_option
+def worker_start(host: str, port: int, threads: int | None, device: str | None, cache: bool,
+                 as_json: bool) -> None:
+    """Start an RPC worker in the background, restarted if it dies."""
+    from model_serve import render
+    from model_serve.runtime import rpc_worker
+
+    host = rpc_worker.check_host(host)
+    click.echo("warning: " + rpc_worker.WARNING.format(address=f"{host}:{port}"), err=True)
+    status = rpc_worker.start_worker(_settings(), host, port, threads, device, cache)
+    render.workers([status], as_json)
+
+
+@worker.command("stop")
+@click.option("--port", type=int, help="The worker's port (default: every worker).")
+def worker_stop(port: int | None) -> None:
+    """Stop the RPC worker on a port, or every one."""
+    from model_serve import render
+    from model_serve.runtime import rpc_worker
+
+    render.workers_stopped(rpc_worker.stop_workers(_settings(), port))
+
+
+@worker.command("status")
+@click.option("--port", type=int, help="Only the worker on this port.")
+@json_option
+def worker_status(port: int | None, as_json: bool) -> None:
+    """Show the RPC workers of this machine (exit code 0 one runs, 3 none)."""
+    from model_serve import render
+    from model_serve.runtime import rpc_worker
+
+    found = [s for s in rpc_worker.all_workers(_settings())
+             if port is None or s.record.port == port]
+    render.workers(found, as_json)
+    if not any(s.running for s in found):
+        sys.exit(EXIT_NOT_RUNNING)
+
+
 if __name__ == "__main__":
     main()

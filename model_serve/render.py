@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from model_serve.models.plan import ServedModel
     from model_serve.runtime.forget import ForgetResult
     from model_serve.runtime.peers import Survey
+    from model_serve.runtime.rpc_worker import WorkerStatus
     from model_serve.runtime.stack import StackStatus, StopReport
     from model_serve.runtime.stats import StatsReport
     from model_serve.runtime.sync import SyncResult
@@ -453,3 +454,32 @@ def forgotten(result: ForgetResult, as_json: bool) -> None:
         click.echo(f"{whose}: no saved conversations")
     for name, erased in result.erased.items():
         click.echo(f"{name}: {erased} conversation(s) in memory erased")
+
+
+def workers(found: list[WorkerStatus], as_json: bool) -> None:
+    if as_json:
+        _json([status.to_json() for status in found])
+        return
+    if not found:
+        click.echo("no RPC worker on this machine (start one with 'model worker start')")
+        return
+    for status in found:
+        data = status.to_json()
+        state = "listening" if status.listening else "running" if status.running else "stopped"
+        click.echo(f"worker {data['address']}: {state}, pid {data['pid'] or '-'}, up "
+                   f"{human_duration(data['uptime_seconds'])}, {data['restarts']} restart(s)"
+                   + (f", last: {data['last_exit']}" if data["last_exit"] else ""))
+        for device in data["devices"]:
+            click.echo(f"  {device['name']}: {device['description']} "
+                       f"({human_bytes(device['free_bytes'])} free of "
+                       f"{human_bytes(device['total_bytes'])})")
+        if data["cache"] and data["cache"] != "n/a":
+            click.echo(f"  cache: {data['cache']}")
+        click.echo(f"  log: {data['log_file']}")
+
+
+def workers_stopped(stopped: list[WorkerStatus]) -> None:
+    if not stopped:
+        click.echo("no RPC worker was running")
+    for status in stopped:
+        click.echo(f"stopped the worker on {status.record.address}")

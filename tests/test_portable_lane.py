@@ -32,9 +32,10 @@ from tests.conftest import Env, stack_processes_under
 from tests.test_e2e import test_status_start_twice_and_stop
 from tests.test_faults import test_supervisor_killed_then_start_recovers, two
 from tests.test_pressure import test_daemon_unloads_idle_models_under_pressure
+from tests.test_rpc_worker import test_a_killed_supervisor_leaves_no_worker
 
 RERUN = (test_status_start_twice_and_stop, test_supervisor_killed_then_start_recovers, two,
-         test_daemon_unloads_idle_models_under_pressure)
+         test_daemon_unloads_idle_models_under_pressure, test_a_killed_supervisor_leaves_no_worker)
 MODEL = "ls/gemma-3-270m-q4_k_m"
 MACOS_OPEN_FILES = 256  # the soft limit a Mac gives programs started from Terminal or launchd
 

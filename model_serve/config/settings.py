@@ -150,6 +150,9 @@ SETTINGS_TABLE: tuple[Setting, ...] = (
     Setting("LLAMA_SERVER_BIN", "", "Path of llama-server; empty = PATH, then the copy "
             "./install.sh built into .venv.", "path"),
     Setting("LLAMA_SWAP_BIN", "", "Path of llama-swap; empty = look on PATH.", "path"),
+    Setting("RPC_SERVER_BIN", "", "Path of llama.cpp's RPC server, run by 'model worker'; "
+            "empty = ggml-rpc-server (or rpc-server) beside the llama-server in use, then "
+            "PATH.", "path"),
     Setting("STATE_DIR", "state", "Where generated engine configs, logs and pid files go "
             "(relative paths are relative to the project folder).", "path"),
     Setting("CUSTOM_MODELS_FILE", "custom_models.yaml", "Per-model settings file (relative "
@@ -255,6 +258,7 @@ class Settings:
     ollama_bin: Path | None
     llama_server_bin: Path | None
     llama_swap_bin: Path | None
+    rpc_server_bin: Path | None
     state_dir: Path
     custom_models_file: Path
     log_max_bytes: int

@@ -1,0 +1,97 @@
+"""`model worker`: real ggml-rpc-server processes (the build install.sh made), on real ports of
+127.0.0.1, each under a supervisor of its own: two on one machine, restarted when killed,
+none left after a stop or after their supervisor is killed, and bad input refused clearly."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+from pathlib import Path
+
+import psutil
+
+from model_serve.runtime.procs import wait_until
+from tests.conftest import Env, free_port, stack_processes_under
+
+
+def workers(env: Env) -> dict[int, dict]:
+    result = env.run("worker", "status", "--json")
+    return {w["port"]: w for w in json.loads(result.stdout)}
+
+
+def start(env: Env, port: int, *args: str) -> dict:
+    result = env.run("worker", "start", "--port", str(port), *args, "--json", check=True)
+    assert "no authentication" in result.stderr, result.stderr  # the warning, at every start
+    return json.loads(result.stdout)[0]
+
+
+def test_two_workers_restart_when_killed_and_stop(env: Env) -> None:
+    first, second = free_port(), free_port()
+    one = start(env, first, "--threads", "1")
+    assert one["listening"] and one["options"] == ["--threads", "1"]
+    assert one["address"] == f"127.0.0.1:{first}"  # loopback unless told otherwise
+    start(env, second)
+    both = workers(env)
+    assert sorted(both) == [first, second]
+    for worker in both.values():
+        assert worker["running"] and worker["listening"], worker
+        # What the server reported of itself: its devices and their memory.
+        assert worker["devices"] and worker["devices"][0]["name"] == "CPU", worker
+        assert worker["devices"][0]["free_bytes"] > 0
+        assert Path(worker["log_file"]).stat().st_mode & 0o077 == 0  # the owner's only
+    text = env.run("worker", "status").stdout
+    assert f"worker 127.0.0.1:{first}: listening" in text and "CPU:" in text, text
+
+    # Its server killed: the supervisor starts it again, and says why.
+    os.kill(one["pid"], signal.SIGKILL)
+    assert wait_until(lambda: workers(env)[first]["restarts"] == 1
+                      and workers(env)[first]["listening"], 30, interval=0.2)
+    again = workers(env)[first]
+    assert again["pid"] != one["pid"] and "code -9" in again["last_exit"], again
+
+    # One stopped, the other left running; then every one.
+    assert "stopped the worker on" in env.run("worker", "stop", "--port", str(first),
+                                              check=True).stdout
+    assert sorted(workers(env)) == [second]
+    env.run("worker", "stop", check=True)
+    assert env.run("worker", "status").returncode == 3
+    assert wait_until(lambda: not stack_processes_under(env.home), 10)
+
+
+def test_a_killed_supervisor_leaves_no_worker(env: Env) -> None:
+    """Its server ends with it (the orphan guard), and the port can be taken again."""
+    port = free_port()
+    worker = start(env, port)
+    server = psutil.Process(worker["pid"])
+    os.kill(worker["supervisor_pid"], signal.SIGKILL)
+    assert wait_until(lambda: not server.is_running() or server.status() == "zombie", 20)
+    assert env.run("worker", "status").returncode == 3
+    start(env, port)
+    env.run("worker", "stop", check=True)
+    assert wait_until(lambda: not stack_processes_under(env.home), 10)
+
+
+def test_bad_input_is_refused_clearly(env: Env, tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = env.run("worker", "start", "--port", str(port))
+        assert result.returncode != 0 and f"port {port} on 127.0.0.1 is already in use" \
+            in result.stderr, result.stderr
+    for args, said in [(["--host", "a;rm -rf ~"], "is not an IP address or host name"),
+                       (["--port", "70000"], "is not a port"),
+                       (["--threads", "0"], "is below 1"),
+                       (["--device", "CPU GPU"], "is not a device list")]:
+        result = env.run("worker", "start", *args)
+        assert result.returncode == 2 and said in result.stderr and "fix:" in result.stderr, \
+            (args, result.stderr)
+    missing = tmp_path / "no-such-rpc-server"
+    (env.home / ".env").write_text(f"RPC_SERVER_BIN={missing}\n")
+    result = env.run("worker", "start", "--port", str(free_port()))
+    assert result.returncode == 1 and "RPC_SERVER_BIN" in result.stderr, result.stderr
+    result = env.run("worker", "stop", "--port", "1")
+    assert result.returncode == 3 and "no worker on port 1" in result.stderr
+    assert not stack_processes_under(env.home)
