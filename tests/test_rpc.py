@@ -232,3 +232,23 @@ def test_the_input_embedding_is_measured_from_the_header(gemma_path: Path) -> No
     from model_serve.models.model_info import read_model_info
 
     assert read_model_info(gemma_path).input_embedding_bytes == 170 * 2**20
+
+
+def test_the_local_share_with_and_without_a_gpu(gemma_path: Path) -> None:
+    import dataclasses
+
+    from model_serve.models import footprint
+    from model_serve.models.model_info import read_model_info
+
+    info = read_model_info(gemma_path)
+    full = footprint.estimate(info, gemma_path.stat().st_size, 8192, 1)
+    embeddings = info.input_embedding_bytes
+    cpu = footprint.local_share(info, full, 2)
+    assert (cpu.weights, cpu.kv_cache, cpu.overhead) == (embeddings, 0, full.overhead)
+    # Metal is one more device: three devices share the layers and the KV cache.
+    metal = footprint.local_share(info, full, 2, local_gpu=True)
+    assert metal.weights == embeddings + (full.weights - embeddings) // 3
+    assert metal.kv_cache == full.kv_cache // 3
+    assert cpu.total < metal.total < full.total
+    unknown = dataclasses.replace(info, input_embedding_bytes=0)
+    assert footprint.local_share(unknown, full, 2) == full  # not measured: all of it counts

@@ -78,23 +78,29 @@ def estimate(info: ModelInfo, file_bytes: int, ctx: int, parallel: int = 1,
     return Footprint(weights, kv_cache_bytes(info, ctx, parallel, swa_full=swa_full), overhead)
 
 
-def local_share(info: ModelInfo, full: Footprint, mmproj_bytes: int = 0,
+def local_share(info: ModelInfo, full: Footprint, workers: int, mmproj_bytes: int = 0,
                 local_gpu: bool = False) -> Footprint:
-    """What stays on this machine of a model whose layers go to RPC workers (`full`: its
-    whole footprint).
+    """What stays on this machine of a model whose layers go to `workers` RPC workers
+    (`full`: its whole footprint).
 
     llama-server offloads every layer (-ngl defaults to all, and --fit is off) and splits the
     layers, with their KV cache, over the devices by their free memory. On a host without a
     GPU the only devices are the workers: the CPU keeps the token embeddings (the input layer
     is never offloaded), the projector, and the compute and output buffers (the overhead).
     gemma-3-270m over two workers: 170 MiB of embeddings, 38.6 MiB CPU compute buffer, 4 MiB
-    output buffer; the model server's RSS was 242 MiB against 357 MiB alone.
-    A local GPU (Metal) is one of the devices, taking layers in proportion to its free memory
-    against the workers', which are not known here: the whole footprint counts (errs high), as
-    it does when the file's embeddings could not be measured."""
-    if local_gpu or not 0 < info.input_embedding_bytes <= full.weights:
+    output buffer; the model server's RSS was 239 MiB against 325 MiB alone.
+    A local GPU (Metal) is one more device, whose share follows its free memory against the
+    workers', which are not known here: the layers and KV cache are counted as split evenly
+    over the devices (high when the workers have more free memory than this machine, low
+    when they have less). Without measured embeddings the whole footprint counts."""
+    if not 0 < info.input_embedding_bytes <= full.weights - mmproj_bytes:
         return full
-    return Footprint(info.input_embedding_bytes + mmproj_bytes, 0, full.overhead)
+    kept = info.input_embedding_bytes + mmproj_bytes
+    if not local_gpu:
+        return Footprint(kept, 0, full.overhead)
+    devices = 1 + max(workers, 1)
+    return Footprint(kept + (full.weights - kept) // devices, full.kv_cache // devices,
+                     full.overhead)
 
 
 def largest_fitting_ctx(info: ModelInfo, file_bytes: int, wanted: int, budget: int,

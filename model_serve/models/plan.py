@@ -71,7 +71,8 @@ class ServedModel:
                                   self.parallel, mmproj, swa_full=self.swa_full)
         if not self.workers:
             return full.total
-        return footprint.local_share(self.model.info, full, mmproj, _local_gpu()).total
+        return footprint.local_share(self.model.info, full, len(self.workers), mmproj,
+                                     _local_gpu()).total
 
     @property
     def swa_full(self) -> bool:
