@@ -465,7 +465,8 @@ def workers(found: list[WorkerStatus], as_json: bool) -> None:
         return
     for status in found:
         data = status.to_json()
-        state = "listening" if status.listening else "running" if status.running else "stopped"
+        state = "listening" if status.listening else \
+            "starting its server again" if status.running else "stopped"
         click.echo(f"worker {data['address']}: {state}, pid {data['pid'] or '-'}, up "
                    f"{human_duration(data['uptime_seconds'])}, {data['restarts']} restart(s)"
                    + (f", last: {data['last_exit']}" if data["last_exit"] else ""))

@@ -231,8 +231,9 @@ def worker_status(settings: Settings, port: int) -> WorkerStatus | None:
         return None
     supervisor = procs.ProcRef.from_json(record.supervisor)
     server = procs.ProcRef.from_json(record.server)
-    running = bool(supervisor and supervisor.alive() and server and server.alive())
-    listening = running and _bound(record.host, record.port)
+    # Its supervisor alive is a worker running, also while it waits to start a dead server.
+    running = bool(supervisor and supervisor.alive())
+    listening = running and bool(server and server.alive()) and _bound(record.host, record.port)
     return WorkerStatus(record, running, listening, folder / "worker.log")
 
 
