@@ -392,7 +392,7 @@ class StandInHandler(BaseHTTPRequestHandler):
             return self.answer(200, b'{"model_alias": "m1", "n_ctx": 4096}')
         if self.path != f"/{kind}/v1/models":
             return self.answer(404, b'{"error": "no such path"}')
-        if kind in ("good", "flood", "silent", "stall", "moved"):
+        if kind in ("good", "flood", "silent", "stall", "moved", "cut"):
             return self.answer(200, json.dumps(self.server.GOOD).encode())
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -437,6 +437,15 @@ class StandInHandler(BaseHTTPRequestHandler):
             self.wfile.flush()
             time.sleep(60)
             return
+        if self.path.startswith("/cut/"):  # an answer that is not a stream stops half-way
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self.wfile.write(b'12\r\n{"object": "chat.c\r\n')
+            self.wfile.flush()
+            time.sleep(60)
+            return
         if self.path.startswith("/moved/"):  # its API moved, to an address of its own LAN
             self.send_response(307)
             self.send_header("Location", "http://10.1.2.3:5847/v1/chat/completions")
@@ -463,8 +472,8 @@ def hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Env, Any
     env = new_env(tmp_path_factory.mktemp("hostile"))
     env.update({"PEERS": f"good={peer.url}/good,drip={peer.url}/drip,huge={peer.url}/huge,"
                 f"flood={peer.url}/flood,silent={peer.url}/silent,stall={peer.url}/stall,"
-                f"moved={peer.url}/moved",
-                "PEER_TIMEOUT": "30,silent=2,stall=2", "PEER_CHECK_INTERVAL": "2"})
+                f"moved={peer.url}/moved,cut={peer.url}/cut",
+                "PEER_TIMEOUT": "30,silent=2,stall=2,cut=2", "PEER_CHECK_INTERVAL": "2"})
     write_keys(env, "good=sk-for-good\n")
     try:
         with serve_front(env, cleanup_timeout=10) as (front, _runner):
@@ -608,6 +617,17 @@ def test_a_peers_stream_that_stalls_ends_with_an_error_the_client_sees(
     assert got == ["Hi"]
     assert "the peer stall" in failed.value.message
     assert "stopped sending its answer for 2s" in failed.value.message
+
+
+def test_a_peers_answer_that_stalls_half_way_is_cut_short(
+        hostile: tuple[Env, Any, StandInPeer]) -> None:
+    """Not a stream (chunked JSON), begun and then silent: after PEER_TIMEOUT the client's
+    connection ends without the body's end, so it sees the answer broken, not a wait for ever
+    nor an answer that looks whole."""
+    env, front, _peer = hostile
+    eventually(lambda: any(m.peer == "cut" for m in front.peers.listing()), 20)
+    with pytest.raises(requests.exceptions.ChunkedEncodingError):
+        post_chat(env, "cut/m1")
 
 
 def test_a_peers_redirect_is_neither_followed_nor_passed_on(

@@ -748,94 +748,93 @@ class Front:
             return _error(502, f"the peer {peer.state.peer.name} answered with a redirect "
                           f"(HTTP {upstream.status}), which is not passed on: check its URL in "
                           "PEERS (the base URL its API answers on)", "peer_refused")
-        record = request.get(RECORD)  # the dashboard's record of this request
         async with upstream:
-            response: web.StreamResponse | None = None
             try:
-                if record is not None:
-                    record.engine_status = upstream.status
-                if answer is not None:
-                    def seen(chunk: bytes) -> None:
-                        nonlocal reuse
-                        if record is not None:
-                            record.last = (record.last[1], chunk)  # the timings come last
-                        if reuse is not None and reuse.feed(chunk):
-                            reuse = None
+                return await self._relay(request, upstream, sent, route, reuse, answer, peer)
+            except client_errors.SocketTimeoutError:
+                if peer is None:
+                    raise
+                return self._peer_silent(peer, started=True)  # nothing of it sent on yet
 
-                    answered = await answer(request, upstream, seen)
+    async def _relay(self, request: web.Request, upstream: ClientResponse, sent: str | None,
+                     route: Route | None, reuse: CacheReuse | None, answer: Answer | None,
+                     peer: PeerRoute | None) -> web.StreamResponse:
+        """The upstream's answer to our client: renamed to the name it sent, or written by
+        `answer` (a translation)."""
+        record = request.get(RECORD)  # the dashboard's record of this request
+        if record is not None:
+            record.engine_status = upstream.status
+        if answer is not None:
+            def seen(chunk: bytes) -> None:
+                nonlocal reuse
+                if record is not None:
+                    record.last = (record.last[1], chunk)  # the timings come last
+                if reuse is not None and reuse.feed(chunk):
+                    reuse = None
+
+            answered = await answer(request, upstream, seen)
+            if record is not None:
+                record.keep(answered.status)
+            return answered
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        for key, value in upstream.headers.items():
+            # The engines allow every web origin: their CORS headers never pass.
+            if key.lower() not in HOP_BY_HOP and not key.lower().startswith(
+                    "access-control-"):
+                response.headers.add(key, value)
+        rename = _renamer(route.engine_id, sent) if route and sent != route.engine_id \
+            else _renamer(peer.remote, sent) if peer else None
+        length = upstream.headers.get("Content-Length")
+        if rename is not None and length is not None:
+            payload = rename(await upstream.read())
+            if record is not None:
+                record.keep(upstream.status, payload)
+            if reuse is not None:
+                reuse.feed(payload)
+            response.content_length = len(payload)
+            await response.prepare(request)
+            await response.write(payload)
+        else:
+            if length is not None:
+                response.content_length = int(length)
+            await response.prepare(request)
+            pending = b""
+            try:
+                async for chunk in upstream.content.iter_any():
                     if record is not None:
-                        record.keep(answered.status)
-                    return answered
-                response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-                for key, value in upstream.headers.items():
-                    # The engines allow every web origin: their CORS headers never pass.
-                    if key.lower() not in HOP_BY_HOP and not key.lower().startswith(
-                            "access-control-"):
-                        response.headers.add(key, value)
-                rename = _renamer(route.engine_id, sent) if route and sent != route.engine_id \
-                    else _renamer(peer.remote, sent) if peer else None
-                length = upstream.headers.get("Content-Length")
-                if rename is not None and length is not None:
-                    payload = rename(await upstream.read())
-                    if record is not None:
-                        record.keep(upstream.status, payload)
-                    if reuse is not None:
-                        reuse.feed(payload)
-                    response.content_length = len(payload)
-                    await response.prepare(request)
-                    await response.write(payload)
-                else:
-                    if length is not None:
-                        response.content_length = int(length)
-                    await response.prepare(request)
-                    pending = b""
-                    async for chunk in upstream.content.iter_any():
-                        if record is not None:
-                            record.last = (record.last[1], chunk)  # the timings come last
-                        if reuse is not None and reuse.feed(chunk):
-                            reuse = None
-                        if rename is None:
-                            await response.write(chunk)
-                            continue
-                        # Streams: rename whole events (they end with a blank line), as they come.
-                        pending += chunk
-                        end = pending.rfind(b"\n\n")
-                        if end < 0 and len(pending) > EVENT_MAX:
-                            # No event's end in a megabyte (a hostile peer's endless line): sent
-                            # on as it is rather than held, which would grow without a bound.
-                            end = len(pending) - 2
-                        if end >= 0:
-                            await response.write(rename(pending[:end + 2]))
-                            pending = pending[end + 2:]
-                    if pending:
-                        await response.write(rename(pending) if rename else pending)
-                    if record is not None:
-                        record.keep(upstream.status)
-                await response.write_eof()
-                return response
+                        record.last = (record.last[1], chunk)  # the timings come last
+                    if reuse is not None and reuse.feed(chunk):
+                        reuse = None
+                    if rename is None:
+                        await response.write(chunk)
+                        continue
+                    # Streams: rename whole events (they end with a blank line), as they come.
+                    pending += chunk
+                    end = pending.rfind(b"\n\n")
+                    if end < 0 and len(pending) > EVENT_MAX:
+                        # No event's end in a megabyte (a hostile peer's endless line): sent
+                        # on as it is rather than held, which would grow without a bound.
+                        end = len(pending) - 2
+                    if end >= 0:
+                        await response.write(rename(pending[:end + 2]))
+                        pending = pending[end + 2:]
             except client_errors.SocketTimeoutError:
                 if peer is None:
                     raise
                 return await self._peer_stalled(request, peer, response)
-
-    def _peer_failed(self, peer: PeerRoute, exc: Exception, down: bool) -> web.Response:
-        """A peer that refused the connection (or timed out) is down: said at once here and
-        to the next requests, until a check finds it back. One that dropped it, a 502."""
-        name = peer.state.peer.name
-        if down:
-            self.peers.down_now(peer.state, f"{type(exc).__name__}: {exc}")
-            return self._peer_unavailable(peer.state)
-        return _error(502, f"the peer {name} closed the connection: {exc}",
-                      "peer_disconnected")
+            if pending:
+                await response.write(rename(pending) if rename else pending)
+            if record is not None:
+                record.keep(upstream.status)
+        await response.write_eof()
+        return response
 
     async def _peer_stalled(self, request: web.Request, peer: PeerRoute,
-                            response: web.StreamResponse | None) -> web.StreamResponse:
-        """The peer stopped sending for PEER_TIMEOUT in the middle of its answer: a 504 if
-        nothing of it was sent on yet; else a stream ends with an error event (the openai
-        client raises it), and any other answer is cut (its client sees it short)."""
+                            response: web.StreamResponse) -> web.StreamResponse:
+        """The peer stopped sending for PEER_TIMEOUT in the middle of an answer already
+        begun here: a stream ends with an error event (the openai client raises it); any
+        other answer is cut short (its client sees it so)."""
         said = self._peer_silent(peer, started=True)
-        if response is None or not response.prepared:
-            return said
         log.warning("%s", json.loads(said.body)["error"]["message"])  # type: ignore[arg-type]
         if response.headers.get("Content-Type", "").startswith("text/event-stream"):
             with contextlib.suppress(ConnectionError):
@@ -844,7 +843,7 @@ class Front:
                 await response.write_eof()
             return response
         if request.transport is not None:
-            request.transport.close()  # short of its length: the client sees it cut
+            request.transport.close()  # no end of the body: the client sees it cut
         return response
 
     def _peer_silent(self, peer: PeerRoute, started: bool) -> web.Response:
