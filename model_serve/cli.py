@@ -450,7 +450,7 @@ def worker_start(host: str, port: int, threads: int | None, device: str | None, 
     from model_serve.runtime import rpc_worker
 
     host = rpc_worker.check_host(host)
-    click.echo("warning: " + rpc_worker.WARNING.format(address=f"{host}:{port}"), err=True)
+    click.echo(rpc_worker.start_warning(host, port), err=True)
     status = rpc_worker.start_worker(_settings(), host, port, threads, device, cache)
     render.workers([status], as_json)
 

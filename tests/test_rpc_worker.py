@@ -24,6 +24,7 @@ def workers(env: Env) -> dict[int, dict]:
 def start(env: Env, port: int, *args: str) -> dict:
     result = env.run("worker", "start", "--port", str(port), *args, "--json", check=True)
     assert "no authentication" in result.stderr, result.stderr  # the warning, at every start
+    assert "other machines can reach" not in result.stderr  # louder only off loopback
     return json.loads(result.stdout)[0]
 
 
@@ -92,6 +93,14 @@ def test_bad_input_is_refused_clearly(env: Env, tmp_path: Path) -> None:
     (env.home / ".env").write_text(f"RPC_SERVER_BIN={missing}\n")
     result = env.run("worker", "start", "--port", str(free_port()))
     assert result.returncode == 1 and "RPC_SERVER_BIN" in result.stderr, result.stderr
+    # Every address of this machine: the warning says so first, loudly, even when the start
+    # then fails.
+    port = free_port()
+    result = env.run("worker", "start", "--host", "0.0.0.0", "--port", str(port))
+    assert result.returncode == 1 and result.stderr.startswith(
+        f"WARNING: this worker listens on 0.0.0.0:{port}, which other machines can reach"), \
+        result.stderr
+    assert "WARNING: llama.cpp's RPC server has no authentication" in result.stderr
     result = env.run("worker", "stop", "--port", "1")
     assert result.returncode == 3 and "no worker on port 1" in result.stderr
     assert not stack_processes_under(env.home)

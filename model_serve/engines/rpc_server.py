@@ -7,13 +7,17 @@ built without RPC, so a Mac using it has none.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
 import subprocess
 from pathlib import Path
 
 from model_serve.config.settings import Settings
+from model_serve.engines.server_options import binary_stamp
 from model_serve.errors import EngineError
+from model_serve.fileio import write_if_changed
 from model_serve.programs import find_on_path
 
 NAMES = ("ggml-rpc-server", "rpc-server")
@@ -48,8 +52,17 @@ def find_rpc_server(settings: Settings) -> Path:
                       f"found{beside}, on PATH or in RPC_SERVER_BIN", NO_RPC_HINT)
 
 
-def rpc_server_options(binary: Path) -> set[str]:
-    """The long options this build's RPC server lists in its --help (e.g. {'--threads'})."""
+def rpc_server_options(binary: Path, cache_dir: Path) -> set[str]:
+    """The long options this build's RPC server lists in its --help (e.g. {'--threads'}),
+    cached per binary as llama-server's are."""
+    cache = cache_dir / "rpc-server-options.json"
+    stamp = binary_stamp(binary)
+    try:
+        data = json.loads(cache.read_text(encoding="utf-8"))
+        if data.get("stamp") == stamp and isinstance(data.get("options"), list):
+            return set(data["options"])
+    except (OSError, ValueError, AttributeError):
+        pass
     try:
         done = subprocess.run([str(binary), "--help"], capture_output=True, text=True,
                               timeout=15, stdin=subprocess.DEVNULL)
@@ -57,4 +70,13 @@ def rpc_server_options(binary: Path) -> set[str]:
         raise EngineError(f"{binary} --help did not answer: {exc}",
                           "check that the RPC server runs on this machine, or set "
                           "RPC_SERVER_BIN") from exc
-    return {match.group(2) for match in _OPTION.finditer(done.stdout + done.stderr)}
+    options = {match.group(2) for match in _OPTION.finditer(done.stdout + done.stderr)}
+    if "--port" not in options:  # not an RPC server, or one that failed: ask again next time
+        raise EngineError(f"{binary} --help lists no --port option (exit {done.returncode}): "
+                          f"{(done.stderr or done.stdout).strip()[:300]}",
+                          "check that it is llama.cpp's RPC server and runs here, or set "
+                          "RPC_SERVER_BIN")
+    with contextlib.suppress(OSError):  # only a cache
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        write_if_changed(cache, json.dumps({"stamp": stamp, "options": sorted(options)}))
+    return options

@@ -29,12 +29,17 @@ def builtin_templates(binary: Path, cache_dir: Path) -> list[str]:
     return _help_facts(binary, cache_dir)["templates"]
 
 
+def binary_stamp(binary: Path) -> str:
+    """What a cache of a program's --help is valid for: this file, as big and as old."""
+    stat = binary.stat()
+    return f"{binary.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+
+
 def _help_facts(binary: Path, cache_dir: Path) -> dict[str, Any]:
     import subprocess
 
-    stat = binary.stat()
     cache = cache_dir / "llama-server-options.json"
-    stamp = f"{binary.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    stamp = binary_stamp(binary)
     try:
         data = json.loads(cache.read_text(encoding="utf-8"))
         if data.get("stamp") == stamp and isinstance(data.get("spellings"), dict) and \

@@ -43,6 +43,8 @@ WARNING = ("llama.cpp's RPC server has no authentication and no encryption: whoe
            "{address} can use this machine's memory and compute and see the model's data. "
            "Run it on a network you trust (a private LAN, WireGuard or Tailscale), never on an "
            "open one.")
+OPEN_WARNING = ("WARNING: this worker listens on {address}, which other machines can reach: "
+                "anyone on that network can use it, not only your model server.")
 _HOST = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$")
 _DEVICE = re.compile(r"^\s+(\S.*?):\s+(.*)\((\d+) MiB, (\d+) MiB free\)\s*$")
 
@@ -126,6 +128,15 @@ def check_host(host: str) -> str:
     return host
 
 
+def start_warning(host: str, port: int) -> str:
+    """Said at every start: RPC's lack of authentication, louder off loopback."""
+    address = f"{host}:{port}"
+    said = WARNING.format(address=address)
+    if is_loopback(host):
+        return "warning: " + said
+    return OPEN_WARNING.format(address=address) + "\nWARNING: " + said
+
+
 def is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -133,12 +144,12 @@ def is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
-def server_argv(binary: Path, host: str, port: int, threads: int | None,
+def server_argv(binary: Path, cache_dir: Path, host: str, port: int, threads: int | None,
                 device: str | None, cache: bool) -> list[str]:
     """The RPC server's command line, with only options this build has."""
     from model_serve.engines.rpc_server import rpc_server_options
 
-    has = rpc_server_options(binary)
+    has = rpc_server_options(binary, cache_dir)
     argv = [str(binary), "--host", host, "--port", str(port)]
     wanted = [("--threads", str(threads) if threads else None), ("--device", device),
               ("--cache", "" if cache else None)]
@@ -177,7 +188,7 @@ def start_worker(settings: Settings, host: str = "127.0.0.1", port: int = DEFAUL
                           f"{procs.who_listens(port)}",
                           "stop that program or give another --port")
     binary = find_rpc_server(settings)
-    argv = server_argv(binary, host, port, threads, device, cache)
+    argv = server_argv(binary, settings.cache_dir, host, port, threads, device, cache)
     folder.mkdir(parents=True, exist_ok=True)
     os.chmod(folder, 0o700)
     log_file = folder / "worker.log"
@@ -386,8 +397,7 @@ def main(args: list[str]) -> int:
                   flush=True)
             return 1
         print(f"worker: supervising {' '.join(argv)}", flush=True)
-        if not is_loopback(host):
-            print("worker: WARNING " + WARNING.format(address=f"{host}:{port}"), flush=True)
+        print("worker: " + start_warning(host, port), flush=True)
         return WorkerSupervisor(folder, host, port, argv).run()
 
 
