@@ -4,16 +4,29 @@ none left after a stop or after their supervisor is killed, and bad input refuse
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
+import pytest
 
 from model_serve.runtime.procs import wait_until
 from tests.conftest import Env, free_port, stack_processes_under
+
+
+@pytest.fixture
+def env(env: Env) -> Iterator[Env]:
+    """The shared fixture's home; whatever a failed test left running there is ended."""
+    yield env
+    env.run("worker", "stop")
+    for pid in stack_processes_under(env.home):
+        with contextlib.suppress(psutil.Error):
+            psutil.Process(pid).kill()
 
 
 def workers(env: Env) -> dict[int, dict]:
