@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 from collections.abc import Iterator
@@ -95,7 +96,10 @@ def test_bad_input_is_refused_clearly(env: Env, tmp_path: Path) -> None:
         result = env.run("worker", "start", "--port", str(port))
         assert result.returncode != 0 and f"port {port} on 127.0.0.1 is already in use" \
             in result.stderr, result.stderr
-    for args, said in [(["--host", "a;rm -rf ~"], "is not an IP address or host name"),
+    # The RPC server binds IPv4 addresses only: a name or IPv6 would start and exit at once.
+    for args, said in [(["--host", "a;rm -rf ~"], "is not an IPv4 address"),
+                       (["--host", "localhost"], "is not an IPv4 address"),
+                       (["--host", "::1"], "binds IPv4 addresses only"),
                        (["--port", "70000"], "is not a port"),
                        (["--threads", "0"], "is below 1"),
                        (["--device", "CPU GPU"], "is not a device list")]:
@@ -117,3 +121,17 @@ def test_bad_input_is_refused_clearly(env: Env, tmp_path: Path) -> None:
     result = env.run("worker", "stop", "--port", "1")
     assert result.returncode == 3 and "no worker on port 1" in result.stderr
     assert not stack_processes_under(env.home)
+
+
+def test_a_worker_whose_state_folder_is_deleted_ends(env: Env) -> None:
+    """No command could find it any more: its supervisor ends, and its server with it."""
+    port = free_port()
+    worker = start(env, port)
+    server, supervisor = psutil.Process(worker["pid"]), psutil.Process(worker["supervisor_pid"])
+    shutil.rmtree(Path(worker["log_file"]).parent)
+
+    def ended(proc: psutil.Process) -> bool:
+        return not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE
+
+    assert wait_until(lambda: ended(server) and ended(supervisor), 20, interval=0.2)
+    assert wait_until(lambda: not stack_processes_under(env.home), 10)

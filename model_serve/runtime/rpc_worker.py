@@ -45,7 +45,6 @@ WARNING = ("llama.cpp's RPC server has no authentication and no encryption: whoe
            "open one.")
 OPEN_WARNING = ("WARNING: this worker listens on {address}, which other machines can reach: "
                 "anyone on that network can use it, not only your model server.")
-_HOST = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$")
 _DEVICE = re.compile(r"^\s+(\S.*?):\s+(.*)\((\d+) MiB, (\d+) MiB free\)\s*$")
 
 
@@ -116,16 +115,16 @@ def _write_record(folder: Path, record: WorkerRecord) -> None:
 
 
 def check_host(host: str) -> str:
-    """An address or host name to bind to: nothing a shell or llama.cpp would read as more."""
+    """An IPv4 address to bind to: llama.cpp's RPC server takes no host name (it says
+    "Invalid host address" and exits) and no IPv6 address (it exits at once)."""
     try:
-        return str(ipaddress.ip_address(host))
+        return str(ipaddress.IPv4Address(host))
     except ValueError:
         pass
-    if not _HOST.match(host) or len(host) > 253:
-        raise ConfigError(f"--host {host!r} is not an IP address or host name",
-                          "give an address of this machine, e.g. --host 192.168.1.20, or "
-                          "leave --host out to bind 127.0.0.1")
-    return host
+    raise ConfigError(f"--host {host!r} is not an IPv4 address (llama.cpp's RPC server binds "
+                      "IPv4 addresses only, not host names or IPv6)",
+                      "give an IPv4 address of this machine, e.g. --host 192.168.1.20 (0.0.0.0: "
+                      "all of them), or leave --host out to bind 127.0.0.1")
 
 
 def start_warning(host: str, port: int) -> str:
@@ -141,7 +140,7 @@ def is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
-        return host == "localhost"
+        return False
 
 
 def server_argv(binary: Path, cache_dir: Path, host: str, port: int, threads: int | None,
@@ -254,8 +253,7 @@ def _bound(host: str, port: int) -> bool:
     import errno
     import socket
 
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         try:
             sock.bind((host, port))
         except OSError as exc:
@@ -307,7 +305,7 @@ class WorkerSupervisor:
             signal.signal(sig, lambda *_: self.stop.set())
         self.write()
         try:
-            while not self.stop.is_set():
+            while not self.stop.is_set() and not self._folder_gone():
                 ran, code = self._run_once()
                 if self.stop.is_set():
                     break
@@ -347,7 +345,7 @@ class WorkerSupervisor:
         self.record.server_started_at = time.time()
         self.write()
         while server.poll() is None:
-            if self.stop.wait(0.2):
+            if self.stop.wait(0.2) or self._folder_gone():
                 refs = [r for r in [procs.ProcRef.of(server.pid)] if r]
                 procs.stop_processes(refs, timeout=STOP_WITHIN)
                 server.wait()
@@ -355,6 +353,14 @@ class WorkerSupervisor:
         reader.join(2)
         self.record.server = None
         return time.monotonic() - began, server.returncode
+
+    def _folder_gone(self) -> bool:
+        """Its state folder deleted (the state dir removed, say): no command could find or
+        stop this worker any more, so it ends rather than run on unseen."""
+        if self.folder.is_dir():
+            return False
+        self.stop.set()
+        return True
 
     def _read(self, leader: int) -> None:
         with open(leader, "rb", buffering=0, closefd=True) as stream:
