@@ -476,6 +476,9 @@ def workers(found: list[WorkerStatus], as_json: bool) -> None:
                        f"{human_bytes(device['total_bytes'])})")
         if data["cache"] and data["cache"] != "n/a":
             click.echo(f"  cache: {data['cache']}")
+        if not status.running:  # its supervisor was killed: the record is all that is left
+            click.echo(f"  its supervisor is gone; 'model worker start --port {data['port']}' "
+                       f"starts it again, 'model worker stop --port {data['port']}' forgets it")
         click.echo(f"  log: {data['log_file']}")
 
 

@@ -82,7 +82,9 @@ def test_a_killed_supervisor_leaves_no_worker(env: Env) -> None:
     server = psutil.Process(worker["pid"])
     os.kill(worker["supervisor_pid"], signal.SIGKILL)
     assert wait_until(lambda: not server.is_running() or server.status() == "zombie", 20)
-    assert env.run("worker", "status").returncode == 3
+    status = env.run("worker", "status")
+    assert status.returncode == 3 and f"worker 127.0.0.1:{port}: stopped" in status.stdout \
+        and f"'model worker stop --port {port}' forgets it" in status.stdout, status.stdout
     start(env, port)
     env.run("worker", "stop", check=True)
     assert wait_until(lambda: not stack_processes_under(env.home), 10)
