@@ -108,6 +108,10 @@ def test_bad_input_is_refused_clearly(env: Env, tmp_path: Path) -> None:
         result = env.run("worker", "start", *args)
         assert result.returncode == 2 and said in result.stderr and "fix:" in result.stderr, \
             (args, result.stderr)
+    # A device this machine lacks: the server ends at once, and so does the start.
+    result = env.run("worker", "start", "--port", str(free_port()), "--device", "NOPE")
+    assert result.returncode == 1 and "exited with code 1 after 0s, before it listened" \
+        in result.stderr and "No devices found" in result.stderr, result.stderr
     missing = tmp_path / "no-such-rpc-server"
     (env.home / ".env").write_text(f"RPC_SERVER_BIN={missing}\n")
     result = env.run("worker", "start", "--port", str(free_port()))

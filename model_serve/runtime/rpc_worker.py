@@ -201,6 +201,7 @@ def start_worker(settings: Settings, host: str = "127.0.0.1", port: int = DEFAUL
             start_new_session=True, umask=0o077)
     deadline = time.monotonic() + READY_WITHIN
     listened = 0.0
+    why = f"it did not listen within {READY_WITHIN:.0f}s"
     while time.monotonic() < deadline:
         status = worker_status(settings, port)
         if status is not None and status.listening:
@@ -208,14 +209,20 @@ def start_worker(settings: Settings, host: str = "127.0.0.1", port: int = DEFAUL
             # Its devices are printed as it binds: wait a moment for them to be read.
             if status.record.devices or time.monotonic() - listened > 2:
                 return status
+        if status is not None and status.record.restarts and not listened:
+            # Ended before it listened (a device it lacks, the port taken meanwhile): it
+            # would only fail the same way again.
+            why = f"its RPC server {status.record.last_exit}, before it listened"
+            break
         if supervisor.poll() is not None:
+            why = f"its supervisor exited with code {supervisor.returncode}"
             break
         time.sleep(0.1)
     with contextlib.suppress(ProcessLookupError):
         supervisor.terminate()
     with contextlib.suppress(subprocess.TimeoutExpired):
         supervisor.wait(STOP_WITHIN)
-    raise EngineError(f"the RPC worker on {host}:{port} did not start:\n"
+    raise EngineError(f"the RPC worker on {host}:{port} did not start ({why}):\n"
                       + _tail(log_file, 8), f"see {log_file}")
 
 
