@@ -141,3 +141,24 @@ def test_a_worker_whose_state_folder_is_deleted_ends(env: Env) -> None:
 
     assert wait_until(lambda: ended(server) and ended(supervisor), 20, interval=0.2)
     assert wait_until(lambda: not stack_processes_under(env.home), 10)
+
+
+def test_a_worker_log_stays_small_while_it_runs(env: Env) -> None:
+    """Anyone who reaches a worker adds two lines to its log per connection, for as long as
+    it runs: the log moves to worker.log.1 at LOG_MAX_BYTES, not only at a start."""
+    env["LOG_MAX_BYTES"] = "100000"
+    port = free_port()
+    log_file = Path(start(env, port)["log_file"])
+    # Months of connections, written at once (5,000 real ones take the server 10 minutes).
+    with open(log_file, "ab") as grown:
+        grown.write(b"Accepted client connection\nClient connection closed\n" * 3000)
+    with socket.create_connection(("127.0.0.1", port), timeout=5):
+        pass
+    old = log_file.with_name("worker.log.1")
+    assert wait_until(old.exists, 10), log_file.stat().st_size
+    assert wait_until(lambda: "Client connection closed" in log_file.read_text(), 10)
+    assert log_file.stat().st_size < 1000, log_file.read_text()
+    for path in (log_file, old):
+        assert path.stat().st_mode & 0o077 == 0  # the owner's only, as the first one
+    assert workers(env)[port]["listening"]
+    env.run("worker", "stop", check=True)

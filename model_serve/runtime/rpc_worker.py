@@ -5,8 +5,9 @@ own: restarted when it dies, ended when its supervisor ends, one per port.
 Each worker keeps STATE_DIR/workers/<port>/: worker.json (what `status` shows), worker.log
 (the server's own output) and worker.lock (held by its supervisor while it runs).
 
-`python -m model_serve.runtime.rpc_worker FOLDER HOST PORT PROGRAM [OPTION...]` is the
-supervisor of one worker: FOLDER is its state folder, the rest its RPC server's command.
+`python -m model_serve.runtime.rpc_worker FOLDER HOST PORT LOG_MAX_BYTES PROGRAM [OPTION...]`
+is the supervisor of one worker: FOLDER is its state folder, LOG_MAX_BYTES the size at which
+its worker.log moves to worker.log.1, the rest its RPC server's command.
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ log = logging.getLogger("model_serve.worker")
 DEFAULT_PORT = 50052  # llama.cpp's own default
 READY_WITHIN = 20.0  # seconds for a new worker to listen
 STOP_WITHIN = 15.0
-LOG_KEPT_BYTES = 5_000_000  # a bigger worker.log is moved to worker.log.1 at a start
 WARNING = ("llama.cpp's RPC server has no authentication and no encryption: whoever reaches "
            "{address} can use this machine's memory and compute and see the model's data. "
            "Run it on a network you trust (a private LAN, WireGuard or Tailscale), never on an "
@@ -191,12 +191,12 @@ def start_worker(settings: Settings, host: str = "127.0.0.1", port: int = DEFAUL
     folder.mkdir(parents=True, exist_ok=True)
     os.chmod(folder, 0o700)
     log_file = folder / "worker.log"
-    _rotate(log_file)
+    _rotate(log_file, settings.log_max_bytes)
     with open(log_file, "ab") as out:
         os.chmod(log_file, 0o600)
         supervisor = subprocess.Popen(
             [sys.executable, "-m", "model_serve.runtime.rpc_worker", str(folder), host,
-             str(port), *argv],
+             str(port), str(settings.log_max_bytes), *argv],
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True, umask=0o077)
     deadline = time.monotonic() + READY_WITHIN
@@ -284,10 +284,13 @@ def _tail(path: Path, lines: int) -> str:
     return "\n".join(f"  {line}" for line in text[-lines:]) or "  (the log is empty)"
 
 
-def _rotate(log_file: Path) -> None:
+def _rotate(log_file: Path, limit: int) -> bool:
+    """worker.log moved to worker.log.1 (the one before dropped) once over `limit` bytes."""
     with contextlib.suppress(OSError):
-        if log_file.stat().st_size > LOG_KEPT_BYTES:
+        if log_file.stat().st_size > limit:
             log_file.replace(log_file.with_name(log_file.name + ".1"))
+            return True
+    return False
 
 
 # --- the supervisor -----------------------------------------------------------------------
@@ -295,8 +298,9 @@ class WorkerSupervisor:
     """Runs the RPC server, restarts it with growing backoff when it dies, and on SIGTERM
     stops it and removes the record."""
 
-    def __init__(self, folder: Path, host: str, port: int, argv: list[str]) -> None:
-        self.folder, self.argv = folder, argv
+    def __init__(self, folder: Path, host: str, port: int, argv: list[str],
+                 log_max_bytes: int) -> None:
+        self.folder, self.argv, self.log_max_bytes = folder, argv, log_max_bytes
         self.record = WorkerRecord(host=host, port=port, options=argv[5:], binary=argv[0],
                                    supervisor=_ref_json(os.getpid()), started_at=time.time())
         self.stop = threading.Event()
@@ -375,8 +379,23 @@ class WorkerSupervisor:
                 for line in capped_lines(stream):  # type: ignore[arg-type]
                     print(line, flush=True)
                     self._learn(line)
+                    self._keep_log_small()
             except OSError:  # the terminal closes with the server (EIO)
                 pass
+
+    def _keep_log_small(self) -> None:
+        """A worker runs for months, and anyone who reaches its port adds two lines per
+        connection: its log (our stdout and stderr) moves to worker.log.1 at LOG_MAX_BYTES."""
+        log_file = self.folder / "worker.log"
+        with contextlib.suppress(OSError):
+            if os.fstat(1).st_size <= self.log_max_bytes or not os.path.samestat(
+                    os.fstat(1), log_file.stat()):
+                return  # small, or not writing to worker.log (run by hand)
+            if _rotate(log_file, self.log_max_bytes):
+                fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+                os.dup2(fd, 1)
+                os.dup2(fd, 2)
+                os.close(fd)
 
     def _learn(self, line: str) -> None:
         """What the server says of itself at start: its version, cache and devices."""
@@ -403,7 +422,8 @@ def _ref_json(pid: int) -> list[float] | None:
 
 
 def main(args: list[str]) -> int:
-    folder, host, port, argv = Path(args[0]), args[1], int(args[2]), args[3:]
+    folder, host, port, log_max = Path(args[0]), args[1], int(args[2]), int(args[3])
+    argv = args[4:]
     with open(folder / "worker.lock", "w") as lock:
         if not try_lock(lock):
             print(f"worker: another worker's supervisor holds {folder / 'worker.lock'}",
@@ -411,7 +431,7 @@ def main(args: list[str]) -> int:
             return 1
         print(f"worker: supervising {' '.join(argv)}", flush=True)
         print("worker: " + start_warning(host, port), flush=True)
-        return WorkerSupervisor(folder, host, port, argv).run()
+        return WorkerSupervisor(folder, host, port, argv, log_max).run()
 
 
 if __name__ == "__main__":
