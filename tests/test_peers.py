@@ -8,6 +8,7 @@ and B comes back.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -392,7 +393,7 @@ class StandInHandler(BaseHTTPRequestHandler):
             return self.answer(200, b'{"model_alias": "m1", "n_ctx": 4096}')
         if self.path != f"/{kind}/v1/models":
             return self.answer(404, b'{"error": "no such path"}')
-        if kind in ("good", "flood", "silent", "stall", "moved", "cut"):
+        if kind in ("good", "flood", "silent", "stall", "moved", "cut", "vast", "refuse"):
             return self.answer(200, json.dumps(self.server.GOOD).encode())
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -446,6 +447,16 @@ class StandInHandler(BaseHTTPRequestHandler):
             self.wfile.flush()
             time.sleep(60)
             return
+        if self.path.startswith(("/vast/", "/refuse/")):  # says 100 MiB, sends 1, then waits
+            self.send_response(200 if self.path.startswith("/vast/") else 403)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(100 * 2**20))
+            self.end_headers()
+            with contextlib.suppress(OSError):
+                self.wfile.write(b'{"error": "' + b"x" * 2**20)
+                self.wfile.flush()
+                time.sleep(60)
+            return
         if self.path.startswith("/moved/"):  # its API moved, to an address of its own LAN
             self.send_response(307)
             self.send_header("Location", "http://10.1.2.3:5847/v1/chat/completions")
@@ -472,8 +483,10 @@ def hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Env, Any
     env = new_env(tmp_path_factory.mktemp("hostile"))
     env.update({"PEERS": f"good={peer.url}/good,drip={peer.url}/drip,huge={peer.url}/huge,"
                 f"flood={peer.url}/flood,silent={peer.url}/silent,stall={peer.url}/stall,"
-                f"moved={peer.url}/moved,cut={peer.url}/cut",
-                "PEER_TIMEOUT": "30,silent=2,stall=2,cut=2", "PEER_CHECK_INTERVAL": "2"})
+                f"moved={peer.url}/moved,cut={peer.url}/cut,vast={peer.url}/vast,"
+                f"refuse={peer.url}/refuse",
+                "PEER_TIMEOUT": "30,silent=2,stall=2,cut=2,vast=20,refuse=20",
+                "PEER_CHECK_INTERVAL": "2"})
     write_keys(env, "good=sk-for-good\n")
     try:
         with serve_front(env, cleanup_timeout=10) as (front, _runner):
@@ -748,3 +761,22 @@ def test_the_dashboard_shows_each_peer(hostile: tuple[Env, Any, StandInPeer],
     assert by_name["drip"][0] == "false" and by_name["drip"][4] == "0"
     assert by_name["drip"][3].startswith("down") and "within 5s" in by_name["drip"][3]
     assert browser.find_element(By.ID, "peers-section").is_displayed()
+
+
+def test_a_peers_vast_answer_is_never_held_whole(
+        hostile: tuple[Env, Any, StandInPeer]) -> None:
+    """A peer that says its answer is 100 MiB (and sends it slowly): a refusal is read for its
+    first 64 KiB only, and an answer past 64 MiB goes on as it comes instead of being held
+    whole to rename its model; neither waits for the rest."""
+    env, front, _peer = hostile
+    eventually(lambda: {"refuse", "vast"} <= {m.peer for m in front.peers.listing()}, 20)
+    began = time.monotonic()
+    refused = post_chat(env, "refuse/m1")
+    assert refused.status_code == 502 and "peer_refused" in refused.text, refused.text
+    assert time.monotonic() - began < 10
+    began = time.monotonic()
+    with requests.post(f"{env.base_url}/v1/chat/completions", timeout=10, stream=True, json={
+            "model": "vast/m1", "messages": [{"role": "user", "content": "Hi"}]}) as answer:
+        assert answer.status_code == 200
+        assert len(answer.raw.read(2**20)) == 2**20
+    assert time.monotonic() - began < 10

@@ -85,6 +85,8 @@ NOT_TO_PEERS = frozenset({"origin", "referer", "cookie", "sec-fetch-site", "sec-
                           "sec-fetch-dest", "sec-fetch-user"})
 VIA = "1.1 model_serve"  # RFC 9110's Via, on what we send a peer: a loop is seen by it
 EVENT_MAX = 2**20  # bytes of a stream held while waiting for an event's end (to rename it)
+PEER_BODY_MAX = 64 * 2**20  # bytes of a peer's whole answer held to rename it; more go as sent
+PEER_REFUSAL_MAX = 64 * 2**10  # bytes of a peer's 401/403 read for its reason
 NAMES_REFRESH = 2.0  # seconds between checks of the engine config (names follow every sync)
 LOAD_WAIT = 300.0  # seconds /upstream waits for a model to load
 HOLD_LIMIT = 300.0  # seconds a request waits at most for a model the sync is restarting
@@ -739,7 +741,8 @@ class Front:
         if peer is not None and upstream.status in (401, 403):
             # The client's own key and origin were good here: the peer refused us.
             async with upstream:
-                said = refusal(peer.state.peer, upstream.status, await upstream.read())
+                said = refusal(peer.state.peer, upstream.status,
+                               await _read_at_most(upstream, PEER_REFUSAL_MAX))
             return _error(502, f"the peer {peer.state.peer.name}: {said}", "peer_refused")
         if peer is not None and 300 <= upstream.status < 400:
             # Never followed nor passed on: it could send our client anywhere, and its
@@ -785,6 +788,9 @@ class Front:
         rename = _renamer(route.engine_id, sent) if route and sent != route.engine_id \
             else _renamer(peer.remote, sent) if peer else None
         length = upstream.headers.get("Content-Length")
+        if peer is not None and length is not None and \
+                (not length.isdigit() or int(length) > PEER_BODY_MAX):
+            rename = None  # a peer's answer is not held whole past this: it goes on as sent
         if rename is not None and length is not None:
             payload = rename(await upstream.read())
             if record is not None:
@@ -1205,6 +1211,17 @@ async def serve(app: web.Application, settings: Settings) -> None:
         if door is not None and opened is not None and _identity(door) == opened:
             with contextlib.suppress(OSError):
                 door.unlink()
+
+
+async def _read_at_most(upstream: ClientResponse, limit: int) -> bytes:
+    """The start of an answer, up to `limit` bytes: a hostile upstream may send any amount."""
+    data = b""
+    while len(data) < limit:
+        piece = await upstream.content.read(limit - len(data))
+        if not piece:
+            break
+        data += piece
+    return data
 
 
 def _identity(path: Path | None) -> tuple[int, int] | None:
